@@ -1,0 +1,64 @@
+// Command node-agent is xenferry's per-host daemon in dom0. It serves the
+// migration data path, publishes the host's inventory and, under Kubernetes,
+// runs the source or target half of each VMMigration of its host.
+//
+// Subcommands register themselves through registerCommand (one file per
+// subcommand), so that data-path transports (sim, Xen, xl stream) stay apart.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"sort"
+	"syscall"
+)
+
+// command is one subcommand of node-agent.
+type command struct {
+	name  string
+	short string
+	run   func(ctx context.Context, args []string) error
+}
+
+var commands = map[string]command{}
+
+// registerCommand adds a subcommand; it is called from init functions.
+func registerCommand(c command) {
+	if _, dup := commands[c.name]; dup {
+		panic("node-agent: duplicate command " + c.name)
+	}
+	commands[c.name] = c
+}
+
+func usage() {
+	fmt.Fprintf(os.Stderr, "usage: node-agent COMMAND [flags]\n\ncommands:\n")
+	names := make([]string, 0, len(commands))
+	for n := range commands {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(os.Stderr, "  %-14s %s\n", n, commands[n].short)
+	}
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	c, ok := commands[os.Args[1]]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "node-agent: unknown command %q\n", os.Args[1])
+		usage()
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := c.run(ctx, os.Args[2:]); err != nil {
+		fmt.Fprintf(os.Stderr, "node-agent %s: %v\n", c.name, err)
+		os.Exit(1)
+	}
+}
