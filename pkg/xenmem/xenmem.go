@@ -1,0 +1,160 @@
+// Package xenmem gives the migration engine access to a domain's guest memory,
+// its dirty-page log, its vCPU/device state and its life cycle, behind one
+// interface with two backends: the simulated host (package sim) and real Xen.
+//
+// Page frame numbers (pfns) index guest memory in PageSize units from 0 to
+// NumPages()-1. Per-page state is always a Bitmap, never a map.
+package xenmem
+
+import (
+	"context"
+	"errors"
+)
+
+// PageSize is the guest page size: 4 KiB, as on x86 Xen.
+const PageSize = 4096
+
+// PageShift is log2(PageSize).
+const PageShift = 12
+
+// State is the run state of a domain.
+type State string
+
+const (
+	StateRunning   State = "Running"
+	StatePaused    State = "Paused"
+	StateIncoming  State = "Incoming"  // being received; not yet resumed
+	StateMigrating State = "Migrating" // source side of an outgoing migration
+	StateShutdown  State = "Shutdown"
+)
+
+// Disk is one virtual disk of a domain as configured on this host.
+type Disk struct {
+	// ID names the disk within the domain (xvda, hda, ...); references carry it.
+	ID string `json:"id"`
+	// Path is the host path of the image or block device (shared storage).
+	Path string `json:"path"`
+	// ReadOnly disks are never written by the guest.
+	ReadOnly bool `json:"readOnly,omitempty"`
+}
+
+// DomainInfo describes a domain, in the same form for every backend.
+type DomainInfo struct {
+	ID          int               `json:"id"`
+	Name        string            `json:"name"`
+	UUID        string            `json:"uuid,omitempty"`
+	MemoryBytes uint64            `json:"memoryBytes"`
+	VCPUs       int               `json:"vcpus"`
+	Disks       []Disk            `json:"disks,omitempty"`
+	State       State             `json:"state"`
+	Namespace   string            `json:"namespace,omitempty"` // Kubernetes namespace from the domain's config
+	Labels      map[string]string `json:"labels,omitempty"`
+	// Config is the backend's opaque domain configuration; the destination
+	// re-creates the domain from it.
+	Config []byte `json:"config,omitempty"`
+}
+
+// HostInfo describes the host.
+type HostInfo struct {
+	Name             string `json:"name"`
+	Backend          string `json:"backend"` // "sim" or "xen"
+	Version          string `json:"version"` // hypervisor version
+	TotalMemoryBytes uint64 `json:"totalMemoryBytes"`
+	FreeMemoryBytes  uint64 `json:"freeMemoryBytes"`
+	CPUs             int    `json:"cpus"`
+}
+
+// Errors shared by the backends.
+var (
+	ErrNoDomain      = errors.New("xenmem: no such domain")
+	ErrExists        = errors.New("xenmem: domain already exists")
+	ErrNoMemory      = errors.New("xenmem: not enough free memory")
+	ErrNotSupported  = errors.New("xenmem: not supported by this backend")
+	ErrPageExists    = errors.New("xenmem: page already present")
+	ErrBackendAbsent = errors.New("xenmem: backend not available on this host")
+)
+
+// Host is one hypervisor host.
+type Host interface {
+	Info(ctx context.Context) (HostInfo, error)
+	Domains(ctx context.Context) ([]DomainInfo, error)
+	// OpenSource takes a running domain for an outgoing migration.
+	OpenSource(ctx context.Context, name string) (SourceDomain, error)
+	// CreateTarget creates a paused, empty domain to receive info's memory.
+	// Its memory reads as zero until pages are installed.
+	CreateTarget(ctx context.Context, info DomainInfo) (TargetDomain, error)
+	Close() error
+}
+
+// SourceDomain is the source half of a migration.
+type SourceDomain interface {
+	Info() DomainInfo
+	NumPages() uint64
+	// Memory is a read-only view of guest memory, NumPages()*PageSize bytes,
+	// valid until Close. The guest may write it concurrently while running.
+	Memory() []byte
+	// EnableDirtyLog starts exact 4 KiB dirty tracking (Xen's log-dirty).
+	EnableDirtyLog() error
+	// ReadDirty ORs into dst the pages written since the previous call (or
+	// since EnableDirtyLog) and clears the log, atomically with respect to
+	// guest writes: a write is reported by this call or by the next one.
+	ReadDirty(dst *Bitmap) error
+	DisableDirtyLog() error
+	// Pause stops every vCPU; when it returns no guest write is in flight.
+	Pause() error
+	Resume() error
+	// SaveState returns the vCPU and device state; the domain must be paused.
+	SaveState() ([]byte, error)
+	// Ops is the workload's progress counter (operations done), for slowdown.
+	Ops() uint64
+	// Release destroys the domain after it runs elsewhere. Irreversible.
+	Release() error
+	// Close drops the handle; a domain not released keeps running (or is
+	// resumed if it was paused by this handle).
+	Close() error
+}
+
+// TargetDomain is the destination half of a migration.
+type TargetDomain interface {
+	Info() DomainInfo
+	NumPages() uint64
+	// Memory is a writable view of guest memory for installing pages before
+	// the domain first runs (pre-copy). Not for use after StartLazy.
+	Memory() []byte
+	// LoadState installs vCPU/device state from SaveState.
+	LoadState(state []byte) error
+	// StartLazy arms lazy loading (post-copy): every page not installed so
+	// far (present says which are) faults on first guest access and is
+	// reported through the returned Lazy. Call before Resume.
+	StartLazy(present *Bitmap) (Lazy, error)
+	// Resume starts the vCPUs; the domain now runs here.
+	Resume() error
+	Ops() uint64
+	// Destroy removes the domain and everything created for it (abort path).
+	Destroy() error
+	Close() error
+}
+
+// Fault is a guest access to a page that is not present yet.
+type Fault struct {
+	PFN   uint64
+	Write bool
+	// RaisedNanos is the monotonic time (CLOCK_MONOTONIC ns) the fault was read.
+	RaisedNanos int64
+}
+
+// Lazy installs pages into a running domain that faults on missing pages.
+// Install and InstallZero are atomic per page: a page already present (guest
+// wrote it, or an earlier install) is left alone and ErrPageExists returned.
+// Installing wakes every vCPU waiting on that page.
+type Lazy interface {
+	// Faults delivers missing-page faults; it is closed by Close.
+	Faults() <-chan Fault
+	Install(pfn uint64, data []byte) error
+	InstallZero(pfn uint64) error
+	// Present reports whether pfn is installed.
+	Present(pfn uint64) bool
+	// Close stops fault delivery; every page must be present by then or the
+	// domain is being destroyed.
+	Close() error
+}
