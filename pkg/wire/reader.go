@@ -1,0 +1,182 @@
+package wire
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+)
+
+// ReaderBufferSize is the size of the Reader's read-ahead buffer.
+const ReaderBufferSize = 256 << 10
+
+// minBodyCap is the body buffer's first allocation; it then doubles as
+// data actually arrives, up to MaxBody.
+const minBodyCap = 64 << 10
+
+// Record is one decoded record. Body aliases the Reader's buffer and is
+// valid until the next call to Next.
+type Record struct {
+	Type Type
+	Body []byte
+}
+
+// Reader decodes records from an io.Reader. Its body buffer is reused and
+// grows with the data that actually arrives (never past MaxBody), so a
+// forged length costs no more memory than the bytes behind it. A Reader is
+// not safe for concurrent use. After an error, further calls return it.
+type Reader struct {
+	br   *bufio.Reader
+	n    int64
+	body []byte
+	hdr  [RecordHeaderSize]byte
+	err  error
+}
+
+// NewReader returns a buffered Reader on r.
+func NewReader(r io.Reader) *Reader {
+	return &Reader{br: bufio.NewReaderSize(r, ReaderBufferSize)}
+}
+
+// Reset makes the Reader read from src, keeping its buffers.
+func (r *Reader) Reset(src io.Reader) {
+	r.br.Reset(src)
+	r.n = 0
+	r.err = nil
+}
+
+// Bytes returns the number of stream bytes consumed so far.
+func (r *Reader) Bytes() int64 { return r.n }
+
+// ReadStreamHeader reads and checks the 16-byte stream header.
+func (r *Reader) ReadStreamHeader() error {
+	if r.err != nil {
+		return r.err
+	}
+	var h [StreamHeaderSize]byte
+	n, err := io.ReadFull(r.br, h[:])
+	r.n += int64(n)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return r.fail(fmt.Errorf("wire: read stream header (%d of %d bytes): %w", n, StreamHeaderSize, err))
+	}
+	if [8]byte(h[:8]) != magic {
+		return r.fail(fmt.Errorf("stream header %q: %w", h[:8], ErrBadMagic))
+	}
+	if v := binary.LittleEndian.Uint32(h[8:]); v != Version {
+		return r.fail(fmt.Errorf("stream version %d, this reader speaks %d: %w", v, Version, ErrVersion))
+	}
+	if f := binary.LittleEndian.Uint32(h[12:]); f != 0 {
+		return r.fail(fmt.Errorf("stream header flags %#x (none defined): %w", f, ErrMalformed))
+	}
+	return nil
+}
+
+// Next returns the next record. It checks length, checksum, reserved field
+// and padding, skips unknown optional records and rejects unknown mandatory
+// ones. At a clean end of input exactly at a record boundary it returns
+// io.EOF; input that ends inside a record yields a wrapped
+// io.ErrUnexpectedEOF.
+func (r *Reader) Next() (Record, error) {
+	for {
+		if r.err != nil {
+			return Record{}, r.err
+		}
+		off := r.n
+		n, err := io.ReadFull(r.br, r.hdr[:])
+		r.n += int64(n)
+		if err != nil {
+			if n == 0 && errors.Is(err, io.EOF) {
+				// A clean end; not sticky so a caller may probe again.
+				return Record{}, io.EOF
+			}
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return Record{}, r.fail(fmt.Errorf("wire: read record header at offset %d: %w", off, err))
+		}
+		t := Type(binary.LittleEndian.Uint32(r.hdr[0:]))
+		bodyLen := binary.LittleEndian.Uint32(r.hdr[4:])
+		sum := binary.LittleEndian.Uint32(r.hdr[8:])
+		if res := binary.LittleEndian.Uint32(r.hdr[12:]); res != 0 {
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: reserved field %#x: %w", t, off, res, ErrMalformed))
+		}
+		if bodyLen > MaxBody {
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: length %d > %d: %w", t, off, bodyLen, MaxBody, ErrTooLong))
+		}
+		body, err := r.readBody(int(bodyLen))
+		if err != nil {
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: read %d-byte body: %w", t, off, bodyLen, err))
+		}
+		var pad [Align]byte
+		p := padLen(int(bodyLen))
+		n, err = io.ReadFull(r.br, pad[:p])
+		r.n += int64(n)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: read padding: %w", t, off, err))
+		}
+		if crc32.Update(headerCRC(t, bodyLen), castagnoli, body) != sum {
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d (%d bytes): %w", t, off, bodyLen, ErrChecksum))
+		}
+		if pad != zeroPad {
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: %w", t, off, ErrPadding))
+		}
+		if !t.Known() {
+			if t.IsOptional() {
+				continue
+			}
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d (upgrade the receiving agent?): %w", t, off, ErrUnknownMandatory))
+		}
+		if t == TypeEnd && bodyLen != 0 {
+			return Record{}, r.fail(fmt.Errorf("record End at offset %d has a %d-byte body: %w", off, bodyLen, ErrMalformed))
+		}
+		return Record{Type: t, Body: body}, nil
+	}
+}
+
+// readBody reads n bytes into the reused body buffer, growing it only as
+// the bytes arrive.
+func (r *Reader) readBody(n int) ([]byte, error) {
+	if n <= cap(r.body) {
+		b := r.body[:n]
+		m, err := io.ReadFull(r.br, b)
+		r.n += int64(m)
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return b, err
+	}
+	b := r.body[:0]
+	for len(b) < n {
+		if len(b) == cap(b) {
+			c := max(2*cap(b), minBodyCap)
+			c = min(c, n)
+			nb := make([]byte, len(b), c)
+			copy(nb, b)
+			b = nb
+			r.body = b
+		}
+		m, err := io.ReadFull(r.br, b[len(b):min(cap(b), n)])
+		r.n += int64(m)
+		b = b[:len(b)+m]
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return b, err
+		}
+	}
+	return b, nil
+}
+
+func (r *Reader) fail(err error) error {
+	r.err = err
+	return err
+}
