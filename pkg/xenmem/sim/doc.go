@@ -1,0 +1,63 @@
+// Package sim is the simulated Xen host behind the xenmem interfaces.
+//
+// # Processes and memory
+//
+// A domain's guest memory is one memfd (MFD_CLOEXEC) mapped MAP_SHARED in
+// the agent. Its vCPUs run in a separate guest process: the current
+// executable re-executed with XENFERRY_SIM_GUEST=1, detected by an init
+// function of this package, so every binary that imports sim (tests,
+// hack/migbench, node-agent) can host guests. The guest maps the same memfd
+// and a 4 KiB control memfd (workload parameters, pause word, per-vCPU RNG
+// state and operation counters, all atomics), runs one locked OS thread per
+// vCPU, and exits when the agent's end of its socket closes (and by
+// Pdeathsig=SIGKILL). A separate process is closer to a real VM, and it keeps
+// page faults on guest memory away from the agent's Go runtime: vCPU threads
+// that block in a userfaultfd fault belong to the guest process, whose
+// garbage collector is off, so a stop-the-world collection in the agent can
+// never wait for a thread that waits for the agent's fault handler.
+//
+// # Workload
+//
+// Each vCPU writes and reads pages at the profile's rates (paced against the
+// clock, backlog capped at 50 ms). A write stamps 48 bytes at a 64-byte slot
+// that cycles through the page, so a written page is neither zero nor a disk
+// block. Hot-set writes (and reads) go to a contiguous run of
+// hotFraction×pages pages with probability hotWriteShare. Pause bumps the
+// pause word to an odd value and waits until every vCPU has acknowledged that
+// generation from its park loop (a futex wait), so no write is in flight when
+// Pause returns.
+//
+// # Dirty logging: userfaultfd async write-protect + PAGEMAP_SCAN
+//
+// The kernel here is built without CONFIG_MEM_SOFT_DIRTY (clear_refs accepts
+// "4" but pagemap bit 55 is never maintained), so soft-dirty is not an
+// option. Instead the guest creates a userfaultfd with
+// UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED|WP_HUGETLBFS_SHMEM and hands it to the
+// agent over the socket (SCM_RIGHTS) together with its mapping's base
+// address. EnableDirtyLog registers the mapping in write-protect mode and
+// protects it all; the first write to a page then faults and the kernel
+// resolves it by itself (async mode: the guest never waits for the agent),
+// marking the page written. ReadDirty is one PAGEMAP_SCAN ioctl on
+// /proc/<guest>/pagemap with PM_SCAN_WP_MATCHING: it returns the written
+// pages and write-protects them again in the same page-table walk under the
+// page-table lock, so it is atomic with respect to guest writes without
+// pausing the vCPUs, exact at 4 KiB (transparent huge pages are disabled on
+// both mappings), and costs time proportional to memory size, not to the
+// number of dirty pages. Measured cost per round: see BenchmarkReadDirty.
+//
+// # Lazy loading (post-copy)
+//
+// StartLazy registers the guest's mapping in missing mode on the same
+// userfaultfd. Pages marked present are allocated in the memfd (fallocate),
+// missing ones are punched out, so exactly the missing pages fault. A
+// service goroutine polls the userfaultfd, reads uffd_msg batches and
+// delivers xenmem.Fault values on a bounded channel. Install is UFFDIO_COPY
+// and InstallZero UFFDIO_ZEROPAGE, both atomic per page and both waking the
+// waiting vCPUs; EEXIST (the page is already there, e.g. the guest wrote it
+// after an earlier install) becomes xenmem.ErrPageExists, so a late push
+// never overwrites guest data.
+//
+// userfaultfd is created with UFFD_USER_MODE_ONLY, which this kernel allows
+// without privilege; PAGEMAP_SCAN on another process's pagemap needs ptrace
+// access (same user or root).
+package sim

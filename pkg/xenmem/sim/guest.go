@@ -1,0 +1,210 @@
+package sim
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// guestEnv marks a re-executed binary as a simulated guest process.
+const guestEnv = "XENFERRY_SIM_GUEST"
+
+// File descriptors the agent passes to the guest (cmd.ExtraFiles).
+const (
+	guestMemFD  = 3 // guest memory memfd
+	guestCtlFD  = 4 // control page memfd
+	guestSockFD = 5 // unix SOCK_SEQPACKET to the agent: hello + liveness
+)
+
+// hello is the guest's first and only message to the agent, sent with the
+// userfaultfd as SCM_RIGHTS when it could be created:
+//
+//	off size field
+//	  0    8 magic "XFSIMHLO"
+//	  8    8 base address of the guest's memory mapping
+//	 16    8 errno of userfaultfd creation (0 = fd attached)
+//	 24    - error text, if any
+var helloMagic = binary.LittleEndian.Uint64([]byte("XFSIMHLO"))
+
+func init() {
+	if os.Getenv(guestEnv) != "1" {
+		return
+	}
+	if err := runGuest(); err != nil {
+		fmt.Fprintf(os.Stderr, "xenferry sim guest: %v\n", err)
+		os.Exit(2)
+	}
+	os.Exit(0)
+}
+
+// runGuest is the main function of a guest process: map memory and the
+// control page, create the userfaultfd, hand it over, run the vCPUs until the
+// agent goes away. It allocates almost nothing; GC is off so no
+// stop-the-world can ever wait for a vCPU blocked in a userfaultfd fault.
+func runGuest() error {
+	debug.SetGCPercent(-1)
+	var st unix.Stat_t
+	if err := unix.Fstat(guestMemFD, &st); err != nil {
+		return fmt.Errorf("fstat memory fd: %w", err)
+	}
+	mem, err := unix.Mmap(guestMemFD, 0, int(st.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("mmap memory (%d bytes): %w", st.Size, err)
+	}
+	// Keep dirty tracking at 4 KiB: no transparent huge pages here.
+	_ = unix.Madvise(mem, unix.MADV_NOHUGEPAGE)
+	raw, err := unix.Mmap(guestCtlFD, 0, ctlSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("mmap control page: %w", err)
+	}
+	ctl := ctlPage(raw)
+	if ctl.load64(offMagic) != controlMagic {
+		return fmt.Errorf("control page has bad magic %#x", ctl.load64(offMagic))
+	}
+	if ctl.load64(offMemBytes) != uint64(st.Size) {
+		return fmt.Errorf("control page says %d bytes of memory, memfd has %d", ctl.load64(offMemBytes), st.Size)
+	}
+	vcpus := int(ctl.load32(offVCPUs))
+	if vcpus < 1 || vcpus > MaxVCPUs {
+		return fmt.Errorf("control page says %d vcpus", vcpus)
+	}
+	// A vCPU blocked in a missing-page fault holds its P; leave room for the
+	// others and for the liveness reader.
+	runtime.GOMAXPROCS(vcpus + 2)
+
+	msg := make([]byte, 24, 256)
+	binary.LittleEndian.PutUint64(msg[0:], helloMagic)
+	binary.LittleEndian.PutUint64(msg[8:], sliceAddr(mem))
+	var oob []byte
+	uffd, uerr := newUserfaultfd()
+	if uerr != nil {
+		errno := uint64(unix.ENOSYS)
+		if e, ok := asErrno(uerr); ok {
+			errno = uint64(e)
+		}
+		binary.LittleEndian.PutUint64(msg[16:], errno)
+		msg = append(msg, uerr.Error()...)
+	} else {
+		oob = unix.UnixRights(uffd)
+	}
+	if err := unix.Sendmsg(guestSockFD, msg, oob, nil, 0); err != nil {
+		return fmt.Errorf("send hello to agent: %w", err)
+	}
+	if uffd >= 0 {
+		// The agent holds the only reference now; its lifetime is the agent's.
+		unix.Close(uffd)
+	}
+
+	for i := 0; i < vcpus; i++ {
+		go runVCPU(mem, ctl, i)
+	}
+	// Liveness: the agent never writes; EOF or an error means it is gone.
+	var b [8]byte
+	for {
+		n, err := unix.Read(guestSockFD, b[:])
+		if err == unix.EINTR {
+			continue
+		}
+		if n <= 0 || err != nil {
+			return nil
+		}
+	}
+}
+
+// runVCPU is one vCPU: an OS thread running the workload at the configured
+// rates, parking whenever the pause word is odd.
+func runVCPU(mem []byte, ctl ctlPage, i int) {
+	runtime.LockOSThread()
+	w := ctl.workload()
+	n := int(ctl.load32(offVCPUs))
+	pause := ctl.u32(offPause)
+	wrng := ctl.u64(vcpuOff(i, vcWRNG))
+	rrng := ctl.u64(vcpuOff(i, vcRRNG))
+	writes := ctl.u64(vcpuOff(i, vcWrites))
+	reads := ctl.u64(vcpuOff(i, vcReads))
+	parked := ctl.u32(vcpuOff(i, vcParked))
+	var sink uint64
+
+	var start time.Time
+	var doneW, doneR float64
+	park := func() {
+		for {
+			g := atomic.LoadUint32(pause)
+			if g&1 == 0 {
+				break
+			}
+			// Acknowledge this pause generation: no write is in flight.
+			atomic.StoreUint32(parked, g)
+			futexWait(pause, g, int64(50*time.Millisecond))
+		}
+		start, doneW, doneR = time.Now(), 0, 0
+	}
+	park()
+	for {
+		if atomic.LoadUint32(pause)&1 != 0 {
+			park()
+			continue
+		}
+		if i == 0 {
+			if req := ctl.load32(offProbeReq); req != ctl.load32(offProbeAck) {
+				pfn := ctl.load64(offProbePFN)
+				if pfn < w.pages {
+					ctl.store64(offProbeRes, fnv64(mem[pfn*4096:(pfn+1)*4096]))
+				}
+				ctl.store32(offProbeAck, req)
+			}
+		}
+		wr := ctl.loadF(offWRate) / float64(n)
+		rr := ctl.loadF(offRRate) / float64(n)
+		el := time.Since(start).Seconds()
+		// Do not burst to catch up after a long stall (e.g. a fault): keep
+		// at most 50 ms of backlog.
+		if lag := wr*el - doneW; lag > wr*0.05+1 {
+			doneW += lag - (wr*0.05 + 1)
+		}
+		if lag := rr*el - doneR; lag > rr*0.05+1 {
+			doneR += lag - (rr*0.05 + 1)
+		}
+		switch {
+		case wr > 0 && doneW < wr*el:
+			seq := atomic.LoadUint64(writes)
+			pfn := w.pick(wrng)
+			w.stamp(mem[pfn*4096:(pfn+1)*4096], i, seq)
+			atomic.StoreUint64(writes, seq+1)
+			doneW++
+		case rr > 0 && doneR < rr*el:
+			pfn := w.pick(rrng)
+			sink += binary.LittleEndian.Uint64(mem[pfn*4096+(sink%512)*8:])
+			atomic.AddUint64(reads, 1)
+			doneR++
+		default:
+			next := 0.01
+			if wr > 0 {
+				next = min(next, (doneW+1)/wr-el)
+			}
+			if rr > 0 {
+				next = min(next, (doneR+1)/rr-el)
+			}
+			d := time.Duration(next * float64(time.Second))
+			if i == 0 && d > time.Millisecond {
+				d = time.Millisecond // stay responsive to probes
+			}
+			if d > 0 {
+				futexWait(pause, atomic.LoadUint32(pause), int64(max(d, 20*time.Microsecond)))
+			}
+		}
+	}
+}
+
+func asErrno(err error) (unix.Errno, bool) {
+	var e unix.Errno
+	ok := errors.As(err, &e)
+	return e, ok
+}

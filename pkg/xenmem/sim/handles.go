@@ -1,0 +1,269 @@
+package sim
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// OpenSource takes a running domain for an outgoing migration. One handle
+// per domain at a time.
+func (h *Host) OpenSource(ctx context.Context, name string) (xenmem.SourceDomain, error) {
+	d, ok := h.Domain(name)
+	if !ok {
+		return nil, fmt.Errorf("open source %s: %w", name, xenmem.ErrNoDomain)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.destroyed {
+		return nil, fmt.Errorf("open source %s: %w", name, xenmem.ErrNoDomain)
+	}
+	if d.handle {
+		return nil, fmt.Errorf("open source %s: a migration handle is already open", name)
+	}
+	if d.state != xenmem.StateRunning && d.state != xenmem.StatePaused {
+		return nil, fmt.Errorf("open source %s: domain is %s, want Running or Paused", name, d.state)
+	}
+	d.handle = true
+	d.prevState = d.state
+	d.state = xenmem.StateMigrating
+	return &source{d: d}, nil
+}
+
+// CreateTarget creates a paused, empty domain to receive info's memory: a
+// zero-filled memfd and a guest process whose vCPUs are parked.
+func (h *Host) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (_ xenmem.TargetDomain, retErr error) {
+	spec, err := specFromInfo(info)
+	if err != nil {
+		return nil, fmt.Errorf("create target: %w", err)
+	}
+	if !nameRE.MatchString(spec.Name) {
+		return nil, fmt.Errorf("create target: bad domain name %q", spec.Name)
+	}
+	if info.MemoryBytes == 0 || info.MemoryBytes%xenmem.PageSize != 0 {
+		return nil, fmt.Errorf("create target %s: memory %d bytes is not a positive multiple of 4 KiB", spec.Name, info.MemoryBytes)
+	}
+	if spec.VCPUs < 1 || spec.VCPUs > MaxVCPUs {
+		return nil, fmt.Errorf("create target %s: %d vCPUs, want 1..%d", spec.Name, spec.VCPUs, MaxVCPUs)
+	}
+	if err := h.reserve(spec.Name, info.MemoryBytes); err != nil {
+		return nil, fmt.Errorf("create target: %w", err)
+	}
+	var d *Domain
+	defer func() {
+		if retErr != nil && d != nil {
+			d.destroy()
+			d = nil
+		}
+		h.commit(spec.Name, d)
+	}()
+	disks := append([]xenmem.Disk(nil), info.Disks...)
+	if d, err = h.newDomain(spec, disks, info.MemoryBytes); err != nil {
+		return nil, fmt.Errorf("create target %s: %w", spec.Name, err)
+	}
+	if err := d.startGuest(); err != nil {
+		return nil, fmt.Errorf("create target %s: %w", spec.Name, err)
+	}
+	d.state = xenmem.StateIncoming
+	d.paused = true
+	d.handle = true
+	d.log.Info("Created target domain", "domain", spec.Name, "memoryBytes", info.MemoryBytes, "guestPID", d.guest.pid)
+	return &target{d: d}, nil
+}
+
+// source is the SourceDomain handle.
+type source struct {
+	d *Domain
+	// mu protects the fields below.
+	mu         sync.Mutex
+	pausedByMe bool
+	released   bool
+	closed     bool
+}
+
+var _ xenmem.SourceDomain = (*source)(nil)
+
+func (s *source) Info() xenmem.DomainInfo { return s.d.Info() }
+func (s *source) NumPages() uint64        { return s.d.npages }
+func (s *source) Memory() []byte          { return s.d.mem }
+func (s *source) EnableDirtyLog() error   { return s.d.EnableDirtyLog() }
+func (s *source) ReadDirty(dst *xenmem.Bitmap) error {
+	return s.d.ReadDirty(dst)
+}
+func (s *source) DisableDirtyLog() error { return s.d.DisableDirtyLog() }
+func (s *source) Ops() uint64            { return s.d.Ops() }
+
+func (s *source) Pause() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released || s.closed {
+		return fmt.Errorf("pause %s: handle is closed", s.d.spec.Name)
+	}
+	wasPaused := s.d.Paused()
+	if err := s.d.Pause(); err != nil {
+		return err
+	}
+	if !wasPaused {
+		s.pausedByMe = true
+	}
+	return nil
+}
+
+func (s *source) Resume() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released || s.closed {
+		return fmt.Errorf("resume %s: handle is closed", s.d.spec.Name)
+	}
+	if err := s.d.Resume(); err != nil {
+		return err
+	}
+	s.pausedByMe = false
+	return nil
+}
+
+func (s *source) SaveState() ([]byte, error) { return s.d.saveState() }
+
+// Release destroys the domain after it runs elsewhere.
+func (s *source) Release() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released {
+		return nil
+	}
+	s.released = true
+	s.d.destroy()
+	s.d.host.remove(s.d)
+	return nil
+}
+
+// Close drops the handle. A domain not released keeps running: dirty
+// logging is switched off and, if this handle paused it, it is resumed.
+func (s *source) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	if s.released {
+		return nil
+	}
+	d := s.d
+	var err error
+	d.opMu.Lock()
+	if e := d.disableDirtyLogLocked(); e != nil {
+		err = e
+	}
+	if s.pausedByMe {
+		if e := d.resumeLocked(); e != nil && err == nil {
+			err = e
+		}
+	}
+	d.opMu.Unlock()
+	d.mu.Lock()
+	d.handle = false
+	if d.state == xenmem.StateMigrating {
+		if d.paused {
+			d.state = xenmem.StatePaused
+		} else {
+			d.state = xenmem.StateRunning
+		}
+	}
+	d.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("close source %s: %w", d.spec.Name, err)
+	}
+	return nil
+}
+
+// target is the TargetDomain handle.
+type target struct {
+	d *Domain
+	// mu protects the fields below.
+	mu        sync.Mutex
+	resumed   bool
+	destroyed bool
+	closed    bool
+}
+
+var _ xenmem.TargetDomain = (*target)(nil)
+
+func (t *target) Info() xenmem.DomainInfo { return t.d.Info() }
+func (t *target) NumPages() uint64        { return t.d.npages }
+func (t *target) Memory() []byte          { return t.d.mem }
+func (t *target) Ops() uint64             { return t.d.Ops() }
+
+func (t *target) LoadState(state []byte) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.resumed {
+		return fmt.Errorf("load state %s: domain already resumed", t.d.spec.Name)
+	}
+	return t.d.loadState(state)
+}
+
+func (t *target) StartLazy(present *xenmem.Bitmap) (xenmem.Lazy, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.resumed || t.destroyed || t.closed {
+		return nil, fmt.Errorf("start lazy %s: call it once, before Resume", t.d.spec.Name)
+	}
+	t.d.opMu.Lock()
+	defer t.d.opMu.Unlock()
+	return t.d.startLazy(present)
+}
+
+func (t *target) Resume() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.destroyed || t.closed {
+		return fmt.Errorf("resume %s: handle is closed", t.d.spec.Name)
+	}
+	if err := t.d.Resume(); err != nil {
+		return err
+	}
+	t.resumed = true
+	t.d.log.Info("Resumed domain on target", "domain", t.d.spec.Name)
+	return nil
+}
+
+// Destroy removes the domain and everything created for it.
+func (t *target) Destroy() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.destroyed {
+		return nil
+	}
+	t.destroyed = true
+	t.d.destroy()
+	t.d.host.remove(t.d)
+	return nil
+}
+
+// Close drops the handle. A target that was never resumed is destroyed
+// (nothing half-created stays behind); a resumed one keeps running.
+func (t *target) Close() error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
+	t.closed = true
+	resumed, destroyed := t.resumed, t.destroyed
+	t.mu.Unlock()
+	if !resumed && !destroyed {
+		t.mu.Lock()
+		t.destroyed = true
+		t.mu.Unlock()
+		t.d.destroy()
+		t.d.host.remove(t.d)
+		return nil
+	}
+	t.d.mu.Lock()
+	t.d.handle = false
+	t.d.mu.Unlock()
+	return nil
+}

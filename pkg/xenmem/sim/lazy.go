@@ -1,0 +1,296 @@
+package sim
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// faultQueue bounds the faults waiting for the engine; when it is full the
+// service loop stops reading the userfaultfd and the kernel holds the rest
+// (at most one per blocked guest thread).
+const faultQueue = 1024
+
+// lazy is the post-copy state of a target domain: the guest's mapping is
+// registered in missing mode on the guest's userfaultfd, which the agent
+// holds; the agent reads fault events and installs pages into the guest's
+// address space with UFFDIO_COPY/UFFDIO_ZEROPAGE.
+type lazy struct {
+	d      *Domain
+	uffd   int
+	base   uint64
+	npages uint64
+
+	present  []atomic.Uint64 // bitmap: page installed (or found present)
+	nPresent atomic.Uint64
+
+	faults chan xenmem.Fault
+	stopFD int // eventfd: stop the service loop
+	done   chan struct{}
+
+	stopOnce  sync.Once
+	closeOnce sync.Once
+	closed    atomic.Bool
+}
+
+var _ xenmem.Lazy = (*lazy)(nil)
+
+// startLazy arms lazy loading. Precondition: opMu held, domain paused and
+// never run on this host.
+func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
+	if err := d.needUffd("start lazy"); err != nil {
+		return nil, err
+	}
+	if present.Len() != d.npages {
+		return nil, fmt.Errorf("start lazy %s: present bitmap covers %d pages, domain has %d", d.spec.Name, present.Len(), d.npages)
+	}
+	d.mu.Lock()
+	busy, state := d.lazy != nil, d.state
+	d.mu.Unlock()
+	if busy {
+		return nil, fmt.Errorf("start lazy %s: already armed", d.spec.Name)
+	}
+	if state != xenmem.StateIncoming {
+		return nil, fmt.Errorf("start lazy %s: domain is %s; lazy loading is armed once, before the first resume", d.spec.Name, state)
+	}
+	// Make the page cache agree with present: present pages are allocated
+	// (zero pages never written become real zero pages, so they do not
+	// fault), missing pages are punched out (so they fault even if the
+	// agent wrote them without saying so).
+	fd := int(d.memFile.Fd())
+	for lo := uint64(0); lo < d.npages; {
+		set := present.Test(lo)
+		hi := lo + 1
+		for hi < d.npages && present.Test(hi) == set {
+			hi++
+		}
+		off, n := int64(lo*xenmem.PageSize), int64((hi-lo)*xenmem.PageSize)
+		var err error
+		if set {
+			err = unix.Fallocate(fd, 0, off, n)
+		} else {
+			err = unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("start lazy %s: fallocate pages [%d,%d) present=%v: %w", d.spec.Name, lo, hi, set, err)
+		}
+		lo = hi
+	}
+	l := &lazy{
+		d: d, uffd: d.guest.uffd, base: d.guest.base, npages: d.npages,
+		present: make([]atomic.Uint64, (d.npages+63)/64),
+		faults:  make(chan xenmem.Fault, faultQueue),
+		done:    make(chan struct{}),
+	}
+	for i, w := range present.Words() {
+		l.present[i].Store(w)
+	}
+	l.nPresent.Store(present.Count())
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("start lazy %s: eventfd: %w", d.spec.Name, err)
+	}
+	l.stopFD = efd
+	if err := d.setRegistration(d.regMode | uffdRegisterModeMissing); err != nil {
+		unix.Close(efd)
+		return nil, fmt.Errorf("start lazy %s: %w", d.spec.Name, err)
+	}
+	d.mu.Lock()
+	d.lazy = l
+	d.mu.Unlock()
+	go l.serve()
+	d.log.Info("Armed lazy loading", "domain", d.spec.Name, "presentPages", l.nPresent.Load(), "missingPages", d.npages-l.nPresent.Load())
+	return l, nil
+}
+
+// serve reads fault events from the userfaultfd and queues them. It runs in
+// the agent, but the faulting threads are the guest's: a stop-the-world in
+// the agent never waits for them.
+func (l *lazy) serve() {
+	defer close(l.done)
+	defer close(l.faults)
+	buf := make([]byte, 64*uffdMsgSize)
+	pfds := []unix.PollFd{{Fd: int32(l.uffd), Events: unix.POLLIN}, {Fd: int32(l.stopFD), Events: unix.POLLIN}}
+	for {
+		pfds[0].Revents, pfds[1].Revents = 0, 0
+		if _, err := unix.Poll(pfds, -1); err != nil {
+			if err == unix.EINTR {
+				continue
+			}
+			l.d.log.Error(err, "Fault service stopped: poll failed", "domain", l.d.spec.Name)
+			return
+		}
+		if pfds[1].Revents != 0 {
+			return
+		}
+		if pfds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 && pfds[0].Revents&unix.POLLIN == 0 {
+			l.d.log.Info("Fault service stopped: userfaultfd closed", "domain", l.d.spec.Name)
+			return
+		}
+		n, err := unix.Read(l.uffd, buf)
+		if err == unix.EAGAIN || err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			l.d.log.Error(err, "Fault service stopped: read userfaultfd failed", "domain", l.d.spec.Name)
+			return
+		}
+		var ts unix.Timespec
+		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		now := ts.Nano()
+		for off := 0; off+uffdMsgSize <= n; off += uffdMsgSize {
+			m := buf[off : off+uffdMsgSize]
+			if m[0] != uffdEventPagefault {
+				continue
+			}
+			flags := binary.NativeEndian.Uint64(m[8:])
+			addr := binary.NativeEndian.Uint64(m[16:])
+			if addr < l.base {
+				continue
+			}
+			pfn := (addr - l.base) >> xenmem.PageShift
+			if pfn >= l.npages || l.Present(pfn) {
+				continue // installed since the fault was raised; the install woke it
+			}
+			f := xenmem.Fault{PFN: pfn, Write: flags&uffdPagefaultFlagWrite != 0, RaisedNanos: now}
+			select {
+			case l.faults <- f:
+			default:
+				// Queue full: wait for room or for stop.
+				p := []unix.PollFd{{Fd: int32(l.stopFD), Events: unix.POLLIN}}
+				for sent := false; !sent; {
+					select {
+					case l.faults <- f:
+						sent = true
+					default:
+						if k, _ := unix.Poll(p, 1); k > 0 {
+							return
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+// Faults delivers missing-page faults; closed by Close.
+func (l *lazy) Faults() <-chan xenmem.Fault { return l.faults }
+
+func (l *lazy) markPresent(pfn uint64) {
+	bit := uint64(1) << (pfn & 63)
+	if l.present[pfn>>6].Or(bit)&bit == 0 {
+		l.nPresent.Add(1)
+	}
+}
+
+// Present reports whether pfn is installed.
+func (l *lazy) Present(pfn uint64) bool {
+	return pfn < l.npages && l.present[pfn>>6].Load()&(1<<(pfn&63)) != 0
+}
+
+func (l *lazy) check(op string, pfn uint64) error {
+	if l.closed.Load() {
+		return fmt.Errorf("%s %s pfn %d: lazy loading is closed", op, l.d.spec.Name, pfn)
+	}
+	if pfn >= l.npages {
+		return fmt.Errorf("%s %s: pfn %d out of range (%d pages)", op, l.d.spec.Name, pfn, l.npages)
+	}
+	if l.Present(pfn) {
+		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, xenmem.ErrPageExists)
+	}
+	return nil
+}
+
+func (l *lazy) result(op string, pfn uint64, e unix.Errno) error {
+	switch e {
+	case 0:
+		l.markPresent(pfn)
+		return nil
+	case unix.EEXIST:
+		l.markPresent(pfn)
+		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, xenmem.ErrPageExists)
+	case unix.ESRCH, unix.ENOENT:
+		if !l.d.guest.alive() {
+			return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, l.d.guest.deadError())
+		}
+	}
+	return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, e)
+}
+
+// Install copies data (one page) into the missing page pfn atomically and
+// wakes the vCPUs waiting on it; a page already present is left alone and
+// ErrPageExists returned.
+func (l *lazy) Install(pfn uint64, data []byte) error {
+	if len(data) != xenmem.PageSize {
+		return fmt.Errorf("install %s pfn %d: %d bytes, want %d", l.d.spec.Name, pfn, len(data), xenmem.PageSize)
+	}
+	if err := l.check("install", pfn); err != nil {
+		return err
+	}
+	return l.result("install", pfn, uffdCopy(l.uffd, l.base+pfn*xenmem.PageSize, data))
+}
+
+// InstallZero makes the missing page pfn a zero page (UFFDIO_ZEROPAGE).
+func (l *lazy) InstallZero(pfn uint64) error {
+	if err := l.check("install zero", pfn); err != nil {
+		return err
+	}
+	return l.result("install zero", pfn, uffdZeropage(l.uffd, l.base+pfn*xenmem.PageSize, xenmem.PageSize))
+}
+
+// PresentCount is the number of pages present.
+func (l *lazy) PresentCount() uint64 { return l.nPresent.Load() }
+
+// stop ends the fault service loop. Idempotent.
+func (l *lazy) stop() {
+	l.stopOnce.Do(func() {
+		l.closed.Store(true)
+		var one [8]byte
+		binary.NativeEndian.PutUint64(one[:], 1)
+		_, _ = unix.Write(l.stopFD, one[:])
+		<-l.done
+		unix.Close(l.stopFD)
+	})
+}
+
+// ErrPagesMissing is returned by Lazy.Close when pages are still missing;
+// the domain keeps its missing-page registration (vCPUs touching them wait)
+// and must be destroyed.
+var ErrPagesMissing = errors.New("sim: pages still missing")
+
+// Close stops fault delivery. If every page is present the missing-mode
+// registration is dropped; otherwise it stays (a vCPU touching a missing
+// page waits rather than read a wrong zero page) and ErrPagesMissing is
+// returned.
+func (l *lazy) Close() error {
+	var err error
+	l.closeOnce.Do(func() {
+		l.stop()
+		d := l.d
+		d.opMu.Lock()
+		defer d.opMu.Unlock()
+		d.mu.Lock()
+		if d.lazy == l {
+			d.lazy = nil
+		}
+		destroyed := d.destroyed
+		d.mu.Unlock()
+		if destroyed {
+			return
+		}
+		if missing := l.npages - l.nPresent.Load(); missing > 0 {
+			err = fmt.Errorf("close lazy %s: %d: %w", d.spec.Name, missing, ErrPagesMissing)
+			return
+		}
+		if e := d.setRegistration(d.regMode &^ uffdRegisterModeMissing); e != nil {
+			err = fmt.Errorf("close lazy %s: %w", d.spec.Name, e)
+		}
+	})
+	return err
+}

@@ -1,0 +1,185 @@
+package sim
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// guestProc is the agent's view of one guest process.
+type guestProc struct {
+	cmd  *exec.Cmd
+	pid  int
+	sock int // agent end of the socketpair; closing it tells the guest to exit
+	// uffd is the guest's userfaultfd (-1 if it could not be created; then
+	// uffdErr says why). It operates on the guest's address space.
+	uffd    int
+	uffdErr error
+	base    uint64 // address of guest memory in the guest process
+	pagemap *os.File
+	exited  chan struct{} // closed when the process has been reaped
+	stderr  *boundedBuffer
+
+	killOnce sync.Once
+}
+
+// helloTimeout bounds how long a new guest may take to report in.
+const helloTimeout = 20 * time.Second
+
+// startGuest re-executes the current binary as a guest process sharing mem
+// and ctl, and waits for its hello.
+func startGuest(mem, ctl *os.File) (_ *guestProc, retErr error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("start guest: find own executable: %w", err)
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("start guest: socketpair: %w", err)
+	}
+	child := os.NewFile(uintptr(fds[1]), "guest-sock")
+	defer child.Close()
+	g := &guestProc{sock: fds[0], uffd: -1, exited: make(chan struct{}), stderr: &boundedBuffer{max: 4096}}
+	defer func() {
+		if retErr != nil {
+			g.kill()
+		}
+	}()
+	g.cmd = exec.Command(exe, "xenferry-sim-guest")
+	g.cmd.Env = append(os.Environ(), guestEnv+"=1")
+	g.cmd.ExtraFiles = []*os.File{mem, ctl, child}
+	g.cmd.Stderr = g.stderr
+	// The guest never outlives the agent: SIGKILL when the agent dies, and
+	// the guest also exits on EOF of its socket.
+	g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := g.cmd.Start(); err != nil {
+		unix.Close(g.sock)
+		close(g.exited)
+		return nil, fmt.Errorf("start guest %s: %w", exe, err)
+	}
+	g.pid = g.cmd.Process.Pid
+	go func() {
+		_ = g.cmd.Wait()
+		close(g.exited)
+	}()
+	child.Close()
+
+	// Wait for the hello (bounded), then read it with the fd.
+	pfd := []unix.PollFd{{Fd: int32(g.sock), Events: unix.POLLIN}}
+	deadline := time.Now().Add(helloTimeout)
+	for {
+		n, err := unix.Poll(pfd, 100)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("start guest pid %d: poll: %w", g.pid, err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("start guest pid %d: no hello within %v", g.pid, helloTimeout)
+		}
+	}
+	buf := make([]byte, 512)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := unix.Recvmsg(g.sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("start guest pid %d: read hello: %w", g.pid, err)
+	}
+	if n < 24 || binary.LittleEndian.Uint64(buf) != helloMagic {
+		g.kill()
+		<-g.exited
+		return nil, fmt.Errorf("start guest pid %d: guest failed before reporting in: %s", g.pid, bytes.TrimSpace(g.stderr.Bytes()))
+	}
+	g.base = binary.LittleEndian.Uint64(buf[8:])
+	if errno := binary.LittleEndian.Uint64(buf[16:]); errno != 0 {
+		g.uffdErr = fmt.Errorf("guest pid %d has no userfaultfd: %s", g.pid, buf[24:n])
+	} else {
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil || len(msgs) != 1 {
+			return nil, fmt.Errorf("start guest pid %d: hello without userfaultfd (%d control messages): %v", g.pid, len(msgs), err)
+		}
+		rights, err := unix.ParseUnixRights(&msgs[0])
+		if err != nil || len(rights) != 1 {
+			return nil, fmt.Errorf("start guest pid %d: hello control message: %v", g.pid, err)
+		}
+		g.uffd = rights[0]
+	}
+	pm, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", g.pid))
+	if err != nil {
+		return nil, fmt.Errorf("start guest pid %d: %w", g.pid, err)
+	}
+	g.pagemap = pm
+	return g, nil
+}
+
+// kill ends the guest process and releases the agent's descriptors. Safe to
+// call more than once; waits for the process to be reaped.
+func (g *guestProc) kill() {
+	g.killOnce.Do(func() {
+		if g.cmd != nil && g.cmd.Process != nil {
+			_ = g.cmd.Process.Kill()
+		}
+		if g.sock >= 0 {
+			unix.Close(g.sock)
+		}
+		if g.cmd != nil && g.cmd.Process != nil {
+			<-g.exited
+		}
+		if g.uffd >= 0 {
+			unix.Close(g.uffd)
+			g.uffd = -1
+		}
+		if g.pagemap != nil {
+			g.pagemap.Close()
+		}
+	})
+}
+
+// alive reports whether the guest process is still running.
+func (g *guestProc) alive() bool {
+	select {
+	case <-g.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+func (g *guestProc) deadError() error {
+	return fmt.Errorf("guest process pid %d exited (%v): %s", g.pid, g.cmd.ProcessState, bytes.TrimSpace(g.stderr.Bytes()))
+}
+
+// boundedBuffer keeps the first max bytes written to it (guest stderr).
+type boundedBuffer struct {
+	mu  sync.Mutex
+	max int
+	b   []byte
+}
+
+func (b *boundedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if room := b.max - len(b.b); room > 0 {
+		b.b = append(b.b, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}
+
+func (b *boundedBuffer) Bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]byte(nil), b.b...)
+}
+
+var errGuestGone = errors.New("sim: guest process is gone")
