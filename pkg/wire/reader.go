@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -31,7 +32,8 @@ type Reader struct {
 	br   *bufio.Reader
 	n    int64
 	body []byte
-	hdr  [RecordHeaderSize]byte
+	hdr  [RecordHeaderSize]byte // scratch; fields keep them off the per-call heap
+	pad  [Align]byte
 	err  error
 }
 
@@ -55,8 +57,8 @@ func (r *Reader) ReadStreamHeader() error {
 	if r.err != nil {
 		return r.err
 	}
-	var h [StreamHeaderSize]byte
-	n, err := io.ReadFull(r.br, h[:])
+	h := r.hdr[:StreamHeaderSize]
+	n, err := io.ReadFull(r.br, h)
 	r.n += int64(n)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -65,7 +67,7 @@ func (r *Reader) ReadStreamHeader() error {
 		return r.fail(fmt.Errorf("wire: read stream header (%d of %d bytes): %w", n, StreamHeaderSize, err))
 	}
 	if [8]byte(h[:8]) != magic {
-		return r.fail(fmt.Errorf("stream header %q: %w", h[:8], ErrBadMagic))
+		return r.fail(fmt.Errorf("stream header %q: %w", bytes.Clone(h[:8]), ErrBadMagic))
 	}
 	if v := binary.LittleEndian.Uint32(h[8:]); v != Version {
 		return r.fail(fmt.Errorf("stream version %d, this reader speaks %d: %w", v, Version, ErrVersion))
@@ -112,9 +114,9 @@ func (r *Reader) Next() (Record, error) {
 		if err != nil {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: read %d-byte body: %w", t, off, bodyLen, err))
 		}
-		var pad [Align]byte
 		p := padLen(int(bodyLen))
-		n, err = io.ReadFull(r.br, pad[:p])
+		r.pad = [Align]byte{}
+		n, err = io.ReadFull(r.br, r.pad[:p])
 		r.n += int64(n)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
@@ -125,7 +127,7 @@ func (r *Reader) Next() (Record, error) {
 		if crc32.Update(headerCRC(t, bodyLen), castagnoli, body) != sum {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d (%d bytes): %w", t, off, bodyLen, ErrChecksum))
 		}
-		if pad != zeroPad {
+		if r.pad != zeroPad {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: %w", t, off, ErrPadding))
 		}
 		if !t.Known() {

@@ -1,7 +1,6 @@
 package wire
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -106,12 +105,16 @@ var (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// headerCRC starts the record checksum: CRC-32C over type and bodyLen.
+// headerCRC starts the record checksum: CRC-32C over type and bodyLen (8
+// bytes, little-endian). It is computed bytewise from the table so no
+// scratch buffer escapes to the heap; crc32.Update continues it.
 func headerCRC(t Type, bodyLen uint32) uint32 {
-	var b [8]byte
-	binary.LittleEndian.PutUint32(b[0:], uint32(t))
-	binary.LittleEndian.PutUint32(b[4:], bodyLen)
-	return crc32.Update(0, castagnoli, b[:])
+	v := uint64(t) | uint64(bodyLen)<<32
+	crc := ^uint32(0)
+	for i := 0; i < 8; i++ {
+		crc = castagnoli[byte(crc)^byte(v>>(8*i))] ^ crc>>8
+	}
+	return ^crc
 }
 
 // padLen is the number of zero bytes that follow a body of n bytes.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"io"
 	"math/rand/v2"
 	"reflect"
@@ -915,5 +916,60 @@ func TestTypeNames(t *testing.T) {
 	}
 	if s := Type(99).String(); s != "Unknown(0x63)" {
 		t.Errorf("got %q", s)
+	}
+}
+
+func TestHeaderCRCMatchesStdlib(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	for range 1000 {
+		ty, n := Type(rng.Uint32()), rng.Uint32()
+		var b [8]byte
+		binary.LittleEndian.PutUint32(b[0:], uint32(ty))
+		binary.LittleEndian.PutUint32(b[4:], n)
+		if got, want := headerCRC(ty, n), crc32.Checksum(b[:], castagnoli); got != want {
+			t.Fatalf("headerCRC(%#x, %d) = %#x, crc32 says %#x", uint32(ty), n, got, want)
+		}
+	}
+}
+
+func TestWriteIsAllocationFree(t *testing.T) {
+	pfns, data := make([]uint64, 256), make([]byte, 256*PageSize)
+	small := MarshalPFNs(nil, pfns[:64])
+	w := NewWriter(io.Discard)
+	prefix := make([]byte, 0, 8+8*256)
+	allocs := testing.AllocsPerRun(100, func() {
+		prefix = PagesPrefix(prefix[:0], pfns, 0)
+		_ = w.Write(TypePages, prefix, data)
+		_ = w.Write(TypeZeroPages, small)
+	})
+	if allocs != 0 {
+		t.Fatalf("Write allocates %.1f times per call pair", allocs)
+	}
+	var buf bytes.Buffer
+	w = NewWriter(&buf)
+	_ = w.WriteStreamHeader()
+	for range 4 {
+		_ = w.Write(TypePages, PagesPrefix(nil, pfns, 0), data)
+	}
+	_ = w.Flush()
+	stream := buf.Bytes()
+	src := bytes.NewReader(stream)
+	r := NewReader(src)
+	out := make([]uint64, 0, 256)
+	read := func() {
+		src.Reset(stream)
+		r.Reset(src)
+		_ = r.ReadStreamHeader()
+		for {
+			rec, err := r.Next()
+			if err != nil {
+				break
+			}
+			out, _, _, _ = ParsePages(rec.Body, out)
+		}
+	}
+	read()
+	if allocs := testing.AllocsPerRun(20, read); allocs != 0 {
+		t.Fatalf("reading 4 page batches allocates %.1f times", allocs)
 	}
 }

@@ -27,6 +27,7 @@ type Writer struct {
 	err  error
 	vec  [2][]byte
 	bufs net.Buffers
+	hdr  [RecordHeaderSize]byte // scratch, kept here so it never escapes per call
 }
 
 // NewWriter returns a Writer that buffers onto w.
@@ -75,12 +76,11 @@ func (w *Writer) Write(t Type, parts ...[]byte) error {
 	for _, p := range parts {
 		crc = crc32.Update(crc, castagnoli, p)
 	}
-	var hdr [RecordHeaderSize]byte
-	binary.LittleEndian.PutUint32(hdr[0:], uint32(t))
-	binary.LittleEndian.PutUint32(hdr[4:], uint32(total))
-	binary.LittleEndian.PutUint32(hdr[8:], crc)
-	binary.LittleEndian.PutUint32(hdr[12:], 0)
-	if err := w.write(hdr[:]); err != nil {
+	binary.LittleEndian.PutUint32(w.hdr[0:], uint32(t))
+	binary.LittleEndian.PutUint32(w.hdr[4:], uint32(total))
+	binary.LittleEndian.PutUint32(w.hdr[8:], crc)
+	binary.LittleEndian.PutUint32(w.hdr[12:], 0)
+	if err := w.write(w.hdr[:]); err != nil {
 		return err
 	}
 	for _, p := range parts {
