@@ -295,14 +295,17 @@ func ParseRequest(b []byte, pfns []uint64) (reason uint32, out []uint64, err err
 }
 
 // MarshalBitmap appends a BITMAP body to dst: bit i of words (word i/64,
-// bit i%64) stands for pfn first+i, for i < nbits. words must hold at
-// least ceil(nbits/64) words; bits past nbits are written as zero.
+// bit i%64) stands for pfn first+i, for i < nbits. ceil(nbits/64) words
+// are written: bits past nbits, and words past len(words), as zero.
 func MarshalBitmap(dst []byte, first uint64, nbits uint64, words []uint64) []byte {
 	dst = le.AppendUint64(dst, first)
 	dst = le.AppendUint64(dst, nbits)
 	nw := bitmapWords(nbits)
 	for i := uint64(0); i < nw; i++ {
-		w := words[i]
+		var w uint64
+		if i < uint64(len(words)) {
+			w = words[i]
+		}
 		if i == nw-1 && nbits%64 != 0 {
 			w &= 1<<(nbits%64) - 1
 		}
@@ -368,7 +371,7 @@ const MaxControl = 1 << 20
 
 // MarshalControl appends the JSON encoding of c to dst.
 func MarshalControl(dst []byte, c *Control) ([]byte, error) {
-	if c.Kind == "" {
+	if c == nil || c.Kind == "" {
 		return dst, fmt.Errorf("marshal control message: empty kind: %w", ErrMalformed)
 	}
 	j, err := json.Marshal(c)

@@ -973,3 +973,14 @@ func TestWriteIsAllocationFree(t *testing.T) {
 		t.Fatalf("reading 4 page batches allocates %.1f times", allocs)
 	}
 }
+
+func TestMarshalBitmapPadsShortWords(t *testing.T) {
+	b := MarshalBitmap(nil, 10, 130, []uint64{^uint64(0)})
+	first, nbits, words, err := ParseBitmap(b)
+	if err != nil || first != 10 || nbits != 130 || !reflect.DeepEqual(words, []uint64{^uint64(0), 0, 0}) {
+		t.Fatalf("got %d %d %v %v", first, nbits, words, err)
+	}
+	if _, err := MarshalControl(nil, nil); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("nil control: %v", err)
+	}
+}
