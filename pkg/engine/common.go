@@ -1,0 +1,207 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// Stream roles, carried in the hello of every connection.
+const (
+	roleMain    = "main"    // control, state, manifest; requests back
+	roleData    = "data"    // page batches of one pfn partition
+	rolePrio    = "prio"    // demand and fallback requests and their answers
+	roleRecover = "recover" // main connection of a post-copy recovery
+)
+
+// Control message kinds.
+const (
+	ctlHello     = "hello"
+	ctlPrepared  = "prepared"  // dst: target domain created
+	ctlFlush     = "flush"     // src, on each data stream: all before it was sent
+	ctlComplete  = "complete"  // src: stop-and-copy data, state and manifest sent
+	ctlPostCopy  = "postcopy"  // src: state and missing bitmap sent, switch
+	ctlReady     = "ready"     // dst: verified (stop-and-copy) or armed (post-copy)
+	ctlGo        = "go"        // src: resume now; the source never resumes after this
+	ctlResumed   = "resumed"   // dst: the domain runs at the destination
+	ctlPushed    = "pushed"    // src: every missing page pushed, manifest sent
+	ctlDone      = "done"      // dst: every page present and verified
+	ctlError     = "error"     // either side: aborting, Message says why
+	ctlState     = "state"     // dst during recovery: what it knows
+	ctlRecovered = "recovered" // src: recovery connection set up
+)
+
+// partitionShift: pages travel in chunks of 256 (1 MiB); chunk c always goes
+// over data stream c % streams, so every version of a page crosses the same
+// TCP connection and arrives in order.
+const partitionShift = 8
+
+func partition(pfn uint64, streams int) int { return int((pfn >> partitionShift) % uint64(streams)) }
+
+var zeroPage = make([]byte, xenmem.PageSize)
+var zeroHash = dedup.HashPage(zeroPage)
+
+// atomic bitmap helpers on xenmem.Bitmap words, for bitmaps shared between
+// goroutines.
+func aset(b *xenmem.Bitmap, i uint64) {
+	atomic.OrUint64(&b.Words()[i>>6], 1<<(i&63))
+}
+
+func atest(b *xenmem.Bitmap, i uint64) bool {
+	return atomic.LoadUint64(&b.Words()[i>>6])&(1<<(i&63)) != 0
+}
+
+// aclear clears bit i and reports whether it was set.
+func aclear(b *xenmem.Bitmap, i uint64) bool {
+	m := uint64(1) << (i & 63)
+	return atomic.AndUint64(&b.Words()[i>>6], ^m)&m != 0
+}
+
+// asetNew sets bit i and reports whether it was clear before.
+func asetNew(b *xenmem.Bitmap, i uint64) bool {
+	m := uint64(1) << (i & 63)
+	return atomic.OrUint64(&b.Words()[i>>6], m)&m == 0
+}
+
+// conn is one framed TCP connection. Writes are serialised by mu.
+type conn struct {
+	c    net.Conn
+	r    *wire.Reader
+	mu   sync.Mutex
+	w    *wire.Writer
+	lim  *limiter
+	prio bool
+}
+
+func newConn(c net.Conn, lim *limiter, prio bool) *conn {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(prio)
+		if !prio {
+			_ = tc.SetWriteBuffer(4 << 20)
+			_ = tc.SetReadBuffer(4 << 20)
+		}
+	}
+	return &conn{c: c, r: wire.NewReader(c), w: wire.NewWriter(c), lim: lim, prio: prio}
+}
+
+// send writes one record and flushes it, after drawing its size from the
+// bandwidth bucket.
+func (c *conn) send(ctx context.Context, t wire.Type, parts ...[]byte) error {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	size := int(wire.RecordSize(n))
+	if c.prio {
+		c.lim.takeNow(size)
+	} else if err := c.lim.take(ctx, size); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.w.Write(t, parts...); err != nil {
+		return err
+	}
+	return c.w.Flush()
+}
+
+func (c *conn) sendControl(ctx context.Context, m *wire.Control) error {
+	b, err := wire.MarshalControl(nil, m)
+	if err != nil {
+		return err
+	}
+	return c.send(ctx, wire.TypeControl, b)
+}
+
+func (c *conn) bytes() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.w.Bytes() + c.r.Bytes()
+}
+
+func (c *conn) close() { _ = c.c.Close() }
+
+// dialStream opens one connection and sends its hello.
+func dialStream(ctx context.Context, addr string, lim *limiter, hello wire.Control) (*conn, error) {
+	d := net.Dialer{Timeout: 10 * time.Second}
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s (%s stream): %w", addr, hello.Message, err)
+	}
+	c := newConn(nc, lim, hello.Message == rolePrio)
+	c.mu.Lock()
+	err = c.w.WriteStreamHeader()
+	c.mu.Unlock()
+	if err == nil {
+		err = c.sendControl(ctx, &hello)
+	}
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("hello to %s: %w", addr, err)
+	}
+	// The receiver answers every hello: welcome, or why not.
+	_ = nc.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	if err = c.r.ReadStreamHeader(); err == nil {
+		var m wire.Control
+		if m, err = readControl(c); err == nil && m.Kind != ctlHello {
+			err = remoteError(m)
+		}
+	}
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("%s stream to %s: %w", hello.Message, addr, err)
+	}
+	_ = nc.SetReadDeadline(time.Time{})
+	return c, nil
+}
+
+// readControl reads records until a control message, returning it. Other
+// record types are an error here.
+func readControl(c *conn) (wire.Control, error) {
+	rec, err := c.r.Next()
+	if err != nil {
+		return wire.Control{}, err
+	}
+	if rec.Type != wire.TypeControl {
+		return wire.Control{}, fmt.Errorf("expected a control record, got %v: %w", rec.Type, wire.ErrMalformed)
+	}
+	return wire.ParseControl(rec.Body)
+}
+
+// ErrRemote is wrapped by errors the other side reported.
+var ErrRemote = errors.New("engine: remote side failed")
+
+// remoteError turns an error control message into an error.
+func remoteError(m wire.Control) error {
+	return fmt.Errorf("%w: %s", ErrRemote, m.Message)
+}
+
+// dstStats is what the destination reports back in done/resumed.
+type dstStats struct {
+	Verified     bool    `json:"verified"`
+	Mismatches   uint64  `json:"mismatches,omitempty"`
+	Demand       uint64  `json:"demand"`
+	DiskResolved uint64  `json:"diskResolved"`
+	DiskFallback uint64  `json:"diskFallback"`
+	FaultP50Us   float64 `json:"faultP50Us"`
+	FaultP99Us   float64 `json:"faultP99Us"`
+	OpsPerSec    float64 `json:"opsPerSec"`
+	Duplicates   uint64  `json:"duplicates"`
+}
+
+func mustJSON(v any) json.RawMessage {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // only plain structs are marshalled here
+	}
+	return b
+}

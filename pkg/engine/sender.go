@@ -1,0 +1,229 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"math/bits"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// sender owns one data stream and the pfn partition that travels on it.
+// It reads pages, classifies them (zero / disk reference / full), hashes
+// each once for the manifest, and writes batches. Fallback requests for its
+// partition are answered in stream order, so a fallback answer can never
+// overtake an older copy of the same page.
+type sender struct {
+	src *source
+	idx int
+	c   *conn
+	// fallback carries pfns the destination could not resolve from disk;
+	// bounded, drained between chunks.
+	fallback chan []uint64
+
+	pfns  []uint64
+	data  []byte
+	zeros []uint64
+	refs  []wire.DiskRef
+	pre   []byte
+	body  []byte
+	zbuf  []byte
+	enc   *zstd.Encoder
+}
+
+func newSender(s *source, idx int, c *conn) (*sender, error) {
+	sd := &sender{
+		src:      s,
+		idx:      idx,
+		c:        c,
+		fallback: make(chan []uint64, 64),
+		pfns:     make([]uint64, 0, wire.MaxBatchPages),
+		data:     make([]byte, 0, wire.MaxBatchPages*xenmem.PageSize),
+		zeros:    make([]uint64, 0, wire.MaxBatchPages),
+		refs:     make([]wire.DiskRef, 0, wire.MaxBatchPages/4),
+	}
+	if s.opts.Compress && s.opts.Strategy != StrategyXen {
+		enc, err := wire.NewPagesEncoder()
+		if err != nil {
+			return nil, fmt.Errorf("zstd encoder: %w", err)
+		}
+		sd.enc = enc
+	}
+	return sd, nil
+}
+
+// sendSet sends every page of this sender's partition set in set (and in
+// only, when only is not nil), clearing each bit as the page is taken.
+// Bits are cleared atomically: the priority path may take pages too. It
+// returns early, leaving the rest set, when stop becomes true.
+func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *atomic.Bool) error {
+	s := sd.src
+	n := s.numPages
+	chunk := uint64(1) << partitionShift
+	k := uint64(s.streams)
+	for c := uint64(sd.idx); c*chunk < n; c += k {
+		if stop != nil && stop.Load() {
+			break
+		}
+		if err := sd.serveFallbacks(ctx); err != nil {
+			return err
+		}
+		lo, hi := c*chunk, min((c+1)*chunk, n)
+		for w := lo >> 6; w<<6 < hi; w++ {
+			word := atomic.LoadUint64(&set.Words()[w])
+			if only != nil {
+				word &= only.Words()[w]
+			}
+			for word != 0 {
+				b := uint64(bits.TrailingZeros64(word))
+				word &^= 1 << b
+				pfn := w<<6 + b
+				if !aclear(set, pfn) {
+					continue // taken by the priority path
+				}
+				if err := sd.addPage(ctx, pfn, false); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return sd.flush(ctx)
+}
+
+// serveFallbacks answers queued fallback requests without blocking.
+func (sd *sender) serveFallbacks(ctx context.Context) error {
+	for {
+		select {
+		case pfns := <-sd.fallback:
+			for _, p := range pfns {
+				if err := sd.addPage(ctx, p, true); err != nil {
+					return err
+				}
+			}
+		default:
+			return nil
+		}
+	}
+}
+
+// addPage reads one page now and queues it in the right batch. full forces
+// a full page (fallback answers).
+func (sd *sender) addPage(ctx context.Context, pfn uint64, full bool) error {
+	s := sd.src
+	off := pfn * xenmem.PageSize
+	slot := sd.data[len(sd.data) : len(sd.data)+xenmem.PageSize]
+	copy(slot, s.mem[off:off+xenmem.PageSize])
+	if asetNew(s.sentOnce, pfn) == false {
+		s.cnt.resent.Add(1)
+	}
+	class, h, ref := sd.classify(slot, full)
+	if !full {
+		s.hashes[pfn] = h
+	}
+	switch class {
+	case dedup.ClassZero:
+		sd.zeros = append(sd.zeros, pfn)
+		s.cnt.zero.Add(1)
+		if len(sd.zeros) == cap(sd.zeros) {
+			return sd.flushZeros(ctx)
+		}
+	case dedup.ClassDisk:
+		sd.refs = append(sd.refs, wire.DiskRef{PFN: pfn, Disk: ref.Disk, Offset: uint64(ref.Offset), Hash: ref.Hash})
+		s.cnt.disk.Add(1)
+		if len(sd.refs) == cap(sd.refs) {
+			return sd.flushRefs(ctx)
+		}
+	default:
+		sd.data = sd.data[:len(sd.data)+xenmem.PageSize]
+		sd.pfns = append(sd.pfns, pfn)
+		if full {
+			s.cnt.fallbackSent.Add(1)
+		} else {
+			s.cnt.full.Add(1)
+		}
+		if len(sd.pfns) == cap(sd.pfns) {
+			return sd.flushPages(ctx)
+		}
+	}
+	return nil
+}
+
+// classify decides how a page travels. The xen strategy sends everything
+// as full pages (stock libxc); the others elide zero pages and, with dedup,
+// replace pages found on the domain's disks by references.
+func (sd *sender) classify(page []byte, full bool) (dedup.Class, dedup.Hash, dedup.Ref) {
+	s := sd.src
+	switch {
+	case s.opts.Strategy == StrategyXen || full:
+		return dedup.ClassFull, dedup.HashPage(page), dedup.Ref{}
+	case s.catalog != nil:
+		return s.catalog.Classify(page)
+	case dedup.IsZero(page):
+		return dedup.ClassZero, zeroHash, dedup.Ref{}
+	default:
+		return dedup.ClassFull, dedup.HashPage(page), dedup.Ref{}
+	}
+}
+
+func (sd *sender) flush(ctx context.Context) error {
+	if err := sd.flushPages(ctx); err != nil {
+		return err
+	}
+	if err := sd.flushZeros(ctx); err != nil {
+		return err
+	}
+	return sd.flushRefs(ctx)
+}
+
+func (sd *sender) flushPages(ctx context.Context) error {
+	if len(sd.pfns) == 0 {
+		return nil
+	}
+	flags := uint32(0)
+	data := sd.data
+	if sd.enc != nil {
+		sd.zbuf = wire.EncodePages(sd.enc, sd.zbuf[:0], sd.data)
+		if len(sd.zbuf) < len(sd.data) {
+			data, flags = sd.zbuf, wire.PagesZstd
+		}
+	}
+	sd.pre = wire.PagesPrefix(sd.pre[:0], sd.pfns, flags)
+	err := sd.c.send(ctx, wire.TypePages, sd.pre, data)
+	sd.pfns, sd.data = sd.pfns[:0], sd.data[:0]
+	return err
+}
+
+func (sd *sender) flushZeros(ctx context.Context) error {
+	if len(sd.zeros) == 0 {
+		return nil
+	}
+	sd.body = wire.MarshalPFNs(sd.body[:0], sd.zeros)
+	sd.zeros = sd.zeros[:0]
+	return sd.c.send(ctx, wire.TypeZeroPages, sd.body)
+}
+
+func (sd *sender) flushRefs(ctx context.Context) error {
+	if len(sd.refs) == 0 {
+		return nil
+	}
+	sd.body = wire.MarshalDiskRefs(sd.body[:0], sd.refs)
+	sd.refs = sd.refs[:0]
+	return sd.c.send(ctx, wire.TypeDiskRefs, sd.body)
+}
+
+// marker writes a flush marker: everything this stream carried before it
+// has been sent.
+func (sd *sender) marker(ctx context.Context, phase string) error {
+	if err := sd.serveFallbacks(ctx); err != nil {
+		return err
+	}
+	if err := sd.flush(ctx); err != nil {
+		return err
+	}
+	return sd.c.sendControl(ctx, &wire.Control{Kind: ctlFlush, Stream: sd.idx, Message: phase})
+}

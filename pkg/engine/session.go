@@ -1,0 +1,711 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/postcopy"
+	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// session is one incoming migration at the destination.
+type session struct {
+	r       *Receiver
+	id      string
+	streams int
+
+	main     *conn
+	mu       sync.Mutex
+	data     []*conn
+	prio     *conn
+	attached chan struct{} // closed when every stream is attached
+
+	info     xenmem.DomainInfo
+	dom      xenmem.TargetDomain
+	mem      []byte
+	numPages uint64
+	resolver *dedup.Resolver
+	lazy     xenmem.Lazy
+	lazyOn   atomic.Bool
+	tracker  *postcopy.Tracker
+
+	have     *xenmem.Bitmap // pages whose current content is installed
+	pendFB   *xenmem.Bitmap // pages asked for after a failed disk reference
+	pending  atomic.Int64   // count of pendFB
+	hashes   []dedup.Hash   // hash of each installed page
+	manifest []dedup.Hash   // the source's hashes at the switch-over
+	state    []byte
+	missing  []uint64 // words of the bitmap of pages still to come at the switch
+
+	flushes chan string
+	errs    chan error
+
+	demand, diskResolved, diskFallback, duplicates atomic.Uint64
+	resumed                                        bool
+	resumeOps                                      uint64
+	resumeAt                                       time.Time
+}
+
+func newSession(r *Receiver, hello wire.Control) *session {
+	return &session{r: r, id: hello.MigrationID, streams: hello.Streams,
+		data: make([]*conn, hello.Streams), attached: make(chan struct{}),
+		flushes: make(chan string, 4*hello.Streams), errs: make(chan error, 8)}
+}
+
+// attach adds a data or priority connection.
+func (s *session) attach(c *conn, hello wire.Control) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch hello.Message {
+	case roleData:
+		if hello.Stream < 0 || hello.Stream >= s.streams || s.data[hello.Stream] != nil {
+			return false
+		}
+		s.data[hello.Stream] = c
+	case rolePrio:
+		if s.prio != nil {
+			return false
+		}
+		s.prio = c
+	}
+	if s.prio != nil {
+		for _, d := range s.data {
+			if d == nil {
+				return true
+			}
+		}
+		close(s.attached)
+	}
+	return true
+}
+
+func (s *session) log() []any { return []any{"migration", s.id, "domain", s.info.Name} }
+
+func (s *session) fail(err error) {
+	select {
+	case s.errs <- err:
+	default:
+	}
+}
+
+// run is the destination's phase list for one migration.
+func (s *session) run(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	err := s.receive(ctx)
+	s.cleanup(ctx, err)
+}
+
+// cleanup runs exactly once. Before the domain resumed here, a failure
+// destroys everything created for it (the source keeps running it); after,
+// the domain stays here and the failure is reported.
+func (s *session) cleanup(ctx context.Context, err error) {
+	if s.lazy != nil && (err == nil || !s.resumed) {
+		_ = s.lazy.Close()
+	}
+	if s.resolver != nil {
+		_ = s.resolver.Close()
+	}
+	if err != nil {
+		_ = s.main.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
+		if !s.resumed && s.dom != nil {
+			if derr := s.dom.Destroy(); derr != nil {
+				err = errors.Join(err, fmt.Errorf("destroy the half-received domain: %w", derr))
+			}
+		}
+		s.r.Log.Error(err, "Incoming migration failed", s.log()...)
+		s.r.emit(s.id, Event{Kind: EventFailed, Domain: s.info.Name, Err: err, Stats: s.stats()})
+	} else {
+		s.r.emit(s.id, Event{Kind: EventDone, Domain: s.info.Name, Stats: s.stats()})
+	}
+	if s.dom != nil {
+		_ = s.dom.Close()
+	}
+	s.main.close()
+	s.mu.Lock()
+	for _, c := range s.data {
+		if c != nil {
+			c.close()
+		}
+	}
+	if s.prio != nil {
+		s.prio.close()
+	}
+	s.mu.Unlock()
+	s.r.drop(s.id)
+}
+
+func (s *session) receive(ctx context.Context) error {
+	rec, err := s.main.r.Next()
+	if err != nil {
+		return fmt.Errorf("read header: %w", err)
+	}
+	if rec.Type != wire.TypeHeader {
+		return fmt.Errorf("first record is %v, not a header: %w", rec.Type, wire.ErrMalformed)
+	}
+	h, err := wire.ParseHeader(rec.Body)
+	if err != nil {
+		return err
+	}
+	if s.info, err = decodeInfo(h); err != nil {
+		return err
+	}
+	if err := s.prepare(ctx, h); err != nil {
+		return err
+	}
+	select {
+	case <-s.attached:
+	case <-time.After(handshakeTimeout):
+		return fmt.Errorf("the source did not open its %d data streams and priority stream within %v", s.streams, handshakeTimeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	for i, c := range s.data {
+		go s.readData(ctx, i, c)
+	}
+	go s.readData(ctx, -1, s.prio)
+	return s.readMain(ctx)
+}
+
+// prepare creates the paused target domain and the per-page state.
+func (s *session) prepare(ctx context.Context, h wire.Header) error {
+	n := h.NumPages
+	s.numPages = n
+	s.have, s.pendFB = xenmem.NewBitmap(n), xenmem.NewBitmap(n)
+	s.hashes, s.manifest = make([]dedup.Hash, n), make([]dedup.Hash, n)
+	if len(s.info.Disks) > 0 {
+		paths := make([]string, len(s.info.Disks))
+		for i, d := range s.info.Disks {
+			paths[i] = d.Path
+			if s.r.DiskPath != nil {
+				paths[i] = s.r.DiskPath(s.info.Name, d)
+			}
+		}
+		s.resolver = dedup.OpenResolver(paths, 4)
+	}
+	dom, err := s.r.Host.CreateTarget(ctx, s.info)
+	if err != nil {
+		return fmt.Errorf("create target domain %s: %w", s.info.Name, err)
+	}
+	s.dom, s.mem = dom, dom.Memory()
+	s.r.Log.Info("Receiving a domain", append(s.log(), "memoryBytes", s.info.MemoryBytes, "streams", s.streams)...)
+	s.r.emit(s.id, Event{Kind: EventPrepared, Domain: s.info.Name})
+	return s.main.sendControl(ctx, &wire.Control{Kind: ctlPrepared})
+}
+
+// readMain follows the source's main connection to the end.
+func (s *session) readMain(ctx context.Context) error {
+	recs := make(chan wire.Record)
+	next := make(chan struct{})
+	rerr := make(chan error, 1)
+	go func() {
+		for {
+			rec, err := s.main.r.Next()
+			if err != nil {
+				rerr <- err
+				return
+			}
+			recs <- rec
+			select {
+			case <-next:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for {
+		var rec wire.Record
+		select {
+		case rec = <-recs:
+		case err := <-rerr:
+			return fmt.Errorf("main connection: %w", err)
+		case err := <-s.errs:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		done, err := s.onMain(ctx, rec)
+		if err != nil || done {
+			return err
+		}
+		next <- struct{}{}
+	}
+}
+
+func (s *session) onMain(ctx context.Context, rec wire.Record) (done bool, err error) {
+	switch rec.Type {
+	case wire.TypeState:
+		s.state = append(s.state[:0], rec.Body...)
+	case wire.TypeManifest:
+		first, hs, err := wire.ParseManifest(rec.Body)
+		if err != nil {
+			return false, err
+		}
+		if first+uint64(len(hs)) > s.numPages {
+			return false, fmt.Errorf("manifest for pfns %d+%d beyond %d pages: %w", first, len(hs), s.numPages, wire.ErrMalformed)
+		}
+		for i, h := range hs {
+			s.manifest[first+uint64(i)] = h
+		}
+	case wire.TypeBitmap:
+		first, nbits, words, err := wire.ParseBitmap(rec.Body)
+		if err != nil {
+			return false, err
+		}
+		if first != 0 || nbits != s.numPages {
+			return false, fmt.Errorf("missing-page bitmap covers %d+%d, want 0+%d: %w", first, nbits, s.numPages, wire.ErrMalformed)
+		}
+		// Pages to come after the switch; applied once every data stream
+		// has delivered what it carried before the switch.
+		s.missing = append(s.missing[:0], words...)
+	case wire.TypeControl:
+		m, err := wire.ParseControl(rec.Body)
+		if err != nil {
+			return false, err
+		}
+		return s.onControl(ctx, m)
+	case wire.TypeEnd:
+		return true, nil
+	default:
+		return false, fmt.Errorf("unexpected %v record on the main connection: %w", rec.Type, wire.ErrMalformed)
+	}
+	return false, nil
+}
+
+func (s *session) onControl(ctx context.Context, m wire.Control) (bool, error) {
+	switch m.Kind {
+	case ctlError:
+		return false, remoteError(m)
+	case ctlComplete:
+		return false, s.finishStopAndCopy(ctx)
+	case ctlPostCopy:
+		return false, s.startPostCopy(ctx)
+	case ctlGo:
+		return false, s.resume(ctx)
+	case ctlPushed:
+		return false, s.finishPostCopy(ctx)
+	}
+	return false, fmt.Errorf("unexpected control %q: %w", m.Kind, wire.ErrMalformed)
+}
+
+// waitFlushes waits for the flush marker of a phase on every data stream,
+// then for every pending fallback page.
+func (s *session) waitFlushes(ctx context.Context, phase string, timeout time.Duration) error {
+	deadline := time.After(timeout)
+	for got := 0; got < s.streams; {
+		select {
+		case p := <-s.flushes:
+			if p != phase {
+				return fmt.Errorf("flush marker %q while waiting for %q: %w", p, phase, wire.ErrMalformed)
+			}
+			got++
+		case err := <-s.errs:
+			return err
+		case <-deadline:
+			return fmt.Errorf("data streams not flushed within %v", timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	for s.pending.Load() > 0 {
+		select {
+		case err := <-s.errs:
+			return err
+		case <-deadline:
+			return fmt.Errorf("%d fallback pages still missing after %v", s.pending.Load(), timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// verify checks every page against the source's manifest.
+func (s *session) verify() error {
+	var bad uint64
+	first := uint64(0)
+	for p := range s.numPages {
+		if !atest(s.have, p) || s.hashes[p] != s.manifest[p] {
+			if bad == 0 {
+				first = p
+			}
+			bad++
+		}
+	}
+	if bad > 0 {
+		return fmt.Errorf("%d of %d pages do not match the source's manifest (first: pfn %d)", bad, s.numPages, first)
+	}
+	return nil
+}
+
+func (s *session) finishStopAndCopy(ctx context.Context) error {
+	if err := s.waitFlushes(ctx, ctlComplete, 5*time.Minute); err != nil {
+		return err
+	}
+	if err := s.verify(); err != nil {
+		return err
+	}
+	if err := s.dom.LoadState(s.state); err != nil {
+		return fmt.Errorf("load vCPU state: %w", err)
+	}
+	st := s.wireStats(true)
+	return s.main.sendControl(ctx, &wire.Control{Kind: ctlReady, Data: mustJSON(st)})
+}
+
+// startPostCopy arms lazy loading for every page not here yet.
+func (s *session) startPostCopy(ctx context.Context) error {
+	if err := s.waitFlushes(ctx, ctlPostCopy, 5*time.Minute); err != nil {
+		return err
+	}
+	if uint64(len(s.missing)) != (s.numPages+63)/64 {
+		return fmt.Errorf("post-copy without the missing-page bitmap: %w", wire.ErrMalformed)
+	}
+	// Pages to come after the switch: drop what we have of them (a stale copy).
+	for w, word := range s.missing {
+		atomicAndNot(&s.have.Words()[w], word)
+	}
+	present := xenmem.NewBitmap(s.numPages)
+	present.CopyFrom(s.have)
+	s.tracker = postcopy.NewTracker(s.numPages, s.have, postcopy.DefaultPrefetch)
+	lazy, err := s.dom.StartLazy(present)
+	if err != nil {
+		return fmt.Errorf("arm lazy loading: %w", err)
+	}
+	s.lazy = lazy
+	s.lazyOn.Store(true)
+	if err := s.dom.LoadState(s.state); err != nil {
+		return fmt.Errorf("load vCPU state: %w", err)
+	}
+	go func() {
+		var buf []byte
+		err := s.tracker.Serve(ctx, lazy.Faults(), func(pfns []uint64) error {
+			buf = wire.MarshalRequest(buf[:0], wire.ReasonDemand, pfns)
+			return s.prio.send(ctx, wire.TypeRequest, buf)
+		})
+		if err != nil && ctx.Err() == nil {
+			s.fail(fmt.Errorf("demand path: %w", err))
+		}
+	}()
+	return s.main.sendControl(ctx, &wire.Control{Kind: ctlReady})
+}
+
+// resume runs the domain here. After this the source never resumes it.
+func (s *session) resume(ctx context.Context) error {
+	if err := s.dom.Resume(); err != nil {
+		return fmt.Errorf("resume the domain: %w", err)
+	}
+	s.resumed = true
+	s.resumeAt, s.resumeOps = time.Now(), s.dom.Ops()
+	s.r.Log.Info("Domain resumed at the destination", append(s.log(), "postCopy", s.lazyOn.Load())...)
+	s.r.emit(s.id, Event{Kind: EventResumed, Domain: s.info.Name})
+	return s.main.sendControl(ctx, &wire.Control{Kind: ctlResumed, Data: mustJSON(s.wireStats(!s.lazyOn.Load()))})
+}
+
+// finishPostCopy waits until every page is here, fetching stragglers, and
+// verifies the manifest.
+func (s *session) finishPostCopy(ctx context.Context) error {
+	if err := s.waitFlushes(ctx, ctlPushed, 5*time.Minute); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	var missing []uint64
+	var buf []byte
+	for {
+		missing = missing[:0]
+		for p := range s.numPages {
+			if !atest(s.have, p) {
+				missing = append(missing, p)
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d pages still missing after the push", len(missing))
+		}
+		for i := 0; i < len(missing); i += 1024 {
+			buf = wire.MarshalRequest(buf[:0], wire.ReasonRecover, missing[i:min(i+1024, len(missing))])
+			if err := s.prio.send(ctx, wire.TypeRequest, buf); err != nil {
+				return err
+			}
+		}
+		select {
+		case err := <-s.errs:
+			return err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	verr := s.verify()
+	st := s.wireStats(verr == nil)
+	if d := time.Since(s.resumeAt).Seconds(); d > 0 {
+		st.OpsPerSec = float64(s.dom.Ops()-s.resumeOps) / d
+	}
+	_ = s.lazy.Close()
+	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlDone, Data: mustJSON(st)}); err != nil {
+		return err
+	}
+	return verr
+}
+
+func (s *session) wireStats(verified bool) dstStats {
+	st := dstStats{Verified: verified, Demand: s.demand.Load(), DiskResolved: s.diskResolved.Load(),
+		DiskFallback: s.diskFallback.Load(), Duplicates: s.duplicates.Load()}
+	if s.tracker != nil {
+		h := s.tracker.Latency()
+		st.FaultP50Us = float64(h.Quantile(0.50).Microseconds())
+		st.FaultP99Us = float64(h.Quantile(0.99).Microseconds())
+	}
+	return st
+}
+
+func (s *session) stats() ReceiveStats {
+	w := s.wireStats(false)
+	return ReceiveStats{Pages: s.numPages, Demand: w.Demand, DiskResolved: w.DiskResolved, DiskFallback: w.DiskFallback,
+		FaultP50: time.Duration(w.FaultP50Us) * time.Microsecond, FaultP99: time.Duration(w.FaultP99Us) * time.Microsecond}
+}
+
+// readData installs what one data stream (or, for idx -1, the priority
+// stream) carries, in stream order.
+func (s *session) readData(ctx context.Context, idx int, c *conn) {
+	rd := &installer{s: s, c: c, prio: idx < 0}
+	if err := rd.loop(ctx); err != nil && ctx.Err() == nil {
+		s.fail(fmt.Errorf("stream %d: %w", idx, err))
+	}
+}
+
+// installer turns records into installed pages.
+type installer struct {
+	s    *session
+	c    *conn
+	prio bool
+	pfns []uint64
+	refs []wire.DiskRef
+	dec  *zstd.Decoder
+	zbuf []byte
+	tmp  []byte
+	fb   []uint64
+	req  []byte
+}
+
+func (in *installer) loop(ctx context.Context) error {
+	for {
+		rec, err := in.c.r.Next()
+		if err != nil {
+			return err
+		}
+		switch rec.Type {
+		case wire.TypePages:
+			err = in.pages(rec.Body)
+		case wire.TypeZeroPages:
+			in.pfns, err = wire.ParsePFNs(rec.Body, in.pfns[:0])
+			if err == nil {
+				for _, p := range in.pfns {
+					if err = in.installZero(p); err != nil {
+						break
+					}
+				}
+			}
+		case wire.TypeDiskRefs:
+			err = in.diskRefs(ctx, rec.Body)
+		case wire.TypeControl:
+			var m wire.Control
+			if m, err = wire.ParseControl(rec.Body); err == nil {
+				if m.Kind != ctlFlush {
+					return fmt.Errorf("unexpected control %q on a data stream: %w", m.Kind, wire.ErrMalformed)
+				}
+				in.s.flushes <- m.Message
+			}
+		case wire.TypeEnd:
+			return nil
+		default:
+			return fmt.Errorf("unexpected %v record on a data stream: %w", rec.Type, wire.ErrMalformed)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (in *installer) pages(body []byte) error {
+	pfns, flags, data, err := wire.ParsePages(body, in.pfns[:0])
+	in.pfns = pfns
+	if err != nil {
+		return err
+	}
+	if flags&wire.PagesZstd != 0 {
+		if in.dec == nil {
+			if in.dec, err = wire.NewPagesDecoder(); err != nil {
+				return err
+			}
+		}
+		if data, err = wire.DecodePages(in.dec, data, len(pfns), in.zbuf[:0]); err != nil {
+			return err
+		}
+		in.zbuf = data
+	}
+	for i, p := range pfns {
+		if err := in.install(p, data[i*xenmem.PageSize:(i+1)*xenmem.PageSize], dedup.Hash{}, false); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// install puts one page in place. Before post-copy it is a copy into guest
+// memory; after, an atomic install that never overwrites a page the guest
+// already has.
+func (in *installer) install(pfn uint64, page []byte, h dedup.Hash, hashed bool) error {
+	s := in.s
+	if pfn >= s.numPages {
+		return fmt.Errorf("page %d beyond %d pages: %w", pfn, s.numPages, wire.ErrMalformed)
+	}
+	if !hashed {
+		h = dedup.HashPage(page)
+	}
+	if s.lazyOn.Load() {
+		if err := s.lazy.Install(pfn, page); err != nil {
+			if errors.Is(err, xenmem.ErrPageExists) {
+				s.duplicates.Add(1)
+				return nil
+			}
+			return fmt.Errorf("install page %d: %w", pfn, err)
+		}
+		if in.prio {
+			s.demand.Add(1)
+		}
+	} else {
+		copy(s.mem[pfn*xenmem.PageSize:], page)
+	}
+	s.hashes[pfn] = h
+	in.landed(pfn)
+	return nil
+}
+
+func (in *installer) installZero(pfn uint64) error {
+	s := in.s
+	if pfn >= s.numPages {
+		return fmt.Errorf("zero page %d beyond %d pages: %w", pfn, s.numPages, wire.ErrMalformed)
+	}
+	if s.lazyOn.Load() {
+		if err := s.lazy.InstallZero(pfn); err != nil {
+			if errors.Is(err, xenmem.ErrPageExists) {
+				s.duplicates.Add(1)
+				return nil
+			}
+			return fmt.Errorf("install zero page %d: %w", pfn, err)
+		}
+		if in.prio {
+			s.demand.Add(1)
+		}
+	} else if s.hashes[pfn] != zeroHash && s.hashes[pfn] != (dedup.Hash{}) {
+		clear(s.mem[pfn*xenmem.PageSize : (pfn+1)*xenmem.PageSize])
+	}
+	s.hashes[pfn] = zeroHash
+	in.landed(pfn)
+	return nil
+}
+
+// landed marks pfn installed and settles a pending fallback or fault.
+func (in *installer) landed(pfn uint64) {
+	s := in.s
+	aset(s.have, pfn)
+	if aclear(s.pendFB, pfn) {
+		s.pending.Add(-1)
+	}
+	if s.tracker != nil {
+		s.tracker.Installed(pfn)
+	}
+}
+
+// diskRefs resolves references from this host's view of the shared disks,
+// verified by hash; what cannot be resolved is asked from the source.
+func (in *installer) diskRefs(ctx context.Context, body []byte) error {
+	s := in.s
+	refs, err := wire.ParseDiskRefs(body, in.refs[:0])
+	in.refs = refs
+	if err != nil {
+		return err
+	}
+	for _, r := range refs {
+		if r.PFN >= s.numPages {
+			return fmt.Errorf("disk reference for page %d beyond %d pages: %w", r.PFN, s.numPages, wire.ErrMalformed)
+		}
+	}
+	lazy := s.lazyOn.Load()
+	if lazy && cap(in.tmp) < len(refs)*xenmem.PageSize {
+		in.tmp = make([]byte, len(refs)*xenmem.PageSize)
+	}
+	in.fb = in.fb[:0]
+	failed := make([]bool, len(refs))
+	var protoErr error
+	if s.resolver == nil {
+		for i := range refs {
+			failed[i] = true
+		}
+	} else {
+		drefs := make([]dedup.Ref, len(refs))
+		for i, r := range refs {
+			drefs[i] = dedup.Ref{Disk: r.Disk, Offset: int64(r.Offset), Hash: r.Hash}
+		}
+		err := s.resolver.ResolveBatch(ctx, drefs, func(i int) []byte {
+			if lazy {
+				return in.tmp[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
+			}
+			p := refs[i].PFN
+			return s.mem[p*xenmem.PageSize : (p+1)*xenmem.PageSize]
+		}, func(i int, err error) {
+			failed[i] = true
+			if errors.Is(err, dedup.ErrOutOfBounds) && protoErr == nil {
+				protoErr = fmt.Errorf("disk reference for page %d (disk %d, offset %d): %w", refs[i].PFN, refs[i].Disk, refs[i].Offset, err)
+			}
+		})
+		if err != nil {
+			return err
+		}
+	}
+	if protoErr != nil && !s.resumed {
+		return protoErr
+	}
+	for i, r := range refs {
+		if failed[i] {
+			aclear(s.have, r.PFN)
+			if asetNew(s.pendFB, r.PFN) {
+				s.pending.Add(1)
+			}
+			s.diskFallback.Add(1)
+			in.fb = append(in.fb, r.PFN)
+			continue
+		}
+		s.diskResolved.Add(1)
+		if lazy {
+			if err := in.install(r.PFN, in.tmp[i*xenmem.PageSize:(i+1)*xenmem.PageSize], r.Hash, true); err != nil {
+				return err
+			}
+			continue
+		}
+		s.hashes[r.PFN] = r.Hash
+		in.landed(r.PFN)
+	}
+	if len(in.fb) == 0 {
+		return nil
+	}
+	// Fallbacks go back on the main connection, answered in stream order
+	// by the page's data stream; once the domain runs here, on the priority
+	// connection, as a vCPU may be waiting.
+	in.req = wire.MarshalRequest(in.req[:0], wire.ReasonFallback, in.fb)
+	if lazy {
+		return s.prio.send(ctx, wire.TypeRequest, in.req)
+	}
+	return s.main.send(ctx, wire.TypeRequest, in.req)
+}
+
+func atomicAndNot(w *uint64, mask uint64) { atomic.AndUint64(w, ^mask) }

@@ -1,0 +1,722 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// Hooks connect a migration to its caller.
+type Hooks struct {
+	Log logr.Logger
+	// Progress is called a few times per second (at most ~5/s) and once at the end.
+	Progress func(Progress)
+	// Disks are the indexes of the domain's disks for +dedup strategies
+	// (nil: no dedup even if the strategy asks for it).
+	Disks *dedup.Catalog
+}
+
+// Defaults.
+const (
+	DefaultStreams     = 4
+	DefaultMaxDowntime = 300 * time.Millisecond
+	// hybridBudgetShare: hybrid strategies resume at the destination at the
+	// latest after this share of the time a full copy of memory takes.
+	hybridBudgetShare = 0.2
+	// RecoveryTimeout bounds how long a broken post-copy tries to reconnect.
+	RecoveryTimeout = 60 * time.Second
+)
+
+// counters are the source's page counters, updated by every stream.
+type counters struct {
+	full, zero, disk, resent, fallbackSent, demand atomic.Uint64
+}
+
+// source is the state of one outgoing migration.
+type source struct {
+	dom      xenmem.SourceDomain
+	addr     string
+	opts     Options
+	hooks    Hooks
+	log      logr.Logger
+	numPages uint64
+	mem      []byte
+	streams  int
+	catalog  *dedup.Catalog
+	lim      *limiter
+	start    time.Time
+
+	main    *conn
+	prio    *conn
+	senders []*sender
+	ctl     chan wire.Control // control messages from the destination
+	readErr chan error        // first failure of a reader
+
+	hashes   []dedup.Hash   // per page: hash of the content last sent
+	sentOnce *xenmem.Bitmap // pages sent at least once
+	need     *xenmem.Bitmap // pages still to send (current round / push)
+	hot      *xenmem.Bitmap // pages dirtied in the last round: push first
+	cnt      counters
+
+	phase     atomic.Value // Phase
+	round     atomic.Int64
+	remaining atomic.Int64 // pages
+	dirtyRate atomic.Uint64
+	percent   float64
+
+	paused    bool
+	committed bool // "go" sent: the source must never resume the domain
+	pausedAt  time.Time
+	resumedAt time.Time
+	history   []RoundStats
+	verdict   Verdict
+	dst       dstStats
+}
+
+// Migrate moves dom to the receiver at addr. It owns dom's life cycle for
+// the migration: on success the source domain is released; on any failure
+// before the destination runs the domain, the domain keeps (or resumes)
+// running here. The caller closes dom afterwards.
+func Migrate(ctx context.Context, dom xenmem.SourceDomain, addr string, opts Options, hooks Hooks) (res Result, err error) {
+	s, err := newSource(dom, addr, opts, hooks)
+	if err != nil {
+		return Result{}, err
+	}
+	defer s.cleanup(&err)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stopProgress := s.reportProgress()
+	defer stopProgress()
+
+	steps := []struct {
+		name string
+		fn   func(context.Context) error
+	}{
+		{"connect", s.connect},
+		{"handshake", s.handshake},
+		{"pre-copy", s.precopy},
+		{"switchover", s.switchover},
+		{"release", s.release},
+	}
+	for _, st := range steps {
+		if err := st.fn(ctx); err != nil {
+			return s.result(), fmt.Errorf("migrate %s to %s: %s: %w", dom.Info().Name, addr, st.name, err)
+		}
+	}
+	return s.result(), nil
+}
+
+func newSource(dom xenmem.SourceDomain, addr string, opts Options, hooks Hooks) (*source, error) {
+	if !opts.Strategy.Valid() {
+		return nil, fmt.Errorf("engine: unknown strategy %q (want one of %v)", opts.Strategy, Strategies)
+	}
+	if opts.LinkBytesPerSec < 0 {
+		return nil, fmt.Errorf("engine: negative bandwidth %d", opts.LinkBytesPerSec)
+	}
+	if opts.Streams <= 0 {
+		opts.Streams = DefaultStreams
+	}
+	if opts.MaxDowntime <= 0 {
+		opts.MaxDowntime = DefaultMaxDowntime
+	}
+	n := dom.NumPages()
+	s := &source{
+		dom: dom, addr: addr, opts: opts, hooks: hooks, log: hooks.Log,
+		numPages: n, mem: dom.Memory(), streams: opts.Streams,
+		lim: newLimiter(opts.LinkBytesPerSec), start: time.Now(),
+		ctl: make(chan wire.Control, 16), readErr: make(chan error, 4),
+		hashes: make([]dedup.Hash, n), sentOnce: xenmem.NewBitmap(n),
+		need: xenmem.NewBitmap(n), hot: xenmem.NewBitmap(n),
+	}
+	if opts.Strategy.usesDedup() {
+		s.catalog = hooks.Disks
+	}
+	s.phase.Store(PhaseConnecting)
+	return s, nil
+}
+
+// cleanup runs exactly once, on every path: it closes the connections and,
+// unless the destination was told to run the domain, leaves the domain
+// running here.
+func (s *source) cleanup(errp *error) {
+	for _, c := range s.conns() {
+		c.close()
+	}
+	if *errp == nil {
+		return
+	}
+	if s.committed {
+		s.log.Error(*errp, "Migration failed after the switch-over; the source keeps the domain paused and never resumes it", "domain", s.dom.Info().Name)
+		return
+	}
+	_ = s.dom.DisableDirtyLog()
+	if s.paused {
+		if err := s.dom.Resume(); err != nil {
+			*errp = errors.Join(*errp, fmt.Errorf("resume %s on the source after the failure: %w", s.dom.Info().Name, err))
+			return
+		}
+		s.paused = false
+	}
+	s.log.Info("Migration failed; the domain keeps running on the source", "domain", s.dom.Info().Name, "error", (*errp).Error())
+}
+
+func (s *source) conns() []*conn {
+	var cs []*conn
+	if s.main != nil {
+		cs = append(cs, s.main)
+	}
+	if s.prio != nil {
+		cs = append(cs, s.prio)
+	}
+	for _, sd := range s.senders {
+		cs = append(cs, sd.c)
+	}
+	return cs
+}
+
+// connect opens the main, data and priority connections.
+func (s *source) connect(ctx context.Context) error {
+	hello := func(role string, i int) wire.Control {
+		return wire.Control{Kind: ctlHello, MigrationID: s.opts.MigrationID, Token: s.opts.Token, Stream: i, Streams: s.streams, Message: role}
+	}
+	var err error
+	if s.main, err = dialStream(ctx, s.addr, s.lim, hello(roleMain, 0)); err != nil {
+		return err
+	}
+	for i := range s.streams {
+		c, err := dialStream(ctx, s.addr, s.lim, hello(roleData, i))
+		if err != nil {
+			return err
+		}
+		sd, err := newSender(s, i, c)
+		if err != nil {
+			return err
+		}
+		s.senders = append(s.senders, sd)
+	}
+	if s.prio, err = dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0)); err != nil {
+		return err
+	}
+	go s.readMain()
+	go s.servePrio(ctx)
+	return nil
+}
+
+// handshake sends the header and waits for the destination to create the
+// target domain.
+func (s *source) handshake(ctx context.Context) error {
+	info := s.dom.Info()
+	cfg, err := json.Marshal(info)
+	if err != nil {
+		return fmt.Errorf("encode domain config: %w", err)
+	}
+	flags := uint64(0)
+	if s.opts.Strategy == StrategyXen {
+		flags |= wire.FlagXenMode
+	}
+	if s.catalog != nil {
+		flags |= wire.FlagDedup
+	}
+	if s.opts.Compress {
+		flags |= wire.FlagCompress
+	}
+	h := wire.Header{Version: wire.Version, PageShift: xenmem.PageShift, NumPages: s.numPages, Flags: flags, Config: cfg}
+	if err := s.main.send(ctx, wire.TypeHeader, h.Marshal(nil)); err != nil {
+		return err
+	}
+	_, err = s.waitControl(ctx, ctlPrepared, 60*time.Second)
+	return err
+}
+
+// waitControl waits for a control message of the given kind.
+func (s *source) waitControl(ctx context.Context, kind string, timeout time.Duration) (wire.Control, error) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		select {
+		case m := <-s.ctl:
+			if m.Kind == ctlError {
+				return m, remoteError(m)
+			}
+			if m.Kind == kind {
+				return m, nil
+			}
+			s.log.V(1).Info("Ignored an unexpected control message", "kind", m.Kind, "waiting", kind)
+		case err := <-s.readErr:
+			return wire.Control{}, err
+		case <-t.C:
+			return wire.Control{}, fmt.Errorf("no %q from the destination within %v", kind, timeout)
+		case <-ctx.Done():
+			return wire.Control{}, ctx.Err()
+		}
+	}
+}
+
+// readMain reads the destination's messages on the main connection.
+func (s *source) readMain() {
+	var pfns []uint64
+	for {
+		rec, err := s.main.r.Next()
+		if err != nil {
+			s.fail(fmt.Errorf("main connection: %w", err))
+			return
+		}
+		switch rec.Type {
+		case wire.TypeControl:
+			m, err := wire.ParseControl(rec.Body)
+			if err != nil {
+				s.fail(err)
+				return
+			}
+			s.ctl <- m
+		case wire.TypeRequest:
+			var reason uint32
+			reason, pfns, err = wire.ParseRequest(rec.Body, pfns[:0])
+			if err != nil {
+				s.fail(err)
+				return
+			}
+			if reason != wire.ReasonFallback {
+				s.fail(fmt.Errorf("request reason %d on the main connection: %w", reason, wire.ErrMalformed))
+				return
+			}
+			if err := s.queueFallback(pfns); err != nil {
+				s.fail(err)
+				return
+			}
+		default:
+			s.fail(fmt.Errorf("unexpected %v record from the destination: %w", rec.Type, wire.ErrMalformed))
+			return
+		}
+	}
+}
+
+// queueFallback hands each pfn to the sender of its partition.
+func (s *source) queueFallback(pfns []uint64) error {
+	per := make([][]uint64, s.streams)
+	for _, p := range pfns {
+		if p >= s.numPages {
+			return fmt.Errorf("fallback request for pfn %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
+		}
+		i := partition(p, s.streams)
+		per[i] = append(per[i], p)
+	}
+	for i, ps := range per {
+		if len(ps) > 0 {
+			s.senders[i].fallback <- ps
+		}
+	}
+	return nil
+}
+
+func (s *source) fail(err error) {
+	select {
+	case s.readErr <- err:
+	default:
+	}
+}
+
+// precopy runs pre-copy rounds until the policy stops them.
+func (s *source) precopy(ctx context.Context) error {
+	if s.opts.Strategy == StrategyPostCopy {
+		s.need.SetAll()
+		s.verdict = Verdict{SwitchToPostCopy, "post-copy strategy: no pre-copy round"}
+		return nil
+	}
+	if err := s.dom.EnableDirtyLog(); err != nil {
+		return fmt.Errorf("enable dirty log: %w", err)
+	}
+	s.phase.Store(PhasePreCopy)
+	policy := PolicyFor(s.opts.Strategy)
+	var stop atomic.Bool
+	if s.opts.Strategy.switchesEarly() {
+		budget := s.precopyBudget()
+		timer := time.AfterFunc(budget, func() { stop.Store(true) })
+		defer timer.Stop()
+	}
+	s.need.SetAll()
+	dirty := xenmem.NewBitmap(s.numPages)
+	for r := 0; ; r++ {
+		s.round.Store(int64(r))
+		before := s.wireBytes()
+		sentBefore := s.pagesSent()
+		t0 := time.Now()
+		s.remaining.Store(int64(s.need.Count()))
+		if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
+			return sd.sendSet(ctx, s.need, nil, &stop)
+		}); err != nil {
+			return err
+		}
+		dirty.Reset()
+		if err := s.dom.ReadDirty(dirty); err != nil {
+			return fmt.Errorf("read dirty log: %w", err)
+		}
+		st := RoundStats{Round: r, PagesSent: s.pagesSent() - sentBefore, WireBytes: s.wireBytes() - before,
+			Duration: time.Since(t0), DirtyPages: dirty.Count(), Elapsed: time.Since(s.start)}
+		s.history = append(s.history, st)
+		if st.Duration > 0 {
+			s.dirtyRate.Store(uint64(float64(st.DirtyPages*xenmem.PageSize) / st.Duration.Seconds()))
+		}
+		s.hot.CopyFrom(dirty)
+		s.need.Or(dirty)
+		if stop.Load() {
+			s.verdict = Verdict{SwitchToPostCopy, fmt.Sprintf("resume budget %v reached in round %d", s.precopyBudget().Round(time.Millisecond), r)}
+			break
+		}
+		s.verdict = policy(PolicyInput{History: s.history, NumPages: s.numPages, MaxDowntime: s.opts.MaxDowntime,
+			AllowPostCopy: s.opts.Strategy.allowsPostCopy(), CompletionTimeout: s.opts.CompletionTimeout})
+		s.log.V(1).Info("Pre-copy round ended", "round", r, "sent", st.PagesSent, "dirty", st.DirtyPages, "wireBytes", st.WireBytes, "decision", s.verdict.Decision.String(), "reason", s.verdict.Reason)
+		if s.verdict.Decision != Continue {
+			break
+		}
+	}
+	if s.verdict.Decision == Abort {
+		return fmt.Errorf("pre-copy policy aborted: %s", s.verdict.Reason)
+	}
+	return nil
+}
+
+// precopyBudget is how long a hybrid strategy pre-copies before it resumes
+// the domain at the destination: a share of the time a full copy of memory
+// takes on the link (the completion timeout when one is set).
+func (s *source) precopyBudget() time.Duration {
+	if s.opts.CompletionTimeout > 0 {
+		return s.opts.CompletionTimeout
+	}
+	rate := float64(s.opts.LinkBytesPerSec)
+	if rate == 0 {
+		rate = 1e9
+	}
+	return time.Duration(hybridBudgetShare * float64(s.numPages*xenmem.PageSize) / rate * float64(time.Second))
+}
+
+func (s *source) forEachSender(ctx context.Context, fn func(context.Context, *sender) error) error {
+	g, gctx := errgroup.WithContext(ctx)
+	for _, sd := range s.senders {
+		g.Go(func() error { return fn(gctx, sd) })
+	}
+	done := make(chan error, 1)
+	go func() { done <- g.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case err := <-s.readErr:
+		s.fail(err) // keep it for the next waiter
+		return err
+	}
+}
+
+func (s *source) markers(ctx context.Context, phase string) error {
+	return s.forEachSender(ctx, func(ctx context.Context, sd *sender) error { return sd.marker(ctx, phase) })
+}
+
+// switchover pauses the domain and hands it over, by stop-and-copy or by
+// early resume.
+func (s *source) switchover(ctx context.Context) error {
+	if err := s.dom.Pause(); err != nil {
+		return fmt.Errorf("pause: %w", err)
+	}
+	s.paused = true
+	s.pausedAt = time.Now()
+	if s.opts.Strategy != StrategyPostCopy {
+		final := xenmem.NewBitmap(s.numPages)
+		if err := s.dom.ReadDirty(final); err != nil {
+			return fmt.Errorf("read final dirty log: %w", err)
+		}
+		s.need.Or(final)
+		s.hot.Or(final)
+		_ = s.dom.DisableDirtyLog()
+	}
+	if s.verdict.Decision == SwitchToPostCopy {
+		return s.postcopy(ctx)
+	}
+	return s.stopAndCopy(ctx)
+}
+
+func (s *source) stopAndCopy(ctx context.Context) error {
+	s.phase.Store(PhaseStopAndCopy)
+	s.remaining.Store(int64(s.need.Count()))
+	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
+		if err := sd.sendSet(ctx, s.need, nil, nil); err != nil {
+			return err
+		}
+		return sd.marker(ctx, ctlComplete)
+	}); err != nil {
+		return err
+	}
+	if err := s.sendState(ctx); err != nil {
+		return err
+	}
+	if err := s.sendManifest(ctx); err != nil {
+		return err
+	}
+	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlComplete}); err != nil {
+		return err
+	}
+	// The destination resolves references, fetches fallbacks and checks
+	// every page against the manifest before it answers.
+	m, err := s.waitControl(ctx, ctlReady, 5*time.Minute)
+	if err != nil {
+		return fmt.Errorf("destination did not confirm the memory: %w", err)
+	}
+	s.readStats(m)
+	return s.commit(ctx)
+}
+
+// commit tells the destination to run the domain and waits until it does.
+// From the "go" on the source never resumes the domain: if the answer is
+// lost it stays paused for an operator to decide, never runs twice.
+func (s *source) commit(ctx context.Context) error {
+	s.committed = true
+	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlGo}); err != nil {
+		return err
+	}
+	m, err := s.waitControl(ctx, ctlResumed, 60*time.Second)
+	if err != nil {
+		return fmt.Errorf("no confirmation that the domain resumed at the destination (the source keeps it paused): %w", err)
+	}
+	s.resumedAt = time.Now()
+	s.readStats(m)
+	return nil
+}
+
+func (s *source) readStats(m wire.Control) {
+	if len(m.Data) > 0 {
+		if err := json.Unmarshal(m.Data, &s.dst); err != nil {
+			s.log.Error(err, "Ignored malformed destination statistics")
+		}
+	}
+}
+
+func (s *source) sendState(ctx context.Context) error {
+	st, err := s.dom.SaveState()
+	if err != nil {
+		return fmt.Errorf("save vCPU state: %w", err)
+	}
+	return s.main.send(ctx, wire.TypeState, st)
+}
+
+// sendManifest sends the hash of every page as it is at the switch-over.
+func (s *source) sendManifest(ctx context.Context) error {
+	const per = 1 << 16
+	hs := make([][16]byte, 0, per)
+	var body []byte
+	for first := uint64(0); first < s.numPages; first += per {
+		hs = hs[:0]
+		for p := first; p < min(first+per, s.numPages); p++ {
+			hs = append(hs, s.hashes[p])
+		}
+		body = wire.MarshalManifest(body[:0], first, hs)
+		if err := s.main.send(ctx, wire.TypeManifest, body); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// postcopy resumes the domain at the destination and pushes what is left.
+func (s *source) postcopy(ctx context.Context) error {
+	s.phase.Store(PhasePostCopy)
+	if err := s.markers(ctx, ctlPostCopy); err != nil {
+		return err
+	}
+	if err := s.sendState(ctx); err != nil {
+		return err
+	}
+	body := wire.MarshalBitmap(nil, 0, s.numPages, s.need.Words())
+	if err := s.main.send(ctx, wire.TypeBitmap, body); err != nil {
+		return err
+	}
+	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlPostCopy}); err != nil {
+		return err
+	}
+	if _, err := s.waitControl(ctx, ctlReady, 60*time.Second); err != nil {
+		return fmt.Errorf("destination not ready for post-copy: %w", err)
+	}
+	if err := s.commit(ctx); err != nil {
+		return err
+	}
+	// Point of no return. Push the working set first, then the rest, while
+	// the priority path answers faults ahead of the push.
+	s.remaining.Store(int64(s.need.Count()))
+	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
+		if err := sd.sendSet(ctx, s.need, s.hot, nil); err != nil {
+			return err
+		}
+		if err := sd.sendSet(ctx, s.need, nil, nil); err != nil {
+			return err
+		}
+		return sd.marker(ctx, ctlPushed)
+	}); err != nil {
+		return err
+	}
+	if err := s.sendManifest(ctx); err != nil {
+		return err
+	}
+	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlPushed}); err != nil {
+		return err
+	}
+	m, err := s.waitControl(ctx, ctlDone, 5*time.Minute)
+	if err != nil {
+		return fmt.Errorf("post-copy did not complete: %w", err)
+	}
+	s.readStats(m)
+	return nil
+}
+
+// servePrio answers demand and fallback requests on the priority
+// connection, ahead of every background page.
+func (s *source) servePrio(ctx context.Context) {
+	var pfns []uint64
+	sd := &sender{src: s, c: s.prio,
+		pfns: make([]uint64, 0, 64), data: make([]byte, 0, 64*xenmem.PageSize),
+		zeros: make([]uint64, 0, 64), refs: make([]wire.DiskRef, 0, 64)}
+	for {
+		rec, err := s.prio.r.Next()
+		if err != nil {
+			s.fail(fmt.Errorf("priority connection: %w", err))
+			return
+		}
+		if rec.Type != wire.TypeRequest {
+			s.fail(fmt.Errorf("unexpected %v record on the priority connection: %w", rec.Type, wire.ErrMalformed))
+			return
+		}
+		var reason uint32
+		reason, pfns, err = wire.ParseRequest(rec.Body, pfns[:0])
+		if err != nil {
+			s.fail(err)
+			return
+		}
+		for _, p := range pfns {
+			if p >= s.numPages {
+				s.fail(fmt.Errorf("request for pfn %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed))
+				return
+			}
+			// The first taker of a still-needed page owns it (hash,
+			// counters); a page already pushed but not yet arrived goes
+			// again, whole, so the fault need not wait for the push.
+			owner := reason != wire.ReasonFallback && aclear(s.need, p)
+			if owner {
+				s.cnt.demand.Add(1)
+			}
+			if err := sd.addPage(ctx, p, !owner); err != nil {
+				s.fail(err)
+				return
+			}
+			if len(sd.pfns) >= 60 || len(sd.refs) >= 60 || len(sd.zeros) >= 60 {
+				if err := sd.flush(ctx); err != nil {
+					s.fail(err)
+					return
+				}
+			}
+		}
+		if err := sd.flush(ctx); err != nil {
+			s.fail(err)
+			return
+		}
+	}
+}
+
+// release destroys the source domain once the destination runs it and, for
+// post-copy, has every page.
+func (s *source) release(ctx context.Context) error {
+	if err := s.dom.Release(); err != nil {
+		return fmt.Errorf("release the source domain: %w", err)
+	}
+	for _, c := range s.conns() {
+		_ = c.send(ctx, wire.TypeEnd)
+	}
+	s.phase.Store(PhaseDone)
+	return nil
+}
+
+func (s *source) wireBytes() int64 {
+	var n int64
+	for _, c := range s.conns() {
+		n += c.bytes()
+	}
+	return n
+}
+
+func (s *source) pagesSent() uint64 {
+	return s.cnt.full.Load() + s.cnt.zero.Load() + s.cnt.disk.Load()
+}
+
+func (s *source) result() Result {
+	total := time.Since(s.start)
+	r := Result{
+		Strategy: s.opts.Strategy, MemoryBytes: s.numPages * xenmem.PageSize,
+		Total: total, WireBytes: s.wireBytes(), Iterations: len(s.history),
+		Pages: PageCounts{Total: s.numPages, Full: s.cnt.full.Load(), Zero: s.cnt.zero.Load(), Disk: s.cnt.disk.Load(),
+			DiskFallback: s.dst.DiskFallback, Resent: s.cnt.resent.Load(), Demand: s.dst.Demand},
+		Verified: s.dst.Verified, StopReason: s.verdict.Reason, PostCopy: s.verdict.Decision == SwitchToPostCopy,
+		FaultP50:    time.Duration(s.dst.FaultP50Us * float64(time.Microsecond)),
+		FaultP99:    time.Duration(s.dst.FaultP99Us * float64(time.Microsecond)),
+		OpsPostCopy: s.dst.OpsPerSec,
+	}
+	if !s.resumedAt.IsZero() {
+		r.Resume = s.resumedAt.Sub(s.start)
+		r.Downtime = s.resumedAt.Sub(s.pausedAt)
+	}
+	r.DedupSavedBytes = int64(r.Pages.Disk-r.Pages.DiskFallback) * xenmem.PageSize
+	return r
+}
+
+// reportProgress calls the progress hook five times a second until stopped.
+func (s *source) reportProgress() func() {
+	if s.hooks.Progress == nil {
+		return func() {}
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(200 * time.Millisecond)
+		defer t.Stop()
+		var lastBytes int64
+		last := time.Now()
+		for {
+			select {
+			case <-done:
+				s.hooks.Progress(s.progress(0))
+				return
+			case now := <-t.C:
+				b := s.wireBytes()
+				rate := float64(b-lastBytes) / now.Sub(last).Seconds()
+				lastBytes, last = b, now
+				s.hooks.Progress(s.progress(rate))
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+// progress is a snapshot; Percent never runs backwards.
+func (s *source) progress(rate float64) Progress {
+	ph, _ := s.phase.Load().(Phase)
+	sent := s.pagesSent()
+	rem := uint64(max(s.remaining.Load(), 0))
+	if ph == PhaseDone {
+		s.percent = 100
+	} else if sent+rem > 0 {
+		p := 99 * float64(sent) / float64(sent+rem)
+		if p > s.percent {
+			s.percent = p
+		}
+	}
+	return Progress{Phase: ph, Round: int(s.round.Load()), WireBytes: s.wireBytes(), RemainingBytes: int64(rem) * xenmem.PageSize,
+		DirtyRateBytesPerSec: float64(s.dirtyRate.Load()), WireBytesPerSec: rate, Percent: s.percent,
+		Pages: PageCounts{Total: s.numPages, Full: s.cnt.full.Load(), Zero: s.cnt.zero.Load(), Disk: s.cnt.disk.Load(), Resent: s.cnt.resent.Load(), Demand: s.cnt.demand.Load()}}
+}
