@@ -11,8 +11,8 @@ import (
 
 	"github.com/go-logr/logr"
 
-	"github.com/xenferry/xenferry/pkg/xenmem"
 	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
 // EventKind says what happened to an incoming migration.
