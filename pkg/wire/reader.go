@@ -110,7 +110,7 @@ func (r *Reader) Next() (Record, error) {
 		if bodyLen > MaxBody {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: length %d > %d: %w", t, off, bodyLen, MaxBody, ErrTooLong))
 		}
-		body, err := r.readBody(int(bodyLen))
+		body, crc, err := r.readBody(int(bodyLen), headerCRC(t, bodyLen))
 		if err != nil {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: read %d-byte body: %w", t, off, bodyLen, err))
 		}
@@ -124,7 +124,7 @@ func (r *Reader) Next() (Record, error) {
 			}
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: read padding: %w", t, off, err))
 		}
-		if crc32.Update(headerCRC(t, bodyLen), castagnoli, body) != sum {
+		if crc != sum {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d (%d bytes): %w", t, off, bodyLen, ErrChecksum))
 		}
 		if r.pad != zeroPad {
@@ -144,38 +144,32 @@ func (r *Reader) Next() (Record, error) {
 }
 
 // readBody reads n bytes into the reused body buffer, growing it only as
-// the bytes arrive.
-func (r *Reader) readBody(n int) ([]byte, error) {
-	if n <= cap(r.body) {
-		b := r.body[:n]
-		m, err := io.ReadFull(r.br, b)
-		r.n += int64(m)
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
-		return b, err
-	}
+// the bytes arrive, and continues crc over them chunk by chunk while each
+// chunk is still in cache. Chunks are ReaderBufferSize long, so on an empty
+// read-ahead buffer bufio reads them straight into the body.
+func (r *Reader) readBody(n int, crc uint32) ([]byte, uint32, error) {
 	b := r.body[:0]
 	for len(b) < n {
 		if len(b) == cap(b) {
-			c := max(2*cap(b), minBodyCap)
-			c = min(c, n)
+			c := min(max(2*cap(b), minBodyCap), n)
 			nb := make([]byte, len(b), c)
 			copy(nb, b)
 			b = nb
 			r.body = b
 		}
-		m, err := io.ReadFull(r.br, b[len(b):min(cap(b), n)])
+		end := min(cap(b), n, len(b)+ReaderBufferSize)
+		m, err := io.ReadFull(r.br, b[len(b):end])
 		r.n += int64(m)
+		crc = crc32.Update(crc, castagnoli, b[len(b):len(b)+m])
 		b = b[:len(b)+m]
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
-			return b, err
+			return b, crc, err
 		}
 	}
-	return b, nil
+	return b, crc, nil
 }
 
 func (r *Reader) fail(err error) error {
