@@ -1,0 +1,89 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// DomainDisk is one virtual disk of a domain.
+type DomainDisk struct {
+	// id names the disk within the domain (xvda, ...).
+	// +required
+	ID string `json:"id"`
+	// path of the image on shared storage.
+	// +required
+	Path string `json:"path"`
+	// readOnly disks are never written by the guest.
+	// +optional
+	ReadOnly bool `json:"readOnly,omitempty"`
+}
+
+// XenDomainSpec is the domain's configuration, as its host reports it.
+type XenDomainSpec struct {
+	// domainName is the name of the domain on its host (may differ from
+	// metadata.name, which must be a DNS label).
+	// +required
+	DomainName string `json:"domainName"`
+	// uuid of the domain.
+	// +optional
+	UUID string `json:"uuid,omitempty"`
+	// memoryBytes of guest memory.
+	// +optional
+	MemoryBytes int64 `json:"memoryBytes,omitempty"`
+	// vcpus of the domain.
+	// +optional
+	VCPUs int32 `json:"vcpus,omitempty"`
+	// disks of the domain.
+	// +optional
+	// +listType=atomic
+	Disks []DomainDisk `json:"disks,omitempty"`
+}
+
+// XenDomainStatus is where and how the domain runs.
+type XenDomainStatus struct {
+	// host is the XenHost the domain runs on; only that host's agent writes
+	// this object.
+	// +optional
+	Host string `json:"host,omitempty"`
+	// domID on that host.
+	// +optional
+	DomID int32 `json:"domID,omitempty"`
+	// state: Running, Paused, Migrating, Shutdown.
+	// +optional
+	State string `json:"state,omitempty"`
+	// lastUpdateTime by the agent.
+	// +optional
+	LastUpdateTime *metav1.Time `json:"lastUpdateTime,omitempty"`
+}
+
+// XenDomain is one Xen domain, published by the agent of the host it runs
+// on, in the namespace its configuration names (else the agent's default).
+// Namespaces and RBAC decide who may migrate it.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=xd,categories=xenferry
+// +kubebuilder:printcolumn:name="Host",type=string,JSONPath=`.status.host`
+// +kubebuilder:printcolumn:name="State",type=string,JSONPath=`.status.state`
+// +kubebuilder:printcolumn:name="Memory",type=integer,JSONPath=`.spec.memoryBytes`
+// +kubebuilder:printcolumn:name="VCPUs",type=integer,JSONPath=`.spec.vcpus`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type XenDomain struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// spec is the domain's configuration.
+	// +required
+	Spec XenDomainSpec `json:"spec"`
+	// status is where it runs.
+	// +optional
+	Status XenDomainStatus `json:"status,omitempty"`
+}
+
+// +kubebuilder:object:root=true
+
+// XenDomainList is a list of XenDomains.
+type XenDomainList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []XenDomain `json:"items"`
+}

@@ -1,0 +1,231 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/klog/v2"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+)
+
+// Requeue intervals while a migration waits for something the controller
+// does not watch (slots freed by other migrations, hosts appearing).
+const (
+	slotRetry   = 2 * time.Second
+	targetRetry = 5 * time.Second
+)
+
+// invalid fails a migration whose spec or the objects it names make it impossible.
+func (r *VMMigrationReconciler) invalid(s *scope, reason, msg string) {
+	setCondition(s.mig, v1.ValidCondition, metav1.ConditionFalse, reason, msg)
+	r.finish(s, v1.MigrationFailed, reason, msg, s.mig.Status.SourceHost)
+}
+
+// reconcileSchedule validates the migration (Pending), then waits for a
+// concurrency slot and a target (Scheduling), creates the token Secret and
+// hands over to the target agent (PreparingTarget).
+func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope) error {
+	m := s.mig
+	log := ctrllog.FromContext(ctx)
+
+	// The domain, where it runs, and that host's agent.
+	dom := &v1.XenDomain{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Domain}, dom); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.invalid(s, v1.ReasonDomainNotFound, fmt.Sprintf("XenDomain %q does not exist in namespace %q; list the domains with: kubectl get xendomains -n %s", m.Spec.Domain, m.Namespace, m.Namespace))
+			return nil
+		}
+		return fmt.Errorf("get XenDomain %s/%s: %w", m.Namespace, m.Spec.Domain, err)
+	}
+	if dom.Status.Host == "" || dom.Status.State != "Running" {
+		r.invalid(s, v1.ReasonDomainNotRunning, fmt.Sprintf("XenDomain %s is not running (host %q, state %q); only running domains can be live-migrated", dom.Name, dom.Status.Host, dom.Status.State))
+		return nil
+	}
+	src := &v1.XenHost{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Name: dom.Status.Host}, src); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.invalid(s, v1.ReasonSourceAgentLost, fmt.Sprintf("XenDomain %s runs on %s, which has no XenHost: is its node agent running?", dom.Name, dom.Status.Host))
+			return nil
+		}
+		return fmt.Errorf("get XenHost %s: %w", dom.Status.Host, err)
+	}
+	if !hostFresh(src, s.now, r.HeartbeatTimeout) {
+		r.invalid(s, v1.ReasonSourceAgentLost, fmt.Sprintf("The agent of source host %s is not heartbeating (timeout %s); start it and create the migration again", src.Name, r.HeartbeatTimeout))
+		return nil
+	}
+	m.Status.SourceHost = src.Name
+	mem := dom.Spec.MemoryBytes
+	m.Status.DomainMemoryBytes = mem
+
+	// Every migration, fresh from the API server: the slot decision must
+	// see the decisions made just before.
+	var all v1.VMMigrationList
+	if err := r.APIReader.List(ctx, &all); err != nil {
+		return fmt.Errorf("list VMMigrations: %w", err)
+	}
+	for i := range all.Items {
+		o := &all.Items[i]
+		if o.UID == m.UID || o.Namespace != m.Namespace || o.Spec.Domain != m.Spec.Domain || o.Status.Phase.IsFinal() || !o.DeletionTimestamp.IsZero() {
+			continue
+		}
+		if o.Status.Phase.HoldsSlot() || o.CreationTimestamp.Before(&m.CreationTimestamp) ||
+			(o.CreationTimestamp.Equal(&m.CreationTimestamp) && o.Name < m.Name) {
+			r.invalid(s, v1.ReasonDomainBusy, fmt.Sprintf("VMMigration %s already migrates domain %s; wait for it to finish or cancel it", o.Name, m.Spec.Domain))
+			return nil
+		}
+	}
+
+	// An explicit target must exist, differ from the source, be schedulable,
+	// compatible, and have room.
+	var dst *v1.XenHost
+	if t := m.Spec.TargetHost; t != "" {
+		if t == src.Name {
+			r.invalid(s, v1.ReasonTargetIsSource, fmt.Sprintf("Target host %s is the host domain %s already runs on; pick another host or leave targetHost empty", t, dom.Name))
+			return nil
+		}
+		dst = &v1.XenHost{}
+		if err := r.Client.Get(ctx, types.NamespacedName{Name: t}, dst); err != nil {
+			if apierrors.IsNotFound(err) {
+				r.invalid(s, v1.ReasonTargetNotFound, fmt.Sprintf("Target host %q has no XenHost; list the hosts with: kubectl get xenhosts", t))
+				return nil
+			}
+			return fmt.Errorf("get XenHost %s: %w", t, err)
+		}
+		if dst.Spec.Unschedulable {
+			r.invalid(s, v1.ReasonTargetUnschedulable, fmt.Sprintf("Target host %s is cordoned (spec.unschedulable); uncordon it or pick another host", t))
+			return nil
+		}
+		if why := incompatibility(src, dst); why != "" {
+			r.invalid(s, v1.ReasonIncompatibleHosts, "Hosts are incompatible: "+why)
+			return nil
+		}
+		if !hostFresh(dst, s.now, r.HeartbeatTimeout) {
+			r.invalid(s, v1.ReasonTargetAgentLost, fmt.Sprintf("The agent of target host %s is not heartbeating (timeout %s); start it and create the migration again", t, r.HeartbeatTimeout))
+			return nil
+		}
+		if dst.Status.CapacityBytes < mem {
+			r.invalid(s, v1.ReasonInsufficientCapacity, fmt.Sprintf("Target %s has %s of memory in total but domain %s needs %s", t, gib(dst.Status.CapacityBytes), dom.Name, gib(mem)))
+			return nil
+		}
+	}
+
+	// The policy and the parameters in force.
+	var policy *v1.MigrationPolicy
+	if ref := m.Spec.PolicyRef; ref != "" {
+		policy = &v1.MigrationPolicy{}
+		if err := r.Client.Get(ctx, types.NamespacedName{Name: ref}, policy); err != nil {
+			if apierrors.IsNotFound(err) {
+				r.invalid(s, v1.ReasonPolicyNotFound, fmt.Sprintf("MigrationPolicy %q does not exist; list them with: kubectl get migrationpolicies", ref))
+				return nil
+			}
+			return fmt.Errorf("get MigrationPolicy %s: %w", ref, err)
+		}
+	} else {
+		var pols v1.MigrationPolicyList
+		if err := r.Client.List(ctx, &pols); err != nil {
+			return fmt.Errorf("list MigrationPolicies: %w", err)
+		}
+		if len(pols.Items) > 0 {
+			ns := &corev1.Namespace{}
+			if err := r.Client.Get(ctx, types.NamespacedName{Name: m.Namespace}, ns); err != nil && !apierrors.IsNotFound(err) {
+				return fmt.Errorf("get Namespace %s: %w", m.Namespace, err)
+			}
+			var errs []error
+			policy, errs = selectPolicy(pols.Items, ns.Labels, dom.Labels)
+			for _, e := range errs {
+				log.Error(e, "Skipped MigrationPolicy with an invalid selector")
+			}
+		}
+	}
+	params := resolveParameters(&m.Spec, policy, mem, r.Defaults)
+	m.Status.Parameters = &params
+
+	if m.Status.Phase == v1.MigrationPending {
+		msg := fmt.Sprintf("Domain %s (%s) runs on %s; strategy %s", dom.Name, gib(mem), src.Name, params.EngineStrategy)
+		if params.Policy != "" {
+			msg += ", policy " + params.Policy
+		}
+		setCondition(m, v1.ValidCondition, metav1.ConditionTrue, v1.ReasonValidated, msg)
+		r.setPhase(s, v1.MigrationScheduling)
+	}
+
+	// Concurrency slots: cluster, outbound from the source, inbound to the target.
+	l := computeLoad(all.Items, string(m.UID))
+	wait := func(reason, msg string) error {
+		if c := findCondition(m, v1.ScheduledCondition); c == nil || c.Message != msg {
+			r.event(m, corev1.EventTypeNormal, reason, "Schedule", msg)
+		}
+		setCondition(m, v1.ScheduledCondition, metav1.ConditionFalse, reason, msg)
+		if reason == v1.ReasonWaitingForSlot {
+			s.requeueAfter(slotRetry)
+		} else {
+			s.requeueAfter(targetRetry)
+		}
+		return nil
+	}
+	if r.Limits.Cluster > 0 && l.total >= r.Limits.Cluster {
+		return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued: %d migrations run in the cluster (limit %d)", l.total, r.Limits.Cluster))
+	}
+	if r.Limits.OutboundPerHost > 0 && l.outbound[src.Name] >= r.Limits.OutboundPerHost {
+		return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued: %d migrations leave %s (outbound limit %d)", l.outbound[src.Name], src.Name, r.Limits.OutboundPerHost))
+	}
+	if dst != nil {
+		if r.Limits.InboundPerHost > 0 && l.inbound[dst.Name] >= r.Limits.InboundPerHost {
+			return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued: %d migrations arrive at %s (inbound limit %d)", l.inbound[dst.Name], dst.Name, r.Limits.InboundPerHost))
+		}
+		if why := fitReason(dst, mem, l); why != "" {
+			if l.inboundMemory[dst.Name] == 0 {
+				r.invalid(s, v1.ReasonInsufficientCapacity, "Not enough memory: "+why)
+				return nil
+			}
+			return wait(v1.ReasonWaitingForSlot, "Queued: "+why)
+		}
+	} else {
+		var hosts v1.XenHostList
+		if err := r.Client.List(ctx, &hosts); err != nil {
+			return fmt.Errorf("list XenHosts: %w", err)
+		}
+		var why string
+		if dst, why = chooseTarget(hosts.Items, src, mem, l, r.Limits, s.now, r.HeartbeatTimeout); dst == nil {
+			return wait(v1.ReasonNoTargetAvailable, "Waiting for a target: "+why)
+		}
+	}
+
+	name, err := r.ensureToken(ctx, m)
+	if err != nil {
+		return err
+	}
+	m.Status.TokenSecret = name
+	m.Status.TargetHost = dst.Name
+	msg := fmt.Sprintf("Migrating %s from %s to %s (%s free)", dom.Name, src.Name, dst.Name, gib(dst.Status.FreeBytes-l.inboundMemory[dst.Name]))
+	if m.Spec.TargetHost == "" {
+		msg += ", chosen as the least loaded host"
+	}
+	setCondition(m, v1.ScheduledCondition, metav1.ConditionTrue, v1.ReasonTargetSelected, msg)
+	r.event(m, corev1.EventTypeNormal, v1.ReasonTargetSelected, "Schedule", msg)
+	ctrllog.FromContext(ctx).Info("Selected target host", "VMMigration", klog.KObj(m), "source", src.Name, "target", dst.Name)
+	r.setPhase(s, v1.MigrationPreparingTarget)
+	setCondition(m, v1.TargetReadyCondition, metav1.ConditionFalse, v1.ReasonWaitingForTargetAgent,
+		fmt.Sprintf("Waiting for the agent of %s to prepare the receiver", dst.Name))
+	if params.ProgressTimeout.Duration > 0 {
+		s.requeueAfter(params.ProgressTimeout.Duration)
+	}
+	s.requeueAfter(r.HeartbeatTimeout / 2)
+	return nil
+}
+
+func findCondition(m *v1.VMMigration, typ string) *metav1.Condition {
+	for i := range m.Status.Conditions {
+		if m.Status.Conditions[i].Type == typ {
+			return &m.Status.Conditions[i]
+		}
+	}
+	return nil
+}

@@ -1,0 +1,88 @@
+// Command xenferry-controller is xenferry's controller manager: it runs the
+// VMMigration controller against a Kubernetes API server.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/controllers"
+)
+
+func main() {
+	var (
+		metricsAddr, probeAddr string
+		leaderElect            bool
+		lim                    = controllers.DefaultLimits
+		heartbeat, abortGrace  time.Duration
+	)
+	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "address of the Prometheus /metrics endpoint (0 disables)")
+	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "address of /healthz and /readyz (0 disables)")
+	flag.BoolVar(&leaderElect, "leader-elect", false, "elect a leader so that only one replica acts")
+	flag.IntVar(&lim.Cluster, "max-migrations", lim.Cluster, "migrations running at once in the cluster")
+	flag.IntVar(&lim.OutboundPerHost, "max-outbound-per-host", lim.OutboundPerHost, "migrations leaving one host at once")
+	flag.IntVar(&lim.InboundPerHost, "max-inbound-per-host", lim.InboundPerHost, "migrations arriving at one host at once")
+	flag.DurationVar(&heartbeat, "heartbeat-timeout", 30*time.Second, "an agent whose XenHost heartbeat is older is considered gone")
+	flag.DurationVar(&abortGrace, "abort-grace", 60*time.Second, "how long to wait for agents to confirm an abort or a deletion")
+	opts := zap.Options{Development: true}
+	opts.BindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts)))
+	log := ctrl.Log.WithName("setup")
+
+	if err := run(metricsAddr, probeAddr, leaderElect, lim, heartbeat, abortGrace); err != nil {
+		log.Error(err, "Controller manager stopped")
+		os.Exit(1)
+	}
+}
+
+func run(metricsAddr, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration) error {
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return fmt.Errorf("build scheme: %w", err)
+	}
+	if err := v1.AddToScheme(scheme); err != nil {
+		return fmt.Errorf("build scheme: %w", err)
+	}
+	cfg, err := ctrl.GetConfig()
+	if err != nil {
+		return fmt.Errorf("load kubeconfig (set --kubeconfig or KUBECONFIG): %w", err)
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme:                 scheme,
+		Metrics:                metricsserver.Options{BindAddress: metricsAddr},
+		HealthProbeBindAddress: probeAddr,
+		LeaderElection:         leaderElect,
+		LeaderElectionID:       "xenferry-controller.migration.xenferry.io",
+	})
+	if err != nil {
+		return fmt.Errorf("create manager: %w", err)
+	}
+	metrics := controllers.NewMetrics(mgr.GetClient())
+	if err := metrics.Register(ctrlmetrics.Registry); err != nil {
+		return fmt.Errorf("register metrics: %w", err)
+	}
+	r := &controllers.VMMigrationReconciler{Limits: lim, HeartbeatTimeout: heartbeat, AbortGrace: abortGrace, Metrics: metrics}
+	if err := r.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("set up VMMigration controller: %w", err)
+	}
+	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
+		return fmt.Errorf("add health check: %w", err)
+	}
+	if err := mgr.AddReadyzCheck("readyz", healthz.Ping); err != nil {
+		return fmt.Errorf("add ready check: %w", err)
+	}
+	ctrl.Log.WithName("setup").Info("Starting controller manager", "limits", fmt.Sprintf("%+v", lim), "heartbeatTimeout", heartbeat)
+	return mgr.Start(ctrl.SetupSignalHandler())
+}
