@@ -226,15 +226,19 @@ func (d *Domain) Probe(ctx context.Context, pfn uint64) (uint64, error) {
 	d.ctl.store64(offProbePFN, pfn)
 	req := atomic.AddUint32(d.ctl.u32(offProbeReq), 1)
 	futexWake(d.ctl.u32(offPause))
-	for d.ctl.load32(offProbeAck) != req {
+	ack := d.ctl.u32(offProbeAck)
+	for {
+		a := atomic.LoadUint32(ack)
+		if a == req {
+			break
+		}
 		if !d.guest.alive() {
 			return 0, fmt.Errorf("probe %s: %w", d.spec.Name, d.guest.deadError())
 		}
-		select {
-		case <-ctx.Done():
-			return 0, fmt.Errorf("probe %s pfn %d: %w", d.spec.Name, pfn, ctx.Err())
-		case <-time.After(200 * time.Microsecond):
+		if err := ctx.Err(); err != nil {
+			return 0, fmt.Errorf("probe %s pfn %d: %w", d.spec.Name, pfn, err)
 		}
+		futexWait(ack, a, int64(time.Millisecond)) // vCPU 0 wakes it
 	}
 	return d.ctl.load64(offProbeRes), nil
 }
@@ -314,7 +318,9 @@ func (d *Domain) destroy() {
 	if lz != nil {
 		lz.stop()
 	}
-	d.guest.kill()
+	if d.guest != nil {
+		d.guest.kill()
+	}
 	if d.mem != nil {
 		_ = unix.Munmap(d.mem)
 		d.mem = nil

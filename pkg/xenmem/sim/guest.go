@@ -159,6 +159,7 @@ func runVCPU(mem []byte, ctl ctlPage, i int) {
 					ctl.store64(offProbeRes, fnv64(mem[pfn*4096:(pfn+1)*4096]))
 				}
 				ctl.store32(offProbeAck, req)
+				futexWake(ctl.u32(offProbeAck))
 			}
 		}
 		wr := ctl.loadF(offWRate) / float64(n)

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -176,6 +177,11 @@ func (l *lazy) serve() {
 				}
 			}
 		}
+		// Hand the P to the consumer we just woke before blocking in poll
+		// again: a goroutine entering a blocking syscall keeps its P (and
+		// the woken consumer queued on it) until sysmon retakes it, up to
+		// 10 ms later — that delay showed up as fault latency.
+		runtime.Gosched()
 	}
 }
 

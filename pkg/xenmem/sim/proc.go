@@ -54,7 +54,9 @@ func startGuest(mem, ctl *os.File) (_ *guestProc, retErr error) {
 		}
 	}()
 	g.cmd = exec.Command(exe, "xenferry-sim-guest")
-	g.cmd.Env = append(os.Environ(), guestEnv+"=1")
+	// No asynchronous preemption signals in the guest: a signal interrupts
+	// a vCPU waiting in a userfaultfd fault and makes it fault again.
+	g.cmd.Env = append(os.Environ(), guestEnv+"=1", "GODEBUG=asyncpreemptoff=1")
 	g.cmd.ExtraFiles = []*os.File{mem, ctl, child}
 	g.cmd.Stderr = g.stderr
 	// The guest never outlives the agent: SIGKILL when the agent dies, and

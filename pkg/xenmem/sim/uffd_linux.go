@@ -252,3 +252,13 @@ func wordAt64(b []byte, off int) *uint64 { return (*uint64)(unsafe.Pointer(&b[of
 
 // sliceAddr is the virtual address of a mapping in this process.
 func sliceAddr(b []byte) uint64 { return uint64(uintptr(unsafe.Pointer(&b[0]))) }
+
+// killZero checks whether a process exists (kill(pid, 0)).
+func killZero(pid int) error { return unix.Kill(pid, 0) }
+
+// monoNow is CLOCK_MONOTONIC in nanoseconds (the clock of Fault.RaisedNanos).
+func monoNow() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}

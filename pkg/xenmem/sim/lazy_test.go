@@ -1,0 +1,258 @@
+package sim
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// patternPage is the content the "source" has for pfn.
+func patternPage(pfn uint64) []byte {
+	p := make([]byte, xenmem.PageSize)
+	s := pfn*0x9e3779b97f4a7c15 + 1
+	for i := 0; i < len(p); i += 8 {
+		v := splitmix64(&s)
+		for k := 0; k < 8; k++ {
+			p[i+k] = byte(v >> (8 * k))
+		}
+	}
+	return p
+}
+
+// newLazyTarget creates a target domain whose even pages are present (odd
+// pfns below 64 are zero pages marked present, the others have content) and
+// odd pages are missing, arms lazy loading and resumes it.
+func newLazyTarget(t *testing.T, prof Profile, vcpus int) (*Domain, xenmem.TargetDomain, xenmem.Lazy) {
+	t.Helper()
+	requiresUffd(t)
+	h := newTestHost(t)
+	tgt, err := h.CreateTarget(ctxT(t), xenmem.DomainInfo{Name: "vm", MemoryBytes: 16 << 20, VCPUs: vcpus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tgt.Destroy(); tgt.Close() })
+	d := mustDomain(t, h, "vm")
+	d.SetRates(prof.DirtyMiBps, prof.ReadMiBps)
+	n := tgt.NumPages()
+	present := xenmem.NewBitmap(n)
+	for p := uint64(0); p < n; p += 2 {
+		present.Set(p)
+		if p >= 64 {
+			copy(page(tgt.Memory(), p), patternPage(p))
+		}
+	}
+	lz, err := tgt.StartLazy(present)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tgt.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	return d, tgt, lz
+}
+
+func TestLazyFaultBlocksUntilInstallAndSeesTheContent(t *testing.T) {
+	d, _, lz := newLazyTarget(t, Profile{}, 1)
+	ctx := ctxT(t)
+
+	// Present pages read without faulting: one with content, one zero page
+	// that was never written on this host.
+	for _, pfn := range []uint64{100, 2} {
+		got, err := d.Probe(ctx, pfn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := PageHash(patternPage(pfn))
+		if pfn < 64 {
+			want = PageHash(zeroPage)
+		}
+		if got != want {
+			t.Fatalf("present pfn %d read wrong content", pfn)
+		}
+	}
+	select {
+	case f := <-lz.Faults():
+		t.Fatalf("fault on a present page: %+v", f)
+	default:
+	}
+
+	const missing = 101
+	type res struct {
+		h   uint64
+		err error
+	}
+	done := make(chan res, 1)
+	go func() { h, err := d.Probe(ctx, missing); done <- res{h, err} }()
+	var f xenmem.Fault
+	select {
+	case f = <-lz.Faults():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no fault for a missing page")
+	}
+	if f.PFN != missing || f.Write || f.RaisedNanos <= 0 {
+		t.Fatalf("fault %+v, want a read of pfn %d", f, missing)
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("vCPU read a missing page without waiting: %+v", r)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if lz.Present(missing) {
+		t.Fatal("missing page reported present")
+	}
+	if err := lz.Install(missing, patternPage(missing)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if r.err != nil || r.h != PageHash(patternPage(missing)) {
+			t.Fatalf("vCPU read %x (%v) after install, want the installed page", r.h, r.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("vCPU still blocked after Install")
+	}
+	if !lz.Present(missing) {
+		t.Fatal("installed page not reported present")
+	}
+	// A second install of the same page is refused.
+	if err := lz.Install(missing, zeroPage); !errors.Is(err, xenmem.ErrPageExists) {
+		t.Fatalf("second Install: %v", err)
+	}
+	// InstallZero serves a fault too.
+	go func() { h, err := d.Probe(ctx, 103); done <- res{h, err} }()
+	// A fault interrupted by a signal is raised again: skip stale ones.
+	for f = <-lz.Faults(); f.PFN == missing; f = <-lz.Faults() {
+	}
+	if f.PFN != 103 {
+		t.Fatalf("fault for pfn %d, want 103", f.PFN)
+	}
+	if err := lz.InstallZero(f.PFN); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; r.err != nil || r.h != PageHash(zeroPage) {
+		t.Fatalf("after InstallZero the vCPU read %x (%v)", r.h, r.err)
+	}
+	if err := lz.Install(d.NumPages(), patternPage(0)); err == nil {
+		t.Fatal("Install out of range succeeded")
+	}
+	if err := lz.Close(); !errors.Is(err, ErrPagesMissing) {
+		t.Fatalf("Close with pages missing: %v", err)
+	}
+}
+
+// TestLazyNeverOverwritesGuestWrites serves the faults of a writing guest,
+// lets it write over the served pages, then pushes the source's pages
+// again: every push must be refused and the guest's writes must survive.
+func TestLazyNeverOverwritesGuestWrites(t *testing.T) {
+	d, tgt, lz := newLazyTarget(t, Profile{DirtyMiBps: 8}, 2)
+	served := xenmem.NewBitmap(d.NumPages())
+	deadline := time.Now().Add(5 * time.Second)
+	var faults, writeFaults int
+	for served.Count() < 50 && time.Now().Before(deadline) {
+		select {
+		case f := <-lz.Faults():
+			faults++
+			if f.Write {
+				writeFaults++
+			}
+			if served.Test(f.PFN) {
+				continue
+			}
+			if f.PFN%4 == 1 {
+				err := lz.InstallZero(f.PFN)
+				if err != nil {
+					t.Fatal(err)
+				}
+			} else if err := lz.Install(f.PFN, patternPage(f.PFN)); err != nil {
+				t.Fatal(err)
+			}
+			served.Set(f.PFN)
+		case <-time.After(time.Second):
+		}
+	}
+	if served.Count() < 50 {
+		t.Fatalf("only %d faults served in 5 s", served.Count())
+	}
+	// Keep serving while pausing so no vCPU stays blocked.
+	stop := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case f := <-lz.Faults():
+				_ = lz.InstallZero(f.PFN)
+			case <-stop:
+				return
+			}
+		}
+	}()
+	if err := d.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	mem := tgt.Memory()
+	for p := served.Next(0); p < served.Len(); p = served.Next(p + 1) {
+		before := append([]byte(nil), page(mem, p)...)
+		if err := lz.Install(p, bytes.Repeat([]byte{0xee}, xenmem.PageSize)); !errors.Is(err, xenmem.ErrPageExists) {
+			t.Fatalf("late push over pfn %d: %v", p, err)
+		}
+		if !bytes.Equal(before, page(mem, p)) {
+			t.Fatalf("late push changed pfn %d", p)
+		}
+		// The page is the served content plus the guest's 48-byte stamps.
+		base := patternPage(p)
+		if p%4 == 1 {
+			base = zeroPage
+		}
+		for off := 0; off < xenmem.PageSize; off += 64 {
+			if !bytes.Equal(before[off+48:off+64], base[off+48:off+64]) {
+				t.Fatalf("pfn %d slot %d: bytes outside the guest's stamp differ from the installed page", p, off)
+			}
+		}
+	}
+	w, _ := d.Counters()
+	t.Logf("%d faults (%d writes), %d pages served, %d guest writes", faults, writeFaults, served.Count(), w)
+	if writeFaults == 0 {
+		t.Fatal("no write faults from a writing guest")
+	}
+}
+
+func TestLazyRefusesMisuse(t *testing.T) {
+	requiresUffd(t)
+	h := newTestHost(t, DomainSpec{Name: "run", Memory: "4Mi", VCPUs: 1})
+	tgt, err := h.CreateTarget(ctxT(t), xenmem.DomainInfo{Name: "vm", MemoryBytes: 4 << 20, VCPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tgt.Close()
+	if _, err := tgt.StartLazy(xenmem.NewBitmap(3)); err == nil {
+		t.Fatal("StartLazy with a bitmap of the wrong size succeeded")
+	}
+	if err := tgt.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tgt.StartLazy(xenmem.NewBitmap(tgt.NumPages())); err == nil {
+		t.Fatal("StartLazy after Resume succeeded")
+	}
+}
+
+func TestTargetCloseWithoutResumeLeavesNothing(t *testing.T) {
+	h := newTestHost(t)
+	tgt, err := h.CreateTarget(ctxT(t), xenmem.DomainInfo{Name: "vm", MemoryBytes: 4 << 20, VCPUs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := mustDomain(t, h, "vm").PID()
+	if st := tgt.Info().State; st != xenmem.StateIncoming {
+		t.Fatalf("new target is %s", st)
+	}
+	tgt.Close()
+	if _, ok := h.Domain("vm"); ok {
+		t.Fatal("closed, never resumed target still listed")
+	}
+	if killZero(pid) == nil {
+		t.Fatalf("guest %d of a closed target still runs", pid)
+	}
+}
