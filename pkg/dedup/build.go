@@ -18,6 +18,8 @@ const (
 	regionSize = 1 << 20
 	// progressEvery is how often Options.Progress is called while indexing.
 	progressEvery = 250 * time.Millisecond
+	// logEvery is how often a long build logs its progress.
+	logEvery = 10 * time.Second
 )
 
 // span is a byte range [off, end) of a disk.
@@ -35,6 +37,7 @@ type chunkResult struct {
 type buildJob struct {
 	f       *os.File
 	size    int64 // bytes indexed: the disk's size rounded down to BlockSize
+	est     int64 // expected entries, sizes the first table
 	spans   []span
 	base    *table // entries to start from (nil: empty)
 	workers int
@@ -158,13 +161,19 @@ func (j *buildJob) run(ctx context.Context) (*table, error) {
 	// Inserter (this goroutine): the table is private until returned.
 	t := j.base
 	if t == nil {
-		t = newTable(j.size / BlockSize / 2)
+		t = newTable(max(j.est, 1024))
 	}
 	tick := time.NewTicker(progressEvery)
 	defer tick.Stop()
+	lastLog := time.Now()
 	report := func() {
+		d := done.Load()
 		if j.prog != nil {
-			j.prog(done.Load(), total)
+			j.prog(d, total)
+		}
+		if j.log != nil && time.Since(lastLog) >= logEvery && total > 0 {
+			lastLog = time.Now()
+			j.log("Indexing disk", "doneBytes", d, "totalBytes", total, "percent", 100*float64(d)/float64(total), "entries", t.entries)
 		}
 	}
 	report()

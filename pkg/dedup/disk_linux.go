@@ -71,3 +71,18 @@ func nextData(f *os.File, off, size int64) (start, end int64) {
 	}
 	return s, e
 }
+
+// allocatedBlocks estimates how many blocks of the disk hold data: st_blocks
+// for a (possibly sparse) file, every block for a block device. It sizes the
+// first table of a build; the table grows or shrinks from there.
+func allocatedBlocks(f *os.File, id identity) int64 {
+	blocks := id.Size / BlockSize
+	if id.Block {
+		return blocks
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return blocks
+	}
+	return min(blocks, st.Blocks*512/BlockSize)
+}

@@ -13,7 +13,7 @@
 // Entries live in one flat array, an ordered linear-probing table (no Go map,
 // no pointers): home slot = k0*n>>64, entries kept sorted by key, built to a
 // load factor of 0.85 (between 0.6 and 0.85 after growth). Memory is
-// 16/0.85 ≈ 19 bytes per distinct non-zero block, at most ≈ 28 bytes at the
+// 16/0.85 ≈ 19 bytes per distinct non-zero block, at most ≈ 27 bytes at the
 // lower load: ≈ 4.9 MB per GiB of disk, 0.5 GB for a completely full 100 GiB
 // disk; zero blocks and repeated contents cost nothing. A 4-byte block number
 // bounds a disk to 16 TiB.

@@ -113,11 +113,13 @@ func (ix *Index) build(ctx context.Context, f *os.File, id identity, spans []spa
 	j := &buildJob{
 		f:       f,
 		size:    id.Size &^ (BlockSize - 1),
+		est:     allocatedBlocks(f, id),
 		spans:   spans,
 		base:    base,
 		workers: ix.opts.Workers,
 		lim:     lim,
 		prog:    ix.opts.Progress,
+		log:     func(msg string, kv ...any) { ix.log.Info(msg, kv...) },
 	}
 	var bytes int64
 	for _, s := range spans {
@@ -137,12 +139,18 @@ func (ix *Index) build(ctx context.Context, f *os.File, id identity, spans []spa
 // publish swaps in a new generation and persists it (a failure to persist
 // is logged: the index in memory is still good).
 func (ix *Index) publish(t *table, id identity) {
-	ix.cur.Store(&snapshot{tab: t, id: id})
+	old := ix.cur.Swap(&snapshot{tab: t, id: id})
 	if ix.opts.StateDir == "" {
 		return
 	}
 	if err := saveIndex(ix.statePath(id), ix.path, id, t); err != nil {
 		ix.log.Error(err, "Could not persist dedup index; it will be rebuilt on the next start")
+	}
+	if old != nil && ix.statePath(old.id) != ix.statePath(id) {
+		// The path now names another file: drop the old file's index.
+		if err := os.Remove(ix.statePath(old.id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			ix.log.Error(err, "Could not remove the persisted index of the replaced disk")
+		}
 	}
 }
 
@@ -345,7 +353,7 @@ func (ix *Index) refreshRegions(ctx context.Context, f *os.File, old *snapshot, 
 		bytes += newEnd - oldEnd
 	}
 	ix.log.Info("Refreshing changed regions of the index", "bytes", bytes, "spans", len(spans))
-	base := old.tab.rebuilt(old.tab.entries, func(blk uint32) bool { return blk < newBlocks && !isDirty(blk) })
+	base := old.tab.rebuilt(old.tab.entries+bytes/BlockSize, func(blk uint32) bool { return blk < newBlocks && !isDirty(blk) })
 	return ix.build(ctx, f, id, spans, base, newLimiter(ix.opts.ReadBytesPerSec))
 }
 

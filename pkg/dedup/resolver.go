@@ -38,10 +38,13 @@ type resolverDisk struct {
 
 // Resolver reads and verifies disk references on the destination, against
 // the domain's disks as configured on this host, in the same order as the
-// source's Catalog. Safe for concurrent use.
+// source's Catalog. Safe for concurrent use: concurrent ResolveBatch calls
+// share one pool of `workers` read buffers, so reads in flight stay bounded
+// by workers in total.
 type Resolver struct {
 	disks   []resolverDisk
 	workers int
+	bufs    chan []byte // read buffers (nil until first used); cap workers
 }
 
 // OpenResolver opens the disks read-only. A disk that is missing or cannot
@@ -51,7 +54,10 @@ func OpenResolver(paths []string, workers int) *Resolver {
 	if workers < 1 {
 		workers = 1
 	}
-	r := &Resolver{disks: make([]resolverDisk, len(paths)), workers: workers}
+	r := &Resolver{disks: make([]resolverDisk, len(paths)), workers: workers, bufs: make(chan []byte, workers)}
+	for range workers {
+		r.bufs <- nil
+	}
 	for i, p := range paths {
 		d := &r.disks[i]
 		d.path = p
@@ -185,9 +191,22 @@ func (r *Resolver) ResolveBatch(ctx context.Context, refs []Ref, dst func(i int)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, maxRunBytes)
+			var buf []byte
 			for ru := range work {
+				if buf == nil {
+					select {
+					case buf = <-r.bufs:
+					case <-ctx.Done():
+						return
+					}
+					if buf == nil {
+						buf = make([]byte, maxRunBytes)
+					}
+				}
 				r.resolveRun(ru, refs, order, buf, dst, fail, &cbMu)
+			}
+			if buf != nil {
+				r.bufs <- buf
 			}
 		}()
 	}

@@ -196,3 +196,40 @@ func TestResolveBatchCoalescesReads(t *testing.T) {
 		}
 	}
 }
+
+func TestResolveBatchConcurrentCallsShareBoundedBuffers(t *testing.T) {
+	im := makeImage(t, t.TempDir(), 512, 44)
+	r := OpenResolver([]string{im.path}, 2)
+	defer r.Close()
+	var refs []Ref
+	for b := int64(0); b < 512; b += 3 {
+		refs = append(refs, Ref{Offset: b * BlockSize, Hash: HashPage(readBlock(t, im.path, b*BlockSize))})
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			o := newOutcome(len(refs))
+			if err := r.ResolveBatch(context.Background(), refs, o.dst, o.fail); err != nil {
+				errs <- err
+				return
+			}
+			for i, ref := range refs {
+				if o.errs[i] != nil || HashPage(o.pages[i]) != ref.Hash {
+					errs <- o.errs[i]
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("concurrent batch: %v", err)
+	}
+	if len(r.bufs) != cap(r.bufs) || cap(r.bufs) != 2 {
+		t.Fatalf("buffer pool %d/%d after the batches, want 2/2", len(r.bufs), cap(r.bufs))
+	}
+}
