@@ -96,12 +96,19 @@ func newConn(c net.Conn, lim *limiter, prio bool) *conn {
 // send writes one record and flushes it, after drawing its size from the
 // bandwidth bucket.
 func (c *conn) send(ctx context.Context, t wire.Type, parts ...[]byte) error {
+	return c.sendAs(ctx, c.prio, t, parts...)
+}
+
+// sendAs is send with an explicit priority: small control records that a
+// switch-over waits for (markers, state, commands) take their bandwidth
+// without queueing behind the bucket's debt.
+func (c *conn) sendAs(ctx context.Context, prio bool, t wire.Type, parts ...[]byte) error {
 	n := 0
 	for _, p := range parts {
 		n += len(p)
 	}
 	size := int(wire.RecordSize(n))
-	if c.prio {
+	if prio {
 		c.lim.takeNow(size)
 	} else if err := c.lim.take(ctx, size); err != nil {
 		return err
@@ -119,7 +126,7 @@ func (c *conn) sendControl(ctx context.Context, m *wire.Control) error {
 	if err != nil {
 		return err
 	}
-	return c.send(ctx, wire.TypeControl, b)
+	return c.sendAs(ctx, true, wire.TypeControl, b)
 }
 
 func (c *conn) bytes() int64 {

@@ -33,7 +33,7 @@ const (
 	DefaultMaxDowntime = 300 * time.Millisecond
 	// hybridBudgetShare: hybrid strategies resume at the destination at the
 	// latest after this share of the time a full copy of memory takes.
-	hybridBudgetShare = 0.2
+	hybridBudgetShare = 0.1
 	// RecoveryTimeout bounds how long a broken post-copy tries to reconnect.
 	RecoveryTimeout = 60 * time.Second
 )
@@ -110,9 +110,11 @@ func Migrate(ctx context.Context, dom xenmem.SourceDomain, addr string, opts Opt
 		{"release", s.release},
 	}
 	for _, st := range steps {
+		t0 := time.Now()
 		if err := st.fn(ctx); err != nil {
 			return s.result(), fmt.Errorf("migrate %s to %s: %s: %w", dom.Info().Name, addr, st.name, err)
 		}
+		s.log.V(1).Info("Migration step done", "domain", dom.Info().Name, "step", st.name, "seconds", time.Since(t0).Seconds())
 	}
 	return s.result(), nil
 }
@@ -334,9 +336,11 @@ func (s *source) precopy(ctx context.Context) error {
 		s.verdict = Verdict{SwitchToPostCopy, "post-copy strategy: no pre-copy round"}
 		return nil
 	}
+	t0 := time.Now()
 	if err := s.dom.EnableDirtyLog(); err != nil {
 		return fmt.Errorf("enable dirty log: %w", err)
 	}
+	s.log.V(1).Info("Dirty log enabled", "domain", s.dom.Info().Name, "seconds", time.Since(t0).Seconds())
 	s.phase.Store(PhasePreCopy)
 	policy := PolicyFor(s.opts.Strategy)
 	var stop atomic.Bool
@@ -504,7 +508,7 @@ func (s *source) sendState(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("save vCPU state: %w", err)
 	}
-	return s.main.send(ctx, wire.TypeState, st)
+	return s.main.sendAs(ctx, true, wire.TypeState, st)
 }
 
 // sendManifest sends the hash of every page as it is at the switch-over.
@@ -535,7 +539,7 @@ func (s *source) postcopy(ctx context.Context) error {
 		return err
 	}
 	body := wire.MarshalBitmap(nil, 0, s.numPages, s.need.Words())
-	if err := s.main.send(ctx, wire.TypeBitmap, body); err != nil {
+	if err := s.main.sendAs(ctx, true, wire.TypeBitmap, body); err != nil {
 		return err
 	}
 	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlPostCopy}); err != nil {
