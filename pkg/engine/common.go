@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -70,6 +71,15 @@ func aclear(b *xenmem.Bitmap, i uint64) bool {
 func asetNew(b *xenmem.Bitmap, i uint64) bool {
 	m := uint64(1) << (i & 63)
 	return atomic.OrUint64(&b.Words()[i>>6], m)&m == 0
+}
+
+// acount counts the set bits of a bitmap that other goroutines modify.
+func acount(b *xenmem.Bitmap) uint64 {
+	var n int
+	for i := range b.Words() {
+		n += bits.OnesCount64(atomic.LoadUint64(&b.Words()[i]))
+	}
+	return uint64(n)
 }
 
 // conn is one framed TCP connection. Writes are serialised by mu.

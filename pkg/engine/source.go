@@ -71,7 +71,6 @@ type source struct {
 
 	phase     atomic.Value // Phase
 	round     atomic.Int64
-	remaining atomic.Int64 // pages
 	dirtyRate atomic.Uint64
 	percent   float64
 
@@ -356,7 +355,6 @@ func (s *source) precopy(ctx context.Context) error {
 		before := s.wireBytes()
 		sentBefore := s.pagesSent()
 		t0 := time.Now()
-		s.remaining.Store(int64(s.need.Count()))
 		if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 			return sd.sendSet(ctx, s.need, nil, &stop)
 		}); err != nil {
@@ -450,7 +448,6 @@ func (s *source) switchover(ctx context.Context) error {
 
 func (s *source) stopAndCopy(ctx context.Context) error {
 	s.phase.Store(PhaseStopAndCopy)
-	s.remaining.Store(int64(s.need.Count()))
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 		if err := sd.sendSet(ctx, s.need, nil, nil); err != nil {
 			return err
@@ -553,7 +550,6 @@ func (s *source) postcopy(ctx context.Context) error {
 	}
 	// Point of no return. Push the working set first, then the rest, while
 	// the priority path answers faults ahead of the push.
-	s.remaining.Store(int64(s.need.Count()))
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 		if err := sd.sendSet(ctx, s.need, s.hot, nil); err != nil {
 			return err
@@ -711,7 +707,7 @@ func (s *source) reportProgress() func() {
 func (s *source) progress(rate float64) Progress {
 	ph, _ := s.phase.Load().(Phase)
 	sent := s.pagesSent()
-	rem := uint64(max(s.remaining.Load(), 0))
+	rem := acount(s.need) // a popcount over the bitmap: cheap at 5/s
 	if ph == PhaseDone {
 		s.percent = 100
 	} else if sent+rem > 0 {

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
+
+	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+func init() {
+	registerCommand(command{name: "serve", short: "serve migrations without Kubernetes (data port + local control socket)", run: runServe})
+	registerCommand(command{name: "migrate", short: "migrate a domain of the local agent to another agent", run: runMigrate})
+}
+
+func stderrLogger(v int) logr.Logger {
+	return funcr.New(func(prefix, args string) {
+		if prefix != "" {
+			fmt.Fprintln(os.Stderr, prefix, args)
+		} else {
+			fmt.Fprintln(os.Stderr, args)
+		}
+	}, funcr.Options{Verbosity: v, LogTimestamp: true})
+}
+
+func defaultControl(stateDir string) string { return filepath.Join(stateDir, "agent.sock") }
+
+// runServe is a standalone agent: it receives migrations on the data port
+// and takes local requests (list, migrate) on a unix control socket.
+func runServe(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	backend := fs.String("backend", "sim", "hypervisor backend: sim or xen")
+	simConfig := fs.String("sim-config", "", "sim backend: host definition (YAML)")
+	listen := fs.String("listen", ":7070", "migration data port")
+	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "agent state: disk indexes, control socket")
+	control := fs.String("control", "", "control socket (default STATE-DIR/agent.sock)")
+	verbose := fs.Int("v", 0, "log verbosity")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log := stderrLogger(*verbose)
+	if *control == "" {
+		*control = defaultControl(*stateDir)
+	}
+	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	host, err := openBackend(*backend, *simConfig, log)
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen on the data port %s: %w", *listen, err)
+	}
+	_ = os.Remove(*control)
+	cl, err := net.Listen("unix", *control)
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", *control, err)
+	}
+	defer os.Remove(*control)
+	ix := newDiskIndexes(*stateDir, log.WithName("dedup"))
+	defer ix.close()
+	rcv := &engine.Receiver{Host: host, Log: log.WithName("receiver"), Events: func(id string, ev engine.Event) {
+		log.Info("Incoming migration", "migration", id, "domain", ev.Domain, "event", string(ev.Kind), "error", errString(ev.Err))
+	}}
+	srv := &http.Server{Handler: controlMux(host, ix, log)}
+	go func() { <-ctx.Done(); srv.Close() }()
+	go func() { _ = srv.Serve(cl) }()
+	info, _ := host.Info(ctx)
+	log.Info("Agent serving", "host", info.Name, "backend", info.Backend, "data", ln.Addr().String(), "control", *control)
+	return rcv.Serve(ctx, ln)
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// migrateRequest is the body of POST /migrate on the control socket.
+type migrateRequest struct {
+	Domain   string `json:"domain"`
+	To       string `json:"to"`
+	Strategy string `json:"strategy"`
+	Link     int64  `json:"linkBytesPerSec"`
+	Streams  int    `json:"streams"`
+	Compress bool   `json:"compress"`
+}
+
+// migrateEvent is one NDJSON line of the /migrate answer.
+type migrateEvent struct {
+	Progress *engine.Progress `json:"progress,omitempty"`
+	Indexing *struct {
+		Path        string `json:"path"`
+		Done, Total int64
+	} `json:"indexing,omitempty"`
+	Result *engine.Result `json:"result,omitempty"`
+	Error  string         `json:"error,omitempty"`
+}
+
+func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /domains", func(w http.ResponseWriter, r *http.Request) {
+		ds, err := host.Domains(r.Context())
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		_ = json.NewEncoder(w).Encode(ds)
+	})
+	mux.HandleFunc("POST /migrate", func(w http.ResponseWriter, r *http.Request) {
+		var req migrateRequest
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		enc := json.NewEncoder(w)
+		flusher, _ := w.(http.Flusher)
+		emit := func(ev migrateEvent) {
+			_ = enc.Encode(ev)
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		res, err := migrateLocal(r.Context(), host, ix, req, emit, log)
+		if err != nil {
+			emit(migrateEvent{Error: err.Error()})
+			return
+		}
+		emit(migrateEvent{Result: &res})
+	})
+	return mux
+}
+
+func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, emit func(migrateEvent), log logr.Logger) (engine.Result, error) {
+	st := engine.Strategy(req.Strategy)
+	if !st.Valid() {
+		return engine.Result{}, fmt.Errorf("unknown strategy %q (want one of %v)", req.Strategy, engine.Strategies)
+	}
+	dom, err := host.OpenSource(ctx, req.Domain)
+	if err != nil {
+		return engine.Result{}, fmt.Errorf("open domain %q: %w", req.Domain, err)
+	}
+	defer dom.Close()
+	hooks := engine.Hooks{Log: log.WithName("source"), Progress: func(p engine.Progress) { emit(migrateEvent{Progress: &p}) }}
+	if strings.HasSuffix(req.Strategy, "+dedup") {
+		last := time.Time{}
+		cat, err := ix.catalog(ctx, dom.Info(), func(path string, done, total int64) {
+			if time.Since(last) > 500*time.Millisecond || done == total {
+				last = time.Now()
+				emit(migrateEvent{Indexing: &struct {
+					Path        string `json:"path"`
+					Done, Total int64
+				}{path, done, total}})
+			}
+		})
+		if err != nil {
+			return engine.Result{}, err
+		}
+		hooks.Disks = cat
+	}
+	id := fmt.Sprintf("%s-%d", req.Domain, time.Now().UnixNano())
+	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id}
+	return engine.Migrate(ctx, dom, req.To, opts, hooks)
+}
+
+// runMigrate asks the local agent to migrate one of its domains and shows
+// its progress.
+func runMigrate(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
+	domain := fs.String("domain", "", "domain to migrate (required)")
+	to := fs.String("to", "", "destination agent's data address HOST:PORT (required)")
+	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "the local agent's state dir")
+	control := fs.String("control", "", "the local agent's control socket (default STATE-DIR/agent.sock)")
+	strategy := fs.String("strategy", string(engine.StrategyHybridDedup), "strategy: xen, precopy, precopy+dedup, postcopy, hybrid, hybrid+dedup")
+	link := fs.Int64("link", 0, "bandwidth cap in bytes/s (0 = none)")
+	streams := fs.Int("streams", engine.DefaultStreams, "parallel data connections")
+	compress := fs.Bool("compress", false, "zstd for full pages")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *domain == "" || *to == "" {
+		return errors.New("--domain and --to are required")
+	}
+	if *control == "" {
+		*control = defaultControl(*stateDir)
+	}
+	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
+	cli := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", *control)
+	}}}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/migrate", strings.NewReader(string(body)))
+	resp, err := cli.Do(req)
+	if err != nil {
+		return fmt.Errorf("reach the local agent at %s (is `node-agent serve` running?): %w", *control, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := bufio.NewReader(resp.Body).ReadString('\n')
+		return fmt.Errorf("agent refused: %s", strings.TrimSpace(b))
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	tty := isTerminal(os.Stderr)
+	for sc.Scan() {
+		var ev migrateEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return fmt.Errorf("agent answer: %w", err)
+		}
+		switch {
+		case ev.Error != "":
+			if tty {
+				fmt.Fprintln(os.Stderr)
+			}
+			return errors.New(ev.Error)
+		case ev.Indexing != nil:
+			fmt.Fprintf(os.Stderr, "indexing %s: %d/%d MiB\n", ev.Indexing.Path, ev.Indexing.Done>>20, ev.Indexing.Total>>20)
+		case ev.Progress != nil:
+			printProgress(*domain, *ev.Progress, tty)
+		case ev.Result != nil:
+			if tty {
+				fmt.Fprintln(os.Stderr)
+			}
+			return printResult(*ev.Result, *asJSON)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("agent connection: %w", err)
+	}
+	return errors.New("the agent closed the connection before the migration ended")
+}
+
+func isTerminal(f *os.File) bool {
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// printProgress draws a bar on a terminal, plain lines elsewhere.
+func printProgress(dom string, p engine.Progress, tty bool) {
+	const width = 30
+	n := int(p.Percent / 100 * width)
+	bar := strings.Repeat("#", n) + strings.Repeat(".", width-n)
+	line := fmt.Sprintf("%s [%s] %5.1f%% %-11s round %d  %6.1f MiB/s  sent %d MiB  zero %d disk %d full %d",
+		dom, bar, p.Percent, p.Phase, p.Round, p.WireBytesPerSec/(1<<20), p.WireBytes>>20, p.Pages.Zero, p.Pages.Disk, p.Pages.Full)
+	if tty {
+		fmt.Fprintf(os.Stderr, "\r%s", line)
+	} else {
+		fmt.Fprintln(os.Stderr, line)
+	}
+}
+
+func printResult(r engine.Result, asJSON bool) error {
+	if asJSON {
+		return json.NewEncoder(os.Stdout).Encode(r)
+	}
+	fmt.Printf("migrated %d MiB with %s in %.2fs (resumed after %.2fs, downtime %d ms), %.1f MiB on the wire, verified=%v\n",
+		r.MemoryBytes>>20, r.Strategy, r.Total.Seconds(), r.Resume.Seconds(), r.Downtime.Milliseconds(), float64(r.WireBytes)/(1<<20), r.Verified)
+	fmt.Printf("pages: %d zero, %d from disk (%d fell back), %d full, %d resent, %d on demand; stop: %s\n",
+		r.Pages.Zero, r.Pages.Disk, r.Pages.DiskFallback, r.Pages.Full, r.Pages.Resent, r.Pages.Demand, r.StopReason)
+	return nil
+}
