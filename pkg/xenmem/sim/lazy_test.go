@@ -256,3 +256,70 @@ func TestTargetCloseWithoutResumeLeavesNothing(t *testing.T) {
 		t.Fatalf("guest %d of a closed target still runs", pid)
 	}
 }
+
+// TestLazyTargetCompletesAndMigratesOn installs every missing page while the
+// guest runs, closes the lazy loader (the missing-page registration goes
+// away), and then uses the domain as the source of a next migration.
+func TestLazyTargetCompletesAndMigratesOn(t *testing.T) {
+	d, tgt, lz := newLazyTarget(t, Profile{DirtyMiBps: 4}, 1)
+	n := tgt.NumPages()
+	for p := uint64(1); p < n; p += 2 {
+		// Serve faults first (demand ahead of push), then push the next page.
+		for drained := false; !drained; {
+			select {
+			case f := <-lz.Faults():
+				if err := lz.Install(f.PFN, patternPage(f.PFN)); err != nil && !errors.Is(err, xenmem.ErrPageExists) {
+					t.Fatal(err)
+				}
+			default:
+				drained = true
+			}
+		}
+		if err := lz.Install(p, patternPage(p)); err != nil && !errors.Is(err, xenmem.ErrPageExists) {
+			t.Fatal(err)
+		}
+	}
+	if err := lz.Close(); err != nil {
+		t.Fatalf("Close with every page present: %v", err)
+	}
+	if _, ok := <-lz.Faults(); ok {
+		t.Fatal("Faults not closed by Close")
+	}
+	if err := tgt.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := d.Info().State; st != xenmem.StateRunning {
+		t.Fatalf("resumed target is %s after Close", st)
+	}
+	src, err := d.host.OpenSource(ctxT(t), "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if err := src.EnableDirtyLog(); err != nil {
+		t.Fatal(err)
+	}
+	w0, _ := d.Counters()
+	time.Sleep(200 * time.Millisecond)
+	if err := src.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	w1, _ := d.Counters()
+	bm := xenmem.NewBitmap(n)
+	if err := src.ReadDirty(bm); err != nil {
+		t.Fatal(err)
+	}
+	if bm.Count() == 0 || bm.Count() > w1-w0 {
+		t.Fatalf("%d dirty pages after %d writes", bm.Count(), w1-w0)
+	}
+	// The pushed pages kept their content apart from the guest's stamps.
+	mem := tgt.Memory()
+	for p := uint64(65); p < n; p += 2 {
+		base := patternPage(p)
+		for off := 0; off < xenmem.PageSize; off += 64 {
+			if !bytes.Equal(page(mem, p)[off+48:off+64], base[off+48:off+64]) {
+				t.Fatalf("pfn %d slot %d differs from the pushed page outside the guest's stamp", p, off)
+			}
+		}
+	}
+}

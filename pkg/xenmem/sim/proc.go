@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -62,7 +63,7 @@ func startGuest(mem, ctl *os.File) (_ *guestProc, retErr error) {
 	// The guest never outlives the agent: SIGKILL when the agent dies, and
 	// the guest also exits on EOF of its socket.
 	g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := g.cmd.Start(); err != nil {
+	if err := spawn(g.cmd); err != nil {
 		unix.Close(g.sock)
 		close(g.exited)
 		return nil, fmt.Errorf("start guest %s: %w", exe, err)
@@ -185,3 +186,32 @@ func (b *boundedBuffer) Bytes() []byte {
 }
 
 var errGuestGone = errors.New("sim: guest process is gone")
+
+// Pdeathsig fires when the thread that forked the child exits, not the
+// process. Go only ends a thread when a goroutine locked to it exits, but a
+// caller could be such a goroutine; so guests are forked from one locked
+// thread that lives as long as the agent.
+var (
+	spawnOnce sync.Once
+	spawnReq  chan spawnRequest
+)
+
+type spawnRequest struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func spawn(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnReq = make(chan spawnRequest)
+		go func() {
+			runtime.LockOSThread() // never unlocked: this thread is the guests' parent
+			for r := range spawnReq {
+				r.done <- r.cmd.Start()
+			}
+		}()
+	})
+	r := spawnRequest{cmd: cmd, done: make(chan error, 1)}
+	spawnReq <- r
+	return <-r.done
+}
