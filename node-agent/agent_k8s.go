@@ -1,0 +1,384 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+	"github.com/xenferry/xenferry/pkg/xenmem/sim"
+)
+
+// agentVersion is reported in XenHost.status.agentVersion.
+var agentVersion = "v0.1.0-dev"
+
+func init() {
+	registerCommand(command{
+		name:  "run",
+		short: "run under Kubernetes: publish the host, serve and run its VMMigrations",
+		run:   runK8sAgent,
+	})
+}
+
+// AgentConfig configures the agent under Kubernetes.
+type AgentConfig struct {
+	// Host is the XenHost name; it must match the backend's host name.
+	Host string
+	// DataAddr is the listen address of the migration data path; the
+	// address published must be reachable by the other agents.
+	DataAddr string
+	// AdvertiseAddr, if set, is published instead of the listener's address.
+	AdvertiseAddr string
+	// Namespace receives XenDomains whose configuration names none.
+	Namespace string
+	// HeartbeatInterval between XenHost refreshes (and XenDomain publishes).
+	HeartbeatInterval time.Duration
+	// StatusInterval is the minimum time between two progress writes of one
+	// migration half (phase changes are written at once).
+	StatusInterval time.Duration
+	// StateDir holds the dedup indexes of disks.
+	StateDir string
+	Log      logr.Logger
+}
+
+func runK8sAgent(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	var (
+		kubeconfig = fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (empty: in-cluster config)")
+		backend    = fs.String("backend", "sim", "hypervisor backend: sim (xen is not wired to this command yet)")
+		simConfig  = fs.String("sim-config", "", "sim backend: host configuration file (YAML)")
+		cfg        AgentConfig
+	)
+	fs.StringVar(&cfg.Host, "host", "", "XenHost name of this agent (default: the backend's host name)")
+	fs.StringVar(&cfg.DataAddr, "data-addr", "127.0.0.1:0", "listen address of the migration data path")
+	fs.StringVar(&cfg.AdvertiseAddr, "advertise-addr", "", "data address published to peers (default: the listener's)")
+	fs.StringVar(&cfg.Namespace, "namespace", "default", "namespace of XenDomains whose configuration names none")
+	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 5*time.Second, "XenHost heartbeat interval")
+	fs.DurationVar(&cfg.StatusInterval, "status-interval", time.Second, "minimum interval between progress writes per migration")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes (default: a folder next to the sim state dir)")
+	zopts := zap.Options{Development: true}
+	zopts.BindFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log := zap.New(zap.UseFlagOptions(&zopts))
+	ctrl.SetLogger(log)
+	cfg.Log = log.WithName("agent")
+
+	if *backend != "sim" {
+		return fmt.Errorf("backend %q: only the sim backend runs under Kubernetes so far; use --backend sim", *backend)
+	}
+	if *simConfig == "" {
+		return errors.New("--sim-config is required with --backend sim")
+	}
+	sc, err := sim.LoadConfig(*simConfig)
+	if err != nil {
+		return err
+	}
+	if cfg.Host == "" {
+		cfg.Host = sc.Name
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(filepath.Dir(*simConfig), ".agent-"+cfg.Host)
+	}
+	restCfg, err := loadRestConfig(*kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg.Log.Info("Starting simulated host", "host", sc.Name, "domains", len(sc.Domains))
+	host, err := sim.NewHost(sc, log.WithName("sim"))
+	if err != nil {
+		return fmt.Errorf("start sim host from %s: %w", *simConfig, err)
+	}
+	defer host.Close()
+	a, err := NewAgent(restCfg, host, cfg)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}
+
+func loadRestConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig == "" {
+		c, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("no --kubeconfig and not in a cluster: %w", err)
+		}
+		return c, nil
+	}
+	c, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig %s: %w", kubeconfig, err)
+	}
+	return c, nil
+}
+
+// Agent is the node agent under Kubernetes: it publishes its XenHost and
+// XenDomains, serves incoming migrations and runs outgoing ones.
+type Agent struct {
+	cfg  AgentConfig
+	host xenmem.Host
+	log  logr.Logger
+	// id names this process; a restarted agent has a new one.
+	id  string
+	mgr ctrl.Manager
+	c   client.Client
+	api client.Reader
+	ln  net.Listener
+	rcv *engine.Receiver
+
+	// runCtx lives as long as Run; outgoing transfers derive from it.
+	runCtx context.Context
+	// kick asks the publisher to refresh XenHost and XenDomains now.
+	kick chan struct{}
+	// wake asks the migration reconciler to look at a migration now.
+	wake chan event.GenericEvent
+
+	// mu protects runs and indexes.
+	mu sync.Mutex
+	// runs holds this agent's halves of migrations, by migration UID;
+	// bounded by the controller's concurrency limits plus recent ones.
+	runs map[string]*run
+	// indexes caches dedup indexes by disk path (one per disk of the
+	// domains this host migrated out).
+	indexes map[string]*dedup.Index
+}
+
+// NewAgent creates the agent's manager, listener and receiver.
+func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, error) {
+	if cfg.Host == "" {
+		return nil, errors.New("agent: host name is empty")
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = 5 * time.Second
+	}
+	if cfg.StatusInterval <= 0 {
+		cfg.StatusInterval = time.Second
+	}
+	if cfg.Namespace == "" {
+		cfg.Namespace = "default"
+	}
+	idb := make([]byte, 6)
+	if _, err := rand.Read(idb); err != nil {
+		return nil, fmt.Errorf("agent id: %w", err)
+	}
+	a := &Agent{
+		cfg: cfg, host: host, log: cfg.Log.WithValues("host", cfg.Host),
+		id:   cfg.Host + "-" + hex.EncodeToString(idb),
+		kick: make(chan struct{}, 1), wake: make(chan event.GenericEvent, 64),
+		runs: map[string]*run{}, indexes: map[string]*dedup.Index{},
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("agent scheme: %w", err)
+	}
+	if err := v1.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("agent scheme: %w", err)
+	}
+	mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
+		Scheme:                 scheme,
+		Metrics:                metricsserver.Options{BindAddress: "0"},
+		HealthProbeBindAddress: "0",
+		Logger:                 a.log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: create manager: %w", cfg.Host, err)
+	}
+	a.mgr, a.c, a.api = mgr, mgr.GetClient(), mgr.GetAPIReader()
+	ln, err := net.Listen("tcp", cfg.DataAddr)
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: listen on %s: %w", cfg.Host, cfg.DataAddr, err)
+	}
+	a.ln = ln
+	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver")}
+	if err := a.setupReconciler(mgr); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *Agent) baseCtx() context.Context {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.runCtx == nil {
+		return context.Background()
+	}
+	return a.runCtx
+}
+
+// ID is this agent process's identity (tests use it).
+func (a *Agent) ID() string { return a.id }
+
+// DataAddress is the address peers connect to.
+func (a *Agent) DataAddress() string {
+	if a.cfg.AdvertiseAddr != "" {
+		return a.cfg.AdvertiseAddr
+	}
+	return a.ln.Addr().String()
+}
+
+// Run serves until ctx ends. Outgoing migrations before the point of no
+// return are aborted on the way out (the domain keeps running here).
+func (a *Agent) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	a.mu.Lock()
+	a.runCtx = ctx
+	a.mu.Unlock()
+	var wg sync.WaitGroup
+	errc := make(chan error, 3)
+	wg.Add(3)
+	go func() { defer wg.Done(); errc <- a.rcv.Serve(ctx, a.ln) }()
+	go func() { defer wg.Done(); errc <- a.mgr.Start(ctx) }()
+	go func() { defer wg.Done(); a.publishLoop(ctx); errc <- nil }()
+	a.log.Info("Agent started", "agentID", a.id, "dataAddress", a.DataAddress())
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		if err != nil {
+			err = fmt.Errorf("agent %s: %w", a.cfg.Host, err)
+		}
+	}
+	cancel()
+	a.stopRuns()
+	wg.Wait()
+	a.mu.Lock()
+	for _, ix := range a.indexes {
+		ix.Close()
+	}
+	a.indexes = map[string]*dedup.Index{}
+	a.mu.Unlock()
+	return err
+}
+
+// authorize accepts a data connection only for a migration this agent
+// prepared as target, with that migration's token.
+func (a *Agent) authorize(migrationID string, token []byte) error {
+	a.mu.Lock()
+	r := a.runs[migrationID]
+	a.mu.Unlock()
+	if r == nil || r.role != roleTarget {
+		return fmt.Errorf("no migration %q is expected on %s", migrationID, a.cfg.Host)
+	}
+	r.mu.Lock()
+	want, aborted := r.token, r.aborted
+	r.mu.Unlock()
+	if aborted {
+		return fmt.Errorf("migration %q was aborted", migrationID)
+	}
+	if len(want) == 0 || subtle.ConstantTimeCompare(want, token) != 1 {
+		return fmt.Errorf("migration %q: wrong token", migrationID)
+	}
+	return nil
+}
+
+// onReceiverEvent records what the receiver reports and wakes the
+// reconciler to write it; it never blocks the data path.
+func (a *Agent) onReceiverEvent(migrationID string, ev engine.Event) {
+	a.mu.Lock()
+	r := a.runs[migrationID]
+	a.mu.Unlock()
+	if r == nil {
+		a.log.Info("Receiver event for an unknown migration", "migration", migrationID, "kind", ev.Kind)
+		return
+	}
+	r.mu.Lock()
+	now := time.Now()
+	switch ev.Kind {
+	case engine.EventPrepared:
+		r.prepared = true
+	case engine.EventResumed:
+		r.resumed, r.resumeTime = true, now
+	case engine.EventDone:
+		r.done = true
+	case engine.EventFailed:
+		r.failed = true
+		if ev.Err != nil {
+			r.message = ev.Err.Error()
+		} else {
+			r.message = "the receiver aborted the migration"
+		}
+	}
+	r.changed = true
+	r.mu.Unlock()
+	a.log.Info("Incoming migration event", "migration", r.key, "kind", ev.Kind)
+	if ev.Kind == engine.EventResumed || ev.Kind == engine.EventDone {
+		a.kickPublish()
+	}
+	a.wakeUp(r)
+}
+
+func (a *Agent) kickPublish() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (a *Agent) wakeUp(r *run) {
+	select {
+	case a.wake <- event.GenericEvent{Object: &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Namespace: r.key.Namespace, Name: r.key.Name}}}:
+	default:
+		// The reconciler is behind; the periodic status requeue catches up.
+	}
+}
+
+// stopRuns cancels outgoing migrations that have not reached the point of no
+// return; the engine then resumes the domain here.
+func (a *Agent) stopRuns() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range a.runs {
+		if r.cancel != nil {
+			r.cancel()
+		}
+	}
+}
+
+// domainObjectName maps a Xen domain name onto a DNS label.
+func domainObjectName(name string) string {
+	var b strings.Builder
+	for _, c := range strings.ToLower(name) {
+		switch {
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-':
+			b.WriteRune(c)
+		default:
+			b.WriteByte('-')
+		}
+	}
+	s := strings.Trim(b.String(), "-")
+	if len(s) > 63 {
+		s = strings.TrimRight(s[:63], "-")
+	}
+	if s == "" {
+		s = "domain"
+	}
+	return s
+}

@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// publishLoop keeps the XenHost heartbeat and the XenDomains fresh, every
+// HeartbeatInterval and whenever a migration moved a domain.
+func (a *Agent) publishLoop(ctx context.Context) {
+	t := time.NewTicker(a.cfg.HeartbeatInterval)
+	defer t.Stop()
+	// The manager's cache must be running before cached reads work.
+	if !a.mgr.GetCache().WaitForCacheSync(ctx) {
+		return
+	}
+	failures := 0
+	for {
+		if err := a.publish(ctx); err != nil && ctx.Err() == nil {
+			failures++
+			// Log the first failure and then every tenth, to stay readable.
+			if failures == 1 || failures%10 == 0 {
+				a.log.Error(err, "Publishing the host failed; retrying", "failures", failures)
+			}
+		} else {
+			failures = 0
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-a.kick:
+		}
+	}
+}
+
+func (a *Agent) publish(ctx context.Context) error {
+	info, err := a.host.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("host info: %w", err)
+	}
+	doms, err := a.host.Domains(ctx)
+	if err != nil {
+		return fmt.Errorf("list domains: %w", err)
+	}
+	if err := a.publishHost(ctx, info, doms); err != nil {
+		return err
+	}
+	return a.publishDomains(ctx, doms)
+}
+
+func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
+	h := &v1.XenHost{}
+	err := a.c.Get(ctx, types.NamespacedName{Name: a.cfg.Host}, h)
+	if apierrors.IsNotFound(err) {
+		h = &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Host}}
+		if err := a.c.Create(ctx, h); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("register XenHost %s: %w", a.cfg.Host, err)
+		}
+		a.log.Info("Registered XenHost")
+	} else if err != nil {
+		return fmt.Errorf("get XenHost %s: %w", a.cfg.Host, err)
+	}
+	orig := h.DeepCopy()
+	now := metav1.Now()
+	running := 0
+	for _, d := range doms {
+		if d.State != xenmem.StateIncoming {
+			running++
+		}
+	}
+	h.Status.Backend, h.Status.Version, h.Status.AgentVersion, h.Status.AgentID = info.Backend, info.Version, agentVersion, a.id
+	h.Status.CPUs = int32(info.CPUs)
+	h.Status.CapacityBytes, h.Status.FreeBytes = int64(info.TotalMemoryBytes), int64(info.FreeMemoryBytes)
+	h.Status.Domains = int32(running)
+	h.Status.DataAddress = a.DataAddress()
+	h.Status.HeartbeatTime = &now
+	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostAgentReadyCondition, Status: metav1.ConditionTrue,
+		Reason: "Heartbeating", Message: "Agent " + a.id + " serves migrations at " + a.DataAddress()})
+	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostBackendReadyCondition, Status: metav1.ConditionTrue,
+		Reason: "BackendReachable", Message: fmt.Sprintf("%s backend %s, %d domains", info.Backend, info.Version, running)})
+	if err := a.c.Status().Patch(ctx, h, client.MergeFrom(orig)); err != nil {
+		return fmt.Errorf("heartbeat XenHost %s: %w", a.cfg.Host, err)
+	}
+	return nil
+}
+
+// publishDomains writes one XenDomain per domain running here and removes
+// the ones this host published for domains that are gone. A XenDomain that
+// names another host is left alone unless the domain runs here now (it just
+// arrived); one that is being migrated out keeps naming this host until the
+// target takes it over.
+func (a *Agent) publishDomains(ctx context.Context, doms []xenmem.DomainInfo) error {
+	here := map[string]bool{} // bounded by the domains of this host
+	var errs []error
+	for _, d := range doms {
+		if d.State == xenmem.StateIncoming || d.State == xenmem.StateShutdown {
+			continue
+		}
+		ns := d.Namespace
+		if ns == "" {
+			ns = a.cfg.Namespace
+		}
+		name := domainObjectName(d.Name)
+		here[ns+"/"+name] = true
+		if err := a.publishDomain(ctx, ns, name, d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	var list v1.XenDomainList
+	if err := a.c.List(ctx, &list); err != nil {
+		return fmt.Errorf("list XenDomains: %w", err)
+	}
+	for i := range list.Items {
+		xd := &list.Items[i]
+		if xd.Status.Host != a.cfg.Host || here[xd.Namespace+"/"+xd.Name] {
+			continue
+		}
+		// The resourceVersion precondition keeps a target's fresh takeover.
+		err := a.c.Delete(ctx, xd, client.Preconditions{UID: &xd.UID, ResourceVersion: &xd.ResourceVersion})
+		if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+			errs = append(errs, fmt.Errorf("delete XenDomain %s/%s: %w", xd.Namespace, xd.Name, err))
+			continue
+		}
+		if err == nil {
+			a.log.Info("Removed XenDomain of a domain no longer on this host", "xendomain", xd.Namespace+"/"+xd.Name)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("publish XenDomains: %v", errs)
+	}
+	return nil
+}
+
+func (a *Agent) publishDomain(ctx context.Context, ns, name string, d xenmem.DomainInfo) error {
+	spec := v1.XenDomainSpec{DomainName: d.Name, UUID: d.UUID, MemoryBytes: int64(d.MemoryBytes), VCPUs: int32(d.VCPUs)}
+	for _, disk := range d.Disks {
+		spec.Disks = append(spec.Disks, v1.DomainDisk{ID: disk.ID, Path: disk.Path, ReadOnly: disk.ReadOnly})
+	}
+	xd := &v1.XenDomain{}
+	err := a.c.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, xd)
+	switch {
+	case apierrors.IsNotFound(err):
+		xd = &v1.XenDomain{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: d.Labels}, Spec: spec}
+		if err := a.c.Create(ctx, xd); err != nil {
+			if apierrors.IsAlreadyExists(err) {
+				return nil // next round
+			}
+			return fmt.Errorf("create XenDomain %s/%s: %w", ns, name, err)
+		}
+		a.log.Info("Published XenDomain", "xendomain", ns+"/"+name)
+	case err != nil:
+		return fmt.Errorf("get XenDomain %s/%s: %w", ns, name, err)
+	default:
+		if xd.Status.Host != "" && xd.Status.Host != a.cfg.Host && d.State != xenmem.StateRunning {
+			return nil // being migrated out and already taken over, or not ours
+		}
+	}
+	if !equalSpec(xd.Spec, spec) {
+		orig := xd.DeepCopy()
+		xd.Spec = spec
+		if err := a.c.Patch(ctx, xd, client.MergeFrom(orig)); err != nil {
+			return fmt.Errorf("update XenDomain %s/%s: %w", ns, name, err)
+		}
+	}
+	orig := xd.DeepCopy()
+	now := metav1.Now()
+	if xd.Status.Host == a.cfg.Host && xd.Status.State == string(d.State) && xd.Status.DomID == int32(d.ID) &&
+		xd.Status.LastUpdateTime != nil && now.Sub(xd.Status.LastUpdateTime.Time) < time.Minute {
+		return nil // unchanged; refresh at most once a minute
+	}
+	if xd.Status.Host != a.cfg.Host && xd.Status.Host != "" {
+		a.log.Info("Took over XenDomain: the domain runs here now", "xendomain", ns+"/"+name, "previousHost", xd.Status.Host)
+	}
+	xd.Status = v1.XenDomainStatus{Host: a.cfg.Host, DomID: int32(d.ID), State: string(d.State), LastUpdateTime: &now}
+	if err := a.c.Status().Patch(ctx, xd, client.MergeFrom(orig)); err != nil {
+		return fmt.Errorf("update status of XenDomain %s/%s: %w", ns, name, err)
+	}
+	return nil
+}
+
+func equalSpec(a, b v1.XenDomainSpec) bool {
+	if a.DomainName != b.DomainName || a.UUID != b.UUID || a.MemoryBytes != b.MemoryBytes || a.VCPUs != b.VCPUs || len(a.Disks) != len(b.Disks) {
+		return false
+	}
+	for i := range a.Disks {
+		if a.Disks[i] != b.Disks[i] {
+			return false
+		}
+	}
+	return true
+}
