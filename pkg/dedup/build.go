@@ -63,6 +63,7 @@ func (j *buildJob) run(ctx context.Context) (*table, error) {
 		workers = 1
 	}
 	var done atomic.Int64
+	adviseSequential(j.f)
 
 	var errOnce sync.Once
 	var firstErr error

@@ -86,3 +86,9 @@ func allocatedBlocks(f *os.File, id identity) int64 {
 	}
 	return min(blocks, st.Blocks*512/BlockSize)
 }
+
+// adviseSequential tells the kernel the disk is about to be read front to
+// back (larger readahead on real devices). Advice only: errors are ignored.
+func adviseSequential(f *os.File) {
+	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL)
+}
