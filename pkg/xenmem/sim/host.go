@@ -393,11 +393,7 @@ func (d *Domain) fillFromProfile(ctx context.Context) error {
 		}
 		disk, bm = f, newDiskBlockMap(blocks, p.Seed)
 	}
-	var key [32]byte
-	copy(key[:], "xenferry-sim-memory")
-	key[31] = byte(p.Seed)
-	key[30] = byte(p.Seed >> 8)
-	rng := rand.NewChaCha8(key)
+	rng := uint64(p.Seed) ^ 0x6d656d6f7279 // "memory"
 	var k uint64
 	for pfn, c := range cat {
 		page := d.mem[uint64(pfn)*xenmem.PageSize : uint64(pfn+1)*xenmem.PageSize]
@@ -408,7 +404,7 @@ func (d *Domain) fillFromProfile(ctx context.Context) error {
 			}
 			k++
 		case pageOther:
-			_, _ = rng.Read(page)
+			fillRandom(page, &rng)
 		}
 		if uint64(pfn+1)*xenmem.PageSize%progressEvery == 0 {
 			if err := ctx.Err(); err != nil {
