@@ -29,7 +29,7 @@ func GenerateDisk(path string, size int64, seed int64) error {
 	if err != nil {
 		return fmt.Errorf("generate disk %s: %w", path, err)
 	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
+	defer os.Remove(tmp.Name())              // no-op after the rename
 	rng := uint64(seed) ^ 0x6469736b2d696d67 // "disk-img"
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < size; off += int64(len(buf)) {
