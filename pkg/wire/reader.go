@@ -82,7 +82,10 @@ func (r *Reader) ReadStreamHeader() error {
 // and padding, skips unknown optional records and rejects unknown mandatory
 // ones. At a clean end of input exactly at a record boundary it returns
 // io.EOF; input that ends inside a record yields a wrapped
-// io.ErrUnexpectedEOF.
+// io.ErrUnexpectedEOF. An error that leaves the stream between records
+// (io.EOF, or a read deadline before the first header byte) is returned
+// without poisoning the Reader, so Next may be called again; any other
+// error is sticky.
 func (r *Reader) Next() (Record, error) {
 	for {
 		if r.err != nil {
@@ -92,9 +95,14 @@ func (r *Reader) Next() (Record, error) {
 		n, err := io.ReadFull(r.br, r.hdr[:])
 		r.n += int64(n)
 		if err != nil {
-			if n == 0 && errors.Is(err, io.EOF) {
-				// A clean end; not sticky so a caller may probe again.
-				return Record{}, io.EOF
+			if n == 0 {
+				// Nothing of the record was consumed: a clean end (io.EOF)
+				// or, say, a read deadline at a record boundary. Not
+				// sticky, so the caller may retry.
+				if errors.Is(err, io.EOF) {
+					return Record{}, io.EOF
+				}
+				return Record{}, fmt.Errorf("wire: read record header at offset %d: %w", off, err)
 			}
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
