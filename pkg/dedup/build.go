@@ -85,10 +85,7 @@ func (j *buildJob) run(ctx context.Context) (*table, error) {
 			off := s.off
 			for off < s.end {
 				ds, de := nextData(j.f, off, s.end)
-				ds = ds &^ (BlockSize - 1)
-				if ds < off {
-					ds = off
-				}
+				ds = min(max(ds&^(BlockSize-1), off), s.end)
 				if de > s.end {
 					de = s.end
 				}

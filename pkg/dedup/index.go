@@ -210,9 +210,15 @@ func (ix *Index) Invalidate(off, length int64) {
 	if off >= size {
 		return // past the end: Refresh indexes growth anyway
 	}
-	end := min(off+length, size)
+	end := size
+	if length < size-off {
+		end = off + length
+	}
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	if ix.closed {
+		return
+	}
 	nreg := (size + regionSize - 1) / regionSize
 	if int64(len(ix.dirty)) < (nreg+63)/64 {
 		ix.dirty = append(ix.dirty, make([]uint64, (nreg+63)/64-int64(len(ix.dirty)))...)

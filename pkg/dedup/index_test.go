@@ -413,3 +413,38 @@ func TestOpenBlockDevice(t *testing.T) {
 		t.Fatalf("resolved block differs")
 	}
 }
+
+func TestInvalidateEdges(t *testing.T) {
+	ctx := context.Background()
+	im := makeImage(t, t.TempDir(), 700, 12)
+	ix, err := Open(ctx, im.path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ix.Close()
+	var pl progressLog
+	ix.opts.Progress = pl.fn
+
+	// Ranges that name nothing inside the disk are ignored: Refresh of the
+	// unchanged disk then reads nothing.
+	ix.Invalidate(-5, 100)
+	ix.Invalidate(0, 0)
+	ix.Invalidate(0, -1)
+	ix.Invalidate(ix.Size(), 4096)
+	if err := ix.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if calls, _ := pl.get(); calls != 0 {
+		t.Fatalf("ranges outside the disk caused a re-read")
+	}
+
+	// A huge length covers the rest of the disk without overflowing.
+	ix.Invalidate(BlockSize, 1<<62+(1<<62-1))
+	if err := ix.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, last := pl.get(); last[1] != ix.Size() {
+		t.Fatalf("refresh covered %d bytes, want the whole disk (%d)", last[1], ix.Size())
+	}
+	checkIndexMatchesFile(t, ix)
+}
