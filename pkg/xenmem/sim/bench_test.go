@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"errors"
 	"sort"
 	"testing"
 	"time"
@@ -51,12 +52,58 @@ func BenchmarkReadDirty(b *testing.B) {
 	}
 }
 
-// BenchmarkLazyFaultRoundTrip measures a missing-page fault end to end: a
-// vCPU reads a missing page, the fault arrives on Faults(), the page is
-// installed, and the vCPU's read completes. It reports p50/p99 of the
-// fault-raised→installed time (what the engine's fault latency measures,
-// minus the network) and of the whole round trip.
-func BenchmarkLazyFaultRoundTrip(b *testing.B) {
+// BenchmarkLazyFaults measures the sim's share of post-copy fault latency:
+// a 2-vCPU guest writes 8 MiB/s over a domain whose pages are all missing,
+// and this goroutine serves every fault with Install, as the engine's
+// fault loop does (without the network). It reports p50/p99 of
+// fault read → page installed (Fault.RaisedNanos to Install's return) and
+// the guest's write rate while faulting.
+func BenchmarkLazyFaults(b *testing.B) {
+	requiresUffd(b)
+	h := newTestHost(b)
+	tgt, err := h.CreateTarget(ctxT(b), xenmem.DomainInfo{Name: "vm", MemoryBytes: 256 << 20, VCPUs: 2})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tgt.Destroy()
+	d := mustDomain(b, h, "vm")
+	d.SetRates(8, 0)
+	lz, err := tgt.StartLazy(xenmem.NewBitmap(tgt.NumPages()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := tgt.Resume(); err != nil {
+		b.Fatal(err)
+	}
+	data := patternPage(1)
+	lat := make([]time.Duration, 0, b.N)
+	start := time.Now()
+	w0, _ := d.Counters()
+	b.ResetTimer()
+	for len(lat) < b.N {
+		f := <-lz.Faults()
+		err := lz.Install(f.PFN, data)
+		if errors.Is(err, xenmem.ErrPageExists) {
+			continue
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Duration(monoNow()-f.RaisedNanos))
+	}
+	b.StopTimer()
+	w1, _ := d.Counters()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "installP50us")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds())/1e3, "installP99us")
+	b.ReportMetric(float64(w1-w0)/256/time.Since(start).Seconds(), "guestWriteMiBps")
+}
+
+// BenchmarkProbeMissingPage is the full round trip of one guest read of a
+// missing page: Probe (vCPU 0 reads the page) → fault → Install → the read
+// completes. Probe's own polling adds to it; see BenchmarkLazyFaults for
+// the fault service alone.
+func BenchmarkProbeMissingPage(b *testing.B) {
 	requiresUffd(b)
 	h := newTestHost(b)
 	tgt, err := h.CreateTarget(ctxT(b), xenmem.DomainInfo{Name: "vm", MemoryBytes: 256 << 20, VCPUs: 1})
@@ -72,32 +119,24 @@ func BenchmarkLazyFaultRoundTrip(b *testing.B) {
 	if err := tgt.Resume(); err != nil {
 		b.Fatal(err)
 	}
-	data := patternPage(1)
+	go func() {
+		for f := range lz.Faults() {
+			_ = lz.Install(f.PFN, zeroPage)
+		}
+	}()
+	ctx := ctxT(b)
 	n := min(uint64(b.N), tgt.NumPages())
-	serve := make([]time.Duration, 0, n)
 	rtt := make([]time.Duration, 0, n)
-	done := make(chan error, 1)
 	b.ResetTimer()
 	for pfn := uint64(0); pfn < n; pfn++ {
 		start := time.Now()
-		go func() { _, err := d.Probe(ctxT(b), pfn); done <- err }()
-		f := <-lz.Faults()
-		if err := lz.Install(f.PFN, data); err != nil {
-			b.Fatal(err)
-		}
-		serve = append(serve, time.Duration(monoNow()-f.RaisedNanos))
-		if err := <-done; err != nil {
+		if _, err := d.Probe(ctx, pfn); err != nil {
 			b.Fatal(err)
 		}
 		rtt = append(rtt, time.Since(start))
 	}
 	b.StopTimer()
-	pct := func(ds []time.Duration, q float64) float64 {
-		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
-		return float64(ds[int(q*float64(len(ds)-1))].Microseconds())
-	}
-	b.ReportMetric(pct(serve, 0.5), "installP50us")
-	b.ReportMetric(pct(serve, 0.99), "installP99us")
-	b.ReportMetric(pct(rtt, 0.5), "roundTripP50us")
-	b.ReportMetric(pct(rtt, 0.99), "roundTripP99us")
+	sort.Slice(rtt, func(i, j int) bool { return rtt[i] < rtt[j] })
+	b.ReportMetric(float64(rtt[len(rtt)/2].Nanoseconds())/1e3, "roundTripP50us")
+	b.ReportMetric(float64(rtt[len(rtt)*99/100].Nanoseconds())/1e3, "roundTripP99us")
 }

@@ -75,9 +75,14 @@
 // mode) and lazy loading (missing mode), so a domain that arrived lazily
 // can be migrated on. Faults interrupted by a signal are raised again, so
 // Faults may repeat a pfn; the guest runs with asynchronous preemption off
-// to make that rare. Measured (BenchmarkLazyFaultRoundTrip): fault read →
-// page installed p50 6-13 µs, p99 ~150 µs; vCPU read of a missing page →
-// fault → install → read done p50 18-60 µs.
+// to make that rare. Measured (go test -run '^$' -bench 'LazyFaults|Probe'
+// ./pkg/xenmem/sim): with a guest writing 8 MiB/s over all-missing memory,
+// fault read → page installed p50 17 µs, p99 83 µs (BenchmarkLazyFaults);
+// a vCPU read of a missing page until the read completes p50 10 µs
+// (BenchmarkProbeMissingPage; its ms-scale p99 is the harness's polling on
+// two shared cores). After delivering faults the service goroutine yields
+// its P before blocking in poll(2) again, otherwise the consumer it woke
+// waits until sysmon retakes the P (up to 10 ms).
 //
 // Extras for tests and benchmarks: Domain.Probe makes vCPU 0 read a page
 // through the guest's own mapping (a real guest access, faulting if

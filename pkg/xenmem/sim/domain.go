@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -138,6 +139,7 @@ func (d *Domain) pauseLocked() error {
 	if g&1 == 0 {
 		g = atomic.AddUint32(pw, 1)
 		futexWake(pw)
+		futexWake(d.ctl.u32(offProbeReq)) // vCPU 0 idles on the probe word
 	}
 	deadline := time.Now().Add(pauseTimeout)
 	sleep := 20 * time.Microsecond
@@ -225,20 +227,23 @@ func (d *Domain) Probe(ctx context.Context, pfn uint64) (uint64, error) {
 	}
 	d.ctl.store64(offProbePFN, pfn)
 	req := atomic.AddUint32(d.ctl.u32(offProbeReq), 1)
-	futexWake(d.ctl.u32(offPause))
-	ack := d.ctl.u32(offProbeAck)
-	for {
-		a := atomic.LoadUint32(ack)
-		if a == req {
-			break
-		}
+	futexWake(d.ctl.u32(offProbeReq))
+	// Poll without blocking in a syscall: a goroutine blocked in futex(2)
+	// would hold its P, delaying the goroutine that serves this very fault.
+	for spins := 0; d.ctl.load32(offProbeAck) != req; spins++ {
 		if !d.guest.alive() {
 			return 0, fmt.Errorf("probe %s: %w", d.spec.Name, d.guest.deadError())
 		}
 		if err := ctx.Err(); err != nil {
 			return 0, fmt.Errorf("probe %s pfn %d: %w", d.spec.Name, pfn, err)
 		}
-		futexWait(ack, a, int64(time.Millisecond)) // vCPU 0 wakes it
+		// Go rounds sub-millisecond sleeps of an idle process up to 1 ms
+		// (epoll timeouts are in ms), so spin with Gosched for a while.
+		if spins < 2000 {
+			runtime.Gosched()
+		} else {
+			time.Sleep(100 * time.Microsecond)
+		}
 	}
 	return d.ctl.load64(offProbeRes), nil
 }

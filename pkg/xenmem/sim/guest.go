@@ -147,19 +147,22 @@ func runVCPU(mem []byte, ctl ctlPage, i int) {
 		start, doneW, doneR = time.Now(), 0, 0
 	}
 	park()
+	var probeSeen uint32
 	for {
-		if atomic.LoadUint32(pause)&1 != 0 {
+		pg := atomic.LoadUint32(pause)
+		if pg&1 != 0 {
 			park()
 			continue
 		}
 		if i == 0 {
-			if req := ctl.load32(offProbeReq); req != ctl.load32(offProbeAck) {
+			req := ctl.load32(offProbeReq)
+			probeSeen = req
+			if req != ctl.load32(offProbeAck) {
 				pfn := ctl.load64(offProbePFN)
 				if pfn < w.pages {
 					ctl.store64(offProbeRes, fnv64(mem[pfn*4096:(pfn+1)*4096]))
 				}
 				ctl.store32(offProbeAck, req)
-				futexWake(ctl.u32(offProbeAck))
 			}
 		}
 		wr := ctl.loadF(offWRate) / float64(n)
@@ -193,12 +196,16 @@ func runVCPU(mem []byte, ctl ctlPage, i int) {
 			if rr > 0 {
 				next = min(next, (doneR+1)/rr-el)
 			}
-			d := time.Duration(next * float64(time.Second))
-			if i == 0 && d > time.Millisecond {
-				d = time.Millisecond // stay responsive to probes
-			}
-			if d > 0 {
-				futexWait(pause, atomic.LoadUint32(pause), int64(max(d, 20*time.Microsecond)))
+			d := max(time.Duration(next*float64(time.Second)), 20*time.Microsecond)
+			// Sleep on a futex whose value was read before the checks
+			// above, so a change since then (Pause, or a probe for vCPU 0,
+			// which the agent follows with a wake on that word) cannot be
+			// missed. vCPU 0 sleeps at most 1 ms so a Pause waits no
+			// longer than that for it.
+			if i == 0 {
+				futexWait(ctl.u32(offProbeReq), probeSeen, int64(min(d, time.Millisecond)))
+			} else {
+				futexWait(pause, pg, int64(d))
 			}
 		}
 	}
