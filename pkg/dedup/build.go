@@ -189,12 +189,7 @@ func (j *buildJob) run(ctx context.Context) (*table, error) {
 				return t.compacted(), nil
 			}
 			for i, k := range r.keys {
-				if t.full() {
-					t = t.rebuilt(t.entries*2, nil)
-				}
-				for t.insert(k, r.blks[i]) != nil {
-					t = t.rebuilt(t.entries+t.entries/4+1024, nil)
-				}
+				t = t.add(k, r.blks[i])
 			}
 			free <- r
 		case <-tick.C:

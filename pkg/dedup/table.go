@@ -114,6 +114,20 @@ func (t *table) insert(k key, blk uint32) error {
 	return nil
 }
 
+// add inserts k → blk, growing the table by half when it is full or its
+// slack ran out, and returns the table now holding the entry. Builds size
+// their first table from the allocated blocks, an upper bound on entries,
+// so growth is the exception.
+func (t *table) add(k key, blk uint32) *table {
+	if t.full() {
+		t = t.rebuilt(t.entries+t.entries/2, nil)
+	}
+	for t.insert(k, blk) != nil {
+		t = t.rebuilt(t.entries+t.entries/4+1024, nil)
+	}
+	return t
+}
+
 // full reports whether the next insert would pass maxLoad.
 func (t *table) full() bool {
 	return float64(t.entries+1) > maxLoad*float64(t.n)

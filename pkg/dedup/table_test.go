@@ -2,7 +2,10 @@ package dedup
 
 import (
 	"math/rand/v2"
+	"os"
+	"runtime"
 	"testing"
+	"time"
 )
 
 // checkSorted verifies the table invariants: occupied slots in ascending key
@@ -127,5 +130,46 @@ func TestTableFilteredRebuild(t *testing.T) {
 		if ok != (i%2 == 1) {
 			t.Fatalf("key %d: found = %v after keeping odd blocks", i, ok)
 		}
+	}
+}
+
+// TestTable100GiBDisk sizes and fills a table as Open does for a full
+// 100 GiB disk of distinct blocks (26.2 M entries) and reports its memory.
+// Heavy (~0.5 GB, seconds): run with XENFERRY_DEDUP_SCALE=1.
+func TestTable100GiBDisk(t *testing.T) {
+	if os.Getenv("XENFERRY_DEDUP_SCALE") == "" {
+		t.Skip("set XENFERRY_DEDUP_SCALE=1 to run the 100 GiB sizing test")
+	}
+	const blocks = 100 << 30 / BlockSize
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	before := ms.HeapAlloc
+	start := time.Now()
+	tb := newTable(blocks)
+	rng := rand.New(rand.NewPCG(100, 100))
+	var probe []key
+	for i := range uint32(blocks) {
+		k := key{rng.Uint64(), rng.Uint32()}
+		tb = tb.add(k, i)
+		if i%4096 == 0 {
+			probe = append(probe, k)
+		}
+	}
+	fill := time.Since(start)
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	heap := int64(ms.HeapAlloc) - int64(before)
+	for _, k := range probe {
+		if _, ok := tb.lookup(k); !ok {
+			t.Fatalf("key missing")
+		}
+	}
+	t.Logf("100 GiB disk, %d entries: table %.0f MiB (%.1f B/block, %.2f MB per GiB), heap %.0f MiB, filled in %v (%.0f ns/insert, inserter bound %.1f GB/s of disk)",
+		tb.entries, float64(tb.memBytes())/(1<<20), float64(tb.memBytes())/blocks, float64(tb.memBytes())/1e6/100,
+		float64(heap)/(1<<20), fill.Round(time.Millisecond), float64(fill.Nanoseconds())/blocks,
+		float64(blocks*BlockSize)/fill.Seconds()/1e9)
+	if tb.memBytes() > 1<<30 {
+		t.Fatalf("table of a 100 GiB disk takes %d bytes", tb.memBytes())
 	}
 }
