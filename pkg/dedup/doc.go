@@ -14,9 +14,12 @@
 // no pointers): home slot = k0*n>>64, entries kept sorted by key, built to a
 // load factor of 0.85 (between 0.6 and 0.85 after growth). Memory is
 // 16/0.85 ≈ 19 bytes per distinct non-zero block, at most ≈ 27 bytes at the
-// lower load: ≈ 4.9 MB per GiB of disk, 0.5 GB for a completely full 100 GiB
-// disk; zero blocks and repeated contents cost nothing. A 4-byte block number
-// bounds a disk to 16 TiB.
+// lower load: ≈ 4.9 MB per GiB of disk, 471 MiB for a 100 GiB disk of
+// distinct blocks; zero blocks and repeated contents cost nothing. The first
+// table of a build is sized from the allocated blocks (an upper bound), so
+// builds do not grow it; it is compacted once at the end when the disk held
+// many zero or repeated blocks. A 4-byte block number bounds a disk to
+// 16 TiB.
 //
 // Why 96 bits: a false positive needs a 96-bit collision with one of the
 // disk's N blocks, probability about N/2^96 per page (1e-21 for a 100 GiB
