@@ -25,6 +25,7 @@ import (
 //	 76     4  probe acknowledged sequence (vCPU 0)
 //	 80     8  probe pfn
 //	 88     8  probe result (FNV-1a of the page as the guest read it)
+//	 96     4  park sequence: bumped (and futex-woken) by each vCPU that parks
 //	128+64i    vCPU i: write rng, read rng, writes, reads (8 each), parked-at pause word (4)
 const (
 	ctlSize     = 4096
@@ -42,6 +43,7 @@ const (
 	offProbeAck = 76
 	offProbePFN = 80
 	offProbeRes = 88
+	offParkSeq  = 96
 	offVCPU0    = 128
 	vcpuStride  = 64
 

@@ -142,8 +142,9 @@ func (d *Domain) pauseLocked() error {
 		futexWake(d.ctl.u32(offProbeReq)) // vCPU 0 idles on the probe word
 	}
 	deadline := time.Now().Add(pauseTimeout)
-	sleep := 20 * time.Microsecond
+	parkSeq := d.ctl.u32(offParkSeq)
 	for {
+		seq := atomic.LoadUint32(parkSeq)
 		all := true
 		for i := 0; i < d.spec.VCPUs; i++ {
 			if d.ctl.load32(vcpuOff(i, vcParked)) != g {
@@ -160,8 +161,11 @@ func (d *Domain) pauseLocked() error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("pause %s: vCPUs did not park within %v (blocked on a missing page that is never installed?)", d.spec.Name, pauseTimeout)
 		}
-		time.Sleep(sleep)
-		sleep = min(2*sleep, time.Millisecond)
+		// Every vCPU bumps the park sequence and wakes us when it parks;
+		// seq was read before the check, so no acknowledgement is missed.
+		// (time.Sleep would not do: Go rounds short sleeps of an idle
+		// process up to a millisecond.)
+		futexWait(parkSeq, seq, int64(time.Millisecond))
 	}
 	d.mu.Lock()
 	d.paused = true

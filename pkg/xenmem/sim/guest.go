@@ -141,7 +141,11 @@ func runVCPU(mem []byte, ctl ctlPage, i int) {
 				break
 			}
 			// Acknowledge this pause generation: no write is in flight.
-			atomic.StoreUint32(parked, g)
+			if atomic.LoadUint32(parked) != g {
+				atomic.StoreUint32(parked, g)
+				atomic.AddUint32(ctl.u32(offParkSeq), 1)
+				futexWake(ctl.u32(offParkSeq))
+			}
 			futexWait(pause, g, int64(50*time.Millisecond))
 		}
 		start, doneW, doneR = time.Now(), 0, 0
