@@ -22,7 +22,7 @@
 // 16 TiB.
 //
 // Why 96 bits: a false positive needs a 96-bit collision with one of the
-// disk's N blocks, probability about N/2^96 per page (1e-21 for a 100 GiB
+// disk's N blocks, probability about N/2^96 per page (3e-22 for a 100 GiB
 // disk). Even then nothing breaks: the source sends a reference, the
 // destination reads the block, finds that its full 128-bit hash differs
 // (ErrStale) and fetches the page from the source. The full page hash always
