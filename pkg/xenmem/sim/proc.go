@@ -38,9 +38,13 @@ const helloTimeout = 20 * time.Second
 // startGuest re-executes the current binary as a guest process sharing mem
 // and ctl, and waits for its hello.
 func startGuest(mem, ctl *os.File) (_ *guestProc, retErr error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, fmt.Errorf("start guest: find own executable: %w", err)
+	// /proc/self/exe works even when the binary was replaced or deleted
+	// since it started (upgrades, go run's temporary binaries).
+	exe := "/proc/self/exe"
+	if _, err := os.Stat(exe); err != nil {
+		if exe, err = os.Executable(); err != nil {
+			return nil, fmt.Errorf("start guest: find own executable: %w", err)
+		}
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
