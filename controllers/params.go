@@ -133,6 +133,9 @@ func resolveParameters(spec *v1.VMMigrationSpec, policy *v1.MigrationPolicy, mem
 		allowPost = *pp.AllowPostCopy
 	}
 	out.AllowPostCopy = allowPost
+	if allowPost && (sp.CompletionTimeoutPerGiB != nil || pp.CompletionTimeoutPerGiB != nil) {
+		out.SwitchToPostCopyAfter = out.CompletionTimeout
+	}
 	dedup := spec.Dedup == nil || *spec.Dedup
 	var engine string
 	switch {

@@ -42,11 +42,11 @@ type run struct {
 	// mu protects the fields below.
 	mu sync.Mutex
 	// target side
-	token                       []byte
-	prepared, resumed, done     bool
-	failed, aborted             bool
-	resumeTime                  time.Time
-	message                     string
+	token                   []byte
+	prepared, resumed, done bool
+	failed, aborted         bool
+	resumeTime              time.Time
+	message                 string
 	// source side
 	cancel   context.CancelFunc
 	start    time.Time
@@ -60,7 +60,6 @@ type run struct {
 	// lastPhase is the phase last written, so a phase change is written at once.
 	lastPhase string
 }
-
 
 func (a *Agent) setupReconciler(mgr ctrl.Manager) error {
 	mine := predicate.NewPredicateFuncs(func(o client.Object) bool {
@@ -371,7 +370,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		Strategy:          engine.Strategy(p.EngineStrategy),
 		LinkBytesPerSec:   p.BandwidthBytesPerSecond,
 		MaxDowntime:       p.MaxDowntime.Duration,
-		CompletionTimeout: p.CompletionTimeout.Duration,
+		CompletionTimeout: p.SwitchToPostCopyAfter.Duration,
 		MigrationID:       string(m.UID),
 		Token:             tok,
 	}

@@ -50,6 +50,8 @@ type MigrationParameters struct {
 }
 
 // VMMigrationSpec is what the user asks for.
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)",message="cancel cannot be undone"
+// +kubebuilder:validation:XValidation:rule="(has(self.targetHost) ? self.targetHost : '') == (has(oldSelf.targetHost) ? oldSelf.targetHost : '')",message="targetHost is immutable; create a new VMMigration instead"
 // +kubebuilder:validation:XValidation:rule="!has(self.strategy) || self.strategy == 'PreCopy' || !has(self.allowPostCopy) || self.allowPostCopy",message="strategy PostCopy and Hybrid need allowPostCopy; set strategy PreCopy to forbid post-copy"
 type VMMigrationSpec struct {
 	// domain names the XenDomain, in this namespace, to migrate.
@@ -60,7 +62,6 @@ type VMMigrationSpec struct {
 	// targetHost names the XenHost to migrate to; empty lets the controller
 	// choose (enough free memory, not cordoned, least loaded).
 	// +optional
-	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="targetHost is immutable; create a new VMMigration instead"
 	TargetHost string `json:"targetHost,omitempty"`
 	// strategy is PreCopy, PostCopy or Hybrid (the default).
 	// +optional
@@ -80,7 +81,6 @@ type VMMigrationSpec struct {
 	// cancel asks to stop the migration. Honoured in every phase until the
 	// domain has resumed on the target; it cannot be undone.
 	// +optional
-	// +kubebuilder:validation:XValidation:rule="self || !oldSelf",message="cancel cannot be undone"
 	Cancel bool `json:"cancel,omitempty"`
 }
 
@@ -246,6 +246,12 @@ type ResolvedParameters struct {
 	// completionTimeout for this domain's memory size.
 	// +optional
 	CompletionTimeout metav1.Duration `json:"completionTimeout,omitempty"`
+	// switchToPostCopyAfter tells the data path to switch to post-copy after
+	// this much pre-copy; set to completionTimeout when post-copy is allowed
+	// and a completion timeout was configured, 0 lets the data path use its
+	// own budget.
+	// +optional
+	SwitchToPostCopyAfter metav1.Duration `json:"switchToPostCopyAfter,omitempty"`
 	// progressTimeout without growth of bytes sent.
 	// +optional
 	ProgressTimeout metav1.Duration `json:"progressTimeout,omitempty"`

@@ -237,6 +237,7 @@ func (in *ResolvedParameters) DeepCopyInto(out *ResolvedParameters) {
 	*out = *in
 	out.MaxDowntime = in.MaxDowntime
 	out.CompletionTimeout = in.CompletionTimeout
+	out.SwitchToPostCopyAfter = in.SwitchToPostCopyAfter
 	out.ProgressTimeout = in.ProgressTimeout
 }
 

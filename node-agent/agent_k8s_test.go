@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+)
+
+// A full migration through the controller and two agents, over loopback TCP.
+func TestFullMigrationThroughControllerAndAgents(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	disks := t.TempDir()
+	metrics := startController(t, ctrlOpts{})
+	a := startAgent(t, ns+"-a", "1Gi", simDomain("web", ns, "64Mi", 4, sharedDisk(t, disks, "web"), 1))
+	startAgent(t, ns+"-b", "1Gi")
+	waitDomainOn(t, ns, "web", a.name, 10*time.Second)
+
+	start := time.Now()
+	create(t, migration(ns, "move-web", "web", ""))
+	m := waitPhase(t, ns, "move-web", 60*time.Second, v1.MigrationSucceeded)
+	t.Logf("migration took %s wall time", time.Since(start).Round(time.Millisecond))
+
+	if m.Status.SourceHost != a.name || m.Status.TargetHost != ns+"-b" {
+		t.Fatalf("hosts: source %q target %q, want %s → %s-b (the only other host)", m.Status.SourceHost, m.Status.TargetHost, a.name, ns)
+	}
+	if m.Status.Result == nil || !m.Status.Result.Verified {
+		t.Fatalf("result %+v: want a verified result", m.Status.Result)
+	}
+	if m.Status.Progress == nil || m.Status.Progress.Percent != 100 || m.Status.ProgressText != "100%" {
+		t.Fatalf("progress %+v %q: want 100%%", m.Status.Progress, m.Status.ProgressText)
+	}
+	if m.Status.Parameters == nil || m.Status.Parameters.EngineStrategy != "hybrid+dedup" {
+		t.Fatalf("parameters %+v: want the default hybrid+dedup", m.Status.Parameters)
+	}
+	if m.Status.Result.Pages.Disk == 0 || m.Status.Result.DedupSavedBytes == 0 {
+		t.Errorf("dedup: %d disk pages, %d bytes saved; want both > 0 (40%% of memory comes from the disk)", m.Status.Result.Pages.Disk, m.Status.Result.DedupSavedBytes)
+	}
+	for _, c := range []string{v1.ValidCondition, v1.ScheduledCondition, v1.TargetReadyCondition, v1.ResumedOnTargetCondition, v1.CompletedCondition} {
+		if cond := condition(m, c); cond == nil || cond.Status != metav1.ConditionTrue {
+			t.Errorf("condition %s = %+v, want True", c, cond)
+		}
+	}
+	// Phases went forward through the handshake.
+	var phases []string
+	for _, p := range m.Status.PhaseTransitionTimestamps {
+		phases = append(phases, string(p.Phase))
+	}
+	got := strings.Join(phases, ",")
+	for _, want := range []string{"Pending", "Scheduling", "PreparingTarget", "TargetReady", "Succeeded"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("phase transitions %s miss %s", got, want)
+		}
+	}
+	// The domain now runs on the target, and only there.
+	waitDomainOn(t, ns, "web", ns+"-b", 10*time.Second)
+	if _, ok := a.host.Domain("web"); ok {
+		t.Errorf("domain web still exists on the source host after a successful migration")
+	}
+	// The token Secret is gone once the migration is final.
+	waitFor(t, "token Secret deleted", 10*time.Second, func() (bool, string) {
+		var l corev1.SecretList
+		if err := k8s.List(context.Background(), &l, client.InNamespace(ns)); err != nil {
+			return false, err.Error()
+		}
+		return len(l.Items) == 0, "secrets remain"
+	})
+	ev := strings.Join(events(t, m), ",")
+	for _, want := range []string{v1.ReasonTargetSelected, v1.ReasonResumed, v1.ReasonSucceeded} {
+		if !strings.Contains(ev, want) {
+			t.Errorf("events %s miss %s", ev, want)
+		}
+	}
+	t.Logf("reconciles for one migration: %.0f; result: %s total, %s downtime, %d bytes sent, %d saved by dedup",
+		counterValue(t, metrics.Reconciles), m.Status.Result.TotalTime.Duration, m.Status.Result.Downtime.Duration,
+		m.Status.Result.BytesSent, m.Status.Result.DedupSavedBytes)
+}
+
+// Specs that the API server refuses, with the message the user sees.
+func TestAPIServerRejectsBadSpecs(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	neg := resource.MustParse("-1Mi")
+	no := false
+	cases := []struct {
+		name string
+		mig  *v1.VMMigration
+		want string
+	}{
+		{"negative bandwidth is refused", migration(ns, "neg", "web", "", func(m *v1.VMMigration) { m.Spec.Bandwidth = &neg }), "bandwidth must not be negative"},
+		{"an unknown strategy is refused", migration(ns, "strat", "web", "", func(m *v1.VMMigration) { m.Spec.Strategy = "Teleport" }), `supported values: "PreCopy", "PostCopy", "Hybrid"`},
+		{"an empty domain is refused", migration(ns, "empty", "", ""), "spec.domain"},
+		{"post-copy strategy without post-copy is refused", migration(ns, "pc", "web", "", func(m *v1.VMMigration) {
+			m.Spec.Strategy = v1.StrategyPostCopy
+			m.Spec.AllowPostCopy = &no
+		}), "strategy PostCopy and Hybrid need allowPostCopy"},
+		{"a zero max downtime is refused", migration(ns, "dt", "web", "", func(m *v1.VMMigration) { m.Spec.MaxDowntime = &metav1.Duration{} }), "maxDowntime must be a positive duration"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := k8s.Create(context.Background(), c.mig)
+			if err == nil {
+				t.Fatalf("created; want a rejection mentioning %q", c.want)
+			}
+			if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("error %v; want Invalid mentioning %q", err, c.want)
+			}
+		})
+	}
+	// Immutability and cancel cannot be undone.
+	m := migration(ns, "immut", "nothing-here", "", func(m *v1.VMMigration) { m.Spec.Cancel = true })
+	create(t, m)
+	m.Spec.Domain = "other"
+	if err := k8s.Update(context.Background(), m); err == nil || !strings.Contains(err.Error(), "domain is immutable") {
+		t.Fatalf("changing the domain: %v; want 'domain is immutable'", err)
+	}
+	m = getMig(t, ns, "immut")
+	m.Spec.Cancel = false
+	if err := k8s.Update(context.Background(), m); err == nil || !strings.Contains(err.Error(), "cancel cannot be undone") {
+		t.Fatalf("undoing cancel: %v; want 'cancel cannot be undone'", err)
+	}
+}
+
+// Specs that are well-formed but impossible fail with a clear reason.
+func TestControllerRejectsImpossibleMigrations(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	startController(t, ctrlOpts{})
+	src, small, cordoned, xen := ns+"-src", ns+"-small", ns+"-cordoned", ns+"-xen"
+	fakeHost(t, src, "sim", 8<<30, 4<<30)
+	fakeHost(t, small, "sim", 512<<20, 512<<20)
+	fakeHost(t, cordoned, "sim", 8<<30, 8<<30)
+	fakeHost(t, xen, "xen", 8<<30, 8<<30)
+	h := &v1.XenHost{}
+	if err := k8s.Get(context.Background(), types.NamespacedName{Name: cordoned}, h); err != nil {
+		t.Fatal(err)
+	}
+	h.Spec.Unschedulable = true
+	if err := k8s.Update(context.Background(), h); err != nil {
+		t.Fatal(err)
+	}
+	fakeDomain(t, ns, "db", src, 1<<30)
+	stopped := &v1.XenDomain{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "stopped"}, Spec: v1.XenDomainSpec{DomainName: "stopped", MemoryBytes: 1 << 20}}
+	create(t, stopped)
+
+	cases := []struct {
+		name, domain, target, reason, msg string
+	}{
+		{"a missing domain fails", "ghost", "", v1.ReasonDomainNotFound, `XenDomain "ghost" does not exist`},
+		{"a domain that is not running fails", "stopped", "", v1.ReasonDomainNotRunning, "is not running"},
+		{"source equal to target fails", "db", src, v1.ReasonTargetIsSource, "is the host domain db already runs on"},
+		{"an unknown target fails", "db", ns + "-nowhere", v1.ReasonTargetNotFound, "has no XenHost"},
+		{"a target without capacity fails", "db", small, v1.ReasonInsufficientCapacity, "but domain db needs 1.00 GiB"},
+		{"a cordoned target fails", "db", cordoned, v1.ReasonTargetUnschedulable, "is cordoned"},
+		{"a target on another hypervisor fails", "db", xen, v1.ReasonIncompatibleHosts, `runs backend "sim" but target`},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			name := "bad-" + string(rune('a'+i))
+			create(t, migration(ns, name, c.domain, c.target))
+			m := waitPhase(t, ns, name, 20*time.Second, v1.MigrationFailed)
+			cond := condition(m, v1.ValidCondition)
+			if cond == nil || cond.Status != metav1.ConditionFalse || cond.Reason != c.reason || !strings.Contains(cond.Message, c.msg) {
+				t.Fatalf("Valid condition %+v; want False/%s mentioning %q", cond, c.reason, c.msg)
+			}
+			if !strings.Contains(m.Status.FailureReason, c.msg) {
+				t.Fatalf("failureReason %q does not explain (%q)", m.Status.FailureReason, c.msg)
+			}
+			if m.Status.TargetHost != "" || m.Status.TokenSecret != "" {
+				t.Fatalf("a rejected migration chose target %q / token %q", m.Status.TargetHost, m.Status.TokenSecret)
+			}
+		})
+	}
+}
+
+// counterValue reads a Prometheus counter.
+func counterValue(t *testing.T, c prometheus.Collector) float64 {
+	t.Helper()
+	return testutil.ToFloat64(c)
+}
