@@ -15,6 +15,9 @@ import (
 const scanVecLen = 512
 
 func (d *Domain) needUffd(op string) error {
+	if d.isDestroyed() {
+		return fmt.Errorf("%s %s: %w", op, d.spec.Name, xenmem.ErrNoDomain)
+	}
 	if d.guest.uffd < 0 {
 		return fmt.Errorf("%s %s: %w: %v", op, d.spec.Name, xenmem.ErrNotSupported, d.guest.uffdErr)
 	}

@@ -396,3 +396,38 @@ func TestSaveLoadStateContinuesTheWorkload(t *testing.T) {
 func syscallKill0(pid int) error { return killZero(pid) }
 
 var _ = context.Background
+
+func TestHandlesFailCleanlyAfterHostClose(t *testing.T) {
+	h := newTestHost(t, DomainSpec{Name: "vm", Memory: "4Mi", VCPUs: 1, Profile: Profile{DirtyMiBps: 1}})
+	src, err := h.OpenSource(ctxT(t), "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tgt, err := h.CreateTarget(ctxT(t), xenmem.DomainInfo{Name: "in", MemoryBytes: 4 << 20, VCPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	if err := src.EnableDirtyLog(); !errors.Is(err, xenmem.ErrNoDomain) {
+		t.Errorf("EnableDirtyLog after host close: %v", err)
+	}
+	if err := src.Pause(); !errors.Is(err, xenmem.ErrNoDomain) {
+		t.Errorf("Pause after host close: %v", err)
+	}
+	if _, err := tgt.StartLazy(xenmem.NewBitmap(tgt.NumPages())); err == nil {
+		t.Error("StartLazy after host close succeeded")
+	}
+	if err := tgt.Resume(); !errors.Is(err, xenmem.ErrNoDomain) {
+		t.Errorf("Resume after host close: %v", err)
+	}
+	_ = src.Ops()
+	if err := src.Close(); err != nil {
+		t.Errorf("source Close after host close: %v", err)
+	}
+	if err := tgt.Close(); err != nil {
+		t.Errorf("target Close after host close: %v", err)
+	}
+	if _, err := h.CreateDomain(ctxT(t), DomainSpec{Name: "x", Memory: "4Mi", VCPUs: 1}); err == nil {
+		t.Error("CreateDomain on a closed host succeeded")
+	}
+}

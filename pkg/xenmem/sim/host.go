@@ -176,6 +176,7 @@ func (h *Host) CreateDomain(ctx context.Context, spec DomainSpec) (_ xenmem.Doma
 		}
 		h.commit(spec.Name, d)
 	}()
+	spec.Disks = append([]DiskSpec(nil), spec.Disks...) // resolved below; the caller's stays as is
 	disks := make([]xenmem.Disk, 0, len(spec.Disks))
 	for i, ds := range spec.Disks {
 		p := h.cfg.diskPath(ds.Path)

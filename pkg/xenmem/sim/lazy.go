@@ -35,6 +35,10 @@ type lazy struct {
 	stopFD int // eventfd: stop the service loop
 	done   chan struct{}
 
+	// ioMu is held shared by every ioctl on uffd and exclusively by stop,
+	// so the fd is never used after the domain is torn down (and a reused
+	// fd number never receives a stray ioctl).
+	ioMu      sync.RWMutex
 	stopOnce  sync.Once
 	closeOnce sync.Once
 	closed    atomic.Bool
@@ -236,6 +240,8 @@ func (l *lazy) Install(pfn uint64, data []byte) error {
 	if len(data) != xenmem.PageSize {
 		return fmt.Errorf("install %s pfn %d: %d bytes, want %d", l.d.spec.Name, pfn, len(data), xenmem.PageSize)
 	}
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
 	if err := l.check("install", pfn); err != nil {
 		return err
 	}
@@ -244,6 +250,8 @@ func (l *lazy) Install(pfn uint64, data []byte) error {
 
 // InstallZero makes the missing page pfn a zero page (UFFDIO_ZEROPAGE).
 func (l *lazy) InstallZero(pfn uint64) error {
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
 	if err := l.check("install zero", pfn); err != nil {
 		return err
 	}
@@ -257,6 +265,8 @@ func (l *lazy) PresentCount() uint64 { return l.nPresent.Load() }
 func (l *lazy) stop() {
 	l.stopOnce.Do(func() {
 		l.closed.Store(true)
+		l.ioMu.Lock() // wait for installs in flight; later ones see closed
+		l.ioMu.Unlock()
 		var one [8]byte
 		binary.NativeEndian.PutUint64(one[:], 1)
 		_, _ = unix.Write(l.stopFD, one[:])
@@ -299,4 +309,19 @@ func (l *lazy) Close() error {
 		}
 	})
 	return err
+}
+
+// PresentBitmap copies the present set into dst (same length): the
+// destination's received bitmap, e.g. to resume a post-copy after a broken
+// connection. Not part of xenmem.Lazy; reach it with a type assertion to
+// interface{ PresentBitmap(*xenmem.Bitmap) error }.
+func (l *lazy) PresentBitmap(dst *xenmem.Bitmap) error {
+	if dst.Len() != l.npages {
+		return fmt.Errorf("present bitmap %s: bitmap covers %d pages, domain has %d", l.d.spec.Name, dst.Len(), l.npages)
+	}
+	w := dst.Words()
+	for i := range l.present {
+		w[i] = l.present[i].Load()
+	}
+	return nil
 }

@@ -138,6 +138,13 @@ func TestLazyFaultBlocksUntilInstallAndSeesTheContent(t *testing.T) {
 	if err := lz.Install(d.NumPages(), patternPage(0)); err == nil {
 		t.Fatal("Install out of range succeeded")
 	}
+	got := xenmem.NewBitmap(d.NumPages())
+	if err := lz.(interface{ PresentBitmap(*xenmem.Bitmap) error }).PresentBitmap(got); err != nil {
+		t.Fatal(err)
+	}
+	if want := d.NumPages()/2 + 2; got.Count() != want || !got.Test(missing) || !got.Test(103) || got.Test(105) {
+		t.Fatalf("present bitmap has %d pages, want %d including the two installed", got.Count(), want)
+	}
 	if err := lz.Close(); !errors.Is(err, ErrPagesMissing) {
 		t.Fatalf("Close with pages missing: %v", err)
 	}
