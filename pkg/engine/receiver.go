@@ -123,32 +123,38 @@ func (r *Receiver) handle(ctx context.Context, nc net.Conn) {
 	c.mu.Lock()
 	err = c.w.WriteStreamHeader()
 	c.mu.Unlock()
-	if err == nil {
-		err = c.sendControl(ctx, &wire.Control{Kind: ctlHello, MigrationID: hello.MigrationID})
-	}
 	if err != nil {
 		nc.Close()
 		return
 	}
+	// Route before welcoming, so that a welcomed main connection has its
+	// session registered before the source opens the others.
+	var s *session
 	switch hello.Message {
 	case roleMain:
-		s, err := r.newSession(hello)
-		if err != nil {
-			_ = c.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
-			nc.Close()
-			return
-		}
-		s.main = c
-		s.run(ctx)
+		s, err = r.newSession(hello)
 	case roleData, rolePrio:
-		s := r.lookup(hello.MigrationID)
-		if s == nil || !s.attach(c, hello) {
-			_ = c.sendControl(ctx, &wire.Control{Kind: ctlError, Message: fmt.Sprintf("no migration %q waiting for a %s stream", hello.MigrationID, hello.Message)})
-			nc.Close()
+		if s = r.lookup(hello.MigrationID); s == nil || !s.attach(c, hello) {
+			err = fmt.Errorf("no migration %q waiting for a %s stream %d", hello.MigrationID, hello.Message, hello.Stream)
 		}
 	default:
-		_ = c.sendControl(ctx, &wire.Control{Kind: ctlError, Message: fmt.Sprintf("unknown stream role %q", hello.Message)})
+		err = fmt.Errorf("unknown stream role %q", hello.Message)
+	}
+	if err != nil {
+		_ = c.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
 		nc.Close()
+		return
+	}
+	if err := c.sendControl(ctx, &wire.Control{Kind: ctlHello, MigrationID: hello.MigrationID}); err != nil {
+		nc.Close() // a data stream: the session notices it missing
+		if hello.Message == roleMain {
+			r.drop(hello.MigrationID)
+		}
+		return
+	}
+	if hello.Message == roleMain {
+		s.main = c
+		s.run(ctx)
 	}
 }
 

@@ -23,8 +23,11 @@ type sender struct {
 	idx int
 	c   *conn
 	// fallback carries pfns the destination could not resolve from disk;
-	// bounded, drained between chunks.
+	// bounded, drained between chunks and between commands.
 	fallback chan []uint64
+	// cmds runs work on the sender's goroutine (one at a time); results
+	// are reported on the source's results channel.
+	cmds chan func() error
 
 	pfns  []uint64
 	data  []byte
@@ -42,6 +45,7 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		idx:      idx,
 		c:        c,
 		fallback: make(chan []uint64, 64),
+		cmds:     make(chan func() error),
 		pfns:     make([]uint64, 0, wire.MaxBatchPages),
 		data:     make([]byte, 0, wire.MaxBatchPages*xenmem.PageSize),
 		zeros:    make([]uint64, 0, wire.MaxBatchPages),
@@ -55,6 +59,32 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		sd.enc = enc
 	}
 	return sd, nil
+}
+
+// loop is the sender's goroutine: it runs commands and, between them,
+// answers fallback requests, so that fallbacks asked after the last round
+// (while the destination checks its memory) are still served.
+func (sd *sender) loop(ctx context.Context) {
+	for {
+		select {
+		case fn := <-sd.cmds:
+			sd.src.results <- fn()
+		case pfns := <-sd.fallback:
+			err := func() error {
+				for _, p := range pfns {
+					if err := sd.addPage(ctx, p, true); err != nil {
+						return err
+					}
+				}
+				return sd.flush(ctx)
+			}()
+			if err != nil {
+				sd.src.fail(fmt.Errorf("answer fallback requests: %w", err))
+			}
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // sendSet sends every page of this sender's partition set in set (and in

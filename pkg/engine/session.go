@@ -46,6 +46,7 @@ type session struct {
 	missing  []uint64 // words of the bitmap of pages still to come at the switch
 
 	flushes chan string
+	readers sync.WaitGroup // data and priority readers: they write guest memory
 	errs    chan error
 
 	demand, diskResolved, diskFallback, duplicates atomic.Uint64
@@ -108,6 +109,12 @@ func (s *session) run(ctx context.Context) {
 // destroys everything created for it (the source keeps running it); after,
 // the domain stays here and the failure is reported.
 func (s *session) cleanup(ctx context.Context, err error) {
+	if err != nil {
+		_ = s.main.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
+	}
+	// Stop the readers before the memory they write goes away.
+	s.closeStreams()
+	s.readers.Wait()
 	if s.lazy != nil && (err == nil || !s.resumed) {
 		_ = s.lazy.Close()
 	}
@@ -115,7 +122,6 @@ func (s *session) cleanup(ctx context.Context, err error) {
 		_ = s.resolver.Close()
 	}
 	if err != nil {
-		_ = s.main.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
 		if !s.resumed && s.dom != nil {
 			if derr := s.dom.Destroy(); derr != nil {
 				err = errors.Join(err, fmt.Errorf("destroy the half-received domain: %w", derr))
@@ -129,8 +135,14 @@ func (s *session) cleanup(ctx context.Context, err error) {
 	if s.dom != nil {
 		_ = s.dom.Close()
 	}
+	s.r.drop(s.id)
+}
+
+// closeStreams closes every connection of the session.
+func (s *session) closeStreams() {
 	s.main.close()
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, c := range s.data {
 		if c != nil {
 			c.close()
@@ -139,8 +151,6 @@ func (s *session) cleanup(ctx context.Context, err error) {
 	if s.prio != nil {
 		s.prio.close()
 	}
-	s.mu.Unlock()
-	s.r.drop(s.id)
 }
 
 func (s *session) receive(ctx context.Context) error {
@@ -169,9 +179,11 @@ func (s *session) receive(ctx context.Context) error {
 		return ctx.Err()
 	}
 	for i, c := range s.data {
-		go s.readData(ctx, i, c)
+		s.readers.Add(1)
+		go func() { defer s.readers.Done(); s.readData(ctx, i, c) }()
 	}
-	go s.readData(ctx, -1, s.prio)
+	s.readers.Add(1)
+	go func() { defer s.readers.Done(); s.readData(ctx, -1, s.prio) }()
 	return s.readMain(ctx)
 }
 

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/wire"
@@ -57,11 +56,13 @@ type source struct {
 	lim      *limiter
 	start    time.Time
 
-	main    *conn
-	prio    *conn
-	senders []*sender
-	ctl     chan wire.Control // control messages from the destination
-	readErr chan error        // first failure of a reader
+	main      *conn
+	prio      *conn
+	senders   []*sender
+	ctl       chan wire.Control // control messages from the destination
+	results   chan error        // one per sender per forEachSender
+	readErr   chan error        // first failure of a reader
+	remoteErr atomic.Value      // error: what the destination said when it aborted
 
 	hashes   []dedup.Hash   // per page: hash of the content last sent
 	sentOnce *xenmem.Bitmap // pages sent at least once
@@ -136,7 +137,7 @@ func newSource(dom xenmem.SourceDomain, addr string, opts Options, hooks Hooks) 
 		dom: dom, addr: addr, opts: opts, hooks: hooks, log: hooks.Log,
 		numPages: n, mem: dom.Memory(), streams: opts.Streams,
 		lim: newLimiter(opts.LinkBytesPerSec), start: time.Now(),
-		ctl: make(chan wire.Control, 16), readErr: make(chan error, 4),
+		ctl: make(chan wire.Control, 16), readErr: make(chan error, 4), results: make(chan error, 64),
 		hashes: make([]dedup.Hash, n), sentOnce: xenmem.NewBitmap(n),
 		need: xenmem.NewBitmap(n), hot: xenmem.NewBitmap(n),
 	}
@@ -209,6 +210,9 @@ func (s *source) connect(ctx context.Context) error {
 	if s.prio, err = dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0)); err != nil {
 		return err
 	}
+	for _, sd := range s.senders {
+		go sd.loop(ctx)
+	}
 	go s.readMain()
 	go s.servePrio(ctx)
 	return nil
@@ -255,7 +259,8 @@ func (s *source) waitControl(ctx context.Context, kind string, timeout time.Dura
 			}
 			s.log.V(1).Info("Ignored an unexpected control message", "kind", m.Kind, "waiting", kind)
 		case err := <-s.readErr:
-			return wire.Control{}, err
+			s.fail(err)
+			return wire.Control{}, s.explain(err)
 		case <-t.C:
 			return wire.Control{}, fmt.Errorf("no %q from the destination within %v", kind, timeout)
 		case <-ctx.Done():
@@ -279,6 +284,9 @@ func (s *source) readMain() {
 			if err != nil {
 				s.fail(err)
 				return
+			}
+			if m.Kind == ctlError {
+				s.remoteErr.Store(remoteError(m))
 			}
 			s.ctl <- m
 		case wire.TypeRequest:
@@ -326,6 +334,21 @@ func (s *source) fail(err error) {
 	case s.readErr <- err:
 	default:
 	}
+}
+
+// explain prefers the destination's own account of a failure: when it
+// aborts it sends an error on the main connection and closes every
+// connection, and another reader may see the close first.
+func (s *source) explain(err error) error {
+	if errors.Is(err, ErrRemote) {
+		return err
+	}
+	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if r, _ := s.remoteErr.Load().(error); r != nil {
+			return fmt.Errorf("%w (%v)", r, err)
+		}
+	}
+	return err
 }
 
 // precopy runs pre-copy rounds until the policy stops them.
@@ -403,19 +426,53 @@ func (s *source) precopyBudget() time.Duration {
 	return time.Duration(hybridBudgetShare * float64(s.numPages*xenmem.PageSize) / rate * float64(time.Second))
 }
 
+// forEachSender runs fn on every sender's goroutine and waits for all of
+// them. The first failure (theirs or a reader's) cancels the others.
 func (s *source) forEachSender(ctx context.Context, fn func(context.Context, *sender) error) error {
-	g, gctx := errgroup.WithContext(ctx)
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	for _, sd := range s.senders {
-		g.Go(func() error { return fn(gctx, sd) })
+		select {
+		case sd.cmds <- func() error { return fn(cctx, sd) }:
+		case err := <-s.readErr:
+			s.fail(err)
+			return s.explain(err)
+		}
 	}
-	done := make(chan error, 1)
-	go func() { done <- g.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case err := <-s.readErr:
-		s.fail(err) // keep it for the next waiter
-		return err
+	var first error
+	for got := 0; got < len(s.senders); got++ {
+		select {
+		case err := <-s.results:
+			if err != nil && first == nil {
+				first = err
+				cancel()
+			}
+		case err := <-s.readErr:
+			s.fail(err) // keep it for the next waiter
+			if first == nil {
+				first = err
+				cancel()
+				// Unblock writes stuck on a peer that stopped reading.
+				for _, sd := range s.senders {
+					sd.c.close()
+				}
+			}
+			s.drainResults(len(s.senders) - got)
+			return s.explain(first)
+		}
+	}
+	return first
+}
+
+// drainResults collects what is left of a forEachSender after a failure.
+func (s *source) drainResults(n int) {
+	t := time.After(10 * time.Second)
+	for range n {
+		select {
+		case <-s.results:
+		case <-t:
+			return
+		}
 	}
 }
 
