@@ -13,6 +13,9 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
+// testSkipZeroFill leaves present zero pages to the fault path (tests).
+var testSkipZeroFill bool
+
 // faultQueue bounds the faults waiting for the engine; when it is full the
 // service loop stops reading the userfaultfd and the kernel holds the rest
 // (at most one per blocked guest thread).
@@ -34,6 +37,10 @@ type lazy struct {
 	faults chan xenmem.Fault
 	stopFD int // eventfd: stop the service loop
 	done   chan struct{}
+	// fillDone is closed when the background zero fill has finished.
+	fillDone chan struct{}
+	// zeroFilled counts present zero pages filled on a fault.
+	zeroFilled atomic.Uint64
 
 	// ioMu is held shared by every ioctl on uffd and exclusively by stop,
 	// so the fd is never used after the domain is torn down (and a reused
@@ -64,26 +71,32 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 	if state != xenmem.StateIncoming {
 		return nil, fmt.Errorf("start lazy %s: domain is %s; lazy loading is armed once, before the first resume", d.spec.Name, state)
 	}
-	// Make the page cache agree with present: present pages are allocated
-	// (zero pages never written become real zero pages, so they do not
-	// fault), missing pages are punched out (so they fault even if the
-	// agent wrote them without saying so).
+	// Which pages the memfd's page cache holds (mincore on a shared file
+	// mapping reports page-cache residency), one byte per page.
+	resident := make([]byte, d.npages)
+	if err := mincore(d.mem, resident); err != nil {
+		return nil, fmt.Errorf("start lazy %s: mincore: %w", d.spec.Name, err)
+	}
+	// Missing pages must fault: punch out any copy the page cache holds (a
+	// stale pre-copy page that the source sends again later), one call per
+	// run of missing pages that has a resident page. This is synchronous:
+	// a stale page would be read without a fault.
 	fd := int(d.memFile.Fd())
+	var punched uint64
 	for lo := uint64(0); lo < d.npages; {
-		set := present.Test(lo)
-		hi := lo + 1
-		for hi < d.npages && present.Test(hi) == set {
-			hi++
+		if present.Test(lo) {
+			lo++
+			continue
 		}
-		off, n := int64(lo*xenmem.PageSize), int64((hi-lo)*xenmem.PageSize)
-		var err error
-		if set {
-			err = unix.Fallocate(fd, 0, off, n)
-		} else {
-			err = unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		hi, stale := lo, false
+		for ; hi < d.npages && !present.Test(hi); hi++ {
+			stale = stale || resident[hi]&1 != 0
 		}
-		if err != nil {
-			return nil, fmt.Errorf("start lazy %s: fallocate pages [%d,%d) present=%v: %w", d.spec.Name, lo, hi, set, err)
+		if stale {
+			if err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(lo*xenmem.PageSize), int64((hi-lo)*xenmem.PageSize)); err != nil {
+				return nil, fmt.Errorf("start lazy %s: punch out missing pages [%d,%d): %w", d.spec.Name, lo, hi, err)
+			}
+			punched += hi - lo
 		}
 		lo = hi
 	}
@@ -110,7 +123,14 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 	d.lazy = l
 	d.mu.Unlock()
 	go l.serve()
-	d.log.Info("Armed lazy loading", "domain", d.spec.Name, "presentPages", l.nPresent.Load(), "missingPages", d.npages-l.nPresent.Load())
+	// Present pages that are not in the page cache are zero pages never
+	// written here. They are made real zero pages in the background, after
+	// the domain may already run, to keep this call (part of the downtime)
+	// short; a vCPU touching one before that faults and the service loop
+	// zero-fills it on the spot without reporting it.
+	l.fillDone = make(chan struct{})
+	go l.fillZero(present, resident)
+	d.log.Info("Armed lazy loading", "domain", d.spec.Name, "presentPages", l.nPresent.Load(), "missingPages", d.npages-l.nPresent.Load(), "stalePagesPunched", punched)
 	return l, nil
 }
 
@@ -160,8 +180,19 @@ func (l *lazy) serve() {
 				continue
 			}
 			pfn := (addr - l.base) >> xenmem.PageShift
-			if pfn >= l.npages || l.Present(pfn) {
-				continue // installed since the fault was raised; the install woke it
+			if pfn >= l.npages {
+				continue
+			}
+			if l.Present(pfn) {
+				// Either installed since the fault was raised (the install
+				// woke the vCPU; this gets EEXIST) or a present zero page the
+				// background fill has not reached: fill it now.
+				l.ioMu.RLock()
+				if e := uffdZeropage(l.uffd, l.base+pfn*xenmem.PageSize, xenmem.PageSize); e == 0 {
+					l.zeroFilled.Add(1)
+				}
+				l.ioMu.RUnlock()
+				continue
 			}
 			f := xenmem.Fault{PFN: pfn, Write: flags&uffdPagefaultFlagWrite != 0, RaisedNanos: now}
 			select {
@@ -187,6 +218,51 @@ func (l *lazy) serve() {
 		// 10 ms later — that delay showed up as fault latency.
 		runtime.Gosched()
 	}
+}
+
+// fillZero makes the present pages that the page cache lacks real zero
+// pages, one UFFDIO_ZEROPAGE per run; a page that appeared meanwhile (a
+// fault filled it) ends the run with EEXIST and the fill moves past it.
+func (l *lazy) fillZero(present *xenmem.Bitmap, resident []byte) {
+	defer close(l.fillDone)
+	if testSkipZeroFill {
+		return
+	}
+	var filled uint64
+	for lo := uint64(0); lo < l.npages; {
+		if !present.Test(lo) || resident[lo]&1 != 0 {
+			lo++
+			continue
+		}
+		hi := lo + 1
+		for hi < l.npages && present.Test(hi) && resident[hi]&1 == 0 {
+			hi++
+		}
+		for lo < hi {
+			l.ioMu.RLock()
+			if l.closed.Load() {
+				l.ioMu.RUnlock()
+				return
+			}
+			arg := uffdioZeropageArg{Range: uffdioRange{l.base + lo*xenmem.PageSize, (hi - lo) * xenmem.PageSize}}
+			e := uffdZeropageArg(l.uffd, &arg)
+			l.ioMu.RUnlock()
+			done := uint64(max(arg.Zeropage, 0)) / xenmem.PageSize
+			filled += done
+			switch e {
+			case 0:
+				lo = hi
+			case unix.EAGAIN:
+				lo += done
+			case unix.EEXIST:
+				lo += done + 1
+			default:
+				l.d.log.Error(e, "Zero fill of present pages stopped; faults on them are filled one by one", "domain", l.d.spec.Name, "pfn", lo+done)
+				return
+			}
+		}
+	}
+	l.d.log.V(1).Info("Filled present zero pages", "domain", l.d.spec.Name, "pages", filled)
 }
 
 // Faults delivers missing-page faults; closed by Close.
@@ -271,6 +347,9 @@ func (l *lazy) stop() {
 		binary.NativeEndian.PutUint64(one[:], 1)
 		_, _ = unix.Write(l.stopFD, one[:])
 		<-l.done
+		if l.fillDone != nil {
+			<-l.fillDone
+		}
 		unix.Close(l.stopFD)
 	})
 }

@@ -330,3 +330,76 @@ func TestLazyTargetCompletesAndMigratesOn(t *testing.T) {
 		}
 	}
 }
+
+// TestLazyMakesPresentPagesResident checks the page cache after StartLazy:
+// every present page is there (zero pages never written included, once the
+// background fill is done) and every missing page is not, even one the
+// agent had written before (a stale copy).
+func TestLazyMakesPresentPagesResident(t *testing.T) {
+	requiresUffd(t)
+	h := newTestHost(t)
+	tgt, err := h.CreateTarget(ctxT(t), xenmem.DomainInfo{Name: "vm", MemoryBytes: 8 << 20, VCPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tgt.Close()
+	n := tgt.NumPages()
+	present := xenmem.NewBitmap(n)
+	mem := tgt.Memory()
+	s := uint64(7)
+	for p := uint64(0); p < n; p++ {
+		switch splitmix64(&s) % 4 {
+		case 0: // present with content
+			present.Set(p)
+			copy(page(mem, p), patternPage(p))
+		case 1: // present zero page, never written here
+			present.Set(p)
+		case 2: // missing, but a stale copy is in memory
+			copy(page(mem, p), patternPage(p))
+		}
+	}
+	lz, err := tgt.StartLazy(present)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-lz.(*lazy).fillDone
+	res := make([]byte, n)
+	if err := mincore(mem, res); err != nil {
+		t.Fatal(err)
+	}
+	for p := uint64(0); p < n; p++ {
+		if present.Test(p) != (res[p]&1 != 0) {
+			t.Fatalf("pfn %d: present %v but resident %v", p, present.Test(p), res[p]&1 != 0)
+		}
+	}
+}
+
+// TestLazyFillsPresentZeroPagesOnFault turns the background zero fill off:
+// a vCPU reading a present zero page then faults, and the service loop must
+// fill it by itself, without reporting a fault to the engine.
+func TestLazyFillsPresentZeroPagesOnFault(t *testing.T) {
+	testSkipZeroFill = true
+	defer func() { testSkipZeroFill = false }()
+	d, _, lz := newLazyTarget(t, Profile{}, 1)
+	for _, pfn := range []uint64{0, 2, 4} { // present zero pages (pfn < 64, even)
+		got, err := d.Probe(ctxT(t), pfn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != PageHash(zeroPage) {
+			t.Fatalf("present zero page %d read wrong content", pfn)
+		}
+	}
+	select {
+	case f := <-lz.Faults():
+		t.Fatalf("fault on a present page reached the engine: %+v", f)
+	default:
+	}
+	// The counter moves just after the ioctl that already woke the vCPU.
+	for deadline := time.Now().Add(time.Second); lz.(*lazy).zeroFilled.Load() < 3 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	if got := lz.(*lazy).zeroFilled.Load(); got != 3 {
+		t.Fatalf("%d pages zero-filled on fault, want 3", got)
+	}
+}

@@ -194,13 +194,30 @@ func uffdCopy(fd int, dst uint64, src []byte) unix.Errno {
 func uffdZeropage(fd int, dst, length uint64) unix.Errno {
 	arg := uffdioZeropageArg{Range: uffdioRange{dst, length}}
 	for {
-		_, e := ioctlPtr(fd, uffdioZeropage, unsafe.Pointer(&arg))
-		if e == unix.EAGAIN {
-			arg.Zeropage = 0
-			continue
+		e := uffdZeropageArg(fd, &arg)
+		if e != unix.EAGAIN {
+			return e
 		}
+	}
+}
+
+// uffdZeropageArg zero-fills arg.Range once; on return arg.Zeropage holds
+// the bytes filled before an error (EEXIST stops at the first present page,
+// EAGAIN asks to retry from there).
+func uffdZeropageArg(fd int, arg *uffdioZeropageArg) unix.Errno {
+	arg.Zeropage = 0
+	_, e := ioctlPtr(fd, uffdioZeropage, unsafe.Pointer(arg))
+	return e
+}
+
+// mincore fills vec with one byte per page of b; bit 0 says whether the
+// page is in memory (for a shared file mapping: in the page cache).
+func mincore(b []byte, vec []byte) error {
+	_, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(unsafe.Pointer(&vec[0])))
+	if e != 0 {
 		return e
 	}
+	return nil
 }
 
 // pagemapScanWritten reports, through fn, the ranges of [start,end) written
