@@ -28,6 +28,7 @@ type Domain struct {
 	host   *Host
 	log    logr.Logger
 	id     int
+	uuid   string
 	spec   DomainSpec
 	disks  []xenmem.Disk
 	npages uint64
@@ -65,6 +66,7 @@ func (d *Domain) Info() xenmem.DomainInfo {
 	return xenmem.DomainInfo{
 		ID:          d.id,
 		Name:        d.spec.Name,
+		UUID:        d.uuid,
 		MemoryBytes: d.npages * xenmem.PageSize,
 		VCPUs:       d.spec.VCPUs,
 		Disks:       append([]xenmem.Disk(nil), d.disks...),

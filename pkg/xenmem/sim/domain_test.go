@@ -176,8 +176,21 @@ func TestPauseReallyStopsWrites(t *testing.T) {
 // a stale page.
 func TestDirtyLogIsExact(t *testing.T) {
 	requiresUffd(t)
-	h := newTestHost(t, DomainSpec{Name: "vm", Memory: "64Mi", VCPUs: 2,
-		Profile: Profile{Zero: 0.3, DirtyMiBps: 60, HotFraction: 0.05, HotWriteShare: 0.5, Seed: 21}})
+	for _, tc := range []struct {
+		name string
+		spec DomainSpec
+	}{
+		{"64 MiB, 2 vCPUs, 60 MiB/s, half the writes in a 5% hot set",
+			DomainSpec{Name: "vm", Memory: "64Mi", VCPUs: 2, Profile: Profile{Zero: 0.3, DirtyMiBps: 60, HotFraction: 0.05, HotWriteShare: 0.5, Seed: 21}}},
+		{"odd size (1025 pages), 4 vCPUs hammering 8 pages",
+			DomainSpec{Name: "vm", Memory: "4100Ki", VCPUs: 4, Profile: Profile{DirtyMiBps: 40, HotFraction: 8.0 / 1025, HotWriteShare: 0.95, Seed: 22}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testDirtyLogIsExact(t, tc.spec) })
+	}
+}
+
+func testDirtyLogIsExact(t *testing.T, spec DomainSpec) {
+	h := newTestHost(t, spec)
 	src, err := h.OpenSource(ctxT(t), "vm")
 	if err != nil {
 		t.Fatal(err)
@@ -358,6 +371,9 @@ func TestSaveLoadStateContinuesTheWorkload(t *testing.T) {
 	}
 	defer tgt.Close()
 	copy(tgt.Memory(), src.Memory())
+	if tgt.Info().UUID != info.UUID || info.UUID == "" {
+		t.Fatalf("target UUID %q, source %q: a migrated domain keeps its UUID", tgt.Info().UUID, info.UUID)
+	}
 	if err := tgt.LoadState(state[:len(state)-1]); !errors.Is(err, ErrBadState) {
 		t.Fatalf("truncated state accepted: %v", err)
 	}

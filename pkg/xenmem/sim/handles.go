@@ -69,6 +69,10 @@ func (h *Host) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (_ xenm
 	d.state = xenmem.StateIncoming
 	d.paused = true
 	d.handle = true
+	d.uuid = info.UUID // the same domain, moved
+	if d.uuid == "" {
+		d.uuid = newUUID()
+	}
 	d.log.Info("Created target domain", "domain", spec.Name, "memoryBytes", info.MemoryBytes, "guestPID", d.guest.pid)
 	return &target{d: d}, nil
 }

@@ -2,6 +2,7 @@ package sim
 
 import (
 	"context"
+	crand "crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -212,6 +213,7 @@ func (h *Host) CreateDomain(ctx context.Context, spec DomainSpec) (_ xenmem.Doma
 	if err := d.Resume(); err != nil {
 		return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: %w", spec.Name, err)
 	}
+	d.uuid = newUUID()
 	d.log.Info("Created domain", "domain", spec.Name, "memoryBytes", memBytes, "vcpus", spec.VCPUs,
 		"buildSeconds", time.Since(start).Seconds(), "guestPID", d.guest.pid)
 	return d.Info(), nil
@@ -503,4 +505,13 @@ func specFromInfo(info xenmem.DomainInfo) (DomainSpec, error) {
 		spec.Disks = append(spec.Disks, DiskSpec{ID: dk.ID, Path: dk.Path})
 	}
 	return spec, nil
+}
+
+// newUUID returns a random (version 4) UUID.
+func newUUID() string {
+	var b [16]byte
+	_, _ = crand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
