@@ -279,6 +279,9 @@ func TestSourceCloseResumesWhatItPaused(t *testing.T) {
 	if got := src.Info().State; got != xenmem.StateMigrating {
 		t.Fatalf("state while open = %s", got)
 	}
+	if err := src.EnableDirtyLog(); err != nil {
+		t.Fatal(err)
+	}
 	if err := src.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -291,11 +294,20 @@ func TestSourceCloseResumesWhatItPaused(t *testing.T) {
 	if d.Ops() == ops || d.Info().State != xenmem.StateRunning {
 		t.Fatalf("domain not running after Close: state %s, ops %d → %d", d.Info().State, ops, d.Ops())
 	}
-	// Release destroys it and frees its memory.
+	// A second migration attempt can log dirty pages again.
 	src, err = h.OpenSource(ctxT(t), "vm")
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := src.EnableDirtyLog(); err != nil {
+		t.Fatalf("EnableDirtyLog on a domain whose first migration was abandoned: %v", err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	bm := xenmem.NewBitmap(src.NumPages())
+	if err := src.ReadDirty(bm); err != nil || bm.Count() == 0 {
+		t.Fatalf("second dirty log: %d pages, %v", bm.Count(), err)
+	}
+	// Release destroys it and frees its memory.
 	pid := d.PID()
 	if err := src.Release(); err != nil {
 		t.Fatal(err)
