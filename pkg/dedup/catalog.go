@@ -74,10 +74,33 @@ func (c *Catalog) Classify(page []byte) (Class, Hash, Ref) {
 			if s == nil {
 				continue
 			}
-			if blk, ok := s.tab.lookup(k); ok {
+			if blk, ok := s.lookup(k); ok {
 				return ClassDisk, h, Ref{Disk: uint32(d), Offset: int64(blk) * BlockSize, Hash: h}
 			}
 		}
 	}
 	return ClassFull, h, Ref{}
+}
+
+// MarkStale tells the catalog that a reference with page hash h came back
+// as a fallback (the destination found the block changed or could not read
+// it). The block Classify chose for h (the first disk's hit) is marked
+// stale, so later pages with this content go to the next disk holding it or
+// are sent in full, instead of as references that would fail again. The
+// source only needs the hash it sent.
+func (c *Catalog) MarkStale(h Hash) {
+	k := keyOf(&h)
+	for _, ix := range c.indexes {
+		if ix == nil {
+			continue
+		}
+		s := ix.cur.Load()
+		if s == nil {
+			continue
+		}
+		if blk, ok := s.lookup(k); ok {
+			ix.MarkStale(int64(blk) * BlockSize)
+			return
+		}
+	}
 }

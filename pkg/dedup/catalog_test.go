@@ -103,3 +103,68 @@ func TestClassify(t *testing.T) {
 		}
 	}
 }
+
+func TestMarkStale(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	im := makeImage(t, dir, 600, 51)
+	dir1 := filepath.Join(dir, "d1")
+	if err := os.Mkdir(dir1, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ix0, err := Open(ctx, im.path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ix0.Close()
+	var b int64 = 40
+	for im.kind[b] != 'r' {
+		b++
+	}
+	page := readBlock(t, im.path, b*BlockSize)
+	// Disk 1 holds the same block at another offset.
+	im1 := makeImage(t, dir1, 100, 52)
+	writeBlock(t, im1.path, 77*BlockSize, page)
+	ix1, err := Open(ctx, im1.path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ix1.Close()
+	cat := NewCatalog(ix0, ix1)
+
+	class, h, ref := cat.Classify(page)
+	if class != ClassDisk || ref.Disk != 0 || ref.Offset != b*BlockSize {
+		t.Fatalf("before: %v %+v", class, ref)
+	}
+	cat.MarkStale(h)
+	if class, _, ref = cat.Classify(page); class != ClassDisk || ref.Disk != 1 || ref.Offset != 77*BlockSize {
+		t.Fatalf("after the first fallback: %v %+v, want disk 1 offset %d", class, ref, 77*BlockSize)
+	}
+	cat.MarkStale(h)
+	if class, _, _ = cat.Classify(page); class != ClassFull {
+		t.Fatalf("after both fallbacks: %v, want full", class)
+	}
+	// Other blocks are unaffected; the marks ask the next Refresh to re-hash
+	// the block's region, which clears them.
+	var other int64 = b + 1
+	for im.kind[other] != 'r' {
+		other++
+	}
+	if c, _, _ := cat.Classify(readBlock(t, im.path, other*BlockSize)); c != ClassDisk {
+		t.Fatalf("an unmarked block: %v", c)
+	}
+	var pl progressLog
+	ix0.opts.Progress = pl.fn
+	if err := ix0.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, last := pl.get(); last[1] != regionSize {
+		t.Fatalf("refresh after MarkStale read %d bytes, want one region", last[1])
+	}
+	if class, _, ref = cat.Classify(page); class != ClassDisk || ref.Disk != 0 {
+		t.Fatalf("after refresh: %v %+v, want disk 0 again", class, ref)
+	}
+	// Out-of-range marks are ignored.
+	ix0.MarkStale(-1)
+	ix0.MarkStale(1 << 50)
+}

@@ -49,7 +49,10 @@
 //
 // A Catalog holds the indexes of one domain's disks; disk number =
 // position. Classify hashes a page once and returns zero / disk reference /
-// full, plus the hash for the manifest.
+// full, plus the hash for the manifest. When the destination falls back on a
+// reference, Catalog.MarkStale(hash) stops that block from being offered
+// again (one bit per block, allocated on first use) and queues its region
+// for the next Refresh.
 //
 // # Destination side: Resolver
 //

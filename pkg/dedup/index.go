@@ -32,10 +32,43 @@ type Options struct {
 	Log logr.Logger
 }
 
-// snapshot is one published generation of an Index. Immutable.
+// snapshot is one published generation of an Index. tab and id are
+// immutable; stale is the only mutable part (atomic bits).
 type snapshot struct {
 	tab *table
 	id  identity
+	// stale marks blocks the destination could not use during this
+	// generation (MarkStale): one bit per block, allocated on the first mark.
+	stale atomic.Pointer[[]atomic.Uint64]
+}
+
+// lookup finds k, ignoring blocks marked stale.
+func (s *snapshot) lookup(k key) (uint32, bool) {
+	blk, ok := s.tab.lookup(k)
+	if !ok {
+		return 0, false
+	}
+	if bm := s.stale.Load(); bm != nil && (*bm)[blk/64].Load()&(1<<(blk%64)) != 0 {
+		return 0, false
+	}
+	return blk, true
+}
+
+// markStale sets the stale bit of block blk.
+func (s *snapshot) markStale(blk int64) {
+	if blk < 0 || blk >= s.id.Size/BlockSize {
+		return
+	}
+	bm := s.stale.Load()
+	if bm == nil {
+		fresh := make([]atomic.Uint64, (s.id.Size/BlockSize+63)/64)
+		if !s.stale.CompareAndSwap(nil, &fresh) {
+			bm = s.stale.Load()
+		} else {
+			bm = &fresh
+		}
+	}
+	(*bm)[blk/64].Or(1 << (blk % 64))
 }
 
 // Index maps the content hash of every non-zero 4 KiB block of one disk to
@@ -162,8 +195,22 @@ func (ix *Index) Lookup(h Hash) (off int64, ok bool) {
 	if s == nil {
 		return 0, false
 	}
-	blk, ok := s.tab.lookup(keyOf(&h))
+	blk, ok := s.lookup(keyOf(&h))
 	return int64(blk) * BlockSize, ok
+}
+
+// MarkStale records that the block at off did not serve as a reference (the
+// destination found it changed or could not read it): Lookup stops
+// returning it until the next Refresh, and its region is reported to the
+// next Refresh as with Invalidate. Costs one bit per block of the disk,
+// allocated on the first call. Safe for concurrent use with Lookup.
+func (ix *Index) MarkStale(off int64) {
+	s := ix.cur.Load()
+	if s == nil || off < 0 {
+		return
+	}
+	s.markStale(off / BlockSize)
+	ix.Invalidate(off&^(BlockSize-1), BlockSize)
 }
 
 // Path returns the disk's path.
