@@ -206,6 +206,11 @@ func (h *Host) CreateDomain(ctx context.Context, spec DomainSpec) (_ xenmem.Doma
 	if err != nil {
 		return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: %w", spec.Name, err)
 	}
+	// A running VM's memory is allocated and mapped; map all of it in the
+	// agent now (allocating the zero pages) so that the first migration
+	// round does not pay ~0.4 s/GiB of page faults that only the simulation
+	// has. Best effort: MADV_POPULATE_READ needs Linux 5.14.
+	_ = unix.Madvise(d.mem, unix.MADV_POPULATE_READ)
 	if err := d.startGuest(); err != nil {
 		return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: %w", spec.Name, err)
 	}
