@@ -88,7 +88,10 @@
 // fault read → page installed p50 17 µs, p99 83 µs (BenchmarkLazyFaults);
 // a vCPU read of a missing page until the read completes p50 10 µs
 // (BenchmarkProbeMissingPage; its ms-scale p99 is the harness's polling on
-// two shared cores). After delivering faults the service goroutine yields
+// two shared cores). With a 1 GiB all-missing domain running the migbench
+// "web" workload while one goroutine pushes every page and another serves
+// faults (BenchmarkLazyFaultsUnderPush, no network): fault p50 4 µs, p99
+// 0.12 ms, 3121 demand pages, push 0.7 s. After delivering faults the service goroutine yields
 // its P before blocking in poll(2) again, otherwise the consumer it woke
 // waits until sysmon retakes the P (up to 10 ms).
 //
