@@ -47,6 +47,9 @@ type Options struct {
 	// MigrationID names the migration to the receiver; Token authenticates it.
 	MigrationID string
 	Token       []byte
+	// RecoveryTimeout bounds reconnection attempts when the link breaks
+	// during post-copy (0: RecoveryTimeout).
+	RecoveryTimeout time.Duration
 	// DurableDir, if set, is a directory on shared storage where the source
 	// mirrors not-yet-delivered pages during post-copy.
 	DurableDir string

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/bits"
 	"net"
 	"sync"
@@ -85,6 +86,7 @@ func acount(b *xenmem.Bitmap) uint64 {
 // conn is one framed TCP connection. Writes are serialised by mu.
 type conn struct {
 	c    net.Conn
+	cc   *countingReader
 	r    *wire.Reader
 	mu   sync.Mutex
 	w    *wire.Writer
@@ -100,7 +102,23 @@ func newConn(c net.Conn, lim *limiter, prio bool) *conn {
 			_ = tc.SetReadBuffer(4 << 20)
 		}
 	}
-	return &conn{c: c, r: wire.NewReader(c), w: wire.NewWriter(c), lim: lim, prio: prio}
+	cc := &countingReader{r: c}
+	// The writer gets the bare connection, so large parts go out in one
+	// vectored write; it counts its own bytes.
+	return &conn{c: c, cc: cc, r: wire.NewReader(cc), w: wire.NewWriter(c), lim: lim, prio: prio}
+}
+
+// countingReader counts the bytes read from a connection, readable from
+// any goroutine.
+type countingReader struct {
+	r io.Reader
+	n atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // send writes one record and flushes it, after drawing its size from the
@@ -125,10 +143,14 @@ func (c *conn) sendAs(ctx context.Context, prio bool, t wire.Type, parts ...[]by
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := c.w.Write(t, parts...); err != nil {
-		return err
+	err := c.w.Write(t, parts...)
+	if err == nil {
+		err = c.w.Flush()
 	}
-	return c.w.Flush()
+	if err != nil {
+		return fmt.Errorf("%w: %w", errConnLost, err)
+	}
+	return nil
 }
 
 func (c *conn) sendControl(ctx context.Context, m *wire.Control) error {
@@ -139,10 +161,12 @@ func (c *conn) sendControl(ctx context.Context, m *wire.Control) error {
 	return c.sendAs(ctx, true, wire.TypeControl, b)
 }
 
+// bytes is what crossed the connection so far, both ways.
 func (c *conn) bytes() int64 {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.w.Bytes() + c.r.Bytes()
+	w := c.w.Bytes()
+	c.mu.Unlock()
+	return w + c.cc.n.Load()
 }
 
 func (c *conn) close() { _ = c.c.Close() }
@@ -193,6 +217,10 @@ func readControl(c *conn) (wire.Control, error) {
 	}
 	return wire.ParseControl(rec.Body)
 }
+
+// errConnLost marks a broken connection (as opposed to a refusal or a
+// protocol error): post-copy recovers from it.
+var errConnLost = errors.New("connection lost")
 
 // ErrRemote is wrapped by errors the other side reported.
 var ErrRemote = errors.New("engine: remote side failed")

@@ -23,6 +23,9 @@ const (
 	EventResumed  EventKind = "Resumed"  // the domain runs here (point of no return)
 	EventDone     EventKind = "Done"     // every page here and verified
 	EventFailed   EventKind = "Failed"   // aborted; nothing left behind if before Resumed
+	// EventRecovering: the link broke during post-copy; the domain runs
+	// here and waits for the source to reconnect.
+	EventRecovering EventKind = "Recovering"
 )
 
 // Event is reported by a Receiver for each incoming migration.
@@ -59,6 +62,9 @@ type Receiver struct {
 	Log      logr.Logger
 	// MaxSessions bounds concurrent incoming migrations (default 8).
 	MaxSessions int
+	// RecoveryTimeout bounds how long a post-copy whose link broke waits
+	// for the source to reconnect (default RecoveryTimeout).
+	RecoveryTimeout time.Duration
 
 	mu       sync.Mutex
 	sessions map[string]*session // by migration ID; bounded by MaxSessions
@@ -137,6 +143,12 @@ func (r *Receiver) handle(ctx context.Context, nc net.Conn) {
 		if s = r.lookup(hello.MigrationID); s == nil || !s.attach(c, hello) {
 			err = fmt.Errorf("no migration %q waiting for a %s stream %d", hello.MigrationID, hello.Message, hello.Stream)
 		}
+	case roleRecover:
+		if s = r.lookup(hello.MigrationID); s == nil {
+			err = fmt.Errorf("no migration %q to recover", hello.MigrationID)
+		} else {
+			err = s.beginRecovery(c)
+		}
 	default:
 		err = fmt.Errorf("unknown stream role %q", hello.Message)
 	}
@@ -156,6 +168,13 @@ func (r *Receiver) handle(ctx context.Context, nc net.Conn) {
 		s.main = c
 		s.run(ctx)
 	}
+}
+
+func (r *Receiver) recoveryTimeout() time.Duration {
+	if r.RecoveryTimeout > 0 {
+		return r.RecoveryTimeout
+	}
+	return RecoveryTimeout
 }
 
 func (r *Receiver) newSession(hello wire.Control) (*session, error) {

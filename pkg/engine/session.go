@@ -16,6 +16,12 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
+// flush is a flush marker seen on a data stream of a generation.
+type flush struct {
+	gen   int32
+	phase string
+}
+
 // session is one incoming migration at the destination.
 type session struct {
 	r       *Receiver
@@ -45,12 +51,14 @@ type session struct {
 	state    []byte
 	missing  []uint64 // words of the bitmap of pages still to come at the switch
 
-	flushes chan string
-	readers sync.WaitGroup // data and priority readers: they write guest memory
-	errs    chan error
+	flushes   chan flush
+	gen       atomic.Int32   // generation of the data connections (post-copy recovery)
+	recoverCh chan *conn     // a reconnecting source's main connection
+	readers   sync.WaitGroup // data and priority readers: they write guest memory
+	errs      chan error
 
 	demand, diskResolved, diskFallback, duplicates atomic.Uint64
-	resumed                                        bool
+	resumed                                        atomic.Bool
 	resumeOps                                      uint64
 	resumeAt                                       time.Time
 }
@@ -58,7 +66,7 @@ type session struct {
 func newSession(r *Receiver, hello wire.Control) *session {
 	return &session{r: r, id: hello.MigrationID, streams: hello.Streams,
 		data: make([]*conn, hello.Streams), attached: make(chan struct{}),
-		flushes: make(chan string, 4*hello.Streams), errs: make(chan error, 8)}
+		flushes: make(chan flush, 4*hello.Streams), errs: make(chan error, 8), recoverCh: make(chan *conn, 1)}
 }
 
 // attach adds a data or priority connection.
@@ -115,14 +123,14 @@ func (s *session) cleanup(ctx context.Context, err error) {
 	// Stop the readers before the memory they write goes away.
 	s.closeStreams()
 	s.readers.Wait()
-	if s.lazy != nil && (err == nil || !s.resumed) {
+	if s.lazy != nil && (err == nil || !s.resumed.Load()) {
 		_ = s.lazy.Close()
 	}
 	if s.resolver != nil {
 		_ = s.resolver.Close()
 	}
 	if err != nil {
-		if !s.resumed && s.dom != nil {
+		if !s.resumed.Load() && s.dom != nil {
 			if derr := s.dom.Destroy(); derr != nil {
 				err = errors.Join(err, fmt.Errorf("destroy the half-received domain: %w", derr))
 			}
@@ -136,6 +144,13 @@ func (s *session) cleanup(ctx context.Context, err error) {
 		_ = s.dom.Close()
 	}
 	s.r.drop(s.id)
+}
+
+// prioConn is the current priority connection (recovery replaces it).
+func (s *session) prioConn() *conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.prio
 }
 
 // closeStreams closes every connection of the session.
@@ -178,12 +193,7 @@ func (s *session) receive(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	for i, c := range s.data {
-		s.readers.Add(1)
-		go func() { defer s.readers.Done(); s.readData(ctx, i, c) }()
-	}
-	s.readers.Add(1)
-	go func() { defer s.readers.Done(); s.readData(ctx, -1, s.prio) }()
+	s.startReaders(ctx)
 	return s.readMain(ctx)
 }
 
@@ -215,20 +225,45 @@ func (s *session) prepare(ctx context.Context, h wire.Header) error {
 
 // readMain follows the source's main connection to the end.
 func (s *session) readMain(ctx context.Context) error {
+	for {
+		err := s.followMain(ctx, s.main)
+		if err == nil || !errors.Is(err, errConnLost) || !s.recoverable() {
+			return err
+		}
+		// Post-copy and the link broke: the domain runs here, vCPUs that
+		// touch missing pages wait; the source reconnects and resumes the
+		// push from what we have.
+		s.r.Log.Info("Lost the source during post-copy; waiting for it to reconnect", append(s.log(), "error", err.Error(), "timeout", s.r.recoveryTimeout())...)
+		s.r.emit(s.id, Event{Kind: EventRecovering, Domain: s.info.Name, Err: err})
+		if rerr := s.awaitRecovery(ctx); rerr != nil {
+			return fmt.Errorf("post-copy recovery failed: %w (connection lost: %v)", rerr, err)
+		}
+		s.r.Log.Info("Source reconnected; post-copy continues", s.log()...)
+	}
+}
+
+// followMain reads one main connection until END or an error.
+func (s *session) followMain(ctx context.Context, main *conn) error {
 	recs := make(chan wire.Record)
 	next := make(chan struct{})
 	rerr := make(chan error, 1)
+	stop := make(chan struct{})
+	defer close(stop)
 	go func() {
 		for {
-			rec, err := s.main.r.Next()
+			rec, err := main.r.Next()
 			if err != nil {
 				rerr <- err
 				return
 			}
-			recs <- rec
+			select {
+			case recs <- rec:
+			case <-stop:
+				return
+			}
 			select {
 			case <-next:
-			case <-ctx.Done():
+			case <-stop:
 				return
 			}
 		}
@@ -238,7 +273,7 @@ func (s *session) readMain(ctx context.Context) error {
 		select {
 		case rec = <-recs:
 		case err := <-rerr:
-			return fmt.Errorf("main connection: %w", err)
+			return fmt.Errorf("main connection: %w: %w", errConnLost, err)
 		case err := <-s.errs:
 			return err
 		case <-ctx.Done():
@@ -250,6 +285,84 @@ func (s *session) readMain(ctx context.Context) error {
 		}
 		next <- struct{}{}
 	}
+}
+
+// recoverable: the domain runs here on lazily loaded memory.
+func (s *session) recoverable() bool { return s.resumed.Load() && s.lazyOn.Load() }
+
+// beginRecovery takes a reconnecting source's main connection: the old
+// streams are closed and the stream slots freed for the new generation.
+func (s *session) beginRecovery(c *conn) error {
+	if !s.recoverable() {
+		return fmt.Errorf("migration %q is not in post-copy; nothing to recover", s.id)
+	}
+	s.mu.Lock()
+	old := append([]*conn{s.prio}, s.data...)
+	s.data = make([]*conn, s.streams)
+	s.prio = nil
+	s.attached = make(chan struct{})
+	s.gen.Add(1)
+	s.mu.Unlock()
+	for _, o := range old {
+		if o != nil {
+			o.close()
+		}
+	}
+	select {
+	case s.recoverCh <- c:
+	default:
+		return fmt.Errorf("migration %q is already recovering", s.id)
+	}
+	// Wake the main loop wherever it waits.
+	s.fail(fmt.Errorf("%w: the source reconnected", errConnLost))
+	return nil
+}
+
+// awaitRecovery waits for the source to come back, tells it what is here,
+// and restarts the streams.
+func (s *session) awaitRecovery(ctx context.Context) error {
+	s.main.close()
+	var c *conn
+	select {
+	case c = <-s.recoverCh:
+	case <-time.After(s.r.recoveryTimeout()):
+		return fmt.Errorf("the source did not reconnect within %v; the domain keeps running here, waiting on %d missing pages", s.r.recoveryTimeout(), s.numPages-acount(s.have))
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.main = c
+	// Drop errors of the broken generation.
+	for len(s.errs) > 0 {
+		<-s.errs
+	}
+	have := xenmem.NewBitmap(s.numPages)
+	for i := range have.Words() {
+		have.Words()[i] = atomic.LoadUint64(&s.have.Words()[i])
+	}
+	if err := c.sendAs(ctx, true, wire.TypeBitmap, wire.MarshalBitmap(nil, 0, s.numPages, have.Words())); err != nil {
+		return fmt.Errorf("send the received bitmap: %w", err)
+	}
+	s.mu.Lock()
+	attached := s.attached
+	s.mu.Unlock()
+	select {
+	case <-attached:
+	case <-time.After(handshakeTimeout):
+		return fmt.Errorf("the source reconnected but did not reopen its streams within %v", handshakeTimeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.startReaders(ctx)
+	// Demand requests in flight died with the old priority connection.
+	if again := s.tracker.Rerequest(nil); len(again) > 0 {
+		for i := 0; i < len(again); i += 1024 {
+			body := wire.MarshalRequest(nil, wire.ReasonDemand, again[i:min(i+1024, len(again))])
+			if err := s.prioConn().send(ctx, wire.TypeRequest, body); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (s *session) onMain(ctx context.Context, rec wire.Record) (done bool, err error) {
@@ -314,9 +427,12 @@ func (s *session) waitFlushes(ctx context.Context, phase string, timeout time.Du
 	deadline := time.After(timeout)
 	for got := 0; got < s.streams; {
 		select {
-		case p := <-s.flushes:
-			if p != phase {
-				return fmt.Errorf("flush marker %q while waiting for %q: %w", p, phase, wire.ErrMalformed)
+		case f := <-s.flushes:
+			if f.gen != s.gen.Load() {
+				continue // from a connection that broke
+			}
+			if f.phase != phase {
+				return fmt.Errorf("flush marker %q while waiting for %q: %w", f.phase, phase, wire.ErrMalformed)
 			}
 			got++
 		case err := <-s.errs:
@@ -401,7 +517,7 @@ func (s *session) startPostCopy(ctx context.Context) error {
 		var buf []byte
 		err := s.tracker.Serve(ctx, lazy.Faults(), func(pfns []uint64) error {
 			buf = wire.MarshalRequest(buf[:0], wire.ReasonDemand, pfns)
-			return s.prio.send(ctx, wire.TypeRequest, buf)
+			return s.prioConn().send(ctx, wire.TypeRequest, buf)
 		})
 		if err != nil && ctx.Err() == nil {
 			s.fail(fmt.Errorf("demand path: %w", err))
@@ -415,7 +531,7 @@ func (s *session) resume(ctx context.Context) error {
 	if err := s.dom.Resume(); err != nil {
 		return fmt.Errorf("resume the domain: %w", err)
 	}
-	s.resumed = true
+	s.resumed.Store(true)
 	s.resumeAt, s.resumeOps = time.Now(), s.dom.Ops()
 	s.r.Log.Info("Domain resumed at the destination", append(s.log(), "postCopy", s.lazyOn.Load())...)
 	s.r.emit(s.id, Event{Kind: EventResumed, Domain: s.info.Name})
@@ -446,7 +562,7 @@ func (s *session) finishPostCopy(ctx context.Context) error {
 		}
 		for i := 0; i < len(missing); i += 1024 {
 			buf = wire.MarshalRequest(buf[:0], wire.ReasonRecover, missing[i:min(i+1024, len(missing))])
-			if err := s.prio.send(ctx, wire.TypeRequest, buf); err != nil {
+			if err := s.prioConn().send(ctx, wire.TypeRequest, buf); err != nil {
 				return err
 			}
 		}
@@ -485,11 +601,25 @@ func (s *session) stats() ReceiveStats {
 		FaultP50: time.Duration(w.FaultP50Us) * time.Microsecond, FaultP99: time.Duration(w.FaultP99Us) * time.Microsecond}
 }
 
+// startReaders starts a reader per data stream and one for the priority
+// stream, for the current generation of connections.
+func (s *session) startReaders(ctx context.Context) {
+	s.mu.Lock()
+	data, prio, gen := append([]*conn(nil), s.data...), s.prio, s.gen.Load()
+	s.mu.Unlock()
+	for i, c := range data {
+		s.readers.Add(1)
+		go func() { defer s.readers.Done(); s.readData(ctx, i, c, gen) }()
+	}
+	s.readers.Add(1)
+	go func() { defer s.readers.Done(); s.readData(ctx, -1, prio, gen) }()
+}
+
 // readData installs what one data stream (or, for idx -1, the priority
 // stream) carries, in stream order.
-func (s *session) readData(ctx context.Context, idx int, c *conn) {
-	rd := &installer{s: s, c: c, prio: idx < 0}
-	if err := rd.loop(ctx); err != nil && ctx.Err() == nil {
+func (s *session) readData(ctx context.Context, idx int, c *conn, gen int32) {
+	rd := &installer{s: s, c: c, prio: idx < 0, gen: gen}
+	if err := rd.loop(ctx); err != nil && ctx.Err() == nil && s.gen.Load() == gen {
 		s.fail(fmt.Errorf("stream %d: %w", idx, err))
 	}
 }
@@ -498,6 +628,7 @@ func (s *session) readData(ctx context.Context, idx int, c *conn) {
 type installer struct {
 	s    *session
 	c    *conn
+	gen  int32
 	prio bool
 	pfns []uint64
 	refs []wire.DiskRef
@@ -512,7 +643,7 @@ func (in *installer) loop(ctx context.Context) error {
 	for {
 		rec, err := in.c.r.Next()
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: %w", errConnLost, err)
 		}
 		switch rec.Type {
 		case wire.TypePages:
@@ -534,7 +665,7 @@ func (in *installer) loop(ctx context.Context) error {
 				if m.Kind != ctlFlush {
 					return fmt.Errorf("unexpected control %q on a data stream: %w", m.Kind, wire.ErrMalformed)
 				}
-				in.s.flushes <- m.Message
+				in.s.flushes <- flush{gen: in.gen, phase: m.Message}
 			}
 		case wire.TypeEnd:
 			return nil
@@ -684,7 +815,7 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 			return err
 		}
 	}
-	if protoErr != nil && !s.resumed {
+	if protoErr != nil && !s.resumed.Load() {
 		return protoErr
 	}
 	for i, r := range refs {
@@ -715,7 +846,7 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 	// connection, as a vCPU may be waiting.
 	in.req = wire.MarshalRequest(in.req[:0], wire.ReasonFallback, in.fb)
 	if lazy {
-		return s.prio.send(ctx, wire.TypeRequest, in.req)
+		return s.prioConn().send(ctx, wire.TypeRequest, in.req)
 	}
 	return s.main.send(ctx, wire.TypeRequest, in.req)
 }

@@ -56,9 +56,12 @@ type source struct {
 	lim      *limiter
 	start    time.Time
 
+	connMu    sync.Mutex // guards main, prio and the senders' conns (swapped by recovery)
 	main      *conn
 	prio      *conn
 	senders   []*sender
+	gen       atomic.Int32      // connection generation; readers of an old one stay quiet
+	oldBytes  int64             // wire bytes of connections closed by recovery
 	ctl       chan wire.Control // control messages from the destination
 	results   chan error        // one per sender per forEachSender
 	readErr   chan error        // first failure of a reader
@@ -174,6 +177,8 @@ func (s *source) cleanup(errp *error) {
 }
 
 func (s *source) conns() []*conn {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
 	var cs []*conn
 	if s.main != nil {
 		cs = append(cs, s.main)
@@ -192,10 +197,18 @@ func (s *source) connect(ctx context.Context) error {
 	hello := func(role string, i int) wire.Control {
 		return wire.Control{Kind: ctlHello, MigrationID: s.opts.MigrationID, Token: s.opts.Token, Stream: i, Streams: s.streams, Message: role}
 	}
-	var err error
-	if s.main, err = dialStream(ctx, s.addr, s.lim, hello(roleMain, 0)); err != nil {
+	// Each connection is registered as soon as it exists, so that cleanup
+	// closes it whatever fails next.
+	add := func(f func()) {
+		s.connMu.Lock()
+		f()
+		s.connMu.Unlock()
+	}
+	main, err := dialStream(ctx, s.addr, s.lim, hello(roleMain, 0))
+	if err != nil {
 		return err
 	}
+	add(func() { s.main = main })
 	for i := range s.streams {
 		c, err := dialStream(ctx, s.addr, s.lim, hello(roleData, i))
 		if err != nil {
@@ -203,18 +216,21 @@ func (s *source) connect(ctx context.Context) error {
 		}
 		sd, err := newSender(s, i, c)
 		if err != nil {
+			c.close()
 			return err
 		}
-		s.senders = append(s.senders, sd)
+		add(func() { s.senders = append(s.senders, sd) })
 	}
-	if s.prio, err = dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0)); err != nil {
+	prio, err := dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0))
+	if err != nil {
 		return err
 	}
+	add(func() { s.prio = prio })
 	for _, sd := range s.senders {
 		go sd.loop(ctx)
 	}
-	go s.readMain()
-	go s.servePrio(ctx)
+	go s.readMain(main, 0)
+	go s.servePrio(ctx, prio, 0)
 	return nil
 }
 
@@ -270,19 +286,24 @@ func (s *source) waitControl(ctx context.Context, kind string, timeout time.Dura
 }
 
 // readMain reads the destination's messages on the main connection.
-func (s *source) readMain() {
+func (s *source) readMain(main *conn, gen int32) {
 	var pfns []uint64
+	fail := func(err error) {
+		if s.gen.Load() == gen {
+			s.fail(err)
+		}
+	}
 	for {
-		rec, err := s.main.r.Next()
+		rec, err := main.r.Next()
 		if err != nil {
-			s.fail(fmt.Errorf("main connection: %w", err))
+			fail(fmt.Errorf("main connection: %w: %w", errConnLost, err))
 			return
 		}
 		switch rec.Type {
 		case wire.TypeControl:
 			m, err := wire.ParseControl(rec.Body)
 			if err != nil {
-				s.fail(err)
+				fail(err)
 				return
 			}
 			if m.Kind == ctlError {
@@ -293,19 +314,19 @@ func (s *source) readMain() {
 			var reason uint32
 			reason, pfns, err = wire.ParseRequest(rec.Body, pfns[:0])
 			if err != nil {
-				s.fail(err)
+				fail(err)
 				return
 			}
 			if reason != wire.ReasonFallback {
-				s.fail(fmt.Errorf("request reason %d on the main connection: %w", reason, wire.ErrMalformed))
+				fail(fmt.Errorf("request reason %d on the main connection: %w", reason, wire.ErrMalformed))
 				return
 			}
 			if err := s.queueFallback(pfns); err != nil {
-				s.fail(err)
+				fail(err)
 				return
 			}
 		default:
-			s.fail(fmt.Errorf("unexpected %v record from the destination: %w", rec.Type, wire.ErrMalformed))
+			fail(fmt.Errorf("unexpected %v record from the destination: %w", rec.Type, wire.ErrMalformed))
 			return
 		}
 	}
@@ -605,8 +626,41 @@ func (s *source) postcopy(ctx context.Context) error {
 	if err := s.commit(ctx); err != nil {
 		return err
 	}
-	// Point of no return. Push the working set first, then the rest, while
-	// the priority path answers faults ahead of the push.
+	// Point of no return. If the link breaks from here on, reconnect and
+	// continue from what the destination has.
+	var deadline time.Time
+	for {
+		err := s.pushRest(ctx)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || !errors.Is(err, errConnLost) || errors.Is(err, ErrRemote) {
+			return err
+		}
+		if deadline.IsZero() {
+			deadline = time.Now().Add(s.recoveryTimeout())
+		}
+		s.log.Info("Lost the destination during post-copy; reconnecting", "domain", s.dom.Info().Name, "error", err.Error())
+		if rerr := s.reconnect(ctx, deadline); rerr != nil {
+			return fmt.Errorf("post-copy recovery: %w (connection lost: %v); the domain stays paused here and runs, waiting on missing pages, at the destination", rerr, err)
+		}
+		s.log.Info("Reconnected; post-copy continues", "domain", s.dom.Info().Name, "missingPages", acount(s.need))
+	}
+}
+
+func (s *source) recoveryTimeout() time.Duration {
+	if s.opts.RecoveryTimeout > 0 {
+		return s.opts.RecoveryTimeout
+	}
+	return RecoveryTimeout
+}
+
+// pushRest pushes every page the destination still needs — the working
+// set first, then the rest — while the priority path answers faults ahead
+// of the push; then sends the manifest and waits until the destination has
+// every page.
+func (s *source) pushRest(ctx context.Context) error {
+	s.phase.Store(PhasePostCopy)
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 		if err := sd.sendSet(ctx, s.need, s.hot, nil); err != nil {
 			return err
@@ -634,30 +688,35 @@ func (s *source) postcopy(ctx context.Context) error {
 
 // servePrio answers demand and fallback requests on the priority
 // connection, ahead of every background page.
-func (s *source) servePrio(ctx context.Context) {
+func (s *source) servePrio(ctx context.Context, prio *conn, gen int32) {
 	var pfns []uint64
-	sd := &sender{src: s, c: s.prio,
+	fail := func(err error) {
+		if s.gen.Load() == gen {
+			s.fail(err)
+		}
+	}
+	sd := &sender{src: s, c: prio,
 		pfns: make([]uint64, 0, 64), data: make([]byte, 0, 64*xenmem.PageSize),
 		zeros: make([]uint64, 0, 64), refs: make([]wire.DiskRef, 0, 64)}
 	for {
-		rec, err := s.prio.r.Next()
+		rec, err := prio.r.Next()
 		if err != nil {
-			s.fail(fmt.Errorf("priority connection: %w", err))
+			fail(fmt.Errorf("priority connection: %w: %w", errConnLost, err))
 			return
 		}
 		if rec.Type != wire.TypeRequest {
-			s.fail(fmt.Errorf("unexpected %v record on the priority connection: %w", rec.Type, wire.ErrMalformed))
+			fail(fmt.Errorf("unexpected %v record on the priority connection: %w", rec.Type, wire.ErrMalformed))
 			return
 		}
 		var reason uint32
 		reason, pfns, err = wire.ParseRequest(rec.Body, pfns[:0])
 		if err != nil {
-			s.fail(err)
+			fail(err)
 			return
 		}
 		for _, p := range pfns {
 			if p >= s.numPages {
-				s.fail(fmt.Errorf("request for pfn %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed))
+				fail(fmt.Errorf("request for pfn %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed))
 				return
 			}
 			// The first taker of a still-needed page owns it (hash,
@@ -668,20 +727,131 @@ func (s *source) servePrio(ctx context.Context) {
 				s.cnt.demand.Add(1)
 			}
 			if err := sd.addPage(ctx, p, !owner); err != nil {
-				s.fail(err)
+				fail(err)
 				return
 			}
 			if len(sd.pfns) >= 60 || len(sd.refs) >= 60 || len(sd.zeros) >= 60 {
 				if err := sd.flush(ctx); err != nil {
-					s.fail(err)
+					fail(err)
 					return
 				}
 			}
 		}
 		if err := sd.flush(ctx); err != nil {
-			s.fail(err)
+			fail(err)
 			return
 		}
+	}
+}
+
+// reconnect re-opens the streams of a post-copy whose link broke: it asks
+// the destination what it has, and needs only the rest.
+func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
+	s.phase.Store(PhaseRecovering)
+	gen := s.gen.Add(1)
+	for _, c := range s.conns() {
+		c.close()
+	}
+	s.connMu.Lock()
+	for _, c := range append([]*conn{s.main, s.prio}, func() []*conn {
+		var cs []*conn
+		for _, sd := range s.senders {
+			cs = append(cs, sd.c)
+		}
+		return cs
+	}()...) {
+		s.oldBytes += c.bytes()
+	}
+	s.connMu.Unlock()
+	for len(s.readErr) > 0 {
+		<-s.readErr
+	}
+	for len(s.ctl) > 0 {
+		<-s.ctl
+	}
+	hello := func(role string, i int) wire.Control {
+		return wire.Control{Kind: ctlHello, MigrationID: s.opts.MigrationID, Token: s.opts.Token, Stream: i, Streams: s.streams, Message: role}
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the destination stayed unreachable for %v", s.recoveryTimeout())
+		}
+		err := func() error {
+			main, err := dialStream(ctx, s.addr, s.lim, hello(roleRecover, 0))
+			if err != nil {
+				return err
+			}
+			conns := []*conn{main}
+			ok := false
+			defer func() {
+				if !ok {
+					for _, c := range conns {
+						c.close()
+					}
+				}
+			}()
+			_ = main.c.SetReadDeadline(time.Now().Add(handshakeTimeout))
+			rec, err := main.r.Next()
+			if err != nil {
+				return fmt.Errorf("%w: read the received bitmap: %w", errConnLost, err)
+			}
+			_ = main.c.SetReadDeadline(time.Time{})
+			if rec.Type != wire.TypeBitmap {
+				return fmt.Errorf("expected the received bitmap, got %v: %w", rec.Type, wire.ErrMalformed)
+			}
+			first, nbits, words, err := wire.ParseBitmap(rec.Body)
+			if err != nil {
+				return err
+			}
+			if first != 0 || nbits != s.numPages {
+				return fmt.Errorf("received bitmap covers %d+%d, want 0+%d: %w", first, nbits, s.numPages, wire.ErrMalformed)
+			}
+			data := make([]*conn, s.streams)
+			for i := range s.streams {
+				if data[i], err = dialStream(ctx, s.addr, s.lim, hello(roleData, i)); err != nil {
+					return err
+				}
+				conns = append(conns, data[i])
+			}
+			prio, err := dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0))
+			if err != nil {
+				return err
+			}
+			conns = append(conns, prio)
+			// Everything the destination lacks is needed again, whatever
+			// was sent before the break.
+			need := s.need.Words()
+			for i, w := range words {
+				atomic.StoreUint64(&need[i], ^w)
+			}
+			if r := s.numPages & 63; r != 0 {
+				atomic.AndUint64(&need[len(need)-1], (1<<r)-1)
+			}
+			s.connMu.Lock()
+			s.main, s.prio = main, prio
+			for i, sd := range s.senders {
+				sd.c = data[i]
+			}
+			s.connMu.Unlock()
+			ok = true
+			go s.readMain(main, gen)
+			go s.servePrio(ctx, prio, gen)
+			return nil
+		}()
+		if err == nil {
+			return nil
+		}
+		if errors.Is(err, ErrRemote) {
+			return err // the destination refused: it is not waiting for us
+		}
+		s.log.V(1).Info("Reconnect failed; retrying", "error", err.Error(), "backoff", backoff)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		backoff = min(2*backoff, 2*time.Second)
 	}
 }
 
@@ -699,7 +869,9 @@ func (s *source) release(ctx context.Context) error {
 }
 
 func (s *source) wireBytes() int64 {
-	var n int64
+	s.connMu.Lock()
+	n := s.oldBytes
+	s.connMu.Unlock()
 	for _, c := range s.conns() {
 		n += c.bytes()
 	}

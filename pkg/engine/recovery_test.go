@@ -1,0 +1,139 @@
+package engine_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr/testr"
+
+	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/xenmem/sim"
+)
+
+// cutter is a TCP proxy whose current connections can all be cut at once,
+// as a link failure would; later connections pass.
+type cutter struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	conns  []net.Conn
+	cuts   atomic.Int32
+}
+
+func newCutter(t *testing.T, target string) *cutter {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cutter{ln: ln, target: target}
+	t.Cleanup(func() { ln.Close(); c.cut() })
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			out, err := net.Dial("tcp", target)
+			if err != nil {
+				in.Close()
+				continue
+			}
+			c.mu.Lock()
+			c.conns = append(c.conns, in, out)
+			c.mu.Unlock()
+			go func() { _, _ = io.Copy(out, in); out.Close() }()
+			go func() { _, _ = io.Copy(in, out); in.Close() }()
+		}
+	}()
+	return c
+}
+
+func (c *cutter) addr() string { return c.ln.Addr().String() }
+
+func (c *cutter) cut() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, x := range c.conns {
+		x.Close()
+	}
+	c.conns = nil
+	c.cuts.Add(1)
+}
+
+// TestPostCopySurvivesLinkCut cuts every connection in the middle of the
+// post-copy push: the destination keeps the domain running, the source
+// reconnects and continues from the destination's received bitmap, and the
+// destination memory matches the manifest.
+func TestPostCopySurvivesLinkCut(t *testing.T) {
+	var recovering atomic.Bool
+	e := newEnv(t, nil)
+	inner := e.recv.Events
+	e.recv.Events = func(id string, ev engine.Event) {
+		if ev.Kind == engine.EventRecovering {
+			recovering.Store(true)
+		}
+		inner(id, ev)
+	}
+	px := newCutter(t, e.addr)
+	_, dom := e.domain("cut", "64Mi", sim.Profile{Zero: 0.1, Disk: 0.3, DirtyMiBps: 10, HotFraction: 0.1, HotWriteShare: 0.9, ReadMiBps: 50, Seed: 31})
+	var once sync.Once
+	var sawRecovering atomic.Bool
+	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+		if p.Phase == engine.PhaseRecovering {
+			sawRecovering.Store(true)
+		}
+		if p.Phase == engine.PhasePostCopy && p.Percent > 30 {
+			once.Do(px.cut)
+		}
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, dom, px.addr(), engine.Options{Strategy: engine.StrategyPostCopy, LinkBytesPerSec: 24 << 20, MigrationID: "cut"}, hooks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if px.cuts.Load() == 0 {
+		t.Fatal("the link was never cut: the test proved nothing")
+	}
+	if !res.Verified {
+		t.Fatal("after recovery the destination memory does not match the manifest")
+	}
+	if !recovering.Load() {
+		t.Error("the destination never reported Recovering")
+	}
+	if !runningAt(t, e.dst, "cut") {
+		t.Fatal("the domain does not run at the destination")
+	}
+	t.Logf("recovered: %+v, source saw Recovering: %v", res.Pages, sawRecovering.Load())
+}
+
+// TestPostCopyRecoveryTimesOut: the destination never comes back; the
+// source gives up after its recovery timeout and never resumes the domain.
+func TestPostCopyRecoveryTimesOut(t *testing.T) {
+	e := newEnv(t, nil)
+	px := newCutter(t, e.addr)
+	_, dom := e.domain("gone", "32Mi", sim.Profile{Zero: 0.1, Disk: 0.3, DirtyMiBps: 10, ReadMiBps: 50, Seed: 32})
+	var once sync.Once
+	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+		if p.Phase == engine.PhasePostCopy && p.Percent > 20 {
+			once.Do(func() { px.ln.Close(); px.cut() }) // and no way back
+		}
+	}}
+	_, err := engine.Migrate(context.Background(), dom, px.addr(), engine.Options{Strategy: engine.StrategyPostCopy, LinkBytesPerSec: 16 << 20, MigrationID: "gone", RecoveryTimeout: 2 * time.Second}, hooks)
+	if err == nil {
+		t.Fatal("migration succeeded with the destination gone")
+	}
+	t.Logf("failed as expected: %v", err)
+	d, ok := e.src.Domain("gone")
+	if !ok {
+		t.Fatal("the source lost the domain")
+	}
+	if !d.Paused() {
+		t.Fatal("the source resumed a domain that runs at the destination")
+	}
+}
