@@ -40,18 +40,19 @@ type Domain struct {
 	guest   *guestProc
 
 	// opMu serialises life-cycle operations (pause, resume, dirty log,
-	// lazy arming, destroy) on this domain.
-	opMu sync.Mutex
+	// lazy arming, probes, destroy) on this domain and protects the fields
+	// up to mu.
+	opMu    sync.Mutex
+	dirtyOn bool
+	regMode uint64                 // uffd registration of guest memory
+	scanVec [scanVecLen]pageRegion // PAGEMAP_SCAN output
+
 	// mu protects the fields below.
 	mu        sync.Mutex
 	state     xenmem.State
 	handle    bool // a SourceDomain or TargetDomain handle is open
-	prevState xenmem.State
 	paused    bool
-	dirtyOn   bool
 	lazy      *lazy
-	regMode   uint64                 // uffd registration of guest memory; opMu
-	scanVec   [scanVecLen]pageRegion // PAGEMAP_SCAN output; opMu
 	destroyed bool
 	// finalWrites/finalReads hold the counters once the control page is gone.
 	finalWrites, finalReads uint64

@@ -21,13 +21,12 @@ func (h *Host) OpenSource(ctx context.Context, name string) (xenmem.SourceDomain
 		return nil, fmt.Errorf("open source %s: %w", name, xenmem.ErrNoDomain)
 	}
 	if d.handle {
-		return nil, fmt.Errorf("open source %s: a migration handle is already open", name)
+		return nil, fmt.Errorf("open source %s: a migration handle is already open (one migration at a time; wait for it to end)", name)
 	}
 	if d.state != xenmem.StateRunning && d.state != xenmem.StatePaused {
 		return nil, fmt.Errorf("open source %s: domain is %s, want Running or Paused", name, d.state)
 	}
 	d.handle = true
-	d.prevState = d.state
 	d.state = xenmem.StateMigrating
 	return &source{d: d}, nil
 }
