@@ -80,7 +80,7 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.Namespace, "namespace", "default", "namespace of XenDomains whose configuration names none")
 	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 5*time.Second, "XenHost heartbeat interval")
 	fs.DurationVar(&cfg.StatusInterval, "status-interval", time.Second, "minimum interval between progress writes per migration")
-	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes (default: a folder next to the sim state dir)")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes (default: $TMPDIR/xenferry-agent-HOST)")
 	zopts := zap.Options{Development: true}
 	zopts.BindFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -104,7 +104,7 @@ func runK8sAgent(ctx context.Context, args []string) error {
 		cfg.Host = sc.Name
 	}
 	if cfg.StateDir == "" {
-		cfg.StateDir = filepath.Join(filepath.Dir(*simConfig), ".agent-"+cfg.Host)
+		cfg.StateDir = filepath.Join(os.TempDir(), "xenferry-agent-"+cfg.Host)
 	}
 	restCfg, err := loadRestConfig(*kubeconfig)
 	if err != nil {

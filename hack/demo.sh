@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# hack/demo.sh (make demo): xenferry end to end on one machine.
+#
+#  1. a standalone live migration between two simulated hosts (seconds),
+#     while the control-plane tools build behind it on a fresh machine;
+#  2. a local control plane (bin/etcd + bin/kube-apiserver on loopback);
+#  3. the CRDs, the controller and two node agents on simulated hosts
+#     (config/samples/sim/), each with domains running workloads;
+#  4. `kubectl apply -f config/samples/`, live progress, a result table.
+#
+# Exits 0 only if every sample VMMigration Succeeded. Everything it started
+# is stopped on exit or Ctrl-C. Logs: .xenferry/demo/.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export GOTOOLCHAIN=local
+DEMO="$ROOT/.xenferry/demo"
+BIN="$ROOT/bin"
+TIMEOUT=${XF_DEMO_TIMEOUT:-300}
+mkdir -p "$DEMO"
+T0=$(date +%s)
+PIDS=()
+TOOLS_PID=""
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+say() { printf '\n[demo %3ss] %s\n' "$(elapsed)" "$*"; }
+info() { printf '[demo %3ss]   %s\n' "$(elapsed)" "$*"; }
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [ ${#PIDS[@]} -gt 0 ]; then
+		info "stopping the controller and the agents"
+		for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+		for p in "${PIDS[@]}"; do
+			for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+			kill -9 "$p" 2>/dev/null || true
+		done
+	fi
+	if [ -n "$TOOLS_PID" ] && kill -0 "$TOOLS_PID" 2>/dev/null; then
+		info "stopping the tools build (rerun to continue; finished parts are cached)"
+		kill -- "-$TOOLS_PID" 2>/dev/null || kill "$TOOLS_PID" 2>/dev/null || true
+	fi
+	"$ROOT/hack/controlplane.sh" down >/dev/null 2>&1 || true
+	info "cleaned up; logs in $DEMO"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+tools_ready() {
+	"$BIN/kube-apiserver" --version 2>/dev/null | grep -q "Kubernetes v1.37.2" &&
+		"$BIN/etcd" --version 2>/dev/null | grep -q "3.7.3"
+}
+
+# ---- 1. tools behind, a standalone migration in front ----
+say "1/5 tools for the local control plane"
+if tools_ready; then
+	info "bin/kube-apiserver and bin/etcd are built"
+else
+	info "building kube-apiserver and etcd from the Go module proxy in the background"
+	info "(first run only: ~10-15 min on 2 cores; progress in $DEMO/tools.log)"
+	setsid nice -n 10 "$ROOT/hack/tools.sh" etcd kube-apiserver >"$DEMO/tools.log" 2>&1 &
+	TOOLS_PID=$!
+fi
+
+say "2/5 a live migration without Kubernetes: two simulated hosts, real TCP, a 256 MiB web server VM"
+info "go run ./hack/migbench -scenario web -strategy hybrid+dedup -memory 256Mi"
+nice -n 5 go run ./hack/migbench -scenario web -strategy hybrid+dedup -memory 256Mi -workdir "$ROOT/.xenferry/migbench"
+info "first live migration done at $(elapsed)s"
+
+if [ -n "$TOOLS_PID" ]; then
+	say "waiting for the tools build"
+	while kill -0 "$TOOLS_PID" 2>/dev/null; do
+		sleep 15
+		info "$(tail -n 1 "$DEMO/tools.log" 2>/dev/null)"
+	done
+	wait "$TOOLS_PID" || { info "the tools build failed; see $DEMO/tools.log"; TOOLS_PID=""; exit 1; }
+	TOOLS_PID=""
+	info "tools built at $(elapsed)s"
+fi
+
+# ---- 2. control plane ----
+say "3/5 local control plane, CRDs, controller, two agents"
+info "building bin/xenferry-controller and bin/node-agent"
+go build -o "$BIN/xenferry-controller" .
+go build -o "$BIN/node-agent" ./node-agent
+"$ROOT/hack/controlplane.sh" up | sed 's/^/            /'
+export KUBECONFIG="$ROOT/.xenferry/controlplane/kubeconfig"
+KUBECTL=${KUBECTL:-kubectl}
+command -v "$KUBECTL" >/dev/null || { info "kubectl is not installed (apt-get install kubectl, or set KUBECTL)"; exit 1; }
+k() { "$KUBECTL" "$@" 2>&1 | grep -v "^WARNING: version difference" || true; }
+kq() { "$KUBECTL" "$@" 2>/dev/null; }
+k apply -f config/crd/bases | sed 's/^/            /'
+kq wait --for condition=established --timeout 60s crd --all >/dev/null
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+MPORT=$(free_port)
+"$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --metrics-bind-address "127.0.0.1:$MPORT" \
+	--health-probe-bind-address 0 >"$DEMO/controller.log" 2>&1 &
+PIDS+=($!)
+info "controller started (pid $!, metrics on 127.0.0.1:$MPORT, log $DEMO/controller.log)"
+for h in a b; do
+	"$BIN/node-agent" run --kubeconfig "$KUBECONFIG" --backend sim --sim-config "config/samples/sim/sim-host-$h.yaml" \
+		--data-addr 127.0.0.1:0 --state-dir "$DEMO/agent-dom0-$h" >"$DEMO/agent-dom0-$h.log" 2>&1 &
+	PIDS+=($!)
+	info "agent dom0-$h started (pid $!, log $DEMO/agent-dom0-$h.log)"
+done
+info "waiting for both XenHosts and the three XenDomains (the first run generates disk images)"
+for i in $(seq 240); do
+	hosts=$(kq get xenhosts -o name | wc -l)
+	doms=$(kq get xendomains -A -o name | wc -l)
+	[ "$hosts" -ge 2 ] && [ "$doms" -ge 3 ] && break
+	for p in "${PIDS[@]}"; do
+		kill -0 "$p" 2>/dev/null || { info "a process exited early; see the logs in $DEMO"; tail -n 5 "$DEMO"/*.log; exit 1; }
+	done
+	sleep 0.5
+done
+k get xenhosts | sed 's/^/            /'
+k get xendomains -A | sed 's/^/            /'
+
+# ---- 3. the sample migrations ----
+say "4/5 kubectl apply -f config/samples/"
+k apply -f config/samples/ | sed 's/^/            /'
+NAMES=$(kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')
+N=$(echo "$NAMES" | grep -c . || true)
+START=$(date +%s)
+
+fmt_bytes() { awk -v b="${1:-0}" 'BEGIN { if (b == "") b = 0; printf "%.1f MiB", b / 1048576 }'; }
+bar() { # percent width
+	local p=${1:-0} w=$2 n
+	n=$(( p * w / 100 ))
+	printf '%s%s' "$(printf '%*s' "$n" '' | tr ' ' '#')" "$(printf '%*s' "$((w - n))" '' | tr ' ' '.')"
+}
+snapshot() {
+	kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"|"}{.status.phase}{"|"}{.status.progress.percent}{"|"}{.status.progress.transferRate}{"|"}{.status.progress.pages.disk}{"|"}{.status.sourceHost}{"|"}{.status.targetHost}{"\n"}{end}'
+}
+TTY=0
+[ -t 1 ] && TTY=1
+declare -A LAST
+drawn=0
+while :; do
+	snap=$(snapshot || true)
+	final=0
+	lines=()
+	while IFS='|' read -r name phase pct rate disk src dst; do
+		[ -n "$name" ] || continue
+		pct=${pct:-0}
+		case "$phase" in Succeeded|Failed|Cancelled) final=$((final + 1)) ;; esac
+		[ "$phase" = Succeeded ] && pct=100
+		line=$(printf '%-16s %-15s [%s] %3s%%  %9s/s  dedup %9s  %s -> %s' "$name" "${phase:-Pending}" "$(bar "$pct" 30)" "$pct" \
+			"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}")
+		lines+=("$line")
+		if [ "$TTY" = 0 ]; then
+			key="${phase}/$((pct / 25))"
+			if [ "${LAST[$name]:-}" != "$key" ]; then
+				LAST[$name]=$key
+				printf '[demo %3ss]   %s\n' "$(elapsed)" "$line"
+			fi
+		fi
+	done <<<"$snap"
+	if [ "$TTY" = 1 ]; then
+		[ "$drawn" -gt 0 ] && printf '\033[%dA' "$drawn"
+		for l in "${lines[@]}"; do printf '\r\033[K  %s\n' "$l"; done
+		drawn=${#lines[@]}
+	fi
+	[ "$final" -ge "$N" ] && [ "$N" -gt 0 ] && break
+	if [ $(( $(date +%s) - START )) -gt "$TIMEOUT" ]; then
+		info "not finished after ${TIMEOUT}s; kubectl describe:"
+		k describe vmmigrations | tail -n 60
+		break
+	fi
+	sleep 0.5
+done
+WALL=$(( $(date +%s) - START ))
+
+# ---- 4. results ----
+say "5/5 results (migrations took ${WALL}s from kubectl apply to the last final phase)"
+k get vmmigrations | sed 's/^/            /'
+echo
+printf '            %-16s %-10s %-8s %-8s %10s %10s %12s %12s %9s %s\n' NAME PHASE SOURCE TARGET TOTAL DOWNTIME SENT DEDUP-SAVED POST-COPY REASON
+kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"|"}{.status.phase}{"|"}{.status.sourceHost}{"|"}{.status.targetHost}{"|"}{.status.result.totalTime}{"|"}{.status.result.downtime}{"|"}{.status.result.bytesSent}{"|"}{.status.result.dedupSavedBytes}{"|"}{.status.result.postCopy}{"|"}{.status.failureReason}{"\n"}{end}' |
+	while IFS='|' read -r name phase src dst total down sent saved post reason; do
+		printf '            %-16s %-10s %-8s %-8s %10s %10s %12s %12s %9s %s\n' "$name" "$phase" "$src" "$dst" "${total:--}" "${down:--}" \
+			"$(fmt_bytes "$sent")" "$(fmt_bytes "$saved")" "${post:-false}" "$reason"
+	done
+echo
+k get xendomains -A | sed 's/^/            /'
+REC=$(curl -fs "http://127.0.0.1:$MPORT/metrics" | awk '/^xenferry_controller_reconciles_total/ {print $2}')
+if [ -n "$REC" ] && [ "$N" -gt 0 ]; then
+	info "controller reconciles: $REC for $N migrations ($(awk -v r="$REC" -v n="$N" 'BEGIN{printf "%.1f", r/n}') per migration)"
+fi
+info "events of one migration (kubectl describe vmmigration migrate-web-1):"
+k describe vmmigration migrate-web-1 | sed -n '/^Events:/,$p' | sed 's/^/            /'
+
+ok=$(kq get vmmigrations -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c '^Succeeded$' || true)
+say "demo wall time $(elapsed)s; $ok of $N sample migrations Succeeded"
+[ "$N" -gt 0 ] && [ "$ok" -eq "$N" ]
