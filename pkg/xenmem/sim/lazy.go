@@ -14,7 +14,7 @@ import (
 )
 
 // testSkipZeroFill leaves present zero pages to the fault path (tests).
-var testSkipZeroFill bool
+var testSkipZeroFill atomic.Bool
 
 // faultQueue bounds the faults waiting for the engine; when it is full the
 // service loop stops reading the userfaultfd and the kernel holds the rest
@@ -225,7 +225,7 @@ func (l *lazy) serve() {
 // fault filled it) ends the run with EEXIST and the fill moves past it.
 func (l *lazy) fillZero(present *xenmem.Bitmap, resident []byte) {
 	defer close(l.fillDone)
-	if testSkipZeroFill {
+	if testSkipZeroFill.Load() {
 		return
 	}
 	var filled uint64

@@ -378,8 +378,8 @@ func TestLazyMakesPresentPagesResident(t *testing.T) {
 // a vCPU reading a present zero page then faults, and the service loop must
 // fill it by itself, without reporting a fault to the engine.
 func TestLazyFillsPresentZeroPagesOnFault(t *testing.T) {
-	testSkipZeroFill = true
-	defer func() { testSkipZeroFill = false }()
+	testSkipZeroFill.Store(true)
+	defer testSkipZeroFill.Store(false)
 	d, _, lz := newLazyTarget(t, Profile{}, 1)
 	for _, pfn := range []uint64{0, 2, 4} { // present zero pages (pfn < 64, even)
 		got, err := d.Probe(ctxT(t), pfn)
