@@ -448,3 +448,49 @@ func TestInvalidateEdges(t *testing.T) {
 	}
 	checkIndexMatchesFile(t, ix)
 }
+
+func TestTinyDisksPersistAndReload(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name    string
+		size    int
+		entries int64
+	}{
+		{"an empty disk has no entries", 0, 0},
+		{"a disk shorter than a block has no entries", 1000, 0},
+		{"a partial last block is not indexed", BlockSize + 1000, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "tiny.img")
+			data := make([]byte, tc.size)
+			for i := range data {
+				data[i] = byte(i%251 + 1)
+			}
+			if err := os.WriteFile(path, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			state := filepath.Join(dir, "state")
+			ix, err := Open(ctx, path, Options{StateDir: state})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ix.Entries() != tc.entries || ix.Blocks() != int64(tc.size/BlockSize) {
+				t.Fatalf("Entries %d Blocks %d", ix.Entries(), ix.Blocks())
+			}
+			ix.Close()
+			var pl progressLog
+			ix, err = Open(ctx, path, Options{StateDir: state, Progress: pl.fn})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ix.Close()
+			if calls, _ := pl.get(); calls != 0 {
+				t.Fatalf("the persisted index of a tiny disk was not reused")
+			}
+			if ix.Entries() != tc.entries {
+				t.Fatalf("Entries %d after reload", ix.Entries())
+			}
+		})
+	}
+}

@@ -187,7 +187,7 @@ func loadIndex(file string, id identity) (*table, error) {
 	}
 	n, nslots, entries := le.Uint64(hdr[56:]), le.Uint64(hdr[64:]), le.Uint64(hdr[72:])
 	blocks := uint64(id.Size / BlockSize)
-	if n < 64 || n > 3*blocks+1024 || nslots != n+slackFor(n) || entries > blocks {
+	if n < 64 || n > 3*blocks+4096 || nslots != n+slackFor(n) || entries > blocks {
 		return nil, bad("implausible shape n=%d slots=%d entries=%d for %d blocks", n, nslots, entries, blocks)
 	}
 	plen := le.Uint32(hdr[80:])
