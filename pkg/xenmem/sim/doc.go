@@ -4,17 +4,25 @@
 //
 // A domain's guest memory is one memfd (MFD_CLOEXEC) mapped MAP_SHARED in
 // the agent. Its vCPUs run in a separate guest process: the current
-// executable re-executed with XENFERRY_SIM_GUEST=1, detected by an init
-// function of this package, so every binary that imports sim (tests,
-// hack/migbench, node-agent) can host guests. The guest maps the same memfd
-// and a 4 KiB control memfd (workload parameters, pause word, per-vCPU RNG
-// state and operation counters, all atomics), runs one locked OS thread per
-// vCPU, and exits when the agent's end of its socket closes (and by
-// Pdeathsig=SIGKILL). A separate process is closer to a real VM, and it keeps
-// page faults on guest memory away from the agent's Go runtime: vCPU threads
-// that block in a userfaultfd fault belong to the guest process, whose
-// garbage collector is off, so a stop-the-world collection in the agent can
-// never wait for a thread that waits for the agent's fault handler.
+// executable (/proc/self/exe) re-executed with XENFERRY_SIM_GUEST=1,
+// detected by an init function of this package, so every binary that
+// imports sim (tests, hack/migbench, node-agent) can host guests. The guest
+// maps the same memfd and a 4 KiB control memfd (workload parameters, pause
+// word, per-vCPU RNG state and operation counters, all atomics), runs one
+// locked OS thread per vCPU, and exits when the agent's end of its socket
+// closes and, should the agent die, by Pdeathsig=SIGKILL (guests are forked
+// from one locked thread that lives as long as the agent, because Pdeathsig
+// follows the forking thread).
+//
+// A separate process is closer to a real VM, and it keeps page faults on
+// guest memory away from the agent's Go runtime: vCPU threads that block in
+// a userfaultfd fault belong to the guest process, whose garbage collector
+// is off, so a stop-the-world collection in the agent can never wait for a
+// thread that waits for the agent's fault handler.
+//
+// A new domain's memory is mapped in the agent at creation
+// (MADV_POPULATE_READ), as a running VM's memory is allocated, so the first
+// migration round pays no page faults that only the simulation has.
 //
 // # Workload
 //
@@ -22,83 +30,95 @@
 // clock, backlog capped at 50 ms). A write stamps 48 bytes at a 64-byte slot
 // that cycles through the page, so a written page is neither zero nor a disk
 // block. Hot-set writes (and reads) go to a contiguous run of
-// hotFraction×pages pages with probability hotWriteShare. Pause bumps the
-// pause word to an odd value and waits until every vCPU has acknowledged that
-// generation from its park loop (a futex wait), so no write is in flight when
-// Pause returns.
+// hotFraction×pages pages with probability hotWriteShare. SaveState and
+// LoadState carry the vCPUs' generator states and counters, so the
+// destination performs exactly the writes the source would have performed
+// next.
+//
+// Pause bumps the pause word to an odd value and wakes the vCPUs; each one
+// finishes its operation, records the pause generation it parked at, bumps
+// a park sequence word and futex-wakes the agent, which waits on that word
+// until every vCPU has acknowledged. Parked vCPUs sleep in a futex wait.
+// Measured (go test -run '^$' -bench Pause ./pkg/xenmem/sim, 2 vCPUs at
+// 230 MiB/s of operations): p50 30-40 µs; p99 0.24-3 ms depending on load.
 //
 // # Dirty logging: userfaultfd async write-protect + PAGEMAP_SCAN
 //
 // The kernel here is built without CONFIG_MEM_SOFT_DIRTY: a check on a
-// MAP_SHARED memfd mapping showed clear_refs accepting "4" but pagemap bit 55
-// never set again after a write, so soft-dirty is not an option. Instead the guest creates a userfaultfd with
-// UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED|WP_HUGETLBFS_SHMEM and hands it to the
-// agent over the socket (SCM_RIGHTS) together with its mapping's base
-// address. EnableDirtyLog registers the mapping in write-protect mode and
-// protects it all; the first write to a page then faults and the kernel
-// resolves it by itself (async mode: the guest never waits for the agent),
-// marking the page written. ReadDirty is one PAGEMAP_SCAN ioctl on
-// /proc/<guest>/pagemap with PM_SCAN_WP_MATCHING: it returns the written
-// pages and write-protects them again in the same page-table walk under the
-// page-table lock, so it is atomic with respect to guest writes without
-// pausing the vCPUs, exact at 4 KiB (transparent huge pages are disabled on
-// both mappings), and costs time proportional to memory size plus dirty
-// pages. TestDirtyLogIsExact proves exactness: a pre-copy-style copy driven
-// by the log, under 60 MiB/s of guest writes, equals guest memory page for
-// page after the paused final round.
+// MAP_SHARED memfd mapping showed clear_refs accepting "4" but pagemap bit
+// 55 never set again after a write, so soft-dirty is not an option.
+// Instead the guest creates a userfaultfd with
+// UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED|WP_HUGETLBFS_SHMEM. EnableDirtyLog
+// registers the guest's mapping in write-protect mode and protects it all;
+// the first write to a page then faults and the kernel resolves it by
+// itself (async mode: the guest never waits for the agent), marking the
+// page written. ReadDirty is one PAGEMAP_SCAN ioctl on /proc/<guest>/pagemap
+// with PM_SCAN_WP_MATCHING: it returns the written pages and write-protects
+// them again in the same page-table walk under the page-table lock, so it
+// is atomic with respect to guest writes without pausing the vCPUs, exact
+// at 4 KiB (transparent huge pages are disabled on both mappings), and
+// costs time proportional to memory size plus dirty pages. Soft-dirty would
+// need the vCPUs parked for every read-and-clear; synchronous uffd
+// write-protect would cost the guest an agent round trip per first write.
+// TestDirtyLogIsExact proves exactness: a pre-copy-style copy driven by the
+// log, under 40-60 MiB/s of guest writes (also 4 vCPUs hammering 8 pages
+// of an odd-sized domain), equals guest memory page for page after the
+// paused final round, and the same copy without the final round does not.
 //
 // Measured cost per round on this 2-core VM (go test -run '^$' -bench
 // ReadDirty ./pkg/xenmem/sim; numbers move with load from other work):
-// 256 MiB 0.1-0.25 ms idle, 0.2 ms with ~80 dirty pages per round; 1 GiB
-// 0.5 ms idle, 0.6 ms with ~85 dirty pages. With every page dirty a one-off
-// C check of the same ioctl took 0.7 ms at 256 MiB and 2.6 ms at 1 GiB.
-// Soft-dirty with parked vCPUs would need a pause per round; async
-// write-protect needs none and gives the guest no agent round trip per
-// first write (unlike synchronous uffd write-protect).
+// 256 MiB 0.1-0.25 ms idle, 0.2 ms with ~80-110 dirty pages per round;
+// 1 GiB 0.5 ms idle (1.6 ms under heavy load), 0.6-0.7 ms with ~85 dirty
+// pages. With every page dirty a one-off C check of the same ioctl took
+// 0.7 ms at 256 MiB and 2.6 ms at 1 GiB.
 //
 // # Lazy loading (post-copy)
 //
-// StartLazy registers the guest's mapping in missing mode on the same
-// userfaultfd, so exactly the pages absent from the memfd's page cache
-// fault. It first reads page-cache residency (mincore) and punches out
-// the missing pages that still have a (stale) copy there. Present pages
-// the page cache lacks are zero pages never written on this host; they are
-// zero-filled in the background after StartLazy returns (StartLazy is
-// part of the downtime), and a vCPU that touches one first faults and has
-// it zero-filled on the spot by the service loop, never reported as a
-// Fault. StartLazy of 1 GiB with 20% of the pages missing, half of them
-// stale and scattered (a pessimistic case), took 70 ms, nearly all of it
-// hole punching; with nothing stale it is one mincore call. A
-// service goroutine polls the userfaultfd, reads uffd_msg batches and
-// delivers xenmem.Fault values on a bounded channel. Install is UFFDIO_COPY
-// and InstallZero UFFDIO_ZEROPAGE, both atomic per page and both waking the
-// waiting vCPUs; EEXIST (the page is already there, e.g. the guest wrote it
-// after an earlier install) becomes xenmem.ErrPageExists, so a late push
-// never overwrites guest data.
+// The guest creates its userfaultfd at start-up and hands it to the agent
+// at once over its socket (SCM_RIGHTS), with its mapping's base address;
+// the agent registers and unregisters the guest's range itself, since every
+// userfaultfd ioctl acts on the address space of the process that created
+// the fd. One fd thus serves both dirty logging (write-protect mode) and
+// lazy loading (missing mode), so a domain that arrived lazily can be
+// migrated on.
 //
-// The guest creates its userfaultfd at start-up and hands it over at once;
-// the agent registers (and later unregisters) the guest's range itself,
-// since every userfaultfd ioctl acts on the address space of the process
-// that created the fd. One fd thus serves both dirty logging (write-protect
-// mode) and lazy loading (missing mode), so a domain that arrived lazily
-// can be migrated on. Faults interrupted by a signal are raised again, so
-// Faults may repeat a pfn; the guest runs with asynchronous preemption off
-// to make that rare. Measured (go test -run '^$' -bench 'LazyFaults|Probe'
-// ./pkg/xenmem/sim): with a guest writing 8 MiB/s over all-missing memory,
-// fault read → page installed p50 17 µs, p99 83 µs (BenchmarkLazyFaults);
-// a vCPU read of a missing page until the read completes p50 10 µs
-// (BenchmarkProbeMissingPage; its ms-scale p99 is the harness's polling on
-// two shared cores). With a 1 GiB all-missing domain running the migbench
+// StartLazy registers the range in missing mode, so exactly the pages
+// absent from the memfd's page cache fault. It first reads page-cache
+// residency (mincore) and punches out the missing pages that still have a
+// (stale) copy there. Present pages the page cache lacks are zero pages
+// never written on this host; they are zero-filled in the background after
+// StartLazy returns (StartLazy is part of the downtime), and a vCPU that
+// touches one first faults and has it zero-filled on the spot by the
+// service loop, never reported as a Fault. StartLazy of 1 GiB with 20% of
+// the pages missing, half of them stale and scattered (a pessimistic case),
+// took 70 ms, nearly all of it hole punching; with nothing stale it is one
+// mincore call.
+//
+// A service goroutine polls the userfaultfd, reads uffd_msg batches and
+// delivers xenmem.Fault values on a bounded channel; after delivering it
+// yields its P before blocking in poll(2) again, otherwise the consumer it
+// woke waits until sysmon retakes the P (up to 10 ms). Install is
+// UFFDIO_COPY and InstallZero UFFDIO_ZEROPAGE, both atomic per page and
+// both waking the waiting vCPUs; EEXIST (the page is already there, e.g.
+// the guest wrote it after an earlier install) becomes
+// xenmem.ErrPageExists, so a late push never overwrites guest data. Faults
+// interrupted by a signal are raised again, so Faults may repeat a pfn; the
+// guest runs with asynchronous preemption off to make that rare. Lazy's
+// PresentBitmap (by type assertion) gives the received bitmap for
+// post-copy recovery.
+//
+// Measured (go test -run '^$' -bench 'Lazy|Probe' ./pkg/xenmem/sim): a
+// guest writing 8 MiB/s over all-missing memory, every fault served by
+// Install: fault read → page installed p50 17 µs, p99 83 µs
+// (BenchmarkLazyFaults). A 1 GiB all-missing domain running the migbench
 // "web" workload while one goroutine pushes every page and another serves
-// faults (BenchmarkLazyFaultsUnderPush, no network): fault p50 4 µs, p99
-// 0.12 ms, 3121 demand pages, push 0.7 s. After delivering faults the service goroutine yields
-// its P before blocking in poll(2) again, otherwise the consumer it woke
-// waits until sysmon retakes the P (up to 10 ms).
+// faults, no network (BenchmarkLazyFaultsUnderPush): fault p50 4-7 µs, p99
+// 0.12-0.16 ms, ~3100 demand pages, push 0.6-0.7 s, workload at full
+// speed. A vCPU read of a missing page until the read completes: p50 10 µs
+// (BenchmarkProbeMissingPage; its ms-scale p99 is the harness's polling on
+// two shared cores).
 //
-// Extras for tests and benchmarks: Domain.Probe makes vCPU 0 read a page
-// through the guest's own mapping (a real guest access, faulting if
-// missing), Domain.Counters and Ops count the workload, Domain.SetRates
-// changes the rates of a running domain.
+// # Privileges
 //
 // userfaultfd is created with UFFD_USER_MODE_ONLY, which this kernel allows
 // without privilege; PAGEMAP_SCAN on another process's pagemap needs ptrace
@@ -106,4 +126,9 @@
 // unprivileged user here; where userfaultfd is unavailable they skip with
 // the reason, and a guest without it still runs (dirty logging and lazy
 // loading then return xenmem.ErrNotSupported).
+//
+// Extras for tests and benchmarks: Domain.Probe makes vCPU 0 read a page
+// through the guest's own mapping (a real guest access, faulting if
+// missing), Domain.Counters and Ops count the workload, Domain.SetRates
+// changes the rates of a running domain.
 package sim
