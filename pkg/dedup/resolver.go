@@ -89,13 +89,18 @@ func (r *Resolver) Unavailable() []error {
 	return out
 }
 
-// Close closes the disks.
+// Close closes the disks. Call it after every ResolveBatch has returned;
+// later batches fail every ref with ErrDiskUnavailable.
 func (r *Resolver) Close() error {
 	var errs []error
 	for i := range r.disks {
-		if f := r.disks[i].f; f != nil {
-			errs = append(errs, f.Close())
-			r.disks[i].f = nil
+		d := &r.disks[i]
+		if d.f != nil {
+			errs = append(errs, d.f.Close())
+			d.f = nil
+		}
+		if d.err == nil {
+			d.err = fmt.Errorf("disk %d %s: resolver closed", i, d.path)
 		}
 	}
 	return errors.Join(errs...)

@@ -233,3 +233,19 @@ func TestResolveBatchConcurrentCallsShareBoundedBuffers(t *testing.T) {
 		t.Fatalf("buffer pool %d/%d after the batches, want 2/2", len(r.bufs), cap(r.bufs))
 	}
 }
+
+func TestResolveBatchAfterClose(t *testing.T) {
+	im := makeImage(t, t.TempDir(), 16, 45)
+	r := OpenResolver([]string{im.path}, 1)
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var got error
+	if err := r.ResolveBatch(context.Background(), []Ref{{Offset: 0}}, func(int) []byte { return make([]byte, BlockSize) },
+		func(_ int, err error) { got = err }); err != nil || !errors.Is(got, ErrDiskUnavailable) {
+		t.Fatalf("after Close: %v, %v; want ErrDiskUnavailable", err, got)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+}
