@@ -191,3 +191,49 @@ func counterValue(t *testing.T, c prometheus.Collector) float64 {
 	t.Helper()
 	return testutil.ToFloat64(c)
 }
+
+// The most specific MigrationPolicy fills the parameters the spec leaves
+// out, and the spec overrides it.
+func TestMigrationPolicyDefaults(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	startController(t, ctrlOpts{})
+	src, dst := ns+"-src", ns+"-dst"
+	fakeHost(t, src, "sim", 8<<30, 8<<30)
+	fakeHost(t, dst, "sim", 8<<30, 8<<30)
+	fakeDomain(t, ns, "db", src, 1<<30)
+	d := &v1.XenDomain{}
+	if err := k8s.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: "db"}, d); err != nil {
+		t.Fatal(err)
+	}
+	d.Labels = map[string]string{"app": "db", "tier": ns}
+	if err := k8s.Update(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	bw := resource.MustParse("50Mi")
+	broad := &v1.MigrationPolicy{ObjectMeta: metav1.ObjectMeta{Name: ns + "-broad"}, Spec: v1.MigrationPolicySpec{
+		Selectors:           v1.MigrationPolicySelectors{DomainSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "db"}}},
+		MigrationParameters: v1.MigrationParameters{MaxDowntime: &metav1.Duration{Duration: time.Second}},
+	}}
+	specific := &v1.MigrationPolicy{ObjectMeta: metav1.ObjectMeta{Name: ns + "-specific"}, Spec: v1.MigrationPolicySpec{
+		Selectors:           v1.MigrationPolicySelectors{DomainSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "db", "tier": ns}}},
+		MigrationParameters: v1.MigrationParameters{MaxDowntime: &metav1.Duration{Duration: 120 * time.Millisecond}, Bandwidth: &bw},
+	}}
+	create(t, broad)
+	create(t, specific)
+	t.Cleanup(func() {
+		_ = k8s.Delete(context.Background(), broad)
+		_ = k8s.Delete(context.Background(), specific)
+	})
+	create(t, migration(ns, "pol", "db", dst, func(m *v1.VMMigration) { m.Spec.ProgressTimeout = &metav1.Duration{Duration: 42 * time.Second} }))
+	m := waitPhase(t, ns, "pol", 10*time.Second, v1.MigrationPreparingTarget)
+	p := m.Status.Parameters
+	if p == nil || p.Policy != specific.Name || p.MaxDowntime.Duration != 120*time.Millisecond || p.BandwidthBytesPerSecond != 50<<20 || p.ProgressTimeout.Duration != 42*time.Second {
+		t.Fatalf("parameters %+v: want policy %s (120ms, 50 MiB/s) with the spec's 42s progress timeout", p, specific.Name)
+	}
+	if c := condition(m, v1.ValidCondition); c == nil || !strings.Contains(c.Message, "policy "+specific.Name) {
+		t.Fatalf("Valid condition %+v should name the policy", c)
+	}
+	setCancel(t, ns, "pol")
+	waitPhase(t, ns, "pol", 10*time.Second, v1.MigrationCancelled)
+}
