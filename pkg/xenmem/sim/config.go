@@ -210,10 +210,15 @@ func ParseBytes(s string) (uint64, error) {
 	return n * mult, nil
 }
 
-// diskPath resolves a disk path against the host's state directory.
+// diskPath resolves a disk path against the host's state directory and
+// makes it absolute, so a migrated domain's disk path means the same on a
+// destination agent started elsewhere.
 func (c Config) diskPath(p string) string {
-	if filepath.IsAbs(p) || c.StateDir == "" {
-		return p
+	if !filepath.IsAbs(p) && c.StateDir != "" {
+		p = filepath.Join(c.StateDir, p)
 	}
-	return filepath.Join(c.StateDir, p)
+	if abs, err := filepath.Abs(p); err == nil {
+		p = abs
+	}
+	return p
 }
