@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime"
 	"sort"
 	"syscall"
 )
@@ -54,6 +55,11 @@ func main() {
 		fmt.Fprintf(os.Stderr, "node-agent: unknown command %q\n", os.Args[1])
 		usage()
 		os.Exit(2)
+	}
+	// More Ps than cores: the demand path of a post-copy must never wait
+	// for a P behind CPU-bound pushes; the kernel arbitrates instead.
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(max(8, 4*runtime.NumCPU()))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -224,6 +224,7 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 	if res.PostCopy && opsBefore > 0 && res.OpsPostCopy > 0 {
 		line.WorkloadSlowdown = max(0, 1-res.OpsPostCopy/opsBefore)
 	}
-	fmt.Fprintf(os.Stderr, "migbench: %s / %s: %s (%d rounds), %.2fs total, %.0f ms downtime\n", sc.name, rc.strategy, res.StopReason, res.Iterations, line.TotalSeconds, line.DowntimeMs)
+	fmt.Fprintf(os.Stderr, "migbench: %s / %s: %s (%d rounds), %.2fs total, %.0f ms downtime, %.0f MB/s on the wire while streaming pre-copy rounds\n",
+		sc.name, rc.strategy, res.StopReason, res.Iterations, line.TotalSeconds, line.DowntimeMs, res.StreamBytesPerSec/1e6)
 	return line, nil
 }

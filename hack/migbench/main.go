@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -59,9 +60,20 @@ func main() {
 		vcpus      = flag.Int("vcpus", 2, "vCPUs per domain")
 		workdir    = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")
 		verbose    = flag.Bool("v", false, "log the engine's decisions to stderr")
+		cpuprof    = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	)
 	flag.Parse()
 	oversubscribeProcs()
+	if *cpuprof != "" {
+		f, err := os.Create(*cpuprof)
+		if err != nil {
+			fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fatal(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	memBytes, err := parseSize(*memory)
 	if err != nil {
 		fatal(fmt.Errorf("-memory: %w", err))
@@ -127,6 +139,7 @@ func main() {
 	}
 	tw.Flush()
 	if failed {
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }

@@ -899,6 +899,14 @@ func (s *source) result() Result {
 		r.Downtime = s.resumedAt.Sub(s.pausedAt)
 	}
 	r.DedupSavedBytes = int64(r.Pages.Disk-r.Pages.DiskFallback) * xenmem.PageSize
+	var wb int64
+	var d time.Duration
+	for _, h := range s.history {
+		wb, d = wb+h.WireBytes, d+h.Duration
+	}
+	if d > 0 {
+		r.StreamBytesPerSec = float64(wb) / d.Seconds()
+	}
 	return r
 }
 
