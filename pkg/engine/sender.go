@@ -72,7 +72,7 @@ func (sd *sender) loop(ctx context.Context) {
 		case pfns := <-sd.fallback:
 			err := func() error {
 				for _, p := range pfns {
-					if err := sd.addPage(ctx, p, true); err != nil {
+					if err := sd.addPage(ctx, p, sendFallback); err != nil {
 						return err
 					}
 				}
@@ -116,7 +116,7 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 				if !aclear(set, pfn) {
 					continue // taken by the priority path
 				}
-				if err := sd.addPage(ctx, pfn, false); err != nil {
+				if err := sd.addPage(ctx, pfn, sendClassified); err != nil {
 					return err
 				}
 			}
@@ -131,7 +131,7 @@ func (sd *sender) serveFallbacks(ctx context.Context) error {
 		select {
 		case pfns := <-sd.fallback:
 			for _, p := range pfns {
-				if err := sd.addPage(ctx, p, true); err != nil {
+				if err := sd.addPage(ctx, p, sendFallback); err != nil {
 					return err
 				}
 			}
@@ -141,15 +141,29 @@ func (sd *sender) serveFallbacks(ctx context.Context) error {
 	}
 }
 
-// addPage reads one page now and queues it in the right batch. full forces
-// a full page (fallback answers).
-func (sd *sender) addPage(ctx context.Context, pfn uint64, full bool) error {
+// How addPage sends a page.
+type sendMode int
+
+const (
+	sendClassified sendMode = iota // zero / disk reference / full, as it classifies
+	sendFull                       // whole, without touching the manifest hash
+	sendFallback                   // whole, answering a failed disk reference
+)
+
+// addPage reads one page now and queues it in the right batch.
+func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error {
+	full := mode != sendClassified
 	s := sd.src
 	off := pfn * xenmem.PageSize
 	slot := sd.data[len(sd.data) : len(sd.data)+xenmem.PageSize]
 	copy(slot, s.mem[off:off+xenmem.PageSize])
 	if asetNew(s.sentOnce, pfn) == false {
 		s.cnt.resent.Add(1)
+	}
+	if mode == sendFallback && s.catalog != nil {
+		// A fallback: the block its reference named no longer holds the
+		// page (or cannot be read there); stop offering it.
+		s.catalog.MarkStale(s.hashes[pfn])
 	}
 	class, h, ref := sd.classify(slot, full)
 	if !full {
@@ -171,7 +185,7 @@ func (sd *sender) addPage(ctx context.Context, pfn uint64, full bool) error {
 	default:
 		sd.data = sd.data[:len(sd.data)+xenmem.PageSize]
 		sd.pfns = append(sd.pfns, pfn)
-		if full {
+		if mode == sendFallback {
 			s.cnt.fallbackSent.Add(1)
 		} else {
 			s.cnt.full.Add(1)

@@ -726,7 +726,14 @@ func (s *source) servePrio(ctx context.Context, prio *conn, gen int32) {
 			if owner {
 				s.cnt.demand.Add(1)
 			}
-			if err := sd.addPage(ctx, p, !owner); err != nil {
+			mode := sendClassified
+			switch {
+			case reason == wire.ReasonFallback:
+				mode = sendFallback
+			case !owner:
+				mode = sendFull
+			}
+			if err := sd.addPage(ctx, p, mode); err != nil {
 				fail(err)
 				return
 			}
