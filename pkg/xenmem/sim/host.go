@@ -294,7 +294,7 @@ func (d *Domain) initControl() {
 }
 
 func (d *Domain) startGuest() error {
-	g, err := startGuest(d.memFile, d.ctlFile)
+	g, err := startGuest(d.spec.Name, d.memFile, d.ctlFile)
 	if err != nil {
 		return err
 	}

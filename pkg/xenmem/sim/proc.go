@@ -37,7 +37,7 @@ const helloTimeout = 20 * time.Second
 
 // startGuest re-executes the current binary as a guest process sharing mem
 // and ctl, and waits for its hello.
-func startGuest(mem, ctl *os.File) (_ *guestProc, retErr error) {
+func startGuest(name string, mem, ctl *os.File) (_ *guestProc, retErr error) {
 	// /proc/self/exe works even when the binary was replaced or deleted
 	// since it started (upgrades, go run's temporary binaries).
 	exe := "/proc/self/exe"
@@ -58,7 +58,8 @@ func startGuest(mem, ctl *os.File) (_ *guestProc, retErr error) {
 			g.kill()
 		}
 	}()
-	g.cmd = exec.Command(exe, "xenferry-sim-guest")
+	g.cmd = exec.Command(exe)
+	g.cmd.Args = []string{"xenferry-sim-guest", "domain=" + name} // what ps shows
 	// No asynchronous preemption signals in the guest: a signal interrupts
 	// a vCPU waiting in a userfaultfd fault and makes it fault again.
 	g.cmd.Env = append(os.Environ(), guestEnv+"=1", "GODEBUG=asyncpreemptoff=1")
