@@ -184,8 +184,16 @@ func (h *Host) CreateDomain(ctx context.Context, spec DomainSpec) (_ xenmem.Doma
 		spec.Disks[i].Path = p
 		if ds.Size != "" {
 			size, _ := ParseBytes(ds.Size)
+			_, statErr := os.Stat(p)
+			start := time.Now()
+			if statErr != nil {
+				h.log.Info("Generating disk image", "domain", spec.Name, "disk", ds.ID, "path", p, "bytes", size)
+			}
 			if err := GenerateDisk(p, int64(size), spec.Profile.Seed+int64(i)); err != nil {
 				return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: %w", spec.Name, err)
+			}
+			if statErr != nil {
+				h.log.Info("Generated disk image", "domain", spec.Name, "disk", ds.ID, "seconds", time.Since(start).Seconds())
 			}
 		} else if _, err := os.Stat(p); err != nil {
 			return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: disk %s: %w (set its size to generate it)", spec.Name, ds.ID, err)
