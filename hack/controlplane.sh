@@ -92,7 +92,7 @@ up() {
 		--service-account-key-file "$CP/sa.pub" --service-account-signing-key-file "$CP/sa.key" \
 		--service-account-issuer https://kubernetes.default.svc.cluster.local \
 		--service-cluster-ip-range 10.96.0.0/24 --endpoint-reconciler-type none \
-		--disable-admission-plugins ServiceAccount \
+		--disable-admission-plugins ServiceAccount --allow-privileged=true \
 		>"$CP/kube-apiserver.log" 2>&1 &
 	echo $! >"$CP/kube-apiserver.pid"
 	log "kube-apiserver on https://127.0.0.1:$aport (pid $(cat "$CP/kube-apiserver.pid"), log $CP/kube-apiserver.log)"

@@ -31,7 +31,6 @@ import (
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/xenmem"
-	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
 // agentVersion is reported in XenHost.status.agentVersion.
@@ -70,7 +69,7 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	var (
 		kubeconfig = fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (empty: in-cluster config)")
-		backend    = fs.String("backend", "sim", "hypervisor backend: sim (xen is not wired to this command yet)")
+		backend    = fs.String("backend", "sim", "hypervisor backend: sim or xen (xen when built in)")
 		simConfig  = fs.String("sim-config", "", "sim backend: host configuration file (YAML)")
 		cfg        AgentConfig
 	)
@@ -90,32 +89,26 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	ctrl.SetLogger(log)
 	cfg.Log = log.WithName("agent")
 
-	if *backend != "sim" {
-		return fmt.Errorf("backend %q: only the sim backend runs under Kubernetes so far; use --backend sim", *backend)
-	}
-	if *simConfig == "" {
-		return errors.New("--sim-config is required with --backend sim")
-	}
-	sc, err := sim.LoadConfig(*simConfig)
-	if err != nil {
-		return err
-	}
-	if cfg.Host == "" {
-		cfg.Host = sc.Name
-	}
-	if cfg.StateDir == "" {
-		cfg.StateDir = filepath.Join(os.TempDir(), "xenferry-agent-"+cfg.Host)
-	}
 	restCfg, err := loadRestConfig(*kubeconfig)
 	if err != nil {
 		return err
 	}
-	cfg.Log.Info("Starting simulated host", "host", sc.Name, "domains", len(sc.Domains))
-	host, err := sim.NewHost(sc, log.WithName("sim"))
+	host, err := openBackend(*backend, *simConfig, log)
 	if err != nil {
-		return fmt.Errorf("start sim host from %s: %w", *simConfig, err)
+		return fmt.Errorf("open %s backend: %w", *backend, err)
 	}
 	defer host.Close()
+	if cfg.Host == "" {
+		info, err := host.Info(ctx)
+		if err != nil {
+			return fmt.Errorf("host info from the %s backend: %w", *backend, err)
+		}
+		cfg.Host = info.Name
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(os.TempDir(), "xenferry-agent-"+cfg.Host)
+	}
+	cfg.Log.Info("Backend ready", "backend", *backend, "host", cfg.Host)
 	a, err := NewAgent(restCfg, host, cfg)
 	if err != nil {
 		return err

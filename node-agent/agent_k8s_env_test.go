@@ -17,6 +17,7 @@ import (
 	"github.com/go-logr/logr/testr"
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -28,6 +29,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/yaml"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/controllers"
@@ -81,6 +83,9 @@ func requireEnv(t *testing.T) {
 			return
 		}
 		k8s, envErr = client.New(restCfg, client.Options{Scheme: testScheme})
+		if envErr == nil {
+			envErr = installRBAC()
+		}
 	})
 	if envSkip != "" {
 		if os.Getenv("CI") != "" {
@@ -91,6 +96,51 @@ func requireEnv(t *testing.T) {
 	if envErr != nil {
 		t.Fatalf("start envtest: %v", envErr)
 	}
+}
+
+// The controller and the agents run as users bound to the ClusterRoles in
+// config/rbac, so the tests also prove those roles are sufficient.
+const (
+	controllerUser = "test:xenferry-controller"
+	agentUser      = "test:xenferry-node-agent"
+)
+
+func installRBAC() error {
+	ctx := context.Background()
+	for file, user := range map[string]string{"role.yaml": controllerUser, "node_agent_role.yaml": agentUser} {
+		raw, err := os.ReadFile(filepath.Join("..", "config", "rbac", file))
+		if err != nil {
+			return err
+		}
+		for _, doc := range strings.Split(string(raw), "\n---") {
+			if strings.TrimSpace(strings.Trim(doc, "-")) == "" {
+				continue
+			}
+			role := &rbacv1.ClusterRole{}
+			if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+				return fmt.Errorf("%s: %w", file, err)
+			}
+			if err := k8s.Create(ctx, role); err != nil {
+				return fmt.Errorf("create ClusterRole %s: %w", role.Name, err)
+			}
+			b := &rbacv1.ClusterRoleBinding{
+				ObjectMeta: metav1.ObjectMeta{Name: role.Name},
+				RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
+				Subjects:   []rbacv1.Subject{{APIGroup: "rbac.authorization.k8s.io", Kind: "User", Name: user}},
+			}
+			if err := k8s.Create(ctx, b); err != nil {
+				return fmt.Errorf("create ClusterRoleBinding %s: %w", b.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// as returns a rest config that impersonates user.
+func as(user string) *rest.Config {
+	c := rest.CopyConfig(restCfg)
+	c.Impersonate = rest.ImpersonationConfig{UserName: user}
+	return c
 }
 
 // ctrlOpts tunes the in-process controller of one test.
@@ -114,7 +164,7 @@ func startController(t *testing.T, o ctrlOpts) *controllers.Metrics {
 		o.defaults = controllers.DefaultDefaults
 	}
 	skip := true
-	mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
+	mgr, err := ctrl.NewManager(as(controllerUser), ctrl.Options{
 		Scheme:                 testScheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
@@ -182,7 +232,7 @@ func startAgent(t *testing.T, name, memory string, doms ...sim.DomainSpec) *test
 // start runs a fresh agent process (new identity) on the same host.
 func (ta *testAgent) start(t *testing.T) {
 	t.Helper()
-	a, err := NewAgent(restCfg, ta.host, AgentConfig{
+	a, err := NewAgent(as(agentUser), ta.host, AgentConfig{
 		Host: ta.name, DataAddr: "127.0.0.1:0", Namespace: "default",
 		HeartbeatInterval: 300 * time.Millisecond, StatusInterval: 200 * time.Millisecond,
 		StateDir: t.TempDir(), Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),

@@ -237,3 +237,31 @@ func TestMigrationPolicyDefaults(t *testing.T) {
 	setCancel(t, ns, "pol")
 	waitPhase(t, ns, "pol", 10*time.Second, v1.MigrationCancelled)
 }
+
+// The agents' role lets them write their status halves but not create
+// migrations or read Secrets in bulk; the controller cannot write agent
+// objects. (Proves the envtest API server enforces the config/rbac roles
+// the other tests run under.)
+func TestRBACRolesAreEnforced(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	agent, err := client.New(as(agentUser), client.Options{Scheme: testScheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	controller, err := client.New(as(controllerUser), client.Options{Scheme: testScheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := agent.Create(ctx, migration(ns, "sneaky", "web", "")); !apierrors.IsForbidden(err) {
+		t.Fatalf("agent creating a VMMigration: %v, want Forbidden", err)
+	}
+	var secrets corev1.SecretList
+	if err := agent.List(ctx, &secrets, client.InNamespace(ns)); !apierrors.IsForbidden(err) {
+		t.Fatalf("agent listing Secrets: %v, want Forbidden", err)
+	}
+	if err := controller.Create(ctx, &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: ns + "-h"}}); !apierrors.IsForbidden(err) {
+		t.Fatalf("controller creating a XenHost: %v, want Forbidden", err)
+	}
+}
