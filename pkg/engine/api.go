@@ -110,6 +110,8 @@ type Result struct {
 	OpsBefore       float64       `json:"opsBefore"` // workload ops/s before migration
 	OpsPostCopy     float64       `json:"opsPostCopy"`
 	DedupSavedBytes int64         `json:"dedupSavedBytes"`
+	// DurableMirror: the post-copy pages were mirrored to DurableDir.
+	DurableMirror bool `json:"durableMirror"`
 	// StreamBytesPerSec is the wire rate while pre-copy rounds stream
 	// pages (their wire bytes over their duration).
 	StreamBytesPerSec float64 `json:"streamBytesPerSec"`

@@ -62,6 +62,10 @@ type Receiver struct {
 	Log      logr.Logger
 	// MaxSessions bounds concurrent incoming migrations (default 8).
 	MaxSessions int
+	// DurableDir is this host's path of the shared directory where sources
+	// mirror post-copy pages (Options.DurableDir on the source); when the
+	// source does not come back, the destination finishes from the mirror.
+	DurableDir string
 	// RecoveryTimeout bounds how long a post-copy whose link broke waits
 	// for the source to reconnect (default RecoveryTimeout).
 	RecoveryTimeout time.Duration

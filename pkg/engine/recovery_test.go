@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,8 +13,11 @@ import (
 	"github.com/go-logr/logr/testr"
 
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
+
+var mirrorDoneFile = postcopy.MirrorPaths
 
 // cutter is a TCP proxy whose current connections can all be cut at once,
 // as a link failure would; later connections pass.
@@ -135,5 +139,58 @@ func TestPostCopyRecoveryTimesOut(t *testing.T) {
 	}
 	if !d.Paused() {
 		t.Fatal("the source resumed a domain that runs at the destination")
+	}
+}
+
+// TestDurablePostCopyFinishesWithoutSource: the source mirrors the pages
+// the destination lacks to shared storage; the link then breaks for good
+// (as if the source host died) and the destination finishes the migration
+// from the mirror, its memory verified against the mirrored manifest.
+func TestDurablePostCopyFinishesWithoutSource(t *testing.T) {
+	shared := t.TempDir()
+	done := make(chan engine.Event, 4)
+	e := newEnv(t, func(r *engine.Receiver) {
+		r.DurableDir = shared
+		r.RecoveryTimeout = time.Second
+	})
+	inner := e.recv.Events
+	e.recv.Events = func(id string, ev engine.Event) {
+		if ev.Kind == engine.EventDone || ev.Kind == engine.EventFailed {
+			done <- ev
+		}
+		inner(id, ev)
+	}
+	px := newCutter(t, e.addr)
+	_, dom := e.domain("durable", "32Mi", sim.Profile{Zero: 0.1, Disk: 0.3, DirtyMiBps: 10, ReadMiBps: 50, Seed: 33})
+	_, _, doneFile := mirrorDoneFile(shared, "durable")
+	var once sync.Once
+	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+		if p.Phase == engine.PhasePostCopy && p.Percent > 20 {
+			if _, err := os.Stat(doneFile); err == nil {
+				once.Do(func() { px.ln.Close(); px.cut() }) // the source is gone for good
+			}
+		}
+	}}
+	_, err := engine.Migrate(context.Background(), dom, px.addr(), engine.Options{Strategy: engine.StrategyPostCopy, LinkBytesPerSec: 8 << 20,
+		MigrationID: "durable", DurableDir: shared, RecoveryTimeout: 3 * time.Second}, hooks)
+	if px.cuts.Load() == 0 {
+		t.Fatal("the link was never cut: the test proved nothing")
+	}
+	if err == nil {
+		t.Fatal("the source reported success although it lost the destination")
+	}
+	select {
+	case ev := <-done:
+		if ev.Kind != engine.EventDone {
+			t.Fatalf("the destination did not finish from the mirror: %v", ev.Err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the destination did not finish")
+	}
+	if !runningAt(t, e.dst, "durable") {
+		t.Fatal("the domain does not run at the destination")
+	}
+	if d, ok := e.src.Domain("durable"); ok && !d.Paused() {
+		t.Fatal("the source resumed the domain")
 	}
 }

@@ -236,7 +236,14 @@ func (s *session) readMain(ctx context.Context) error {
 		s.r.Log.Info("Lost the source during post-copy; waiting for it to reconnect", append(s.log(), "error", err.Error(), "timeout", s.r.recoveryTimeout())...)
 		s.r.emit(s.id, Event{Kind: EventRecovering, Domain: s.info.Name, Err: err})
 		if rerr := s.awaitRecovery(ctx); rerr != nil {
-			return fmt.Errorf("post-copy recovery failed: %w (connection lost: %v)", rerr, err)
+			if s.r.DurableDir == "" {
+				return fmt.Errorf("post-copy recovery failed: %w (connection lost: %v)", rerr, err)
+			}
+			// The source is gone: finish from its mirror on shared storage.
+			if derr := s.finishFromMirror(); derr != nil {
+				return fmt.Errorf("post-copy recovery failed: %w; durable mirror: %w (connection lost: %v)", rerr, derr, err)
+			}
+			return nil
 		}
 		s.r.Log.Info("Source reconnected; post-copy continues", s.log()...)
 	}
@@ -285,6 +292,42 @@ func (s *session) followMain(ctx context.Context, main *conn) error {
 		}
 		next <- struct{}{}
 	}
+}
+
+// finishFromMirror loads every missing page from the source's durable
+// mirror, checks the whole memory against the mirror's manifest and ends
+// the migration without the source.
+func (s *session) finishFromMirror() error {
+	m, err := postcopy.OpenMirror(s.r.DurableDir, s.id, s.numPages)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	page := make([]byte, xenmem.PageSize)
+	in := &installer{s: s}
+	loaded := 0
+	for p := range s.numPages {
+		h, err := m.Hash(p)
+		if err != nil {
+			return err
+		}
+		s.manifest[p] = h
+		if atest(s.have, p) {
+			continue
+		}
+		if err := m.ReadPage(p, page); err != nil {
+			return err
+		}
+		if err := in.install(p, page, h, true); err != nil {
+			return err
+		}
+		loaded++
+	}
+	if err := s.verify(); err != nil {
+		return err
+	}
+	s.r.Log.Info("Finished post-copy from the durable mirror without the source", append(s.log(), "pagesLoaded", loaded)...)
+	return nil
 }
 
 // recoverable: the domain runs here on lazily loaded memory.

@@ -12,6 +12,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -78,13 +79,15 @@ type source struct {
 	dirtyRate atomic.Uint64
 	percent   float64
 
-	paused    bool
-	committed bool // "go" sent: the source must never resume the domain
-	pausedAt  time.Time
-	resumedAt time.Time
-	history   []RoundStats
-	verdict   Verdict
-	dst       dstStats
+	paused     bool
+	committed  bool // "go" sent: the source must never resume the domain
+	pausedAt   time.Time
+	resumedAt  time.Time
+	history    []RoundStats
+	mirrorDone chan error // durable post-copy mirror writer's result
+	durable    bool       // the mirror was complete
+	verdict    Verdict
+	dst        dstStats
 }
 
 // Migrate moves dom to the receiver at addr. It owns dom's life cycle for
@@ -163,6 +166,13 @@ func (s *source) cleanup(errp *error) {
 	}
 	if s.committed {
 		s.log.Error(*errp, "Migration failed after the switch-over; the source keeps the domain paused and never resumes it", "domain", s.dom.Info().Name)
+		if s.mirrorDone != nil {
+			if err := <-s.mirrorDone; err != nil {
+				s.log.Error(err, "Durable post-copy mirror failed", "domain", s.dom.Info().Name)
+			} else {
+				s.log.Info("Durable post-copy mirror is complete: the destination can finish from it", "domain", s.dom.Info().Name, "dir", s.opts.DurableDir)
+			}
+		}
 		return
 	}
 	_ = s.dom.DisableDirtyLog()
@@ -613,6 +623,11 @@ func (s *source) postcopy(ctx context.Context) error {
 	if err := s.sendState(ctx); err != nil {
 		return err
 	}
+	if s.opts.DurableDir != "" {
+		// The mirror must complete even if this migration fails: that is
+		// when the destination needs it.
+		s.startMirror(context.WithoutCancel(ctx))
+	}
 	body := wire.MarshalBitmap(nil, 0, s.numPages, s.need.Words())
 	if err := s.main.sendAs(ctx, true, wire.TypeBitmap, body); err != nil {
 		return err
@@ -751,6 +766,60 @@ func (s *source) servePrio(ctx context.Context, prio *conn, gen int32) {
 	}
 }
 
+// startMirror writes every page the destination lacks at the switch-over,
+// and the manifest, to shared storage, so that the destination can finish
+// if this host dies during the push. The domain is paused: the mirror is
+// its content at the switch-over.
+func (s *source) startMirror(ctx context.Context) {
+	missing := xenmem.NewBitmap(s.numPages)
+	missing.CopyFrom(s.need)
+	hashes := make([]dedup.Hash, s.numPages)
+	for p := range s.numPages {
+		if !missing.Test(p) {
+			hashes[p] = s.hashes[p]
+		}
+	}
+	s.mirrorDone = make(chan error, 1)
+	go func() {
+		s.mirrorDone <- func() error {
+			m, err := postcopy.CreateMirror(s.opts.DurableDir, s.opts.MigrationID, s.numPages)
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			page := make([]byte, xenmem.PageSize)
+			for p := missing.Next(0); p < s.numPages; p = missing.Next(p + 1) {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				copy(page, s.mem[p*xenmem.PageSize:])
+				hashes[p] = dedup.HashPage(page)
+				if err := m.WritePage(p, page); err != nil {
+					return err
+				}
+			}
+			if err := m.WriteHashes(0, hashes); err != nil {
+				return err
+			}
+			return m.Commit(missing)
+		}()
+	}()
+}
+
+// finishMirror waits for the mirror and, the migration being complete,
+// deletes it.
+func (s *source) finishMirror() {
+	if s.mirrorDone == nil {
+		return
+	}
+	if err := <-s.mirrorDone; err != nil {
+		s.log.Error(err, "Durable post-copy mirror failed", "domain", s.dom.Info().Name)
+	} else {
+		s.durable = true
+	}
+	postcopy.RemoveMirror(s.opts.DurableDir, s.opts.MigrationID)
+}
+
 // reconnect re-opens the streams of a post-copy whose link broke: it asks
 // the destination what it has, and needs only the rest.
 func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
@@ -865,6 +934,7 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 // release destroys the source domain once the destination runs it and, for
 // post-copy, has every page.
 func (s *source) release(ctx context.Context) error {
+	s.finishMirror()
 	if err := s.dom.Release(); err != nil {
 		return fmt.Errorf("release the source domain: %w", err)
 	}
@@ -897,9 +967,10 @@ func (s *source) result() Result {
 		Pages: PageCounts{Total: s.numPages, Full: s.cnt.full.Load(), Zero: s.cnt.zero.Load(), Disk: s.cnt.disk.Load(),
 			DiskFallback: s.dst.DiskFallback, Resent: s.cnt.resent.Load(), Demand: s.dst.Demand},
 		Verified: s.dst.Verified, StopReason: s.verdict.Reason, PostCopy: s.verdict.Decision == SwitchToPostCopy,
-		FaultP50:    time.Duration(s.dst.FaultP50Us * float64(time.Microsecond)),
-		FaultP99:    time.Duration(s.dst.FaultP99Us * float64(time.Microsecond)),
-		OpsPostCopy: s.dst.OpsPerSec,
+		FaultP50:      time.Duration(s.dst.FaultP50Us * float64(time.Microsecond)),
+		FaultP99:      time.Duration(s.dst.FaultP99Us * float64(time.Microsecond)),
+		OpsPostCopy:   s.dst.OpsPerSec,
+		DurableMirror: s.durable,
 	}
 	if !s.resumedAt.IsZero() {
 		r.Resume = s.resumedAt.Sub(s.start)
