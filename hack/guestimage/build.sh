@@ -4,7 +4,12 @@
 # benchmarks (`go run ./hack/migbench -scenario image:MEM,DISK`) and for
 # hack/memscan. Not for CI. See hack/guestimage/README.md.
 #
-# Usage: hack/guestimage/build.sh [deps|rootfs|image|run|all|clean]   (default: all)
+# Usage: hack/guestimage/build.sh [deps|rootfs|image|run|all|variants|clean]   (default: all)
+#
+# "variants" runs the guest once per workload profile (default, read-heavy,
+# write-heavy, app-heap; see VARIANTS below) and keeps each pair under
+# .work/variants/NAME/; the default profile runs last, so .work/mem.raw is
+# the default one afterwards.
 #
 # Every stage is cached under hack/guestimage/.work/ and is skipped when its
 # inputs have not changed. FORCE=rootfs|image|run redoes that stage and the
@@ -13,6 +18,7 @@
 #   GUEST_DISK_SIZE size of the ext4 disk image         (default 4G)
 #   READ_MIB        MiB of files the workload reads     (default 400)
 #   WRITE_MIB       MiB of new file data it writes      (default 64)
+#   ANON_MIB        MiB of python3 heap it keeps alive  (default 0: none)
 #   SETTLE_SEC      idle seconds after boot before the idle dump (default 30)
 #   GUEST_TIMEOUT   seconds the whole guest run may take (default 2400)
 #   DEBIAN_MIRROR   Debian mirror for debootstrap       (default: this host's apt mirror)
@@ -25,6 +31,7 @@ GUEST_MEM_MIB=${GUEST_MEM_MIB:-1024}
 GUEST_DISK_SIZE=${GUEST_DISK_SIZE:-4G}
 READ_MIB=${READ_MIB:-400}
 WRITE_MIB=${WRITE_MIB:-64}
+ANON_MIB=${ANON_MIB:-0}
 SETTLE_SEC=${SETTLE_SEC:-30}
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-2400}
 FORCE=${FORCE:-0}
@@ -132,6 +139,7 @@ configure_rootfs() {
 	cat >"$r/etc/default/xf-workload" <<EOF
 READ_MIB=$READ_MIB
 WRITE_MIB=$WRITE_MIB
+ANON_MIB=$ANON_MIB
 SETTLE_SEC=$SETTLE_SEC
 EOF
 	# Leftovers of earlier runs never reach the image (the image is made from
@@ -139,9 +147,14 @@ EOF
 	rm -rf "$r/root/xfwork" "$r/root/written"
 }
 
+image_key() {
+	echo "$(cat "$W/rootfs.stamp" 2>/dev/null)|$GUEST_DISK_SIZE|$READ_MIB|$WRITE_MIB|$ANON_MIB|$SETTLE_SEC|$(cat "$HERE"/guest/xf-workload "$HERE"/guest/xf-workload.service "$HERE"/guest/xfwork/* | sha256sum | cut -c1-16)"
+}
+run_key() { echo "$(image_key)|$GUEST_MEM_MIB|${GUEST_CPU:-}"; }
+
 stage_image() {
 	local key
-	key="$(cat "$W/rootfs.stamp")|$GUEST_DISK_SIZE|$READ_MIB|$WRITE_MIB|$SETTLE_SEC|$(cat "$HERE"/guest/xf-workload "$HERE"/guest/xf-workload.service "$HERE"/guest/xfwork/* | sha256sum | cut -c1-16)"
+	key=$(image_key)
 	if stamp_ok image "$key" && [[ -f $W/disk-base.raw && -f $W/vmlinuz && -f $W/initrd.img ]]; then
 		log "disk image cached ($W/disk-base.raw)"
 		return
@@ -166,7 +179,7 @@ stage_image() {
 
 stage_run() {
 	local key
-	key="$(cat "$W/image.stamp")|$GUEST_MEM_MIB|${GUEST_CPU:-}"
+	key=$(run_key)
 	if stamp_ok run "$key" && [[ -f $W/mem.raw && -f $W/disk.raw ]]; then
 		log "guest run cached: $W/mem.raw $W/disk.raw (FORCE=run to redo the run)"
 		return
@@ -191,16 +204,50 @@ stage_run() {
 	log "done: $W/mem.raw ($(du -h --apparent-size "$W/mem.raw" | cut -f1)), $W/disk.raw; idle pair: $W/mem-idle.raw $W/disk-idle.raw"
 }
 
+# name:settings of the workload profiles measured by "variants".
+VARIANTS=(
+	"read-heavy:READ_MIB=700 WRITE_MIB=128"
+	"write-heavy:READ_MIB=100 WRITE_MIB=512"
+	"app-heap:ANON_MIB=256"
+	"default:"
+)
+
+stage_variants() {
+	local v name settings d
+	for v in "${VARIANTS[@]}"; do
+		name=${v%%:*}
+		settings=${v#*:}
+		d="$W/variants/$name"
+		log "variant $name (${settings:-default settings})"
+		# Each variant sets only its own settings; the rest are the defaults.
+		if [[ $FORCE == 0 && -f $d/run.stamp && "$(cat "$d/run.stamp")" == "$(env -u READ_MIB -u WRITE_MIB -u ANON_MIB $settings "$HERE/build.sh" key)" ]]; then
+			log "variant $name cached ($d)"
+			continue
+		fi
+		env -u READ_MIB -u WRITE_MIB -u ANON_MIB $settings "$HERE/build.sh" all
+		rm -rf "$d"
+		mkdir -p "$d"
+		cp --sparse=always "$W/mem.raw" "$W/disk.raw" "$W/capture.json" "$d/"
+		if [[ $name == default ]]; then
+			cp --sparse=always "$W/mem-idle.raw" "$W/disk-idle.raw" "$d/"
+		fi
+		cp "$W/run.stamp" "$d/run.stamp"
+		log "variant $name saved in $d"
+	done
+}
+
 cmd=${1:-all}
 case $cmd in
 deps) stage_deps ;;
 rootfs) stage_deps; stage_rootfs ;;
 image) stage_deps; stage_rootfs; stage_image ;;
 run | all) stage_deps; stage_rootfs; stage_image; stage_run ;;
+variants) stage_deps; stage_rootfs; stage_variants ;;
+key) run_key ;; # internal: the cache key of a run with the current settings
 clean)
 	umount_under "$W"
 	rm -rf "$W"
 	log "removed $W"
 	;;
-*) die "unknown stage $cmd (want deps|rootfs|image|run|all|clean)" ;;
+*) die "unknown stage $cmd (want deps|rootfs|image|run|all|variants|clean)" ;;
 esac

@@ -20,3 +20,13 @@ memscan: guest-image
 ## memscan-test: unit tests of memscan and the capture helper
 memscan-test:
 	$(GO) test ./hack/memscan/... ./hack/guestimage/...
+
+.PHONY: guest-image-variants guest-measure
+
+## guest-image-variants: one guest run per workload profile (default, read-heavy, write-heavy, app-heap) into .work/variants/ (cold ~8 min, ~12 GiB)
+guest-image-variants:
+	hack/guestimage/build.sh variants
+
+## guest-measure: memscan fractions and migbench wire bytes (precopy vs precopy+dedup) for every saved dump, as a Markdown table
+guest-measure:
+	MIGBENCH=1 hack/guestimage/measure.sh
