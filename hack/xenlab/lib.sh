@@ -1,0 +1,34 @@
+# Common settings for the xenlab scripts; sourced, not run.
+set -euo pipefail
+XENLAB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$XENLAB_DIR/../.." && pwd)"
+WORK="${XENLAB_WORK:-$XENLAB_DIR/.work}"
+mkdir -p "$WORK"
+SUITE=bookworm
+MIRROR="${XENLAB_MIRROR:-http://deb.debian.org/debian}"
+log() { printf '%s xenlab: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Lab layout (override with the environment).
+HOSTS=(a b)
+HOST_MEM_MB=${XENLAB_HOST_MEM_MB:-1536}
+DOM0_MEM=${XENLAB_DOM0_MEM:-512M}
+DOMU_MEM_MB=${XENLAB_DOMU_MEM_MB:-128}
+SHARED_MB=${XENLAB_SHARED_MB:-256}
+PORT_BASE=${XENLAB_PORT_BASE:-22220}
+SHARE="$WORK/share"
+ctl_port() { case $1 in a) echo $((PORT_BASE + 1)) ;; b) echo $((PORT_BASE + 2)) ;; esac; }
+link_port() { echo $((PORT_BASE + 10)); }
+host_ip() { case $1 in a) echo 198.18.77.1 ;; b) echo 198.18.77.2 ;; esac; }
+host_idx() { case $1 in a) echo 0a ;; b) echo 0b ;; esac; }
+
+# rsh HOST: runs the script on stdin in dom0 of HOST, prints its output and
+# returns its exit status.
+rsh() {
+	local h=$1 out rc
+	out=$(socat -t 100000 -T 100000 STDIO "TCP:127.0.0.1:$(ctl_port "$h")" 2>&1) || true
+	rc=$(printf '%s\n' "$out" | sed -n 's/^__XENLAB_RC=//p' | tail -1)
+	printf '%s\n' "$out" | grep -v '^__XENLAB_RC=' || true
+	[[ -n $rc ]] || { log "rsh $h: no exit status (control channel down?)"; return 255; }
+	return "$rc"
+}

@@ -1,0 +1,371 @@
+package xlstream
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+)
+
+// SendStats is what the source side of a session did.
+type SendStats struct {
+	Reader ReaderStats
+	Encode EncodeStats
+	// BackBytes were relayed from the destination's xl to ours.
+	BackBytes int64
+	// ExitStatus is the destination command's exit status (-1: unknown).
+	ExitStatus int
+}
+
+// SendOptions tune Send.
+type SendOptions struct {
+	// Window is the REF window in pages (at least MinWindow).
+	Window int
+	// Progress, when set, is called about every ProgressEvery with the
+	// counters so far, from the sending goroutine.
+	Progress      func(SendStats)
+	ProgressEvery time.Duration
+}
+
+// Send is the source side of a session: it reads xl's migration stream
+// from xlIn and writes its frames to conn, relays the destination's bytes
+// for xl to xlOut, and answers the destination's NEED/ACK frames. It
+// returns when xlIn ended and the destination closed the connection (or
+// sent its EXIT frame). idx may be nil.
+func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writer, idx PageIndex, opts SendOptions) (SendStats, error) {
+	enc := NewEncoder(conn, idx, opts.Window)
+	rd := NewReader(xlIn)
+	st := SendStats{ExitStatus: -1}
+	var mu sync.Mutex // protects st.BackBytes, st.ExitStatus
+
+	backDone := make(chan error, 1)
+	go func() {
+		backDone <- func() error {
+			br := bufio.NewReaderSize(conn, 64<<10)
+			var buf []byte
+			for {
+				kind, body, err := readFrame(br, buf)
+				if errors.Is(err, io.EOF) {
+					return nil
+				}
+				if err != nil {
+					return fmt.Errorf("read from destination: %w", err)
+				}
+				buf = body[:0]
+				switch kind {
+				case FrameBack:
+					if _, err := xlOut.Write(body); err != nil {
+						return fmt.Errorf("relay to xl: %w", err)
+					}
+					mu.Lock()
+					st.BackBytes += int64(len(body))
+					mu.Unlock()
+				case FrameNeed, FrameAck:
+					if len(body) != 8 {
+						return fmt.Errorf("%w: frame kind %d of %d bytes", ErrBadFrame, kind, len(body))
+					}
+					seq := binary.LittleEndian.Uint64(body)
+					if kind == FrameAck {
+						err = enc.Ack(seq)
+					} else {
+						err = enc.Fallback(seq)
+					}
+					if err != nil {
+						return err
+					}
+				case FrameExit:
+					if len(body) != 4 {
+						return fmt.Errorf("%w: EXIT frame of %d bytes", ErrBadFrame, len(body))
+					}
+					mu.Lock()
+					st.ExitStatus = int(int32(binary.LittleEndian.Uint32(body)))
+					mu.Unlock()
+					return nil
+				default:
+					return fmt.Errorf("%w: unexpected frame kind %d from destination", ErrBadFrame, kind)
+				}
+			}
+		}()
+	}()
+
+	sendErr := func() error {
+		last := time.Now()
+		for {
+			if rd.Buffered() == 0 {
+				// The next read may wait for xl (e.g. for the handshake
+				// after libxl's END): everything so far must be sent.
+				if err := enc.Flush(); err != nil {
+					return err
+				}
+			}
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			t, err := rd.Next()
+			if errors.Is(err, io.EOF) {
+				return enc.End()
+			}
+			if err != nil {
+				return err
+			}
+			if err := enc.WriteToken(t); err != nil {
+				return err
+			}
+			if opts.Progress != nil && time.Since(last) >= opts.ProgressEvery {
+				last = time.Now()
+				mu.Lock()
+				s := st
+				mu.Unlock()
+				s.Reader, s.Encode = rd.Stats(), enc.Stats()
+				opts.Progress(s)
+			}
+		}
+	}()
+	if sendErr != nil {
+		enc.Abort(sendErr)
+		if c, ok := conn.(io.Closer); ok {
+			c.Close()
+		}
+	}
+	backErr := <-backDone
+	if backErr != nil {
+		enc.Abort(backErr)
+	}
+	mu.Lock()
+	st.Reader, st.Encode = rd.Stats(), enc.Stats()
+	mu.Unlock()
+	if sendErr != nil {
+		return st, fmt.Errorf("xlstream: send: %w", sendErr)
+	}
+	if backErr != nil {
+		return st, fmt.Errorf("xlstream: send: %w", backErr)
+	}
+	return st, nil
+}
+
+// ReceiveOptions tune Receive.
+type ReceiveOptions struct {
+	// QueueBytes bounds the frames read ahead while a fallback page is
+	// awaited (0: 64 MiB). It must exceed what the network buffers hold.
+	QueueBytes int
+	// FallbackTimeout bounds the wait for a fallback page (0: 2 minutes).
+	FallbackTimeout time.Duration
+	// Wait, when set, is called after the command's output ended and
+	// returns its exit status, which is sent to the source.
+	Wait func() int
+	// Progress, when set, is called about every ProgressEvery.
+	Progress      func(DecodeStats)
+	ProgressEvery time.Duration
+}
+
+// Receive is the destination side of a session: it rebuilds the stream
+// from conn's frames into cmdIn (closed at the END frame), reading REF
+// pages through res and asking the source for those that fail, and relays
+// cmdOut (the local `xl migrate-receive`'s output) back to the source.
+func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdOut io.Reader, res PageResolver, opts ReceiveOptions) (DecodeStats, error) {
+	if opts.QueueBytes <= 0 {
+		opts.QueueBytes = 64 << 20
+	}
+	if opts.FallbackTimeout <= 0 {
+		opts.FallbackTimeout = 2 * time.Minute
+	}
+	var wmu sync.Mutex
+	bw := bufio.NewWriterSize(conn, 64<<10)
+	send := func(kind byte, body []byte) error {
+		wmu.Lock()
+		defer wmu.Unlock()
+		if _, err := writeFrame(bw, kind, body); err != nil {
+			return err
+		}
+		return bw.Flush()
+	}
+	u64 := func(v uint64) []byte { b := make([]byte, 8); binary.LittleEndian.PutUint64(b, v); return b }
+
+	q := newFrameQueue(opts.QueueBytes)
+	falls := make(chan []byte, 4)
+	go func() {
+		// It keeps reading after END: fallback pages may follow it. It
+		// ends when the connection does.
+		br := bufio.NewReaderSize(conn, 1<<20)
+		ended := false
+		for {
+			kind, body, err := readFrame(br, nil)
+			if err != nil {
+				if ended {
+					return
+				}
+				if errors.Is(err, io.EOF) {
+					err = fmt.Errorf("%w: source closed the connection before END", ErrTruncated)
+				}
+				q.fail(err)
+				return
+			}
+			if kind == FrameFallback {
+				select {
+				case falls <- body:
+				default:
+					q.fail(fmt.Errorf("%w: unrequested fallback pages", ErrBadFrame))
+					return
+				}
+				continue
+			}
+			if ended {
+				q.fail(fmt.Errorf("%w: frame kind %d after END", ErrBadFrame, kind))
+				return
+			}
+			if !q.push(kind, body) {
+				return
+			}
+			ended = kind == FrameEnd
+		}
+	}()
+
+	backDone := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := cmdOut.Read(buf)
+			if n > 0 {
+				if err := send(FrameBack, buf[:n]); err != nil {
+					backDone <- fmt.Errorf("relay to source: %w", err)
+					return
+				}
+			}
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					err = nil
+				}
+				backDone <- err
+				return
+			}
+		}
+	}()
+
+	d := NewDecoder(cmdIn, res)
+	d.Ack = func(seq uint64) error { return send(FrameAck, u64(seq)) }
+	d.Need = func(seq uint64) ([]byte, error) {
+		if err := send(FrameNeed, u64(seq)); err != nil {
+			return nil, err
+		}
+		t := time.NewTimer(opts.FallbackTimeout)
+		defer t.Stop()
+		select {
+		case b := <-falls:
+			if len(b) != 8+PageSize || binary.LittleEndian.Uint64(b) != seq {
+				return nil, fmt.Errorf("%w: fallback frame of %d bytes does not answer REF %d", ErrBadFrame, len(b), seq)
+			}
+			return b[8:], nil
+		case <-t.C:
+			return nil, fmt.Errorf("no fallback page from the source within %v", opts.FallbackTimeout)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	recvErr := func() error {
+		last := time.Now()
+		for {
+			kind, body, err := q.pop()
+			if err != nil {
+				return err
+			}
+			done, err := d.Frame(kind, body)
+			if err != nil {
+				return err
+			}
+			if done {
+				return nil
+			}
+			if opts.Progress != nil && time.Since(last) >= opts.ProgressEvery {
+				last = time.Now()
+				opts.Progress(d.Stats())
+			}
+		}
+	}()
+	q.fail(io.EOF) // stop the reader if it still runs
+	cerr := cmdIn.Close()
+	if recvErr != nil {
+		// The command sees a cut stream and fails; its output still goes
+		// back to the source's xl, which then resumes the domain there.
+		<-backDone
+		if opts.Wait != nil {
+			st := opts.Wait()
+			_ = send(FrameExit, binary.LittleEndian.AppendUint32(nil, uint32(int32(st))))
+		}
+		return d.Stats(), fmt.Errorf("xlstream: receive: %w", recvErr)
+	}
+	if cerr != nil {
+		return d.Stats(), fmt.Errorf("xlstream: receive: close command input: %w", cerr)
+	}
+	if err := <-backDone; err != nil {
+		return d.Stats(), fmt.Errorf("xlstream: receive: %w", err)
+	}
+	if opts.Wait != nil {
+		st := opts.Wait()
+		if err := send(FrameExit, binary.LittleEndian.AppendUint32(nil, uint32(int32(st)))); err != nil {
+			return d.Stats(), fmt.Errorf("xlstream: receive: send exit status: %w", err)
+		}
+	}
+	return d.Stats(), nil
+}
+
+// frameQueue is a FIFO of frames bounded in bytes (one frame always fits).
+type frameQueue struct {
+	mu    sync.Mutex
+	cond  *sync.Cond
+	kinds []byte
+	items [][]byte
+	bytes int
+	limit int
+	err   error
+}
+
+func newFrameQueue(limit int) *frameQueue {
+	q := &frameQueue{limit: limit}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+func (q *frameQueue) push(kind byte, b []byte) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.items) > 0 && q.bytes+len(b) > q.limit && q.err == nil {
+		q.cond.Wait()
+	}
+	if q.err != nil {
+		return false
+	}
+	q.kinds = append(q.kinds, kind)
+	q.items = append(q.items, b)
+	q.bytes += len(b)
+	q.cond.Broadcast()
+	return true
+}
+
+func (q *frameQueue) pop() (byte, []byte, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.items) == 0 && q.err == nil {
+		q.cond.Wait()
+	}
+	if len(q.items) == 0 {
+		return 0, nil, q.err
+	}
+	k, b := q.kinds[0], q.items[0]
+	q.kinds, q.items = q.kinds[1:], q.items[1:]
+	q.bytes -= len(b)
+	q.cond.Broadcast()
+	return k, b, nil
+}
+
+func (q *frameQueue) fail(err error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.err == nil {
+		q.err = err
+	}
+	q.cond.Broadcast()
+}
