@@ -213,18 +213,19 @@ VARIANTS=(
 )
 
 stage_variants() {
-	local v name settings d
+	local v name settings d kv
 	for v in "${VARIANTS[@]}"; do
 		name=${v%%:*}
 		settings=${v#*:}
+		read -r -a kv <<<"$settings"
 		d="$W/variants/$name"
 		log "variant $name (${settings:-default settings})"
 		# Each variant sets only its own settings; the rest are the defaults.
-		if [[ $FORCE == 0 && -f $d/run.stamp && "$(cat "$d/run.stamp")" == "$(env -u READ_MIB -u WRITE_MIB -u ANON_MIB $settings "$HERE/build.sh" key)" ]]; then
+		if [[ $FORCE == 0 && -f $d/run.stamp && "$(cat "$d/run.stamp")" == "$(env -u READ_MIB -u WRITE_MIB -u ANON_MIB "${kv[@]}" "$HERE/build.sh" key)" ]]; then
 			log "variant $name cached ($d)"
 			continue
 		fi
-		env -u READ_MIB -u WRITE_MIB -u ANON_MIB $settings "$HERE/build.sh" all
+		env -u READ_MIB -u WRITE_MIB -u ANON_MIB "${kv[@]}" "$HERE/build.sh" all
 		rm -rf "$d"
 		mkdir -p "$d"
 		cp --sparse=always "$W/mem.raw" "$W/disk.raw" "$W/capture.json" "$d/"
