@@ -104,6 +104,7 @@ func main() {
 		workers  = flag.Int("workers", runtime.GOMAXPROCS(0), "parallel hashing workers")
 		asJSON   = flag.Bool("json", false, "print the result as one JSON line")
 		quiet    = flag.Bool("q", false, "no progress output")
+		regions  = flag.Int("regions", 0, "also print the classes per region of this many MiB of guest-physical memory (0: off)")
 	)
 	flag.Parse()
 	if *memPath == "" || *diskList == "" {
@@ -130,6 +131,25 @@ func main() {
 		return
 	}
 	printTable(os.Stdout, res)
+	if *regions > 0 {
+		printRegions(os.Stdout, s.classes, *regions)
+	}
+}
+
+// printRegions prints the class fractions of each region of mib MiB.
+func printRegions(w io.Writer, classes []uint8, mib int) {
+	per := mib << 20 / pageSize
+	fmt.Fprintf(w, "%-21s %7s %7s %7s %7s\n", "guest-physical MiB", "zero", "disk", "fine", "other")
+	for start := 0; start < len(classes); start += per {
+		var n [4]int
+		end := min(start+per, len(classes))
+		for _, c := range classes[start:end] {
+			n[c]++
+		}
+		pct := func(i int) float64 { return 100 * float64(n[i]) / float64(end-start) }
+		fmt.Fprintf(w, "%9d-%-11d %6.1f%% %6.1f%% %6.1f%% %6.1f%%\n", start*pageSize>>20, end*pageSize>>20,
+			pct(int(classZero)), pct(int(classDisk4K)), pct(int(classDiskFine)), pct(int(classOther)))
+	}
 }
 
 type scanner struct {
@@ -137,7 +157,17 @@ type scanner struct {
 	fine    int
 	quiet   bool
 	disks   []*os.File
+	// classes holds one class byte per page of the dump (filled by scanMem).
+	classes []uint8
 }
+
+// Page classes in scanner.classes.
+const (
+	classZero uint8 = iota
+	classDisk4K
+	classDiskFine
+	classOther
+)
 
 func (s *scanner) run(memPath string, diskPaths []string) (*Result, error) {
 	if len(diskPaths) > 1<<(64-posDiskShift) {
@@ -349,6 +379,7 @@ func (s *scanner) scanMem(memPath string, mainIx, fine index, res *Result) error
 		diskRefs                                []uint64
 		err                                     error
 	}
+	s.classes = make([]uint8, st.Size()/pageSize) // disjoint indices per worker
 	cs := make([]counts, s.workers)
 	jobs := make(chan int64, s.workers)
 	pr := newProgress("classifying pages", st.Size(), s.quiet)
@@ -377,7 +408,9 @@ func (s *scanner) scanMem(memPath string, mainIx, fine index, res *Result) error
 				}
 				for o := 0; o+pageSize <= n; o += pageSize {
 					p := buf[o : o+pageSize]
+					pfn := (off + int64(o)) / pageSize
 					if isZero(p) {
+						s.classes[pfn] = classZero
 						c.zero++
 						continue
 					}
@@ -389,6 +422,7 @@ func (s *scanner) scanMem(memPath string, mainIx, fine index, res *Result) error
 							break
 						}
 						if same {
+							s.classes[pfn] = classDisk4K
 							c.disk4k++
 							c.diskRefs = append(c.diskRefs, e.pos)
 							continue
@@ -403,12 +437,14 @@ func (s *scanner) scanMem(memPath string, mainIx, fine index, res *Result) error
 								break
 							}
 							if same {
+								s.classes[pfn] = classDiskFine
 								c.diskFine++
 								continue
 							}
 							c.hashOnly++
 						}
 					}
+					s.classes[pfn] = classOther
 					c.other++
 					c.otherHashes = append(c.otherHashes, h)
 				}

@@ -94,6 +94,23 @@ func TestClassify(t *testing.T) {
 			if res.OtherDupInRAM != 1 {
 				t.Errorf("other pages repeating another = %d, want 1", res.OtherDupInRAM)
 			}
+			// Page classes in dump order: 10 zero, 20 disk, 5 fine (or other), 8 other.
+			want := make([]uint8, 0, 43)
+			for i := 0; i < 43; i++ {
+				switch {
+				case i < 10:
+					want = append(want, classZero)
+				case i < 30:
+					want = append(want, classDisk4K)
+				case i < 35 && tc.fine > 0:
+					want = append(want, classDiskFine)
+				default:
+					want = append(want, classOther)
+				}
+			}
+			if string(s.classes) != string(want) {
+				t.Errorf("classes = %v, want %v", s.classes, want)
+			}
 			if res.HashOnlyMatch != 0 {
 				t.Errorf("hash-only matches = %d, want 0", res.HashOnlyMatch)
 			}
