@@ -64,12 +64,22 @@ func NewEncoder(w io.Writer, idx PageIndex, window int) *Encoder {
 	if window < MinWindow {
 		window = MinWindow
 	}
-	e := &Encoder{idx: idx, w: bufio.NewWriterSize(w, 1<<20), slots: uint64(window)}
-	if idx != nil {
-		e.window = make([]byte, window*PageSize)
-	}
+	e := &Encoder{w: bufio.NewWriterSize(w, 1<<20), slots: uint64(window)}
 	e.cond = sync.NewCond(&e.mu)
+	e.SetIndex(idx)
 	return e
+}
+
+// SetIndex sets the PageIndex for the records that follow (e.g. once the
+// domain's disks are known from xl's header). Called from the goroutine
+// that calls WriteToken.
+func (e *Encoder) SetIndex(idx PageIndex) {
+	e.idx = idx
+	if idx != nil && e.window == nil {
+		e.mu.Lock()
+		e.window = make([]byte, e.slots*PageSize)
+		e.mu.Unlock()
+	}
 }
 
 // Stats returns the counters so far.

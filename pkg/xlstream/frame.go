@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"strings"
 )
 
 // Frame kinds, source to destination.
@@ -107,4 +108,53 @@ func readFrame(r io.Reader, buf []byte) (byte, []byte, error) {
 		return 0, nil, fmt.Errorf("%w: frame kind %d body: got less than %d bytes: %v", ErrTruncated, h[0], n, err)
 	}
 	return h[0], buf, nil
+}
+
+// FrameHello opens a session: {version u32, argv NUL-separated}: the
+// command the source's xl asked to run at the destination.
+const FrameHello = 32
+
+// HelloVersion is the session protocol version.
+const HelloVersion = 1
+
+// maxHello bounds a hello frame.
+const maxHello = 64 << 10
+
+// WriteHello sends the session's hello frame.
+func WriteHello(w io.Writer, argv []string) error {
+	var b []byte
+	b = binary.LittleEndian.AppendUint32(b, HelloVersion)
+	for _, a := range argv {
+		if strings.IndexByte(a, 0) >= 0 {
+			return fmt.Errorf("%w: hello argument %q has a NUL byte", ErrBadFrame, a)
+		}
+		b = append(append(b, a...), 0)
+	}
+	if len(b) > maxHello {
+		return fmt.Errorf("%w: hello of %d bytes (limit %d)", ErrBadFrame, len(b), maxHello)
+	}
+	_, err := writeFrame(w, FrameHello, b)
+	return err
+}
+
+// ReadHello reads the session's hello frame and returns argv.
+func ReadHello(r io.Reader) ([]string, error) {
+	kind, b, err := readFrame(io.LimitReader(r, frameHeaderLen+maxHello), nil)
+	if err != nil {
+		return nil, fmt.Errorf("read hello: %w", err)
+	}
+	if kind != FrameHello || len(b) < 4 {
+		return nil, fmt.Errorf("%w: expected a hello frame, got kind %d of %d bytes", ErrBadFrame, kind, len(b))
+	}
+	if v := binary.LittleEndian.Uint32(b); v != HelloVersion {
+		return nil, fmt.Errorf("%w: session protocol version %d (this agent speaks %d)", ErrUnsupported, v, HelloVersion)
+	}
+	s := string(b[4:])
+	if s == "" {
+		return nil, nil
+	}
+	if !strings.HasSuffix(s, "\x00") {
+		return nil, fmt.Errorf("%w: hello arguments not NUL-terminated", ErrBadFrame)
+	}
+	return strings.Split(strings.TrimSuffix(s, "\x00"), "\x00"), nil
 }

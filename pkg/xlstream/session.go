@@ -29,6 +29,10 @@ type SendOptions struct {
 	// counters so far, from the sending goroutine.
 	Progress      func(SendStats)
 	ProgressEvery time.Duration
+	// IndexFor, when set, is called once with xl's header (nil for a
+	// stream without one) before the first PAGE_DATA record; the PageIndex
+	// it returns replaces idx. An error ends the session.
+	IndexFor func(*XLHeader) (PageIndex, error)
 }
 
 // Send is the source side of a session: it reads xl's migration stream
@@ -111,6 +115,14 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			}
 			if err != nil {
 				return err
+			}
+			if opts.IndexFor != nil && t.Kind == TokPages {
+				idx, err := opts.IndexFor(rd.XL())
+				if err != nil {
+					return err
+				}
+				opts.IndexFor = nil
+				enc.SetIndex(idx)
 			}
 			if err := enc.WriteToken(t); err != nil {
 				return err

@@ -490,3 +490,29 @@ func FuzzDecode(f *testing.F) {
 		_, _ = Decode(bytes.NewReader(b), io.Discard, nil)
 	})
 }
+
+func TestXLHeaderListsTheDomainDisks(t *testing.T) {
+	h := &XLHeader{Config: []byte(`{"c_info":{"name":"d"},"disks":[{"pdev_path":"/dev/vdb","vdev":"xvda","backend":"phy"}]}`)}
+	d, err := h.Disks()
+	if err != nil || len(d) != 1 || d[0].PdevPath != "/dev/vdb" || d[0].Vdev != "xvda" {
+		t.Fatalf("Disks() = %+v, %v", d, err)
+	}
+	if _, err := (&XLHeader{Config: []byte("{")}).Disks(); !errors.Is(err, ErrBadHeader) {
+		t.Fatalf("broken JSON: %v", err)
+	}
+}
+
+func TestHelloCarriesTheRemoteCommand(t *testing.T) {
+	var b bytes.Buffer
+	argv := []string{"xl", "migrate-receive", "-d"}
+	if err := WriteHello(&b, argv); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ReadHello(&b)
+	if err != nil || strings.Join(got, " ") != "xl migrate-receive -d" {
+		t.Fatalf("ReadHello = %q, %v", got, err)
+	}
+	if _, err := ReadHello(bytes.NewReader([]byte{FrameRaw, 0, 0, 0, 0})); !errors.Is(err, ErrBadFrame) {
+		t.Fatalf("not a hello: %v", err)
+	}
+}

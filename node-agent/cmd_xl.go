@@ -1,0 +1,386 @@
+package main
+
+// xl-send and xl-recv make node-agent the transport of stock Xen's
+// `xl migrate -s CMD`: xl runs `CMD HOST xl migrate-receive ...` and uses
+// its stdin/stdout as the migration stream. On the source
+//
+//	xl migrate -s "node-agent xl-send" DOMAIN HOST
+//
+// connects to `node-agent xl-recv --listen :7070` on HOST, which runs
+// `xl migrate-receive` there. The stream goes through pkg/xlstream: zero
+// pages and pages found on the domain's shared disks cross the link as
+// references, and the destination rebuilds the exact stream for its xl.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/xlstream"
+)
+
+func init() {
+	registerCommand(command{name: "xl-send", short: "transport for `xl migrate -s` (source side; HOST xl migrate-receive ...)", run: runXLSend})
+	registerCommand(command{name: "xl-recv", short: "receive `xl migrate -s \"node-agent xl-send\"` migrations and run xl migrate-receive", run: runXLRecv})
+	registerCommand(command{name: "xl-index", short: "build (or load) the persisted dedup index of disks: xl-index DISK...", run: runXLIndex})
+}
+
+const defaultXLPort = 7070
+
+// xlSendReport is what xl-send writes to --report (one JSON object).
+type xlSendReport struct {
+	Host          string  `json:"host"`
+	OK            bool    `json:"ok"`
+	Error         string  `json:"error,omitempty"`
+	Seconds       float64 `json:"seconds"`
+	StreamBytes   int64   `json:"streamBytes"` // bytes xl produced
+	LinkBytes     int64   `json:"linkBytes"`   // frame bytes we sent
+	PageRecords   int64   `json:"pageRecords"`
+	ZeroPages     int64   `json:"zeroPages"`
+	RefPages      int64   `json:"refPages"`
+	DataPages     int64   `json:"dataPages"`
+	FallbackPages int64   `json:"fallbackPages"`
+	IndexSeconds  float64 `json:"indexSeconds"`
+	Disks         int     `json:"disks"`
+	ExitStatus    int     `json:"exitStatus"`
+}
+
+func runXLSend(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("xl-send", flag.ContinueOnError)
+	port := fs.Int("port", defaultXLPort, "port of node-agent xl-recv on HOST")
+	stateDir := fs.String("state-dir", "/var/lib/xenferry", "where dedup indexes persist")
+	noDedup := fs.Bool("no-dedup", false, "do not look pages up on the shared disks (zero pages are still elided)")
+	report := fs.String("report", "", "write a JSON summary to this file")
+	verbose := fs.Int("v", 0, "log verbosity")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() < 2 {
+		return fmt.Errorf("usage: xl-send [flags] HOST xl migrate-receive [ARGS] (as run by xl migrate -s \"node-agent xl-send\" DOMAIN HOST)")
+	}
+	host, remote := fs.Arg(0), fs.Args()[1:]
+	log := stderrLogger(*verbose).WithName("xl-send").WithValues("host", host)
+	start := time.Now()
+	rep := xlSendReport{Host: host, ExitStatus: -1}
+	defer func() {
+		rep.Seconds = time.Since(start).Seconds()
+		if *report != "" {
+			b, _ := json.Marshal(rep)
+			_ = os.WriteFile(*report, append(b, '\n'), 0o644)
+		}
+	}()
+
+	addr := net.JoinHostPort(host, fmt.Sprint(*port))
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		rep.Error = err.Error()
+		return fmt.Errorf("connect to node-agent xl-recv at %s: %w (is `node-agent xl-recv` running on %s?)", addr, err, host)
+	}
+	defer conn.Close()
+	if err := xlstream.WriteHello(conn, remote); err != nil {
+		rep.Error = err.Error()
+		return fmt.Errorf("send hello to %s: %w", addr, err)
+	}
+	log.Info("Connected", "addr", addr, "remote", strings.Join(remote, " "))
+
+	var indexes []*dedup.Index
+	defer func() {
+		for _, ix := range indexes {
+			ix.Close()
+		}
+	}()
+	opts := xlstream.SendOptions{ProgressEvery: 10 * time.Second}
+	opts.Progress = func(s xlstream.SendStats) {
+		log.Info("Sending", "streamMiB", s.Reader.Bytes>>20, "linkMiB", s.Encode.OutBytes>>20,
+			"zero", s.Encode.ZeroPages, "ref", s.Encode.RefPages, "data", s.Encode.DataPages)
+	}
+	if !*noDedup {
+		opts.IndexFor = func(h *xlstream.XLHeader) (xlstream.PageIndex, error) {
+			disks, err := h.Disks()
+			if err != nil {
+				log.Info("No disk list in the stream; only zero pages are elided", "reason", err.Error())
+				return nil, nil
+			}
+			t0 := time.Now()
+			var list []*dedup.Index
+			for _, dk := range disks {
+				ix, err := dedup.Open(ctx, dk.PdevPath, dedup.Options{StateDir: *stateDir + "/index", Log: log})
+				if err != nil {
+					// Not fatal: the migration goes on without this disk.
+					log.Info("Disk not indexed; its pages are sent in full", "disk", dk.PdevPath, "reason", err.Error())
+					list = append(list, nil)
+					continue
+				}
+				indexes = append(indexes, ix)
+				list = append(list, ix)
+			}
+			rep.IndexSeconds = time.Since(t0).Seconds()
+			rep.Disks = len(indexes)
+			log.Info("Disks indexed", "disks", len(disks), "seconds", rep.IndexSeconds)
+			return catalogIndex{dedup.NewCatalog(list...)}, nil
+		}
+	}
+	st, err := xlstream.Send(ctx, conn, os.Stdin, os.Stdout, nil, opts)
+	rep.StreamBytes, rep.LinkBytes = st.Reader.Bytes, st.Encode.OutBytes
+	rep.PageRecords, rep.ZeroPages, rep.RefPages = st.Encode.PageRecords, st.Encode.ZeroPages, st.Encode.RefPages
+	rep.DataPages, rep.FallbackPages, rep.ExitStatus = st.Encode.DataPages, st.Encode.FallbackPages, st.ExitStatus
+	log.Info("Stream sent", "streamBytes", rep.StreamBytes, "linkBytes", rep.LinkBytes, "zero", rep.ZeroPages,
+		"ref", rep.RefPages, "data", rep.DataPages, "fallback", rep.FallbackPages, "remoteExit", st.ExitStatus)
+	if err != nil {
+		rep.Error = err.Error()
+		return err
+	}
+	rep.OK = st.ExitStatus == 0
+	if st.ExitStatus != 0 {
+		return fmt.Errorf("xl on %s exited with status %d (see its messages above)", host, st.ExitStatus)
+	}
+	return nil
+}
+
+// catalogIndex adapts a dedup.Catalog to xlstream.PageIndex.
+type catalogIndex struct{ c *dedup.Catalog }
+
+func (ci catalogIndex) Lookup(page []byte) (xlstream.Ref, bool) {
+	class, _, r := ci.c.Classify(page)
+	if class != dedup.ClassDisk || r.Disk > 255 {
+		return xlstream.Ref{}, false
+	}
+	return xlstream.Ref{Disk: uint8(r.Disk), Offset: uint64(r.Offset), Hash: r.Hash}, true
+}
+
+func runXLRecv(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("xl-recv", flag.ContinueOnError)
+	listen := fs.String("listen", fmt.Sprintf(":%d", defaultXLPort), "address to listen on")
+	xlPath := fs.String("xl", "xl", "the xl command")
+	once := fs.Bool("once", false, "serve one migration, then exit")
+	verbose := fs.Int("v", 0, "log verbosity")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log := stderrLogger(*verbose).WithName("xl-recv")
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", *listen, err)
+	}
+	defer ln.Close()
+	go func() { <-ctx.Done(); ln.Close() }()
+	log.Info("Listening", "addr", ln.Addr().String())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept on %s: %w", *listen, err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			l := log.WithValues("peer", c.RemoteAddr().String())
+			if err := serveXLRecv(ctx, c, *xlPath, l); err != nil {
+				l.Error(err, "Migration receive failed")
+			}
+		}()
+		if *once {
+			wg.Wait()
+			return nil
+		}
+	}
+}
+
+// checkRemoteArgv allows only `xl migrate-receive [options]`: the peer
+// chooses the arguments, so nothing else may run.
+func checkRemoteArgv(argv []string) error {
+	if len(argv) < 2 || argv[0] != "xl" {
+		return fmt.Errorf("refusing to run %q: only `xl migrate-receive [options]` is allowed", strings.Join(argv, " "))
+	}
+	seen := false
+	for _, a := range argv[1:] {
+		switch {
+		case a == "migrate-receive":
+			seen = true
+		case strings.HasPrefix(a, "-") && !strings.ContainsAny(a, "=/ \t\n"):
+		default:
+			return fmt.Errorf("refusing to run %q: argument %q is not an option of xl migrate-receive", strings.Join(argv, " "), a)
+		}
+	}
+	if !seen {
+		return fmt.Errorf("refusing to run %q: not an xl migrate-receive", strings.Join(argv, " "))
+	}
+	return nil
+}
+
+func serveXLRecv(ctx context.Context, c net.Conn, xlPath string, log logr.Logger) error {
+	argv, err := xlstream.ReadHello(c)
+	if err != nil {
+		return err
+	}
+	if err := checkRemoteArgv(argv); err != nil {
+		return err
+	}
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, xlPath, argv[1:]...)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", strings.Join(argv, " "), err)
+	}
+	log.Info("Started", "cmd", strings.Join(argv, " "), "pid", cmd.Process.Pid)
+	res := &lazyResolver{ctx: ctx, log: log}
+	tee := &prefixTee{w: stdin, max: 1 << 20}
+	res.header = tee
+	status := -1
+	st, err := xlstream.Receive(ctx, c, tee, stdout, res, xlstream.ReceiveOptions{
+		Wait: func() int {
+			werr := cmd.Wait()
+			status = cmd.ProcessState.ExitCode()
+			if werr != nil {
+				log.Info("xl migrate-receive ended", "status", status, "err", werr.Error())
+			}
+			return status
+		},
+		ProgressEvery: 10 * time.Second,
+		Progress: func(s xlstream.DecodeStats) {
+			log.Info("Receiving", "linkMiB", s.InBytes>>20, "streamMiB", s.OutBytes>>20, "ref", s.RefPages, "stale", s.StalePages)
+		},
+	})
+	res.close()
+	if status == -1 {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}
+	log.Info("Migration received", "seconds", time.Since(start).Seconds(), "linkBytes", st.InBytes, "streamBytes", st.OutBytes,
+		"zero", st.ZeroPages, "ref", st.RefPages, "data", st.DataPages, "stale", st.StalePages, "xlStatus", status)
+	if err != nil {
+		return err
+	}
+	if status != 0 {
+		return fmt.Errorf("xl migrate-receive exited with status %d", status)
+	}
+	return nil
+}
+
+// prefixTee passes writes through and keeps the first max bytes, where
+// xl's header (and with it the domain's disk list) is.
+type prefixTee struct {
+	w   io.WriteCloser
+	mu  sync.Mutex
+	buf []byte
+	max int
+}
+
+func (t *prefixTee) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	if room := t.max - len(t.buf); room > 0 {
+		t.buf = append(t.buf, p[:min(room, len(p))]...)
+	}
+	t.mu.Unlock()
+	return t.w.Write(p)
+}
+
+func (t *prefixTee) Close() error { return t.w.Close() }
+
+func (t *prefixTee) prefix() []byte {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.buf
+}
+
+// lazyResolver opens the domain's disks on the first reference, from the
+// disk list in xl's header (already rebuilt by then).
+type lazyResolver struct {
+	ctx    context.Context
+	log    logr.Logger
+	header *prefixTee
+	once   sync.Once
+	r      *dedup.Resolver
+	err    error
+}
+
+func (l *lazyResolver) open() {
+	rd := xlstream.NewReader(strings.NewReader(string(l.header.prefix())))
+	if _, err := rd.Next(); err != nil && !errors.Is(err, io.EOF) {
+		l.err = fmt.Errorf("parse xl header for the disk list: %w", err)
+		return
+	}
+	disks, err := rd.XL().Disks()
+	if err != nil {
+		l.err = err
+		return
+	}
+	paths := make([]string, len(disks))
+	for i, d := range disks {
+		paths[i] = d.PdevPath
+	}
+	l.r = dedup.OpenResolver(paths, 2)
+	for _, e := range l.r.Unavailable() {
+		l.log.Info("Shared disk unavailable here; its pages come from the source", "reason", e.Error())
+	}
+	l.log.Info("Opened shared disks", "disks", paths)
+}
+
+func (l *lazyResolver) ReadPage(ref xlstream.Ref, dst []byte) error {
+	l.once.Do(l.open)
+	if l.err != nil {
+		return l.err
+	}
+	var ferr error
+	err := l.r.ResolveBatch(l.ctx, []dedup.Ref{{Disk: uint32(ref.Disk), Offset: int64(ref.Offset), Hash: ref.Hash}},
+		func(int) []byte { return dst }, func(_ int, e error) { ferr = e })
+	if err != nil {
+		return err
+	}
+	return ferr
+}
+
+func (l *lazyResolver) close() {
+	if l.r != nil {
+		l.r.Close()
+	}
+}
+
+func runXLIndex(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("xl-index", flag.ContinueOnError)
+	stateDir := fs.String("state-dir", "/var/lib/xenferry", "where dedup indexes persist")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return fmt.Errorf("usage: xl-index [--state-dir DIR] DISK...")
+	}
+	log := stderrLogger(0).WithName("xl-index")
+	for _, p := range fs.Args() {
+		t0 := time.Now()
+		ix, err := dedup.Open(ctx, p, dedup.Options{StateDir: *stateDir + "/index", Log: log,
+			Progress: func(done, total int64) {}})
+		if err != nil {
+			return fmt.Errorf("index %s: %w", p, err)
+		}
+		fmt.Printf("{\"disk\":%q,\"entries\":%d,\"blocks\":%d,\"seconds\":%.1f}\n", p, ix.Entries(), ix.Blocks(), time.Since(t0).Seconds())
+		ix.Close()
+	}
+	return nil
+}

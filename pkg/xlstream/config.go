@@ -1,0 +1,27 @@
+package xlstream
+
+import (
+	"encoding/json"
+	"fmt"
+)
+
+// XLDisk is a disk of the domain configuration in xl's header.
+type XLDisk struct {
+	PdevPath string `json:"pdev_path"` // path in dom0 (file or block device)
+	Vdev     string `json:"vdev"`      // name in the guest (xvda, ...)
+}
+
+// Disks returns the disks of the libxl domain configuration carried in
+// xl's header, in configuration order (the order REFs number them).
+func (h *XLHeader) Disks() ([]XLDisk, error) {
+	if h == nil || len(h.Config) == 0 {
+		return nil, fmt.Errorf("%w: xl header carries no domain configuration", ErrBadHeader)
+	}
+	var c struct {
+		Disks []XLDisk `json:"disks"`
+	}
+	if err := json.Unmarshal(h.Config, &c); err != nil {
+		return nil, fmt.Errorf("%w: domain configuration in xl header: %v", ErrBadHeader, err)
+	}
+	return c.Disks, nil
+}
