@@ -125,6 +125,53 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 	return sd.flush(ctx)
 }
 
+// sendCheap sends, ahead of everything else, the pages of this partition
+// that cost almost nothing on the wire: zero pages (8 bytes each) and pages
+// found on the domain's disks (40-byte references). In the first round that
+// gets them out within tens of milliseconds, before a busy workload has had
+// time to overwrite them; full pages follow. It only classifies (one hash
+// per page, reused for the manifest); full pages are left set in set.
+func (sd *sender) sendCheap(ctx context.Context, set *xenmem.Bitmap) error {
+	s := sd.src
+	var page [xenmem.PageSize]byte
+	chunk := uint64(1) << partitionShift
+	k := uint64(s.streams)
+	for c := uint64(sd.idx); c*chunk < s.numPages; c += k {
+		lo, hi := c*chunk, min((c+1)*chunk, s.numPages)
+		for p := set.Next(lo); p < hi; p = set.Next(p + 1) {
+			off := p * xenmem.PageSize
+			copy(page[:], s.mem[off:off+xenmem.PageSize])
+			class, h, ref := sd.classify(page[:], false)
+			if class == dedup.ClassFull || !aclear(set, p) {
+				continue
+			}
+			asetNew(s.sentOnce, p)
+			s.hashes[p] = h
+			if class == dedup.ClassZero {
+				sd.zeros = append(sd.zeros, p)
+				s.cnt.zero.Add(1)
+				if len(sd.zeros) == cap(sd.zeros) {
+					if err := sd.flushZeros(ctx); err != nil {
+						return err
+					}
+				}
+				continue
+			}
+			sd.refs = append(sd.refs, wire.DiskRef{PFN: p, Disk: ref.Disk, Offset: uint64(ref.Offset), Hash: ref.Hash})
+			s.cnt.disk.Add(1)
+			if len(sd.refs) == cap(sd.refs) {
+				if err := sd.flushRefs(ctx); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if err := sd.flushZeros(ctx); err != nil {
+		return err
+	}
+	return sd.flushRefs(ctx)
+}
+
 // serveFallbacks answers queued fallback requests without blocking.
 func (sd *sender) serveFallbacks(ctx context.Context) error {
 	for {

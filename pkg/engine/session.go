@@ -49,7 +49,8 @@ type session struct {
 	hashes   []dedup.Hash   // hash of each installed page
 	manifest []dedup.Hash   // the source's hashes at the switch-over
 	state    []byte
-	missing  []uint64 // words of the bitmap of pages still to come at the switch
+	mbuf     [][16]byte // manifest chunk being parsed (reused)
+	missing  []uint64   // words of the bitmap of pages still to come at the switch
 
 	flushes   chan flush
 	gen       atomic.Int32   // generation of the data connections (post-copy recovery)
@@ -413,10 +414,11 @@ func (s *session) onMain(ctx context.Context, rec wire.Record) (done bool, err e
 	case wire.TypeState:
 		s.state = append(s.state[:0], rec.Body...)
 	case wire.TypeManifest:
-		first, hs, err := wire.ParseManifest(rec.Body)
+		first, hs, err := wire.ParseManifestInto(rec.Body, s.mbuf[:0])
 		if err != nil {
 			return false, err
 		}
+		s.mbuf = hs
 		if first+uint64(len(hs)) > s.numPages {
 			return false, fmt.Errorf("manifest for pfns %d+%d beyond %d pages: %w", first, len(hs), s.numPages, wire.ErrMalformed)
 		}

@@ -80,6 +80,7 @@ type source struct {
 	percent   float64
 
 	paused     bool
+	prepared   bool // the destination created the target domain
 	committed  bool // "go" sent: the source must never resume the domain
 	pausedAt   time.Time
 	resumedAt  time.Time
@@ -244,8 +245,8 @@ func (s *source) connect(ctx context.Context) error {
 	return nil
 }
 
-// handshake sends the header and waits for the destination to create the
-// target domain.
+// handshake sends the header; the destination creates the target domain
+// meanwhile (awaitPrepared).
 func (s *source) handshake(ctx context.Context) error {
 	info := s.dom.Info()
 	cfg, err := json.Marshal(info)
@@ -263,11 +264,21 @@ func (s *source) handshake(ctx context.Context) error {
 		flags |= wire.FlagCompress
 	}
 	h := wire.Header{Version: wire.Version, PageShift: xenmem.PageShift, NumPages: s.numPages, Flags: flags, Config: cfg}
-	if err := s.main.send(ctx, wire.TypeHeader, h.Marshal(nil)); err != nil {
-		return err
+	return s.main.send(ctx, wire.TypeHeader, h.Marshal(nil))
+}
+
+// awaitPrepared waits until the destination has created the target domain.
+// The first round's cheap pass runs before it, while the destination
+// prepares: its records wait in the socket buffers.
+func (s *source) awaitPrepared(ctx context.Context) error {
+	if s.prepared {
+		return nil
 	}
-	_, err = s.waitControl(ctx, ctlPrepared, 60*time.Second)
-	return err
+	if _, err := s.waitControl(ctx, ctlPrepared, 60*time.Second); err != nil {
+		return fmt.Errorf("destination did not prepare the domain: %w", err)
+	}
+	s.prepared = true
+	return nil
 }
 
 // waitControl waits for a control message of the given kind.
@@ -409,6 +420,16 @@ func (s *source) precopy(ctx context.Context) error {
 		before := s.wireBytes()
 		sentBefore := s.pagesSent()
 		t0 := time.Now()
+		if r == 0 && s.opts.Strategy != StrategyXen {
+			if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
+				return sd.sendCheap(ctx, s.need)
+			}); err != nil {
+				return err
+			}
+		}
+		if err := s.awaitPrepared(ctx); err != nil {
+			return err
+		}
 		if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 			return sd.sendSet(ctx, s.need, nil, &stop)
 		}); err != nil {
@@ -514,6 +535,9 @@ func (s *source) markers(ctx context.Context, phase string) error {
 // switchover pauses the domain and hands it over, by stop-and-copy or by
 // early resume.
 func (s *source) switchover(ctx context.Context) error {
+	if err := s.awaitPrepared(ctx); err != nil {
+		return err
+	}
 	if err := s.dom.Pause(); err != nil {
 		return fmt.Errorf("pause: %w", err)
 	}

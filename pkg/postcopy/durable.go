@@ -197,4 +197,3 @@ func (o *OpenedMirror) ReadPage(pfn uint64, dst []byte) error {
 
 // Close closes the mirror's files.
 func (o *OpenedMirror) Close() error { return errors.Join(o.pages.Close(), o.hashes.Close()) }
-

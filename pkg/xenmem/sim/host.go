@@ -281,15 +281,7 @@ func (d *Domain) initControl() {
 	c.store64(offMemBytes, d.npages*xenmem.PageSize)
 	c.storeF(offWRate, p.DirtyMiBps*256)
 	c.storeF(offRRate, p.ReadMiBps*256)
-	hot := uint64(math.Round(p.HotFraction * float64(d.npages)))
-	if p.HotFraction > 0 && hot == 0 {
-		hot = 1
-	}
-	var hotStart uint64
-	if hot > 0 && hot < d.npages {
-		s := uint64(p.Seed) ^ 0x686f74 // "hot"
-		hotStart = splitmix64(&s) % (d.npages - hot + 1)
-	}
+	hotStart, hot := hotWindow(d.npages, p)
 	c.store64(offHotStart, hotStart)
 	c.store64(offHotPages, hot)
 	c.storeF(offHotShare, p.HotWriteShare)
@@ -337,9 +329,26 @@ const (
 	pageOther = 2
 )
 
+// hotWindow is the contiguous range of pages the hot set covers.
+func hotWindow(n uint64, p Profile) (start, pages uint64) {
+	pages = uint64(math.Round(p.HotFraction * float64(n)))
+	if p.HotFraction > 0 && pages == 0 {
+		pages = 1
+	}
+	if pages > 0 && pages < n {
+		s := uint64(p.Seed) ^ 0x686f74 // "hot"
+		start = splitmix64(&s) % (n - pages + 1)
+	}
+	return start, min(pages, n)
+}
+
 // layout returns the category of every page (a byte array, 1 byte per
 // page) with exactly round(zero×n) zero and round(disk×n) disk pages,
-// shuffled by the profile's seed.
+// shuffled by the profile's seed, except that the hot set holds "other" pages as far
+// as there are enough of them: the pages a workload keeps writing are its
+// working (anonymous) memory, not clean page cache — a guest's page cache
+// is rewritten only when files are, and written-back blocks are on disk
+// again. Cold writes still land anywhere.
 func layout(n uint64, p Profile) []uint8 {
 	cat := make([]uint8, n)
 	nz := uint64(math.Round(p.Zero * float64(n)))
@@ -353,6 +362,20 @@ func layout(n uint64, p Profile) []uint8 {
 	}
 	rng := rand.New(rand.NewPCG(uint64(p.Seed), 0x6c61796f7574))
 	rng.Shuffle(int(n), func(i, j int) { cat[i], cat[j] = cat[j], cat[i] })
+	hs, hn := hotWindow(n, p)
+	out := uint64(0) // next candidate outside the window
+	for i := hs; i < hs+hn; i++ {
+		if cat[i] == pageOther {
+			continue
+		}
+		for out < n && (cat[out] != pageOther || (out >= hs && out < hs+hn)) {
+			out++
+		}
+		if out == n {
+			break // fewer "other" pages than the hot set holds
+		}
+		cat[i], cat[out] = cat[out], cat[i]
+	}
 	return cat
 }
 
