@@ -195,7 +195,7 @@ func targetHalf(m *v1.VMMigration) *v1.TargetState {
 
 // agentLost says whether host h's agent is gone (no XenHost, stale
 // heartbeat) or was replaced by a new process that does not own half.
-func (r *VMMigrationReconciler) agentLost(s *scope, h *v1.XenHost, name, halfAgentID string, halfActive bool) (bool, string) {
+func (r *VMMigrationReconciler) agentLost(s *scope, h *v1.XenHost, name, halfAgentID string, halfActive bool, halfUpdated *metav1.Time) (bool, string) {
 	if h == nil {
 		return true, fmt.Sprintf("XenHost %s disappeared", name)
 	}
@@ -206,9 +206,10 @@ func (r *VMMigrationReconciler) agentLost(s *scope, h *v1.XenHost, name, halfAge
 		}
 		return true, fmt.Sprintf("the agent of %s stopped heartbeating (last heartbeat %s, timeout %s)", name, age, r.HeartbeatTimeout)
 	}
-	if halfActive && halfAgentID != "" && h.Status.AgentID != "" && h.Status.AgentID != halfAgentID {
-		// The new agent process should fail or pick up the half itself;
-		// this is the backstop when it does neither.
+	if halfActive && halfAgentID != "" && h.Status.AgentID != "" && h.Status.AgentID != halfAgentID &&
+		(halfUpdated == nil || s.now.Sub(halfUpdated.Time) > r.HeartbeatTimeout) {
+		// The new agent process fails or picks up the half itself; this
+		// is the backstop when it has done neither for a heartbeat timeout.
 		return true, fmt.Sprintf("the agent of %s restarted (was %s, now %s) and did not pick the migration up", name, halfAgentID, h.Status.AgentID)
 	}
 	return false, ""
@@ -277,13 +278,14 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 	srcActive := src != nil && !src.Completed && !src.Failed
 	dstActive := dst != nil && !dst.Completed && !dst.Failed
 	srcAgentID, dstAgentID := "", ""
+	var srcUpdated, dstUpdated *metav1.Time
 	if src != nil {
-		srcAgentID = src.AgentID
+		srcAgentID, srcUpdated = src.AgentID, src.LastUpdateTime
 	}
 	if dst != nil {
-		dstAgentID = dst.AgentID
+		dstAgentID, dstUpdated = dst.AgentID, dst.LastUpdateTime
 	}
-	if lost, why := r.agentLost(s, s.src, m.Status.SourceHost, srcAgentID, srcActive); lost {
+	if lost, why := r.agentLost(s, s.src, m.Status.SourceHost, srcAgentID, srcActive, srcUpdated); lost {
 		m.Status.AbortRequested = true
 		reason := v1.ReasonSourceAgentLost
 		if s.src != nil && hostFresh(s.src, s.now, r.HeartbeatTimeout) {
@@ -292,7 +294,7 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 		r.finish(s, v1.MigrationFailed, reason, fmt.Sprintf("Failed safe: %s; %s", why, srcDesc), domainHost(m, past))
 		return
 	}
-	if lost, why := r.agentLost(s, s.dst, m.Status.TargetHost, dstAgentID, dstActive); lost {
+	if lost, why := r.agentLost(s, s.dst, m.Status.TargetHost, dstAgentID, dstActive, dstUpdated); lost {
 		m.Status.AbortRequested = true
 		reason := v1.ReasonTargetAgentLost
 		if s.dst != nil && hostFresh(s.dst, s.now, r.HeartbeatTimeout) {
@@ -604,8 +606,8 @@ func (r *VMMigrationReconciler) reconcileDelete(ctx context.Context, s *scope) e
 			ok = src == nil || src.Completed || src.Failed
 			waiting = "the source finishing post-copy"
 		}
-		srcGone, _ := r.agentLost(s, s.src, m.Status.SourceHost, "", false)
-		dstGone, _ := r.agentLost(s, s.dst, m.Status.TargetHost, "", false)
+		srcGone, _ := r.agentLost(s, s.src, m.Status.SourceHost, "", false, nil)
+		dstGone, _ := r.agentLost(s, s.dst, m.Status.TargetHost, "", false, nil)
 		if !ok && !(srcGone && dstGone) && s.now.Before(deadline) {
 			s.requeueAfter(min(time.Second, deadline.Sub(s.now)))
 			return nil
