@@ -7,7 +7,7 @@
 # Usage: hack/guestimage/build.sh [deps|rootfs|image|run|all|variants|clean]   (default: all)
 #
 # "variants" runs the guest once per workload profile (default, read-heavy,
-# write-heavy, app-heap; see VARIANTS below) and keeps each pair under
+# write-heavy, app-heap, mem512; see VARIANTS below) and keeps each pair under
 # .work/variants/NAME/; the default profile runs last, so .work/mem.raw is
 # the default one afterwards.
 #
@@ -209,6 +209,7 @@ VARIANTS=(
 	"read-heavy:READ_MIB=700 WRITE_MIB=128"
 	"write-heavy:READ_MIB=100 WRITE_MIB=512"
 	"app-heap:ANON_MIB=256"
+	"mem512:GUEST_MEM_MIB=512"
 	"default:"
 )
 
@@ -221,11 +222,11 @@ stage_variants() {
 		d="$W/variants/$name"
 		log "variant $name (${settings:-default settings})"
 		# Each variant sets only its own settings; the rest are the defaults.
-		if [[ $FORCE == 0 && -f $d/run.stamp && "$(cat "$d/run.stamp")" == "$(env -u READ_MIB -u WRITE_MIB -u ANON_MIB "${kv[@]}" "$HERE/build.sh" key)" ]]; then
+		if [[ $FORCE == 0 && -f $d/run.stamp && "$(cat "$d/run.stamp")" == "$(env -u READ_MIB -u WRITE_MIB -u ANON_MIB -u GUEST_MEM_MIB "${kv[@]}" "$HERE/build.sh" key)" ]]; then
 			log "variant $name cached ($d)"
 			continue
 		fi
-		env -u READ_MIB -u WRITE_MIB -u ANON_MIB "${kv[@]}" "$HERE/build.sh" all
+		env -u READ_MIB -u WRITE_MIB -u ANON_MIB -u GUEST_MEM_MIB "${kv[@]}" "$HERE/build.sh" all
 		rm -rf "$d"
 		mkdir -p "$d"
 		cp --sparse=always "$W/mem.raw" "$W/disk.raw" "$W/capture.json" "$d/"
