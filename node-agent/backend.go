@@ -18,7 +18,7 @@ func openBackend(name, simConfig string, log logr.Logger) (xenmem.Host, error) {
 	switch name {
 	case "sim":
 		if simConfig == "" {
-			return nil, fmt.Errorf("--backend sim needs --sim-config FILE (a YAML host definition; see config/samples/sim-host-a.yaml)")
+			return nil, fmt.Errorf("--backend sim needs --sim-config FILE (a YAML host definition; see config/samples/sim/sim-host-a.yaml)")
 		}
 		cfg, err := sim.LoadConfig(simConfig)
 		if err != nil {
