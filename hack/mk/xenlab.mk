@@ -1,0 +1,20 @@
+# Real Xen lab (issue 6): two Xen 4.17 hosts nested under QEMU (TCG), a PV
+# domU on a shared disk, stock `xl migrate` against xenferry's transport.
+# Needs root and ~4 GiB free RAM; takes many minutes; never part of CI.
+.PHONY: xenlab-e2e xenlab-up xenlab-down xenlab-clean
+
+## xenlab-e2e: build (first run, ~10 min) or reuse the lab, boot both hosts, migrate the domU with xl and with xenferry; one JSON line per method
+xenlab-e2e:
+	hack/xenlab/e2e.sh
+
+## xenlab-up: build the lab if needed and boot both hosts (left running; make xenlab-down stops them)
+xenlab-up:
+	hack/xenlab/deps.sh && hack/xenlab/build-rootfs.sh && hack/xenlab/build-domu.sh && hack/xenlab/hosts.sh up
+
+## xenlab-down: stop both lab hosts
+xenlab-down:
+	hack/xenlab/hosts.sh down
+
+## xenlab-clean: stop the hosts and remove hack/xenlab/.work (rootfs, images, caches)
+xenlab-clean: xenlab-down
+	rm -rf hack/xenlab/.work
