@@ -30,6 +30,8 @@ const (
 	ctlHello     = "hello"
 	ctlPrepared  = "prepared"  // dst: target domain created
 	ctlFlush     = "flush"     // src, on each data stream: all before it was sent
+	ctlDrain     = "drain"     // src, domain still running: confirm when all sent so far is installed
+	ctlDrained   = "drained"   // dst: every page sent before the drain markers is in place
 	ctlComplete  = "complete"  // src: stop-and-copy data, state and manifest sent
 	ctlPostCopy  = "postcopy"  // src: state and missing bitmap sent, switch
 	ctlReady     = "ready"     // dst: verified (stop-and-copy) or armed (post-copy)

@@ -454,6 +454,14 @@ func (s *session) onControl(ctx context.Context, m wire.Control) (bool, error) {
 	switch m.Kind {
 	case ctlError:
 		return false, remoteError(m)
+	case ctlDrain:
+		// Everything the source sent so far (pages, references to resolve
+		// from disk, fallbacks) is installed before the source pauses the
+		// domain, so the downtime does not wait for that backlog.
+		if err := s.waitFlushes(ctx, ctlDrain, 5*time.Minute); err != nil {
+			return false, err
+		}
+		return false, s.main.sendControl(ctx, &wire.Control{Kind: ctlDrained})
 	case ctlComplete:
 		return false, s.finishStopAndCopy(ctx)
 	case ctlPostCopy:
@@ -536,9 +544,11 @@ func (s *session) finishStopAndCopy(ctx context.Context) error {
 
 // startPostCopy arms lazy loading for every page not here yet.
 func (s *session) startPostCopy(ctx context.Context) error {
+	t0 := time.Now()
 	if err := s.waitFlushes(ctx, ctlPostCopy, 5*time.Minute); err != nil {
 		return err
 	}
+	tFlushed := time.Now()
 	if uint64(len(s.missing)) != (s.numPages+63)/64 {
 		return fmt.Errorf("post-copy without the missing-page bitmap: %w", wire.ErrMalformed)
 	}
@@ -558,6 +568,7 @@ func (s *session) startPostCopy(ctx context.Context) error {
 	if err := s.dom.LoadState(s.state); err != nil {
 		return fmt.Errorf("load vCPU state: %w", err)
 	}
+	s.r.Log.V(2).Info("Post-copy armed", append(s.log(), "flushMs", tFlushed.Sub(t0).Milliseconds(), "armMs", time.Since(tFlushed).Milliseconds())...)
 	go func() {
 		var buf []byte
 		err := s.tracker.Serve(ctx, lazy.Faults(), func(pfns []uint64) error {
