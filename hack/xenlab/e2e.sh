@@ -79,12 +79,12 @@ EOF
 # create_domu HOST: (re)creates the domU on HOST and waits until its
 # workload reports from a new boot with at least two memory checks done.
 create_domu() {
-	local h=$1 before t0=$SECONDS s b c
+	local h=$1 before t0=$SECONDS s b c o
 	before=$(status | cut -d' ' -f1)
-	rsh "$h" <<EOF >&2
-xl destroy $DOMU 2>/dev/null
-xl create -q /xenlab/share/domu.cfg
-EOF
+	for o in "${HOSTS[@]}"; do
+		rsh "$o" <<<"xl destroy $DOMU 2>/dev/null; true" >&2
+	done
+	rsh "$h" <<<"xl create -q -e /xenlab/share/domu.cfg" >&2
 	while ((SECONDS - t0 < ${XENLAB_DOMU_TIMEOUT:-300})); do
 		s=$(status)
 		if [[ -n $s ]]; then
