@@ -190,6 +190,22 @@ func (r *Resolver) ResolveBatch(ctx context.Context, refs []Ref, dst func(i int)
 		runs = append(runs, run{disk: int(ref.Disk), off: ref.Offset, n: BlockSize, lo: k, hi: k + 1})
 	}
 
+	if len(runs) == 1 {
+		// One run (a demand fault and its neighbours): read it on this
+		// goroutine, without a hand-off that would add to fault latency.
+		var buf []byte
+		select {
+		case buf = <-r.bufs:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if buf == nil {
+			buf = make([]byte, maxRunBytes)
+		}
+		r.resolveRun(&runs[0], refs, order, buf, dst, fail, &cbMu)
+		r.bufs <- buf
+		return nil
+	}
 	work := make(chan *run)
 	var wg sync.WaitGroup
 	for range min(r.workers, len(runs)) {

@@ -420,15 +420,26 @@ func (s *source) precopy(ctx context.Context) error {
 		before := s.wireBytes()
 		sentBefore := s.pagesSent()
 		t0 := time.Now()
-		if r == 0 && s.opts.Strategy != StrategyXen {
+		// Pre-copy strategies send zero pages and disk references ahead of
+		// full pages. Hybrid ones do not: their pre-copy is a short budget,
+		// and every reference sent before the switch is a disk read the
+		// destination must finish before the domain resumes; after the
+		// switch the push sends them and the destination reads the blocks
+		// while the domain already runs.
+		if r == 0 && s.opts.Strategy != StrategyXen && !s.opts.Strategy.switchesEarly() {
 			if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 				return sd.sendCheap(ctx, s.need)
 			}); err != nil {
 				return err
 			}
+			s.log.V(2).Info("Sent zero pages and disk references first", "domain", s.dom.Info().Name, "ms", time.Since(t0).Milliseconds(),
+				"zero", s.cnt.zero.Load(), "disk", s.cnt.disk.Load())
 		}
 		if err := s.awaitPrepared(ctx); err != nil {
 			return err
+		}
+		if r == 0 {
+			s.log.V(2).Info("Destination prepared", "domain", s.dom.Info().Name, "ms", time.Since(t0).Milliseconds())
 		}
 		if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 			return sd.sendSet(ctx, s.need, nil, &stop)

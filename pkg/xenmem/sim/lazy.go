@@ -4,7 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"runtime"
+	"os"
 	"sync"
 	"sync/atomic"
 
@@ -13,7 +13,8 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
-// testSkipZeroFill leaves present zero pages to the fault path (tests).
+// testSkipZeroFill leaves present zero pages to the fault path (tests): no
+// preallocation of target memory and no background zero fill.
 var testSkipZeroFill atomic.Bool
 
 // faultQueue bounds the faults waiting for the engine; when it is full the
@@ -35,8 +36,13 @@ type lazy struct {
 	nPresent atomic.Uint64
 
 	faults chan xenmem.Fault
-	stopFD int // eventfd: stop the service loop
-	done   chan struct{}
+	// ufile is a duplicate of uffd registered with the Go runtime's poller:
+	// the service loop parks in the netpoller instead of a blocking poll(2),
+	// so a fault wakes it like a socket read would, with no P held in a
+	// syscall. Closing it stops the loop.
+	ufile *os.File
+	quit  chan struct{}
+	done  chan struct{}
 	// fillDone is closed when the background zero fill has finished.
 	fillDone chan struct{}
 	// zeroFilled counts present zero pages filled on a fault.
@@ -70,6 +76,9 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 	}
 	if state != xenmem.StateIncoming {
 		return nil, fmt.Errorf("start lazy %s: domain is %s; lazy loading is armed once, before the first resume", d.spec.Name, state)
+	}
+	if d.populated != nil {
+		<-d.populated // mapping pages after the punch below would hide them from the faults
 	}
 	// Which pages the memfd's page cache holds (mincore on a shared file
 	// mapping reports page-cache residency), one byte per page.
@@ -110,13 +119,14 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 		l.present[i].Store(w)
 	}
 	l.nPresent.Store(present.Count())
-	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	dup, err := unix.FcntlInt(uintptr(l.uffd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("start lazy %s: eventfd: %w", d.spec.Name, err)
+		return nil, fmt.Errorf("start lazy %s: dup userfaultfd: %w", d.spec.Name, err)
 	}
-	l.stopFD = efd
+	l.ufile = os.NewFile(uintptr(dup), "userfaultfd-"+d.spec.Name) // non-blocking: polled by the runtime
+	l.quit = make(chan struct{})
 	if err := d.setRegistration(d.regMode | uffdRegisterModeMissing); err != nil {
-		unix.Close(efd)
+		l.ufile.Close()
 		return nil, fmt.Errorf("start lazy %s: %w", d.spec.Name, err)
 	}
 	d.mu.Lock()
@@ -141,29 +151,33 @@ func (l *lazy) serve() {
 	defer close(l.done)
 	defer close(l.faults)
 	buf := make([]byte, 64*uffdMsgSize)
-	pfds := []unix.PollFd{{Fd: int32(l.uffd), Events: unix.POLLIN}, {Fd: int32(l.stopFD), Events: unix.POLLIN}}
+	rc, err := l.ufile.SyscallConn()
+	if err != nil {
+		l.d.log.Error(err, "Fault service stopped: userfaultfd not pollable", "domain", l.d.spec.Name)
+		return
+	}
 	for {
-		pfds[0].Revents, pfds[1].Revents = 0, 0
-		if _, err := unix.Poll(pfds, -1); err != nil {
-			if err == unix.EINTR {
-				continue
+		var n int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			n, rerr = unix.Read(int(fd), buf)
+			return rerr != unix.EAGAIN
+		})
+		if err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				l.d.log.Error(err, "Fault service stopped: wait for userfaultfd failed", "domain", l.d.spec.Name)
 			}
-			l.d.log.Error(err, "Fault service stopped: poll failed", "domain", l.d.spec.Name)
 			return
 		}
-		if pfds[1].Revents != 0 {
-			return
-		}
-		if pfds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 && pfds[0].Revents&unix.POLLIN == 0 {
-			l.d.log.Info("Fault service stopped: userfaultfd closed", "domain", l.d.spec.Name)
-			return
-		}
-		n, err := unix.Read(l.uffd, buf)
-		if err == unix.EAGAIN || err == unix.EINTR {
+		if rerr == unix.EINTR {
 			continue
 		}
-		if err != nil {
-			l.d.log.Error(err, "Fault service stopped: read userfaultfd failed", "domain", l.d.spec.Name)
+		if rerr != nil {
+			l.d.log.Error(rerr, "Fault service stopped: read userfaultfd failed", "domain", l.d.spec.Name)
+			return
+		}
+		if n == 0 {
+			l.d.log.Info("Fault service stopped: userfaultfd closed", "domain", l.d.spec.Name)
 			return
 		}
 		var ts unix.Timespec
@@ -197,26 +211,10 @@ func (l *lazy) serve() {
 			f := xenmem.Fault{PFN: pfn, Write: flags&uffdPagefaultFlagWrite != 0, RaisedNanos: now}
 			select {
 			case l.faults <- f:
-			default:
-				// Queue full: wait for room or for stop.
-				p := []unix.PollFd{{Fd: int32(l.stopFD), Events: unix.POLLIN}}
-				for sent := false; !sent; {
-					select {
-					case l.faults <- f:
-						sent = true
-					default:
-						if k, _ := unix.Poll(p, 1); k > 0 {
-							return
-						}
-					}
-				}
+			case <-l.quit:
+				return
 			}
 		}
-		// Hand the P to the consumer we just woke before blocking in poll
-		// again: a goroutine entering a blocking syscall keeps its P (and
-		// the woken consumer queued on it) until sysmon retakes it, up to
-		// 10 ms later — that delay showed up as fault latency.
-		runtime.Gosched()
 	}
 }
 
@@ -343,14 +341,12 @@ func (l *lazy) stop() {
 		l.closed.Store(true)
 		l.ioMu.Lock() // wait for installs in flight; later ones see closed
 		l.ioMu.Unlock()
-		var one [8]byte
-		binary.NativeEndian.PutUint64(one[:], 1)
-		_, _ = unix.Write(l.stopFD, one[:])
+		close(l.quit)
+		_ = l.ufile.Close() // wakes the service loop with os.ErrClosed
 		<-l.done
 		if l.fillDone != nil {
 			<-l.fillDone
 		}
-		unix.Close(l.stopFD)
 	})
 }
 
