@@ -116,8 +116,16 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 				if !aclear(set, pfn) {
 					continue // taken by the priority path
 				}
-				if err := sd.addPage(ctx, pfn, sendClassified); err != nil {
+				mode := sendClassified
+				if s.deferCheap {
+					mode = sendOnlyFull
+				}
+				skipped, err := sd.addPageMode(ctx, pfn, mode)
+				if err != nil {
 					return err
+				}
+				if skipped {
+					aset(set, pfn)
 				}
 			}
 		}
@@ -195,15 +203,27 @@ const (
 	sendClassified sendMode = iota // zero / disk reference / full, as it classifies
 	sendFull                       // whole, without touching the manifest hash
 	sendFallback                   // whole, answering a failed disk reference
+	sendOnlyFull                   // classified, but only a full page is sent (see deferCheap)
 )
 
 // addPage reads one page now and queues it in the right batch.
 func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error {
-	full := mode != sendClassified
+	_, err := sd.addPageMode(ctx, pfn, mode)
+	return err
+}
+
+// addPageMode is addPage; with sendOnlyFull a zero page or disk page is
+// not sent (skipped is true) and leaves no trace.
+func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (skipped bool, err error) {
+	full := mode == sendFull || mode == sendFallback
 	s := sd.src
 	off := pfn * xenmem.PageSize
 	slot := sd.data[len(sd.data) : len(sd.data)+xenmem.PageSize]
 	copy(slot, s.mem[off:off+xenmem.PageSize])
+	class, h, ref := sd.classify(slot, full)
+	if mode == sendOnlyFull && class != dedup.ClassFull {
+		return true, nil
+	}
 	if asetNew(s.sentOnce, pfn) == false {
 		s.cnt.resent.Add(1)
 	}
@@ -212,7 +232,6 @@ func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error 
 		// page (or cannot be read there); stop offering it.
 		s.catalog.MarkStale(s.hashes[pfn])
 	}
-	class, h, ref := sd.classify(slot, full)
 	if !full {
 		s.hashes[pfn] = h
 	}
@@ -221,13 +240,13 @@ func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error 
 		sd.zeros = append(sd.zeros, pfn)
 		s.cnt.zero.Add(1)
 		if len(sd.zeros) == cap(sd.zeros) {
-			return sd.flushZeros(ctx)
+			return false, sd.flushZeros(ctx)
 		}
 	case dedup.ClassDisk:
 		sd.refs = append(sd.refs, wire.DiskRef{PFN: pfn, Disk: ref.Disk, Offset: uint64(ref.Offset), Hash: ref.Hash})
 		s.cnt.disk.Add(1)
 		if len(sd.refs) == cap(sd.refs) {
-			return sd.flushRefs(ctx)
+			return false, sd.flushRefs(ctx)
 		}
 	default:
 		sd.data = sd.data[:len(sd.data)+xenmem.PageSize]
@@ -238,10 +257,10 @@ func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error 
 			s.cnt.full.Add(1)
 		}
 		if len(sd.pfns) == cap(sd.pfns) {
-			return sd.flushPages(ctx)
+			return false, sd.flushPages(ctx)
 		}
 	}
-	return nil
+	return false, nil
 }
 
 // classify decides how a page travels. The xen strategy sends everything

@@ -81,6 +81,10 @@ type source struct {
 
 	paused     bool
 	prepared   bool // the destination created the target domain
+	// deferCheap makes the pre-copy send only full pages: zero pages and
+	// disk pages wait for the post-copy push (hybrid strategies, first
+	// round). Set and cleared between rounds only.
+	deferCheap bool
 	committed  bool // "go" sent: the source must never resume the domain
 	pausedAt   time.Time
 	resumedAt  time.Time
@@ -414,6 +418,7 @@ func (s *source) precopy(ctx context.Context) error {
 		defer timer.Stop()
 	}
 	s.need.SetAll()
+	defer func() { s.deferCheap = false }()
 	dirty := xenmem.NewBitmap(s.numPages)
 	for r := 0; ; r++ {
 		s.round.Store(int64(r))
@@ -441,6 +446,7 @@ func (s *source) precopy(ctx context.Context) error {
 		if r == 0 {
 			s.log.V(2).Info("Destination prepared", "domain", s.dom.Info().Name, "ms", time.Since(t0).Milliseconds())
 		}
+		s.deferCheap = r == 0 && s.opts.Strategy.switchesEarly()
 		if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 			return sd.sendSet(ctx, s.need, nil, &stop)
 		}); err != nil {

@@ -45,9 +45,6 @@ type Domain struct {
 	opMu    sync.Mutex
 	dirtyOn bool
 	regMode uint64 // uffd registration of guest memory
-	// populated is closed when a target's memory has been allocated and
-	// mapped in the agent (nil for domains created here).
-	populated chan struct{}
 	scanVec   [scanVecLen]pageRegion // PAGEMAP_SCAN output
 
 	// mu protects the fields below.
@@ -332,9 +329,6 @@ func (d *Domain) destroy() {
 	d.mu.Unlock()
 	if lz != nil {
 		lz.stop()
-	}
-	if d.populated != nil {
-		<-d.populated // it maps into d.mem: never unmap under it
 	}
 	if d.guest != nil {
 		d.guest.kill()

@@ -164,9 +164,14 @@ func TestPauseReallyStopsWrites(t *testing.T) {
 		if err := d.Resume(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(30 * time.Millisecond)
+		// The vCPUs run again: progress shows as soon as they get a CPU
+		// (on a loaded 2-core machine that can take a while).
+		deadline := time.Now().Add(5 * time.Second)
+		for d.Ops() == ops && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
 		if d.Ops() == ops {
-			t.Fatalf("round %d: no progress after Resume", round)
+			t.Fatalf("round %d: no progress within 5s of Resume", round)
 		}
 	}
 }

@@ -3,9 +3,7 @@ package sim
 import (
 	"context"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"sync"
-	"time"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -70,8 +68,6 @@ func (h *Host) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (_ xenm
 	d.state = xenmem.StateIncoming
 	d.paused = true
 	d.handle = true
-	d.populated = make(chan struct{})
-	go d.populate()
 	d.uuid = info.UUID // the same domain, moved
 	if d.uuid == "" {
 		d.uuid = newUUID()
@@ -273,24 +269,4 @@ func (t *target) Close() error {
 	t.d.handle = false
 	t.d.mu.Unlock()
 	return nil
-}
-
-// populate allocates a target's memory and maps it in the agent, in the
-// background, while the source starts sending: Xen allocates a restored
-// domain's memory when it creates it, and without this every page the
-// receiver writes first pays a page-cache allocation and a page fault
-// (~0.4 s/GiB here) in the middle of the transfer. Contents are never
-// changed: allocation only fills holes, and mapping only maps.
-func (d *Domain) populate() {
-	defer close(d.populated)
-	if testSkipZeroFill.Load() {
-		return
-	}
-	t0 := time.Now()
-	if err := unix.Fallocate(int(d.memFile.Fd()), 0, 0, int64(d.npages*xenmem.PageSize)); err != nil {
-		d.log.V(1).Info("Could not preallocate target memory; pages are allocated as they arrive", "domain", d.spec.Name, "error", err.Error())
-		return
-	}
-	_ = unix.Madvise(d.mem, unix.MADV_POPULATE_WRITE) // best effort: Linux 5.14+
-	d.log.V(1).Info("Allocated target memory", "domain", d.spec.Name, "seconds", time.Since(t0).Seconds())
 }

@@ -13,8 +13,7 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
-// testSkipZeroFill leaves present zero pages to the fault path (tests): no
-// preallocation of target memory and no background zero fill.
+// testSkipZeroFill leaves present zero pages to the fault path (tests).
 var testSkipZeroFill atomic.Bool
 
 // faultQueue bounds the faults waiting for the engine; when it is full the
@@ -76,9 +75,6 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 	}
 	if state != xenmem.StateIncoming {
 		return nil, fmt.Errorf("start lazy %s: domain is %s; lazy loading is armed once, before the first resume", d.spec.Name, state)
-	}
-	if d.populated != nil {
-		<-d.populated // mapping pages after the punch below would hide them from the faults
 	}
 	// Which pages the memfd's page cache holds (mincore on a shared file
 	// mapping reports page-cache residency), one byte per page.
@@ -164,6 +160,11 @@ func (l *lazy) serve() {
 			return rerr != unix.EAGAIN
 		})
 		if err != nil {
+			select {
+			case <-l.quit:
+				return // stopped: the file was closed under the wait
+			default:
+			}
 			if !errors.Is(err, os.ErrClosed) {
 				l.d.log.Error(err, "Fault service stopped: wait for userfaultfd failed", "domain", l.d.spec.Name)
 			}
