@@ -326,7 +326,12 @@ func (l *lazyResolver) open() {
 		l.err = fmt.Errorf("parse xl header for the disk list: %w", err)
 		return
 	}
-	disks, err := rd.XL().Disks()
+	h := rd.XL()
+	if h == nil {
+		l.err = fmt.Errorf("no xl header before the first disk reference (%d bytes seen): %w", len(l.header.prefix()), xlstream.ErrBadHeader)
+		return
+	}
+	disks, err := h.Disks()
 	if err != nil {
 		l.err = err
 		return
@@ -336,8 +341,11 @@ func (l *lazyResolver) open() {
 		paths[i] = d.PdevPath
 	}
 	l.r = dedup.OpenResolver(paths, 2)
-	for _, e := range l.r.Unavailable() {
-		l.log.Info("Shared disk unavailable here; its pages come from the source", "reason", e.Error())
+	for i, e := range l.r.Unavailable() {
+		// Unavailable has one entry per disk, nil for a disk that opened.
+		if e != nil {
+			l.log.Info("Shared disk unavailable here; its pages come from the source", "disk", paths[i], "reason", e.Error())
+		}
 	}
 	l.log.Info("Opened shared disks", "disks", paths)
 }
