@@ -79,8 +79,8 @@ type source struct {
 	dirtyRate atomic.Uint64
 	percent   float64
 
-	paused     bool
-	prepared   bool // the destination created the target domain
+	paused   bool
+	prepared bool // the destination created the target domain
 	// deferCheap makes the pre-copy send only full pages: zero pages and
 	// disk pages wait for the post-copy push (hybrid strategies, first
 	// round). Set and cleared between rounds only.

@@ -44,8 +44,8 @@ type Domain struct {
 	// up to mu.
 	opMu    sync.Mutex
 	dirtyOn bool
-	regMode uint64 // uffd registration of guest memory
-	scanVec   [scanVecLen]pageRegion // PAGEMAP_SCAN output
+	regMode uint64                 // uffd registration of guest memory
+	scanVec [scanVecLen]pageRegion // PAGEMAP_SCAN output
 
 	// mu protects the fields below.
 	mu        sync.Mutex
