@@ -152,7 +152,9 @@ migrate() {
 	t0=$(date +%s.%N)
 	rc=0
 	timeout "$MIGRATE_TIMEOUT" bash -c "source '$XENLAB_DIR/lib.sh'; rsh a" <<EOF >&2 || rc=$?
-xl migrate -e -s "$cmd" $DOMU $PEER_IP
+set -o pipefail
+# Each line of xl's (and the transport's) messages, stamped with dom0's clock.
+xl migrate -e -s "$cmd" $DOMU $PEER_IP 2>&1 | while IFS= read -r l; do echo "\$(date +%T.%N | cut -c1-12) \$l"; done
 EOF
 	t1=$(date +%s.%N)
 	b1=$(link_bytes a) || b1=$b0
