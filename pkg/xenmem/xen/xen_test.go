@@ -55,7 +55,7 @@ func TestInventoryFromLabCaptures(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := os.Stat(filepath.Join("testdata", tc.dir)); err != nil {
-				t.Skipf("no capture: %v", err)
+				t.Fatalf("capture missing: %v", err)
 			}
 			h, err := Open(context.Background(), Options{Run: fakeXL(t, tc.dir), Capabilities: "-"})
 			if err != nil {
