@@ -225,8 +225,20 @@ func startAgent(t *testing.T, name, memory string, doms ...sim.DomainSpec) *test
 	t.Cleanup(func() {
 		ta.stop()
 		host.Close()
+		deleteHost(t, name)
 	})
 	return ta
+}
+
+// deleteHost removes a test's XenHost: XenHosts are cluster-scoped, and one
+// left behind with a recent heartbeat would be a candidate target for the
+// next test's migrations.
+func deleteHost(t *testing.T, name string) {
+	t.Helper()
+	err := k8s.Delete(context.Background(), &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: name}})
+	if client.IgnoreNotFound(err) != nil {
+		t.Errorf("delete XenHost %s: %v", name, err)
+	}
 }
 
 // start runs a fresh agent process (new identity) on the same host.
@@ -291,7 +303,10 @@ func fakeHost(t *testing.T, name, backend string, capacity, free int64) (stop fu
 	}()
 	var once sync.Once
 	stop = func() { once.Do(func() { close(quit); wg.Wait() }) }
-	t.Cleanup(stop)
+	t.Cleanup(func() {
+		stop()
+		deleteHost(t, name)
+	})
 	return stop
 }
 

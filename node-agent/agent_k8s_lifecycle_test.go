@@ -18,11 +18,15 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
+// setCancel sets spec.cancel with a merge patch, as `kubectl patch --type
+// merge` does: no resourceVersion precondition, so the agents' concurrent
+// status writes cannot make it conflict.
 func setCancel(t *testing.T, ns, name string) {
 	t.Helper()
 	m := getMig(t, ns, name)
+	orig := m.DeepCopy()
 	m.Spec.Cancel = true
-	if err := k8s.Update(context.Background(), m); err != nil {
+	if err := k8s.Patch(context.Background(), m, client.MergeFrom(orig)); err != nil {
 		t.Fatalf("cancel %s: %v", name, err)
 	}
 }
