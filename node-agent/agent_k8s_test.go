@@ -128,6 +128,11 @@ func TestAPIServerRejectsBadSpecs(t *testing.T) {
 		t.Fatalf("changing the domain: %v; want 'domain is immutable'", err)
 	}
 	m = getMig(t, ns, "immut")
+	m.Spec.TargetHost = "elsewhere"
+	if err := k8s.Update(context.Background(), m); err == nil || !strings.Contains(err.Error(), "targetHost is immutable") {
+		t.Fatalf("setting the target host: %v; want 'targetHost is immutable'", err)
+	}
+	m = getMig(t, ns, "immut")
 	m.Spec.Cancel = false
 	if err := k8s.Update(context.Background(), m); err == nil || !strings.Contains(err.Error(), "cancel cannot be undone") {
 		t.Fatalf("undoing cancel: %v; want 'cancel cannot be undone'", err)
@@ -148,8 +153,10 @@ func TestControllerRejectsImpossibleMigrations(t *testing.T) {
 	if err := k8s.Get(context.Background(), types.NamespacedName{Name: cordoned}, h); err != nil {
 		t.Fatal(err)
 	}
+	// A merge patch: the fake host's heartbeat writes its status meanwhile.
+	cordon := client.MergeFrom(h.DeepCopy())
 	h.Spec.Unschedulable = true
-	if err := k8s.Update(context.Background(), h); err != nil {
+	if err := k8s.Patch(context.Background(), h, cordon); err != nil {
 		t.Fatal(err)
 	}
 	fakeDomain(t, ns, "db", src, 1<<30)
@@ -206,8 +213,9 @@ func TestMigrationPolicyDefaults(t *testing.T) {
 	if err := k8s.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: "db"}, d); err != nil {
 		t.Fatal(err)
 	}
+	relabel := client.MergeFrom(d.DeepCopy())
 	d.Labels = map[string]string{"app": "db", "tier": ns}
-	if err := k8s.Update(context.Background(), d); err != nil {
+	if err := k8s.Patch(context.Background(), d, relabel); err != nil {
 		t.Fatal(err)
 	}
 	bw := resource.MustParse("50Mi")

@@ -51,7 +51,7 @@ type MigrationParameters struct {
 
 // VMMigrationSpec is what the user asks for.
 // +kubebuilder:validation:XValidation:rule="!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)",message="cancel cannot be undone"
-// +kubebuilder:validation:XValidation:rule="(has(self.targetHost) ? self.targetHost : ”) == (has(oldSelf.targetHost) ? oldSelf.targetHost : ”)",message="targetHost is immutable; create a new VMMigration instead"
+// +kubebuilder:validation:XValidation:rule="has(self.targetHost) == has(oldSelf.targetHost) && (!has(self.targetHost) || self.targetHost == oldSelf.targetHost)",message="targetHost is immutable; create a new VMMigration instead"
 // +kubebuilder:validation:XValidation:rule="!has(self.strategy) || self.strategy == 'PreCopy' || !has(self.allowPostCopy) || self.allowPostCopy",message="strategy PostCopy and Hybrid need allowPostCopy; set strategy PreCopy to forbid post-copy"
 type VMMigrationSpec struct {
 	// domain names the XenDomain, in this namespace, to migrate.
