@@ -228,7 +228,10 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 
 	// Conditions that mirror what the agents reported.
 	switch {
-	case dst != nil && dst.Ready && dst.Address != "":
+	case dst != nil && dst.Failed:
+		setCondition(m, v1.TargetReadyCondition, metav1.ConditionFalse, v1.ReasonTargetFailed,
+			fmt.Sprintf("The agent of %s reported a failure: %s", dst.Host, dst.Message))
+	case dst != nil && dst.Address != "" && (dst.Ready || dst.Resumed || dst.Completed):
 		setCondition(m, v1.TargetReadyCondition, metav1.ConditionTrue, v1.ReasonReceiverListening,
 			fmt.Sprintf("Target %s accepts this migration at %s", dst.Host, dst.Address))
 	default:
@@ -267,7 +270,7 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 			fmt.Sprintf("The source agent on %s failed: %s; %s", src.Host, src.Message, srcDesc), domainHost(m, past))
 		return
 	}
-	if dst != nil && dst.Failed && !m.Status.AbortRequested {
+	if dst != nil && dst.Failed && !m.Status.AbortRequested && !r.awaitSourceVerdict(s, src, dst, past) {
 		m.Status.AbortRequested = true
 		r.finish(s, v1.MigrationFailed, v1.ReasonTargetFailed,
 			fmt.Sprintf("The target agent on %s failed: %s; %s", dst.Host, dst.Message, srcDesc), domainHost(m, past))
@@ -357,6 +360,23 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 	s.requeueAfter(r.HeartbeatTimeout / 2)
 }
 
+// awaitSourceVerdict reports whether a target failure after the resume
+// waits for the source's report. Past the point of no return the source
+// completes only on the target's verified "done" and fails when the target
+// sends it an error, so its report is the verdict; deciding on the target's
+// half alone would make the outcome depend on which agent's write the cache
+// shows first. The wait is bounded by AbortGrace from the target's report.
+func (r *VMMigrationReconciler) awaitSourceVerdict(s *scope, src *v1.SourceState, dst *v1.TargetState, past bool) bool {
+	if !past || src == nil || src.Completed || src.Failed {
+		return false
+	}
+	if dst.LastUpdateTime != nil && s.now.Sub(dst.LastUpdateTime.Time) >= r.AbortGrace {
+		return false
+	}
+	s.requeueAfter(time.Second)
+	return true
+}
+
 func domainHost(m *v1.VMMigration, past bool) string {
 	if past {
 		return m.Status.TargetHost
@@ -427,10 +447,18 @@ func resultSummary(res *v1.MigrationResult) string {
 
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/float64(1<<20)) }
 
+// minSwitchSlack is the least time the backstop gives the data path to
+// switch to post-copy after the completion timeout: the switch (pause, vCPU
+// state, resume on the target, the agents' reports) does not shrink with
+// the domain's memory, and on a loaded host it took more than the 2 s a
+// twice-the-timeout backstop left a 64 MiB domain.
+const minSwitchSlack = 30 * time.Second
+
 // checkTimeouts enforces the progress and completion timeouts before the
 // point of no return. The data path switches to post-copy by itself at the
 // completion timeout when allowed; the controller aborts when it is not,
-// and as a backstop at twice the timeout when it is.
+// and as a backstop when it is: at twice the timeout, and no sooner than
+// minSwitchSlack after it.
 func (r *VMMigrationReconciler) checkTimeouts(s *scope, src *v1.SourceState) {
 	m := s.mig
 	p := m.Status.Parameters
@@ -458,7 +486,7 @@ func (r *VMMigrationReconciler) checkTimeouts(s *scope, src *v1.SourceState) {
 	}
 	limit := ct
 	if p.AllowPostCopy {
-		limit = 2 * ct
+		limit = ct + max(ct, minSwitchSlack)
 	}
 	if el := s.now.Sub(src.StartTime.Time); el >= limit {
 		msg := fmt.Sprintf("Not finished after %s (completion timeout %s for %s of memory", el.Round(time.Second), ct, gib(m.Status.DomainMemoryBytes))

@@ -1,0 +1,91 @@
+package controllers
+
+import (
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+)
+
+// After the resume, a target's failure and the source's completion may reach
+// the controller in either order; the outcome must not depend on it.
+func TestObserveTargetFailureAfterResume(t *testing.T) {
+	now := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	r := &VMMigrationReconciler{HeartbeatTimeout: 30 * time.Second, AbortGrace: time.Minute}
+	fresh := func(name string) *v1.XenHost {
+		h := &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		h.Status.HeartbeatTime = &metav1.Time{Time: now}
+		return h
+	}
+	mig := func(srcCompleted bool, dstReported time.Time) *v1.VMMigration {
+		m := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Name: "m", Namespace: "ns"}}
+		m.Status.Phase = v1.MigrationPostCopy
+		m.Status.SourceHost, m.Status.TargetHost = "a", "b"
+		m.Status.Source = &v1.SourceState{Host: "a", Phase: "PostCopy", StartTime: &metav1.Time{Time: now.Add(-5 * time.Second)},
+			Completed: srcCompleted, Result: &v1.MigrationResult{Verified: true}}
+		m.Status.Target = &v1.TargetState{Host: "b", Address: "127.0.0.1:1", Prepared: true, Resumed: true,
+			Failed: true, Message: "install page 7: lazy loading is closed", LastUpdateTime: &metav1.Time{Time: dstReported}}
+		return m
+	}
+	cases := []struct {
+		name      string
+		mig       *v1.VMMigration
+		want      v1.VMMigrationPhase
+		wantReady metav1.ConditionStatus
+	}{
+		{"a target failure reported before the source's verdict waits for it", mig(false, now.Add(-time.Second)), v1.MigrationPostCopy, metav1.ConditionFalse},
+		{"the source's completion after the resume is the verdict", mig(true, now.Add(-time.Second)), v1.MigrationSucceeded, metav1.ConditionFalse},
+		{"a source silent for the abort grace after the target failed fails the migration", mig(false, now.Add(-2*time.Minute)), v1.MigrationFailed, metav1.ConditionFalse},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			s := &scope{mig: c.mig, now: now, src: fresh("a"), dst: fresh("b")}
+			r.observe(s)
+			if got := c.mig.Status.Phase; got != c.want {
+				t.Fatalf("phase %s, want %s (failure reason %q)", got, c.want, c.mig.Status.FailureReason)
+			}
+			if c.want == v1.MigrationFailed && c.mig.Status.DomainHost != "b" {
+				t.Errorf("domainHost %q after the resume, want the target b", c.mig.Status.DomainHost)
+			}
+			cond := meta.FindStatusCondition(c.mig.Status.Conditions, v1.TargetReadyCondition)
+			if cond == nil || cond.Status != c.wantReady || cond.Reason != v1.ReasonTargetFailed {
+				t.Errorf("TargetReady %+v, want %s with reason %s (the target's report stays visible)", cond, c.wantReady, v1.ReasonTargetFailed)
+			}
+		})
+	}
+}
+
+// The completion-timeout backstop for a migration allowed to switch to
+// post-copy leaves the data path time to switch, however small the domain.
+func TestCompletionBackstopLeavesTimeToSwitch(t *testing.T) {
+	start := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	cases := []struct {
+		name      string
+		postCopy  bool
+		timeout   time.Duration
+		elapsed   time.Duration
+		wantAbort bool
+	}{
+		{"pre-copy only is aborted at the timeout", false, 2 * time.Second, 2 * time.Second, true},
+		{"a small domain allowed to switch is not aborted at twice its timeout", true, 2 * time.Second, 4 * time.Second, false},
+		{"a small domain allowed to switch is aborted once the slack passed", true, 2 * time.Second, 2*time.Second + minSwitchSlack, true},
+		{"a large domain allowed to switch is aborted at twice its timeout", true, 5 * time.Minute, 10 * time.Minute, true},
+		{"a large domain allowed to switch is not aborted before twice its timeout", true, 5 * time.Minute, 9 * time.Minute, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			m := &v1.VMMigration{}
+			m.Status.Phase = v1.MigrationPreCopy
+			m.Status.Parameters = &v1.ResolvedParameters{AllowPostCopy: c.postCopy, CompletionTimeout: metav1.Duration{Duration: c.timeout}}
+			src := &v1.SourceState{Host: "a", StartTime: &metav1.Time{Time: start}}
+			s := &scope{mig: m, now: start.Add(c.elapsed)}
+			(&VMMigrationReconciler{}).checkTimeouts(s, src)
+			if m.Status.AbortRequested != c.wantAbort {
+				t.Fatalf("abort requested %v after %s (timeout %s, post-copy %v), want %v", m.Status.AbortRequested, c.elapsed, c.timeout, c.postCopy, c.wantAbort)
+			}
+		})
+	}
+}
