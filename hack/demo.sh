@@ -49,9 +49,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# tools_ready reads each --version output whole: with pipefail, piping it
+# into grep -q can fail on SIGPIPE and start a needless rebuild.
 tools_ready() {
-	"$BIN/kube-apiserver" --version 2>/dev/null | grep -q "Kubernetes v1.37.2" &&
-		"$BIN/etcd" --version 2>/dev/null | grep -q "3.7.3"
+	local a e
+	a=$("$BIN/kube-apiserver" --version 2>/dev/null) && [[ $a == *"Kubernetes v1.37.2"* ]] &&
+		e=$("$BIN/etcd" --version 2>/dev/null) && [[ $e == *"etcd Version: 3.7.3"* ]]
 }
 
 # ---- 1. tools behind, a standalone migration in front ----
@@ -127,6 +130,19 @@ NAMES=$(kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}
 N=$(echo "$NAMES" | grep -c . || true)
 START=$(date +%s)
 
+fmt_dur() { # a Go duration (1.5s, 308.2ms, 950µs, 1m2.5s) rounded for the table
+	awk -v d="${1:-}" 'BEGIN {
+		if (d == "") { print "-"; exit }
+		s = 0; rest = d
+		while (match(rest, /^[0-9.]+(h|ms|us|µs|ns|m|s)/)) {
+			tok = substr(rest, 1, RLENGTH); rest = substr(rest, RLENGTH + 1)
+			match(tok, /^[0-9.]+/); v = substr(tok, 1, RLENGTH) + 0; u = substr(tok, RLENGTH + 1)
+			if (u == "h") s += v * 3600; else if (u == "m") s += v * 60; else if (u == "s") s += v
+			else if (u == "ms") s += v / 1e3; else if (u == "ns") s += v / 1e9; else s += v / 1e6
+		}
+		if (s >= 1) printf "%.2f s", s; else printf "%.0f ms", s * 1000
+	}'
+}
 fmt_bytes() { awk -v b="${1:-0}" 'BEGIN { if (b == "") b = 0; printf "%.1f MiB", b / 1048576 }'; }
 bar() { # percent width
 	local p=${1:-0} w=$2 n
@@ -149,14 +165,17 @@ while :; do
 		pct=${pct:-0}
 		case "$phase" in Succeeded|Failed|Cancelled) final=$((final + 1)) ;; esac
 		[ "$phase" = Succeeded ] && pct=100
-		line=$(printf '%-16s %-15s [%s] %3s%%  %9s/s  dedup %9s  %s -> %s' "$name" "${phase:-Pending}" "$(bar "$pct" 30)" "$pct" \
-			"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}")
-		lines+=("$line")
-		if [ "$TTY" = 0 ]; then
+		if [ "$TTY" = 1 ]; then
+			lines+=("$(printf '%-16s %-15s [%s] %3s%%  %9s/s  dedup %9s  %s -> %s' "$name" "${phase:-Pending}" "$(bar "$pct" 30)" "$pct" \
+				"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}")")
+		else
+			# No terminal: a plain line when the phase or the quarter of
+			# progress changes, no bars and no cursor movement.
 			key="${phase}/$((pct / 25))"
 			if [ "${LAST[$name]:-}" != "$key" ]; then
 				LAST[$name]=$key
-				printf '[demo %3ss]   %s\n' "$(elapsed)" "$line"
+				printf '[demo %3ss]   %-16s phase=%-15s progress=%3s%%  rate=%s/s  dedup-saved=%s  %s -> %s\n' "$(elapsed)" "$name" "${phase:-Pending}" "$pct" \
+					"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}"
 			fi
 		fi
 	done <<<"$snap"
@@ -182,7 +201,7 @@ echo
 printf '            %-16s %-10s %-8s %-8s %10s %10s %12s %12s %9s %s\n' NAME PHASE SOURCE TARGET TOTAL DOWNTIME SENT DEDUP-SAVED POST-COPY REASON
 kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"|"}{.status.phase}{"|"}{.status.sourceHost}{"|"}{.status.targetHost}{"|"}{.status.result.totalTime}{"|"}{.status.result.downtime}{"|"}{.status.result.bytesSent}{"|"}{.status.result.dedupSavedBytes}{"|"}{.status.result.postCopy}{"|"}{.status.failureReason}{"\n"}{end}' |
 	while IFS='|' read -r name phase src dst total down sent saved post reason; do
-		printf '            %-16s %-10s %-8s %-8s %10s %10s %12s %12s %9s %s\n' "$name" "$phase" "$src" "$dst" "${total:--}" "${down:--}" \
+		printf '            %-16s %-10s %-8s %-8s %10s %10s %12s %12s %9s %s\n' "$name" "$phase" "$src" "$dst" "$(fmt_dur "$total")" "$(fmt_dur "$down")" \
 			"$(fmt_bytes "$sent")" "$(fmt_bytes "$saved")" "${post:-false}" "$reason"
 	done
 echo
@@ -191,6 +210,11 @@ REC=$(curl -fs "http://127.0.0.1:$MPORT/metrics" | awk '/^xenferry_controller_re
 if [ -n "$REC" ] && [ "$N" -gt 0 ]; then
 	info "controller reconciles: $REC for $N migrations ($(awk -v r="$REC" -v n="$N" 'BEGIN{printf "%.1f", r/n}') per migration)"
 fi
+info "conditions of one migration (kubectl describe vmmigration migrate-web-1, Status.Conditions):"
+kq get vmmigration migrate-web-1 -o jsonpath='{range .status.conditions[*]}{.type}{"|"}{.status}{"|"}{.reason}{"|"}{.message}{"\n"}{end}' |
+	while IFS='|' read -r typ st reason msg; do
+		printf '            %-16s %-6s %-28s %s\n' "$typ" "$st" "$reason" "$msg"
+	done
 info "events of one migration (kubectl describe vmmigration migrate-web-1):"
 k describe vmmigration migrate-web-1 | sed -n '/^Events:/,$p' | sed 's/^/            /'
 

@@ -65,8 +65,12 @@ run_progress() {
 }
 
 # have TOOL PATTERN: true when bin/TOOL --version output contains PATTERN.
+# The output is read whole: with pipefail, `--version | grep -q` fails
+# whenever grep exits before the tool's last write (SIGPIPE), which rebuilt
+# an up-to-date tool on a loaded machine.
 have() {
-	[ -x "$BIN/$1" ] && "$BIN/$1" --version 2>/dev/null | grep -qF -- "$2"
+	local out
+	[ -x "$BIN/$1" ] && out=$("$BIN/$1" --version 2>/dev/null) && [[ $out == *"$2"* ]]
 }
 
 build_controller_gen() {

@@ -25,7 +25,7 @@ operator-build:
 
 ## test-operator: the envtest suite against the built kube-apiserver and etcd
 test-operator: tools
-	KUBEBUILDER_ASSETS=$(OPERATOR_BIN) $(GO) test -count=1 -timeout 20m ./controllers/... ./node-agent/... ./test/...
+	KUBEBUILDER_ASSETS=$(OPERATOR_BIN) $(GO) test -count=1 -timeout 20m ./controllers/... ./node-agent/...
 
 ## demo: the first command of the README: local control plane, controller, two sim agents, sample migrations
 demo:
