@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/bits"
+	"runtime"
 	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
@@ -103,6 +104,7 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 		if err := sd.serveFallbacks(ctx); err != nil {
 			return err
 		}
+		sd.yield()
 		lo, hi := c*chunk, min((c+1)*chunk, n)
 		for w := lo >> 6; w<<6 < hi; w++ {
 			word := atomic.LoadUint64(&set.Words()[w])
@@ -145,6 +147,7 @@ func (sd *sender) sendCheap(ctx context.Context, set *xenmem.Bitmap) error {
 	chunk := uint64(1) << partitionShift
 	k := uint64(s.streams)
 	for c := uint64(sd.idx); c*chunk < s.numPages; c += k {
+		sd.yield()
 		lo, hi := c*chunk, min((c+1)*chunk, s.numPages)
 		for p := set.Next(lo); p < hi; p = set.Next(p + 1) {
 			off := p * xenmem.PageSize
@@ -178,6 +181,15 @@ func (sd *sender) sendCheap(ctx context.Context, set *xenmem.Bitmap) error {
 		return err
 	}
 	return sd.flushRefs(ctx)
+}
+
+// yield lets a demand-path goroutine waiting for this P run, between two
+// chunks of the post-copy push: a vCPU waits for the demand path, nobody
+// waits for the push. (Go preempts a busy goroutine only after 10 ms.)
+func (sd *sender) yield() {
+	if sd.src.phase.Load() == PhasePostCopy {
+		runtime.Gosched()
+	}
 }
 
 // serveFallbacks answers queued fallback requests without blocking.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -730,6 +731,9 @@ func (in *installer) loop(ctx context.Context) error {
 		}
 		if err != nil {
 			return err
+		}
+		if !in.prio && in.s.lazyOn.Load() {
+			runtime.Gosched() // the demand path first (see sender.yield)
 		}
 	}
 }

@@ -756,6 +756,12 @@ func (s *source) recoveryTimeout() time.Duration {
 func (s *source) pushRest(ctx context.Context) error {
 	s.phase.Store(PhasePostCopy)
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
+		// Zero pages and disk references first: they cost the wire almost
+		// nothing, and once there a vCPU touching one of those pages waits
+		// for a local install, not for a round trip to this host.
+		if err := sd.sendCheap(ctx, s.need); err != nil {
+			return err
+		}
 		if err := sd.sendSet(ctx, s.need, s.hot, nil); err != nil {
 			return err
 		}
