@@ -551,10 +551,12 @@ func (s *source) drainResults(n int) {
 // them ahead of full pages, so at the switch the destination may hold a
 // backlog of them. Resolving it before the pause keeps it out of the
 // downtime; pages the domain dirties meanwhile are in the final dirty log.
-// Only for a switch to post-copy after pre-copy rounds: stop-and-copy waits
-// for the destination's verification anyway.
+// The same holds for a stop-and-copy: the policy predicted the downtime
+// from the dirty set and the link rate, not from the destination's
+// backlog. Not in the xen strategy, which replicates libxc (whose receiver
+// works through its backlog after the pause).
 func (s *source) drain(ctx context.Context) error {
-	if s.verdict.Decision != SwitchToPostCopy || len(s.history) == 0 {
+	if len(s.history) == 0 || s.opts.Strategy == StrategyXen {
 		return nil
 	}
 	t0 := time.Now()

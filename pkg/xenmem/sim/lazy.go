@@ -280,14 +280,17 @@ func (l *lazy) Present(pfn uint64) bool {
 }
 
 func (l *lazy) check(op string, pfn uint64) error {
-	if l.closed.Load() {
-		return fmt.Errorf("%s %s pfn %d: lazy loading is closed", op, l.d.spec.Name, pfn)
-	}
 	if pfn >= l.npages {
 		return fmt.Errorf("%s %s: pfn %d out of range (%d pages)", op, l.d.spec.Name, pfn, l.npages)
 	}
+	// A present page is "exists" even after Close: a late duplicate (the
+	// answer to a demand request the push had already satisfied) is not an
+	// error for the caller.
 	if l.Present(pfn) {
 		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, xenmem.ErrPageExists)
+	}
+	if l.closed.Load() {
+		return fmt.Errorf("%s %s pfn %d: lazy loading is closed", op, l.d.spec.Name, pfn)
 	}
 	return nil
 }
