@@ -79,8 +79,12 @@ up() {
 	(cd "$ROOT/hack/tools" && go build -o "$BIN/sakey" ./sakey) || { log "cannot build hack/tools/sakey"; exit 1; }
 	"$BIN/sakey" "$CP/sa.key" "$CP/sa.pub"
 
+	# Each daemon runs in a session of its own (setsid execs it: a background
+	# child of this script is no group leader, so $! stays its pid): a
+	# Ctrl-C in the terminal reaches the demo script, which stops the plane
+	# last, after the agents and the controller that talk to it.
 	# etcd reads every ETCD_* variable as a flag: run it with a clean set.
-	env -u ETCD_NAME "$BIN/etcd" --name xenferry --data-dir "$CP/etcd-data" \
+	setsid env -u ETCD_NAME "$BIN/etcd" --name xenferry --data-dir "$CP/etcd-data" \
 		--listen-client-urls "http://127.0.0.1:$eport" --advertise-client-urls "http://127.0.0.1:$eport" \
 		--listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
 		--initial-cluster "xenferry=http://127.0.0.1:$pport" --log-level warn \
@@ -88,7 +92,7 @@ up() {
 	echo $! >"$CP/etcd.pid"
 	log "etcd on 127.0.0.1:$eport (pid $(cat "$CP/etcd.pid"), log $CP/etcd.log)"
 
-	"$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$eport" \
+	setsid "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$eport" \
 		--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$aport" \
 		--cert-dir "$CP/certs" --token-auth-file "$CP/tokens.csv" --authorization-mode RBAC \
 		--service-account-key-file "$CP/sa.pub" --service-account-signing-key-file "$CP/sa.key" \

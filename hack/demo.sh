@@ -47,7 +47,8 @@ cleanup() {
 	exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_signal() { exit 130; }
+trap on_signal INT TERM
 
 # tools_ready reads each --version output whole: with pipefail, piping it
 # into grep -q can fail on SIGPIPE and start a needless rebuild.
@@ -93,19 +94,24 @@ go build -o "$BIN/node-agent" ./node-agent
 export KUBECONFIG="$ROOT/.xenferry/controlplane/kubeconfig"
 KUBECTL=${KUBECTL:-kubectl}
 command -v "$KUBECTL" >/dev/null || { info "kubectl is not installed (apt-get install kubectl, or set KUBECTL)"; exit 1; }
-k() { "$KUBECTL" "$@" 2>&1 | grep -v "^WARNING: version difference" || true; }
-kq() { "$KUBECTL" "$@" 2>/dev/null; }
+# Every call is bounded: a kubectl waiting on a dying API server must not
+# hold the progress loop (or the clean-up behind it).
+k() { "$KUBECTL" --request-timeout=20s "$@" 2>&1 | grep -v "^WARNING: version difference" || true; }
+kq() { "$KUBECTL" --request-timeout=20s "$@" 2>/dev/null; }
 k apply -f config/crd/bases | sed 's/^/            /'
-kq wait --for condition=established --timeout 60s crd --all >/dev/null
+"$KUBECTL" wait --for condition=established --timeout 60s crd --all >/dev/null 2>&1
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 MPORT=$(free_port)
-"$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --metrics-bind-address "127.0.0.1:$MPORT" \
+# The controller and the agents run in sessions of their own (setsid execs
+# them, so $! is their pid): a Ctrl-C reaches this script alone, and the
+# clean-up stops them before the control plane they talk to.
+setsid "$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --metrics-bind-address "127.0.0.1:$MPORT" \
 	--health-probe-bind-address 0 >"$DEMO/controller.log" 2>&1 &
 PIDS+=($!)
 info "controller started (pid $!, metrics on 127.0.0.1:$MPORT, log $DEMO/controller.log)"
 for h in a b; do
-	"$BIN/node-agent" run --kubeconfig "$KUBECONFIG" --backend sim --sim-config "config/samples/sim/sim-host-$h.yaml" \
+	setsid "$BIN/node-agent" run --kubeconfig "$KUBECONFIG" --backend sim --sim-config "config/samples/sim/sim-host-$h.yaml" \
 		--data-addr 127.0.0.1:0 --state-dir "$DEMO/agent-dom0-$h" >"$DEMO/agent-dom0-$h.log" 2>&1 &
 	PIDS+=($!)
 	info "agent dom0-$h started (pid $!, log $DEMO/agent-dom0-$h.log)"
