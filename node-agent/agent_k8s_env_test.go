@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -459,4 +460,21 @@ func events(t *testing.T, m *v1.VMMigration) []string {
 		}
 	}
 	return out
+}
+
+// waitEvents waits until the events about a migration include every reason:
+// the recorder sends them asynchronously, after the status that a test
+// waited for may already show.
+func waitEvents(t *testing.T, m *v1.VMMigration, reasons ...string) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("events %v about VMMigration %s", reasons, m.Name), 10*time.Second, func() (bool, string) {
+		got := events(t, m)
+		have := strings.Join(got, ",")
+		for _, r := range reasons {
+			if !slices.Contains(got, r) {
+				return false, "events: " + have
+			}
+		}
+		return true, ""
+	})
 }

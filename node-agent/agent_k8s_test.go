@@ -78,12 +78,7 @@ func TestFullMigrationThroughControllerAndAgents(t *testing.T) {
 		}
 		return len(l.Items) == 0, "secrets remain"
 	})
-	ev := strings.Join(events(t, m), ",")
-	for _, want := range []string{v1.ReasonTargetSelected, v1.ReasonResumed, v1.ReasonSucceeded} {
-		if !strings.Contains(ev, want) {
-			t.Errorf("events %s miss %s", ev, want)
-		}
-	}
+	waitEvents(t, m, v1.ReasonTargetSelected, v1.ReasonResumed, v1.ReasonSucceeded)
 	t.Logf("reconciles for one migration: %.0f; result: %s total, %s downtime, %d bytes sent, %d saved by dedup",
 		counterValue(t, metrics.Reconciles), m.Status.Result.TotalTime.Duration, m.Status.Result.Downtime.Duration,
 		m.Status.Result.BytesSent, m.Status.Result.DedupSavedBytes)
@@ -189,6 +184,8 @@ func TestControllerRejectsImpossibleMigrations(t *testing.T) {
 			if m.Status.TargetHost != "" || m.Status.TokenSecret != "" {
 				t.Fatalf("a rejected migration chose target %q / token %q", m.Status.TargetHost, m.Status.TokenSecret)
 			}
+			// kubectl describe shows the decision as an event too.
+			waitEvents(t, m, c.reason)
 		})
 	}
 }
