@@ -344,8 +344,17 @@ func TestReferenceOutsideDiskRejected(t *testing.T) {
 	if !runningAt(t, e.src, "oob") {
 		t.Fatal("the domain does not run on the source after the rejected migration")
 	}
-	if _, ok := e.dst.Domain("oob"); ok {
-		t.Fatal("the destination kept a half-received domain")
+	// The destination reports the error first, then tears down what it
+	// created: the domain goes within moments, never lingers.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, ok := e.dst.Domain("oob"); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the destination kept a half-received domain")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
