@@ -8,6 +8,9 @@ source "$(dirname "$0")/lib.sh"
 QEMU=${XENLAB_QEMU:-qemu-system-x86_64}
 CPU=${XENLAB_CPU:-max,-smap,-xsave}
 ACCEL=${XENLAB_ACCEL:-tcg,thread=multi}
+# XENLAB_XEN boots another hypervisor (a multiboot ELF, e.g. one rebuilt with
+# CONFIG_MEM_PAGING; see docs/xen-postcopy.md) instead of Debian's.
+XEN_ELF=${XENLAB_XEN:-$WORK/boot/xen.elf}
 
 start_host() {
 	local h=$1 idx pidf
@@ -28,7 +31,7 @@ start_host() {
 	: >"$WORK/host-$h.serial"
 	nice -n 10 "$QEMU" -name "xenlab-$h" -machine pc -accel "$ACCEL" -cpu "$CPU" -smp 1 -m "$HOST_MEM_MB" \
 		-display none -monitor none -serial "file:$WORK/host-$h.serial" \
-		-kernel "$WORK/boot/xen.elf" \
+		-kernel "$XEN_ELF" \
 		-append "console=com1 com1=115200,8n1 dom0_mem=$DOM0_MEM,max:$DOM0_MEM dom0_max_vcpus=1 noreboot" \
 		-initrd "$WORK/boot/vmlinuz root=/dev/vda rw console=hvc0 init=/sbin/xenlab-init xenlab.host=$h xenlab.ip=$(host_ip "$h") xenlab.ctlmac=52:54:00:77:$idx:01 xenlab.linkmac=52:54:00:77:$idx:02,$WORK/boot/initrd.img" \
 		-drive "file=$WORK/host-$h.qcow2,if=virtio,format=qcow2,cache=unsafe" \
