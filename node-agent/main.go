@@ -14,6 +14,9 @@ import (
 	"runtime"
 	"sort"
 	"syscall"
+
+	"github.com/go-logr/logr"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 )
 
 // command is one subcommand of node-agent.
@@ -60,6 +63,12 @@ func main() {
 	// for a P behind CPU-bound pushes; the kernel arbitrates instead.
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(max(8, 4*runtime.NumCPU()))
+	}
+	if c.name != "run" {
+		// Only `run` talks to Kubernetes (and sets controller-runtime's
+		// logger itself); elsewhere its packages are linked in but idle,
+		// and must not print "SetLogger was never called" into xl's output.
+		ctrllog.SetLogger(logr.Discard())
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
