@@ -64,6 +64,24 @@ func atest(b *xenmem.Bitmap, i uint64) bool {
 	return atomic.LoadUint64(&b.Words()[i>>6])&(1<<(i&63)) != 0
 }
 
+// aor sets in b every bit set in o (same length), word by word atomically:
+// b is shared with the progress reporter and the priority path.
+func aor(b, o *xenmem.Bitmap) {
+	bw := b.Words()
+	for i, w := range o.Words() {
+		if w != 0 {
+			atomic.OrUint64(&bw[i], w)
+		}
+	}
+}
+
+// asetAll sets every bit of b atomically (the bits past its length stay clear).
+func asetAll(b *xenmem.Bitmap) {
+	all := xenmem.NewBitmap(b.Len())
+	all.SetAll()
+	aor(b, all)
+}
+
 // aclear clears bit i and reports whether it was set.
 func aclear(b *xenmem.Bitmap, i uint64) bool {
 	m := uint64(1) << (i & 63)

@@ -91,8 +91,9 @@ func (sd *sender) loop(ctx context.Context) {
 // sendSet sends every page of this sender's partition set in set (and in
 // only, when only is not nil), clearing each bit as the page is taken.
 // Bits are cleared atomically: the priority path may take pages too. It
-// returns early, leaving the rest set, when stop becomes true.
-func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *atomic.Bool) error {
+// returns early, leaving the rest set, when stop becomes true. With
+// sendOnlyFull or sendOnlyCheap, pages of the other kind stay set.
+func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *atomic.Bool, mode sendMode) error {
 	s := sd.src
 	n := s.numPages
 	chunk := uint64(1) << partitionShift
@@ -118,10 +119,6 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 				if !aclear(set, pfn) {
 					continue // taken by the priority path
 				}
-				mode := sendClassified
-				if s.deferCheap {
-					mode = sendOnlyFull
-				}
 				skipped, err := sd.addPageMode(ctx, pfn, mode)
 				if err != nil {
 					return err
@@ -133,54 +130,6 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 		}
 	}
 	return sd.flush(ctx)
-}
-
-// sendCheap sends, ahead of everything else, the pages of this partition
-// that cost almost nothing on the wire: zero pages (8 bytes each) and pages
-// found on the domain's disks (40-byte references). In the first round that
-// gets them out within tens of milliseconds, before a busy workload has had
-// time to overwrite them; full pages follow. It only classifies (one hash
-// per page, reused for the manifest); full pages are left set in set.
-func (sd *sender) sendCheap(ctx context.Context, set *xenmem.Bitmap) error {
-	s := sd.src
-	var page [xenmem.PageSize]byte
-	chunk := uint64(1) << partitionShift
-	k := uint64(s.streams)
-	for c := uint64(sd.idx); c*chunk < s.numPages; c += k {
-		sd.yield()
-		lo, hi := c*chunk, min((c+1)*chunk, s.numPages)
-		for p := set.Next(lo); p < hi; p = set.Next(p + 1) {
-			off := p * xenmem.PageSize
-			copy(page[:], s.mem[off:off+xenmem.PageSize])
-			class, h, ref := sd.classify(page[:], false)
-			if class == dedup.ClassFull || !aclear(set, p) {
-				continue
-			}
-			asetNew(s.sentOnce, p)
-			s.hashes[p] = h
-			if class == dedup.ClassZero {
-				sd.zeros = append(sd.zeros, p)
-				s.cnt.zero.Add(1)
-				if len(sd.zeros) == cap(sd.zeros) {
-					if err := sd.flushZeros(ctx); err != nil {
-						return err
-					}
-				}
-				continue
-			}
-			sd.refs = append(sd.refs, wire.DiskRef{PFN: p, Disk: ref.Disk, Offset: uint64(ref.Offset), Hash: ref.Hash})
-			s.cnt.disk.Add(1)
-			if len(sd.refs) == cap(sd.refs) {
-				if err := sd.flushRefs(ctx); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	if err := sd.flushZeros(ctx); err != nil {
-		return err
-	}
-	return sd.flushRefs(ctx)
 }
 
 // yield lets a demand-path goroutine waiting for this P run, between two
@@ -215,8 +164,20 @@ const (
 	sendClassified sendMode = iota // zero / disk reference / full, as it classifies
 	sendFull                       // whole, without touching the manifest hash
 	sendFallback                   // whole, answering a failed disk reference
-	sendOnlyFull                   // classified, but only a full page is sent (see deferCheap)
+	sendOnlyFull                   // classified; only a full page is sent, others are skipped
+	sendOnlyCheap                  // classified; only a zero page or disk reference is sent
 )
+
+// skips reports whether mode leaves a page of class c out.
+func (m sendMode) skips(c dedup.Class) bool {
+	switch m {
+	case sendOnlyFull:
+		return c != dedup.ClassFull
+	case sendOnlyCheap:
+		return c == dedup.ClassFull
+	}
+	return false
+}
 
 // addPage reads one page now and queues it in the right batch.
 func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error {
@@ -224,8 +185,8 @@ func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error 
 	return err
 }
 
-// addPageMode is addPage; with sendOnlyFull a zero page or disk page is
-// not sent (skipped is true) and leaves no trace.
+// addPageMode is addPage; a page that sendOnlyFull or sendOnlyCheap
+// leaves out is not sent (skipped is true) and leaves no trace.
 func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (skipped bool, err error) {
 	full := mode == sendFull || mode == sendFallback
 	s := sd.src
@@ -233,7 +194,7 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (s
 	slot := sd.data[len(sd.data) : len(sd.data)+xenmem.PageSize]
 	copy(slot, s.mem[off:off+xenmem.PageSize])
 	class, h, ref := sd.classify(slot, full)
-	if mode == sendOnlyFull && class != dedup.ClassFull {
+	if mode.skips(class) {
 		return true, nil
 	}
 	if asetNew(s.sentOnce, pfn) == false {

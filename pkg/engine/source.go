@@ -79,12 +79,8 @@ type source struct {
 	dirtyRate atomic.Uint64
 	percent   float64
 
-	paused   bool
-	prepared bool // the destination created the target domain
-	// deferCheap makes the pre-copy send only full pages: zero pages and
-	// disk pages wait for the post-copy push (hybrid strategies, first
-	// round). Set and cleared between rounds only.
-	deferCheap bool
+	paused     bool
+	prepared   bool // the destination created the target domain
 	committed  bool // "go" sent: the source must never resume the domain
 	pausedAt   time.Time
 	resumedAt  time.Time
@@ -400,7 +396,7 @@ func (s *source) explain(err error) error {
 // precopy runs pre-copy rounds until the policy stops them.
 func (s *source) precopy(ctx context.Context) error {
 	if s.opts.Strategy == StrategyPostCopy {
-		s.need.SetAll()
+		asetAll(s.need)
 		s.verdict = Verdict{SwitchToPostCopy, "post-copy strategy: no pre-copy round"}
 		return nil
 	}
@@ -417,8 +413,7 @@ func (s *source) precopy(ctx context.Context) error {
 		timer := time.AfterFunc(budget, func() { stop.Store(true) })
 		defer timer.Stop()
 	}
-	s.need.SetAll()
-	defer func() { s.deferCheap = false }()
+	asetAll(s.need)
 	dirty := xenmem.NewBitmap(s.numPages)
 	for r := 0; ; r++ {
 		s.round.Store(int64(r))
@@ -433,7 +428,7 @@ func (s *source) precopy(ctx context.Context) error {
 		// while the domain already runs.
 		if r == 0 && s.opts.Strategy != StrategyXen && !s.opts.Strategy.switchesEarly() {
 			if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
-				return sd.sendCheap(ctx, s.need)
+				return sd.sendSet(ctx, s.need, nil, nil, sendOnlyCheap)
 			}); err != nil {
 				return err
 			}
@@ -446,9 +441,12 @@ func (s *source) precopy(ctx context.Context) error {
 		if r == 0 {
 			s.log.V(2).Info("Destination prepared", "domain", s.dom.Info().Name, "ms", time.Since(t0).Milliseconds())
 		}
-		s.deferCheap = r == 0 && s.opts.Strategy.switchesEarly()
+		mode := sendClassified
+		if r == 0 && s.opts.Strategy.switchesEarly() {
+			mode = sendOnlyFull // zero pages and disk references wait for the push (above)
+		}
 		if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
-			return sd.sendSet(ctx, s.need, nil, &stop)
+			return sd.sendSet(ctx, s.need, nil, &stop, mode)
 		}); err != nil {
 			return err
 		}
@@ -463,7 +461,7 @@ func (s *source) precopy(ctx context.Context) error {
 			s.dirtyRate.Store(uint64(float64(st.DirtyPages*xenmem.PageSize) / st.Duration.Seconds()))
 		}
 		s.hot.CopyFrom(dirty)
-		s.need.Or(dirty)
+		aor(s.need, dirty)
 		if stop.Load() {
 			s.verdict = Verdict{SwitchToPostCopy, fmt.Sprintf("resume budget %v reached in round %d", s.precopyBudget().Round(time.Millisecond), r)}
 			break
@@ -530,7 +528,13 @@ func (s *source) forEachSender(ctx context.Context, fn func(context.Context, *se
 			return s.explain(first)
 		}
 	}
-	return first
+	if first != nil {
+		// A sender's write failed: when the destination refused something,
+		// its reason is on the main connection, maybe a moment behind the
+		// reset that broke this stream.
+		return s.explain(first)
+	}
+	return nil
 }
 
 // drainResults collects what is left of a forEachSender after a failure.
@@ -601,7 +605,7 @@ func (s *source) switchover(ctx context.Context) error {
 		if err := s.dom.ReadDirty(final); err != nil {
 			return fmt.Errorf("read final dirty log: %w", err)
 		}
-		s.need.Or(final)
+		aor(s.need, final)
 		s.hot.Or(final)
 		_ = s.dom.DisableDirtyLog()
 		s.downtimeStep("final dirty log")
@@ -615,7 +619,7 @@ func (s *source) switchover(ctx context.Context) error {
 func (s *source) stopAndCopy(ctx context.Context) error {
 	s.phase.Store(PhaseStopAndCopy)
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
-		if err := sd.sendSet(ctx, s.need, nil, nil); err != nil {
+		if err := sd.sendSet(ctx, s.need, nil, nil, sendClassified); err != nil {
 			return err
 		}
 		return sd.marker(ctx, ctlComplete)
@@ -761,13 +765,13 @@ func (s *source) pushRest(ctx context.Context) error {
 		// Zero pages and disk references first: they cost the wire almost
 		// nothing, and once there a vCPU touching one of those pages waits
 		// for a local install, not for a round trip to this host.
-		if err := sd.sendCheap(ctx, s.need); err != nil {
+		if err := sd.sendSet(ctx, s.need, nil, nil, sendOnlyCheap); err != nil {
 			return err
 		}
-		if err := sd.sendSet(ctx, s.need, s.hot, nil); err != nil {
+		if err := sd.sendSet(ctx, s.need, s.hot, nil, sendClassified); err != nil {
 			return err
 		}
-		if err := sd.sendSet(ctx, s.need, nil, nil); err != nil {
+		if err := sd.sendSet(ctx, s.need, nil, nil, sendClassified); err != nil {
 			return err
 		}
 		return sd.marker(ctx, ctlPushed)
