@@ -161,11 +161,8 @@ func (l *lazy) serve() {
 		})
 		if err != nil {
 			select {
-			case <-l.quit:
-				return // stopped: the file was closed under the wait
+			case <-l.quit: // stop closed the file under the wait
 			default:
-			}
-			if !errors.Is(err, os.ErrClosed) {
 				l.d.log.Error(err, "Fault service stopped: wait for userfaultfd failed", "domain", l.d.spec.Name)
 			}
 			return
