@@ -37,7 +37,6 @@ type session struct {
 
 	info     xenmem.DomainInfo
 	dom      xenmem.TargetDomain
-	mem      []byte
 	numPages uint64
 	resolver *dedup.Resolver
 	lazy     xenmem.Lazy
@@ -219,7 +218,7 @@ func (s *session) prepare(ctx context.Context, h wire.Header) error {
 	if err != nil {
 		return fmt.Errorf("create target domain %s: %w", s.info.Name, err)
 	}
-	s.dom, s.mem = dom, dom.Memory()
+	s.dom = dom
 	s.r.Log.Info("Receiving a domain", append(s.log(), "memoryBytes", s.info.MemoryBytes, "streams", s.streams)...)
 	s.r.emit(s.id, Event{Kind: EventPrepared, Domain: s.info.Name})
 	return s.main.sendControl(ctx, &wire.Control{Kind: ctlPrepared})
@@ -689,6 +688,7 @@ type installer struct {
 	prio bool
 	pfns []uint64
 	refs []wire.DiskRef
+	hs   []dedup.Hash
 	dec  *zstd.Decoder
 	zbuf []byte
 	tmp  []byte
@@ -755,10 +755,36 @@ func (in *installer) pages(body []byte) error {
 		}
 		in.zbuf = data
 	}
+	if !in.s.lazyOn.Load() {
+		return in.write(pfns, data, nil)
+	}
 	for i, p := range pfns {
 		if err := in.install(p, data[i*xenmem.PageSize:(i+1)*xenmem.PageSize], dedup.Hash{}, false); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// write installs a batch before post-copy: one WritePages call for the
+// batch, then the hashes (hashes[i] when given, else computed from data).
+func (in *installer) write(pfns []uint64, data []byte, hashes []dedup.Hash) error {
+	s := in.s
+	for _, p := range pfns {
+		if p >= s.numPages {
+			return fmt.Errorf("page %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
+		}
+	}
+	if err := s.dom.WritePages(pfns, data); err != nil {
+		return fmt.Errorf("install %d pages: %w", len(pfns), err)
+	}
+	for i, p := range pfns {
+		if hashes != nil {
+			s.hashes[p] = hashes[i]
+		} else {
+			s.hashes[p] = dedup.HashPage(data[i*xenmem.PageSize : (i+1)*xenmem.PageSize])
+		}
+		in.landed(p)
 	}
 	return nil
 }
@@ -785,8 +811,8 @@ func (in *installer) install(pfn uint64, page []byte, h dedup.Hash, hashed bool)
 		if in.prio {
 			s.demand.Add(1)
 		}
-	} else {
-		copy(s.mem[pfn*xenmem.PageSize:], page)
+	} else if err := s.dom.WritePages([]uint64{pfn}, page); err != nil {
+		return fmt.Errorf("install page %d: %w", pfn, err)
 	}
 	s.hashes[pfn] = h
 	in.landed(pfn)
@@ -810,7 +836,11 @@ func (in *installer) installZero(pfn uint64) error {
 			s.demand.Add(1)
 		}
 	} else if s.hashes[pfn] != zeroHash && s.hashes[pfn] != (dedup.Hash{}) {
-		clear(s.mem[pfn*xenmem.PageSize : (pfn+1)*xenmem.PageSize])
+		// The page had other content: write zeros over it (rare: a page
+		// the guest cleared after it was sent).
+		if err := s.dom.WritePages([]uint64{pfn}, zeroPage); err != nil {
+			return fmt.Errorf("install zero page %d: %w", pfn, err)
+		}
 	}
 	s.hashes[pfn] = zeroHash
 	in.landed(pfn)
@@ -844,7 +874,7 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 		}
 	}
 	lazy := s.lazyOn.Load()
-	if lazy && cap(in.tmp) < len(refs)*xenmem.PageSize {
+	if cap(in.tmp) < len(refs)*xenmem.PageSize {
 		in.tmp = make([]byte, len(refs)*xenmem.PageSize)
 	}
 	in.fb = in.fb[:0]
@@ -860,11 +890,7 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 			drefs[i] = dedup.Ref{Disk: r.Disk, Offset: int64(r.Offset), Hash: r.Hash}
 		}
 		err := s.resolver.ResolveBatch(ctx, drefs, func(i int) []byte {
-			if lazy {
-				return in.tmp[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
-			}
-			p := refs[i].PFN
-			return s.mem[p*xenmem.PageSize : (p+1)*xenmem.PageSize]
+			return in.tmp[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
 		}, func(i int, err error) {
 			failed[i] = true
 			if errors.Is(err, dedup.ErrOutOfBounds) && protoErr == nil {
@@ -878,6 +904,9 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 	if protoErr != nil && !s.resumed.Load() {
 		return protoErr
 	}
+	// Before post-copy the resolved pages go in as one batch: compact them
+	// to the front of tmp (in place; nothing moves unless a ref failed).
+	in.pfns, in.hs = in.pfns[:0], in.hs[:0]
 	for i, r := range refs {
 		if failed[i] {
 			aclear(s.have, r.PFN)
@@ -889,14 +918,22 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 			continue
 		}
 		s.diskResolved.Add(1)
+		page := in.tmp[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
 		if lazy {
-			if err := in.install(r.PFN, in.tmp[i*xenmem.PageSize:(i+1)*xenmem.PageSize], r.Hash, true); err != nil {
+			if err := in.install(r.PFN, page, r.Hash, true); err != nil {
 				return err
 			}
 			continue
 		}
-		s.hashes[r.PFN] = r.Hash
-		in.landed(r.PFN)
+		if k := len(in.pfns); k != i {
+			copy(in.tmp[k*xenmem.PageSize:], page)
+		}
+		in.pfns, in.hs = append(in.pfns, r.PFN), append(in.hs, r.Hash)
+	}
+	if len(in.pfns) > 0 {
+		if err := in.write(in.pfns, in.tmp[:len(in.pfns)*xenmem.PageSize], in.hs); err != nil {
+			return err
+		}
 	}
 	if len(in.fb) == 0 {
 		return nil

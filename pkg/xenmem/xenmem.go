@@ -118,9 +118,15 @@ type SourceDomain interface {
 type TargetDomain interface {
 	Info() DomainInfo
 	NumPages() uint64
-	// Memory is a writable view of guest memory for installing pages before
-	// the domain first runs (pre-copy). Not for use after StartLazy.
+	// Memory is a read-only view of guest memory (tests and diagnostics).
 	Memory() []byte
+	// WritePages installs pages before the domain first runs (pre-copy):
+	// page i of data (PageSize bytes each) goes to pfns[i]. It is how a
+	// backend fills a domain it is building, as libxc's restore populates
+	// and copies a batch, and it may be much cheaper than writing through
+	// Memory(): a store into a page the process has not mapped yet takes a
+	// page fault. Not for use after StartLazy.
+	WritePages(pfns []uint64, data []byte) error
 	// LoadState installs vCPU/device state from SaveState.
 	LoadState(state []byte) error
 	// StartLazy arms lazy loading (post-copy): every page not installed so

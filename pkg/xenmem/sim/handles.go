@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -198,6 +200,46 @@ func (t *target) Info() xenmem.DomainInfo { return t.d.Info() }
 func (t *target) NumPages() uint64        { return t.d.npages }
 func (t *target) Memory() []byte          { return t.d.mem }
 func (t *target) Ops() uint64             { return t.d.Ops() }
+
+// WritePages writes runs of consecutive pages with one pwrite each on the
+// memory file: the kernel copies through its own mapping, so the agent's
+// mapping takes no page fault per page (on the VMs measured here a first
+// store into a mapped page cost 4-12 µs; a 1 MiB pwrite into a fresh memfd
+// 0.2 µs a page; docs/benchmarks.md).
+func (t *target) WritePages(pfns []uint64, data []byte) error {
+	if len(data) != len(pfns)*xenmem.PageSize {
+		return fmt.Errorf("write pages %s: %d pfns with %d bytes of data", t.d.spec.Name, len(pfns), len(data))
+	}
+	t.mu.Lock()
+	bad := t.resumed || t.destroyed || t.closed
+	t.mu.Unlock()
+	if bad {
+		return fmt.Errorf("write pages %s: domain resumed or handle closed", t.d.spec.Name)
+	}
+	fd := int(t.d.memFile.Fd())
+	for i := 0; i < len(pfns); {
+		j := i + 1
+		for j < len(pfns) && pfns[j] == pfns[j-1]+1 {
+			j++
+		}
+		if pfns[j-1] >= t.d.npages || pfns[i] >= t.d.npages {
+			return fmt.Errorf("write pages %s: pfn %d beyond %d pages", t.d.spec.Name, max(pfns[i], pfns[j-1]), t.d.npages)
+		}
+		buf, off := data[i*xenmem.PageSize:j*xenmem.PageSize], int64(pfns[i]*xenmem.PageSize)
+		for len(buf) > 0 {
+			n, err := unix.Pwrite(fd, buf, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("write pages %s at pfn %d: %w", t.d.spec.Name, off/xenmem.PageSize, err)
+			}
+			buf, off = buf[n:], off+int64(n)
+		}
+		i = j
+	}
+	return nil
+}
 
 func (t *target) LoadState(state []byte) error {
 	t.mu.Lock()
