@@ -150,8 +150,11 @@ func (r *Receiver) handle(ctx context.Context, nc net.Conn) {
 	case roleRecover:
 		if s = r.lookup(hello.MigrationID); s == nil {
 			err = fmt.Errorf("no migration %q to recover", hello.MigrationID)
-		} else {
-			err = s.beginRecovery(c)
+		} else if err = s.beginRecovery(ctx, c); err == nil {
+			return // welcomed by beginRecovery; the session owns c now
+		} else if errors.Is(err, errWelcomed) {
+			nc.Close()
+			return
 		}
 	default:
 		err = fmt.Errorf("unknown stream role %q", hello.Message)

@@ -192,8 +192,18 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (s
 	s := sd.src
 	off := pfn * xenmem.PageSize
 	slot := sd.data[len(sd.data) : len(sd.data)+xenmem.PageSize]
-	copy(slot, s.mem[off:off+xenmem.PageSize])
-	class, h, ref := sd.classify(slot, full)
+	// A running guest may write the page while it is classified and
+	// hashed: work on a copy. A paused one cannot: classify in place and
+	// copy only a page that travels whole (in the post-copy push most
+	// pages are zero pages or disk references, and copying each page
+	// first made the push's first pass CPU-bound).
+	frozen := s.frozen.Load()
+	page := s.mem[off : off+xenmem.PageSize]
+	if !frozen {
+		copy(slot, page)
+		page = slot
+	}
+	class, h, ref := sd.classify(page, full)
 	if mode.skips(class) {
 		return true, nil
 	}
@@ -222,6 +232,9 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (s
 			return false, sd.flushRefs(ctx)
 		}
 	default:
+		if frozen {
+			copy(slot, page)
+		}
 		sd.data = sd.data[:len(sd.data)+xenmem.PageSize]
 		sd.pfns = append(sd.pfns, pfn)
 		if mode == sendFallback {

@@ -331,14 +331,26 @@ func (s *session) finishFromMirror() error {
 	return nil
 }
 
+// errWelcomed marks a failure of beginRecovery after the connection was
+// welcomed: the caller closes it without sending an error.
+var errWelcomed = errors.New("connection already welcomed")
+
 // recoverable: the domain runs here on lazily loaded memory.
 func (s *session) recoverable() bool { return s.resumed.Load() && s.lazyOn.Load() }
 
 // beginRecovery takes a reconnecting source's main connection: the old
 // streams are closed and the stream slots freed for the new generation.
-func (s *session) beginRecovery(c *conn) error {
+//
+// It welcomes c itself, before the session may write on it (the received
+// bitmap comes next; a welcome sent after it by the caller reached the
+// source second, 1 run in 10 under -race). An error wrapping errWelcomed
+// means c was welcomed and is to be closed without an answer.
+func (s *session) beginRecovery(ctx context.Context, c *conn) error {
 	if !s.recoverable() {
 		return fmt.Errorf("migration %q is not in post-copy; nothing to recover", s.id)
+	}
+	if len(s.recoverCh) > 0 {
+		return fmt.Errorf("migration %q is already recovering", s.id)
 	}
 	s.mu.Lock()
 	old := append([]*conn{s.prio}, s.data...)
@@ -352,10 +364,13 @@ func (s *session) beginRecovery(c *conn) error {
 			o.close()
 		}
 	}
+	if err := c.sendControl(ctx, &wire.Control{Kind: ctlHello, MigrationID: s.id}); err != nil {
+		return fmt.Errorf("welcome the recovering source: %w: %w", errWelcomed, err)
+	}
 	select {
 	case s.recoverCh <- c:
 	default:
-		return fmt.Errorf("migration %q is already recovering", s.id)
+		return fmt.Errorf("migration %q is already recovering: %w", s.id, errWelcomed)
 	}
 	// Wake the main loop wherever it waits.
 	s.fail(fmt.Errorf("%w: the source reconnected", errConnLost))
@@ -682,21 +697,24 @@ func (s *session) readData(ctx context.Context, idx int, c *conn, gen int32) {
 
 // installer turns records into installed pages.
 type installer struct {
-	s    *session
-	c    *conn
-	gen  int32
-	prio bool
-	pfns []uint64
-	refs []wire.DiskRef
-	hs   []dedup.Hash
-	dec  *zstd.Decoder
-	zbuf []byte
-	tmp  []byte
-	fb   []uint64
-	req  []byte
+	s      *session
+	c      *conn
+	gen    int32
+	prio   bool
+	pfns   []uint64
+	refs   []wire.DiskRef
+	hs     []dedup.Hash
+	dec    *zstd.Decoder
+	zbuf   []byte
+	tmp    []byte
+	fb     []uint64
+	req    []byte
+	rr     *refResolver // data streams during post-copy
+	exists []bool
 }
 
 func (in *installer) loop(ctx context.Context) error {
+	defer in.stopResolver()
 	for {
 		rec, err := in.c.r.Next()
 		if err != nil {
@@ -707,7 +725,9 @@ func (in *installer) loop(ctx context.Context) error {
 			err = in.pages(rec.Body)
 		case wire.TypeZeroPages:
 			in.pfns, err = wire.ParsePFNs(rec.Body, in.pfns[:0])
-			if err == nil {
+			if err == nil && in.s.lazyOn.Load() {
+				err = in.lazyWrite(in.pfns, nil, nil)
+			} else if err == nil {
 				for _, p := range in.pfns {
 					if err = in.installZero(p); err != nil {
 						break
@@ -722,10 +742,13 @@ func (in *installer) loop(ctx context.Context) error {
 				if m.Kind != ctlFlush {
 					return fmt.Errorf("unexpected control %q on a data stream: %w", m.Kind, wire.ErrMalformed)
 				}
+				if err = in.settle(); err != nil {
+					break
+				}
 				in.s.flushes <- flush{gen: in.gen, phase: m.Message}
 			}
 		case wire.TypeEnd:
-			return nil
+			return in.settle()
 		default:
 			return fmt.Errorf("unexpected %v record on a data stream: %w", rec.Type, wire.ErrMalformed)
 		}
@@ -758,10 +781,55 @@ func (in *installer) pages(body []byte) error {
 	if !in.s.lazyOn.Load() {
 		return in.write(pfns, data, nil)
 	}
-	for i, p := range pfns {
-		if err := in.install(p, data[i*xenmem.PageSize:(i+1)*xenmem.PageSize], dedup.Hash{}, false); err != nil {
-			return err
+	return in.lazyWrite(pfns, data, nil)
+}
+
+// lazyWrite installs a batch into the running domain (post-copy), one
+// InstallRun per run of consecutive pfns; data nil means zero pages. A page
+// already present is left alone and counted as a duplicate. hashes[i] when
+// given, else computed from data.
+func (in *installer) lazyWrite(pfns []uint64, data []byte, hashes []dedup.Hash) error {
+	s := in.s
+	for _, p := range pfns {
+		if p >= s.numPages {
+			return fmt.Errorf("page %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
 		}
+	}
+	if cap(in.exists) < len(pfns) {
+		in.exists = make([]bool, len(pfns))
+	}
+	exists := in.exists[:len(pfns)]
+	for i := 0; i < len(pfns); {
+		j := i + 1
+		for j < len(pfns) && pfns[j] == pfns[j-1]+1 {
+			j++
+		}
+		var run []byte
+		if data != nil {
+			run = data[i*xenmem.PageSize : j*xenmem.PageSize]
+		}
+		if err := s.lazy.InstallRun(pfns[i], j-i, run, exists[i:j]); err != nil {
+			return fmt.Errorf("install pages %d-%d: %w", pfns[i], pfns[j-1], err)
+		}
+		i = j
+	}
+	for i, p := range pfns {
+		if exists[i] {
+			s.duplicates.Add(1)
+			continue
+		}
+		if in.prio {
+			s.demand.Add(1)
+		}
+		switch {
+		case hashes != nil:
+			s.hashes[p] = hashes[i]
+		case data == nil:
+			s.hashes[p] = zeroHash
+		default:
+			s.hashes[p] = dedup.HashPage(data[i*xenmem.PageSize : (i+1)*xenmem.PageSize])
+		}
+		in.landed(p)
 	}
 	return nil
 }
@@ -873,6 +941,99 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 			return fmt.Errorf("disk reference for page %d beyond %d pages: %w", r.PFN, s.numPages, wire.ErrMalformed)
 		}
 	}
+	if !in.prio && s.lazyOn.Load() {
+		return in.queueRefs(ctx, refs)
+	}
+	return in.resolveRefs(ctx, refs)
+}
+
+// refQueueDepth bounds the batches of references a data stream's resolver
+// holds: queued ones plus the one being resolved.
+const refQueueDepth = 64
+
+// refResolver resolves the references of one data stream during
+// post-copy, beside the stream's reader, so that reading the disk does not
+// stop the stream: the reader goes on to the full pages behind the
+// references and the wire stays busy (the push sends references first).
+type refResolver struct {
+	in   *installer // own scratch buffers, same session and stream
+	jobs chan []wire.DiskRef
+	free chan []wire.DiskRef // refQueueDepth buffers, reused
+	busy sync.WaitGroup      // batches queued and not resolved yet
+	done chan struct{}
+	err  atomic.Pointer[error] // the first batch that failed
+}
+
+func (rr *refResolver) failed() error {
+	if e := rr.err.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// queueRefs hands a batch to the stream's resolver (started on first use),
+// waiting while refQueueDepth batches are in its hands.
+func (in *installer) queueRefs(ctx context.Context, refs []wire.DiskRef) error {
+	rr := in.rr
+	if rr == nil {
+		rr = &refResolver{in: &installer{s: in.s, c: in.c, gen: in.gen},
+			jobs: make(chan []wire.DiskRef, refQueueDepth), free: make(chan []wire.DiskRef, refQueueDepth), done: make(chan struct{})}
+		for range refQueueDepth {
+			rr.free <- nil
+		}
+		in.rr = rr
+		go rr.run(ctx)
+	}
+	if err := rr.failed(); err != nil {
+		return err
+	}
+	var buf []wire.DiskRef
+	select {
+	case buf = <-rr.free:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	rr.busy.Add(1)
+	rr.jobs <- append(buf[:0], refs...) // never blocks: a free buffer means a free slot
+	return nil
+}
+
+func (rr *refResolver) run(ctx context.Context) {
+	defer close(rr.done)
+	for refs := range rr.jobs {
+		if rr.failed() == nil {
+			if err := rr.in.resolveRefs(ctx, refs); err != nil {
+				rr.err.Store(&err)
+			}
+		}
+		rr.free <- refs
+		rr.busy.Done()
+	}
+}
+
+// settle waits until every queued batch is resolved (before a flush marker
+// is passed on: the marker promises everything before it is installed or
+// asked for), and returns the resolver's error.
+func (in *installer) settle() error {
+	if in.rr == nil {
+		return nil
+	}
+	in.rr.busy.Wait()
+	return in.rr.failed()
+}
+
+// stopResolver ends the stream's resolver and waits for it.
+func (in *installer) stopResolver() {
+	if in.rr != nil {
+		close(in.rr.jobs)
+		<-in.rr.done
+	}
+}
+
+// resolveRefs resolves one batch of references, checked against the
+// domain's size.
+func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error {
+	s := in.s
 	lazy := s.lazyOn.Load()
 	if cap(in.tmp) < len(refs)*xenmem.PageSize {
 		in.tmp = make([]byte, len(refs)*xenmem.PageSize)
@@ -904,8 +1065,8 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 	if protoErr != nil && !s.resumed.Load() {
 		return protoErr
 	}
-	// Before post-copy the resolved pages go in as one batch: compact them
-	// to the front of tmp (in place; nothing moves unless a ref failed).
+	// The resolved pages go in as one batch: compact them to the front of
+	// tmp (in place; nothing moves unless a ref failed).
 	in.pfns, in.hs = in.pfns[:0], in.hs[:0]
 	for i, r := range refs {
 		if failed[i] {
@@ -919,19 +1080,17 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 		}
 		s.diskResolved.Add(1)
 		page := in.tmp[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
-		if lazy {
-			if err := in.install(r.PFN, page, r.Hash, true); err != nil {
-				return err
-			}
-			continue
-		}
 		if k := len(in.pfns); k != i {
 			copy(in.tmp[k*xenmem.PageSize:], page)
 		}
 		in.pfns, in.hs = append(in.pfns, r.PFN), append(in.hs, r.Hash)
 	}
 	if len(in.pfns) > 0 {
-		if err := in.write(in.pfns, in.tmp[:len(in.pfns)*xenmem.PageSize], in.hs); err != nil {
+		write := in.write
+		if lazy {
+			write = in.lazyWrite
+		}
+		if err := write(in.pfns, in.tmp[:len(in.pfns)*xenmem.PageSize], in.hs); err != nil {
 			return err
 		}
 	}

@@ -80,6 +80,9 @@ type source struct {
 	percent   float64
 
 	paused     bool
+	// frozen: the domain is paused here, so its memory holds still and
+	// senders may classify a page in place instead of copying it first.
+	frozen atomic.Bool
 	prepared   bool // the destination created the target domain
 	committed  bool // "go" sent: the source must never resume the domain
 	pausedAt   time.Time
@@ -178,6 +181,7 @@ func (s *source) cleanup(errp *error) {
 	}
 	_ = s.dom.DisableDirtyLog()
 	if s.paused {
+		s.frozen.Store(false)
 		if err := s.dom.Resume(); err != nil {
 			*errp = errors.Join(*errp, fmt.Errorf("resume %s on the source after the failure: %w", s.dom.Info().Name, err))
 			return
@@ -599,6 +603,7 @@ func (s *source) switchover(ctx context.Context) error {
 		return fmt.Errorf("pause: %w", err)
 	}
 	s.paused = true
+	s.frozen.Store(true)
 	s.pausedAt = time.Now()
 	if s.opts.Strategy != StrategyPostCopy {
 		final := xenmem.NewBitmap(s.numPages)
@@ -765,7 +770,7 @@ func (s *source) pushRest(ctx context.Context) error {
 		// Zero pages and disk references first: they cost the wire almost
 		// nothing, and once there a vCPU touching one of those pages waits
 		// for a local install, not for a round trip to this host.
-		if err := sd.sendSet(ctx, s.need, nil, nil, sendOnlyCheap); err != nil {
+		if err := sd.sendSet(ctx, s.need, s.hot, nil, sendOnlyCheap); err != nil {
 			return err
 		}
 		if err := sd.sendSet(ctx, s.need, s.hot, nil, sendClassified); err != nil {

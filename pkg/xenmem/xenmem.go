@@ -158,6 +158,12 @@ type Lazy interface {
 	Faults() <-chan Fault
 	Install(pfn uint64, data []byte) error
 	InstallZero(pfn uint64) error
+	// InstallRun installs the consecutive pages first, first+1, ... with
+	// the contents of data (PageSize bytes each), or zero pages when data
+	// is nil, in as few kernel calls as the run allows; each page is
+	// atomic as with Install. exists[i] is set for a page that was present
+	// already and left alone; it must have room for every page of the run.
+	InstallRun(first uint64, n int, data []byte, exists []bool) error
 	// Present reports whether pfn is installed.
 	Present(pfn uint64) bool
 	// Close stops fault delivery; every page must be present by then or the

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -331,6 +332,70 @@ func (l *lazy) InstallZero(pfn uint64) error {
 		return err
 	}
 	return l.result("install zero", pfn, uffdZeropage(l.uffd, l.base+pfn*xenmem.PageSize, xenmem.PageSize))
+}
+
+// InstallRun installs n consecutive pages from first: one UFFDIO_COPY (or
+// UFFDIO_ZEROPAGE when data is nil) per stretch of pages not known to be
+// present. The kernel stops a call at the first page that exists (it
+// returns the bytes done with EAGAIN, or EEXIST when none were); that page
+// is marked in exists and the run goes on after it. On this 2-core VM a
+// 64-page UFFDIO_COPY costs 0.95 µs a page against 3.3 µs for one call a
+// page (docs/benchmarks.md).
+func (l *lazy) InstallRun(first uint64, n int, data []byte, exists []bool) error {
+	if n <= 0 || len(exists) < n || (data != nil && len(data) != n*xenmem.PageSize) {
+		return fmt.Errorf("install run %s at pfn %d: %d pages, %d bytes of data, room for %d flags", l.d.spec.Name, first, n, len(data), len(exists))
+	}
+	if first >= l.npages || uint64(n) > l.npages-first {
+		return fmt.Errorf("install run %s: pfns [%d,%d) out of range (%d pages)", l.d.spec.Name, first, first+uint64(n), l.npages)
+	}
+	clear(exists[:n])
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	op := "install run"
+	for i := 0; i < n; {
+		if l.Present(first + uint64(i)) {
+			exists[i] = true
+			i++
+			continue
+		}
+		if l.closed.Load() {
+			return fmt.Errorf("%s %s pfn %d: lazy loading is closed", op, l.d.spec.Name, first+uint64(i))
+		}
+		j := i + 1
+		for j < n && !l.Present(first+uint64(j)) {
+			j++
+		}
+		dst := l.base + (first+uint64(i))*xenmem.PageSize
+		length := uint64(j-i) * xenmem.PageSize
+		var done int64
+		var e unix.Errno
+		if data != nil {
+			arg := uffdioCopyArg{Dst: dst, Src: uint64(uintptr(unsafe.Pointer(&data[i*xenmem.PageSize]))), Len: length}
+			_, e = ioctlPtr(l.uffd, uffdioCopy, unsafe.Pointer(&arg))
+			done = arg.Copy
+		} else {
+			arg := uffdioZeropageArg{Range: uffdioRange{dst, length}}
+			e = uffdZeropageArg(l.uffd, &arg)
+			done = arg.Zeropage
+		}
+		if done > 0 {
+			for k := i; k < i+int(done/xenmem.PageSize); k++ {
+				l.markPresent(first + uint64(k))
+			}
+			i += int(done / xenmem.PageSize)
+		}
+		switch e {
+		case 0, unix.EAGAIN:
+			// all done, or stopped early: go on from i
+		case unix.EEXIST:
+			l.markPresent(first + uint64(i))
+			exists[i] = true
+			i++
+		default:
+			return l.result(op, first+uint64(i), e)
+		}
+	}
+	return nil
 }
 
 // PresentCount is the number of pages present.

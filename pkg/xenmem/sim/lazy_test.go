@@ -403,3 +403,64 @@ func TestLazyFillsPresentZeroPagesOnFault(t *testing.T) {
 		t.Fatalf("%d pages zero-filled on fault, want 3", got)
 	}
 }
+
+// TestLazyInstallRun: a run over present and missing pages installs only
+// the missing ones (one kernel call per stretch), reports the others, and
+// copes with a page the kernel has but the present bitmap does not know
+// (the kernel stops the copy there).
+func TestLazyInstallRun(t *testing.T) {
+	d, _, lz := newLazyTarget(t, Profile{}, 1)
+	ctx := ctxT(t)
+	l := lz.(*lazy)
+	// pfn 205 installed behind the bitmap's back: the kernel has it.
+	if e := uffdCopy(l.uffd, l.base+205*xenmem.PageSize, patternPage(205)); e != 0 {
+		t.Fatalf("direct UFFDIO_COPY: %v", e)
+	}
+	const first, n = 200, 10
+	data := make([]byte, 0, n*xenmem.PageSize)
+	for p := uint64(first); p < first+n; p++ {
+		data = append(data, patternPage(p+1000)...)
+	}
+	exists := make([]bool, n)
+	if err := lz.InstallRun(first, n, data, exists); err != nil {
+		t.Fatalf("InstallRun: %v", err)
+	}
+	for i := range n {
+		p := uint64(first + i)
+		wantExists := p%2 == 0 || p == 205
+		if exists[i] != wantExists {
+			t.Errorf("pfn %d: exists=%v, want %v", p, exists[i], wantExists)
+		}
+		want := patternPage(p + 1000)
+		if wantExists {
+			want = patternPage(p)
+		}
+		h, err := d.Probe(ctx, p)
+		if err != nil || h != PageHash(want) {
+			t.Errorf("pfn %d: guest reads %x (%v), want %x", p, h, err, PageHash(want))
+		}
+		if !lz.Present(p) {
+			t.Errorf("pfn %d not present after the run", p)
+		}
+	}
+	// A zero run over present and missing pages.
+	exists = make([]bool, 3)
+	if err := lz.InstallRun(301, 3, nil, exists); err != nil {
+		t.Fatalf("InstallRun zero: %v", err)
+	}
+	if exists[0] || !exists[1] || exists[2] {
+		t.Errorf("zero run exists = %v, want [false true false]", exists)
+	}
+	for _, p := range []uint64{301, 303} {
+		if h, err := d.Probe(ctx, p); err != nil || h != PageHash(zeroPage) {
+			t.Errorf("pfn %d: guest reads %x (%v), want the zero page", p, h, err)
+		}
+	}
+	// Bad calls.
+	if err := lz.InstallRun(d.NumPages()-1, 2, nil, make([]bool, 2)); err == nil {
+		t.Error("InstallRun past the end: no error")
+	}
+	if err := lz.InstallRun(401, 2, data[:xenmem.PageSize], make([]bool, 2)); err == nil {
+		t.Error("InstallRun with too little data: no error")
+	}
+}
