@@ -74,6 +74,7 @@ type runConfig struct {
 	streams  int
 	compress bool
 	vcpus    int
+	demand   engine.DemandPath
 }
 
 // bench holds the two simulated hosts and the receiver between runs.
@@ -210,7 +211,7 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 		opsBefore = float64(dom.Ops()-ops0) / time.Since(t0).Seconds()
 	}
 
-	opts := engine.Options{Strategy: rc.strategy, LinkBytesPerSec: rc.link, Streams: rc.streams, Compress: rc.compress, MigrationID: name}
+	opts := engine.Options{Strategy: rc.strategy, LinkBytesPerSec: rc.link, Streams: rc.streams, Compress: rc.compress, MigrationID: name, DemandPath: rc.demand}
 	res, err := engine.Migrate(ctx, dom, b.ln.Addr().String(), opts, hooks)
 	if err != nil {
 		return Line{}, err

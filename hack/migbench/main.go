@@ -58,6 +58,7 @@ func main() {
 		asJSON     = flag.Bool("json", false, "print one JSON object per line")
 		streams    = flag.Int("streams", engine.DefaultStreams, "parallel data connections")
 		compress   = flag.Bool("compress", false, "zstd for full pages (not in the xen strategy)")
+		demand     = flag.String("demand-path", string(engine.DemandPriorityConn), "where post-copy demand answers travel: priority (a connection of their own) or inline (the page's data stream, strict priority)")
 		vcpus      = flag.Int("vcpus", 2, "vCPUs per domain")
 		workdir    = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")
 		verbose    = flag.Bool("v", false, "log the engine's decisions to stderr")
@@ -92,6 +93,9 @@ func main() {
 		}
 		strats = append(strats, st)
 	}
+	if !engine.DemandPath(*demand).Valid() {
+		fatal(fmt.Errorf("-demand-path: unknown %q (want priority or inline)", *demand))
+	}
 	scs, err := parseScenarios(*scenarios)
 	if err != nil {
 		fatal(err)
@@ -120,7 +124,7 @@ func main() {
 	failed := false
 	for _, sc := range scs {
 		for _, st := range strats {
-			cfg := runConfig{scenario: sc, strategy: st, memory: memBytes, link: linkRate, streams: *streams, compress: *compress, vcpus: *vcpus}
+			cfg := runConfig{scenario: sc, strategy: st, memory: memBytes, link: linkRate, streams: *streams, compress: *compress, vcpus: *vcpus, demand: engine.DemandPath(*demand)}
 			fmt.Fprintf(os.Stderr, "migbench: %s / %s: migrating %s...\n", sc.name, st, humanBytes(memBytes))
 			line, err := b.run(ctx, cfg)
 			if err != nil {

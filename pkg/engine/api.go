@@ -53,6 +53,31 @@ type Options struct {
 	// DurableDir, if set, is a directory on shared storage where the source
 	// mirrors not-yet-delivered pages during post-copy.
 	DurableDir string
+	// DemandPath is where the answers to post-copy demand requests travel
+	// ("" = DemandPriorityConn).
+	DemandPath DemandPath
+}
+
+// DemandPath selects how post-copy demand answers get ahead of the push.
+// Requests always travel on the priority connection (they are small and
+// go the other way).
+type DemandPath string
+
+const (
+	// DemandPriorityConn answers on a connection of their own, as QEMU's
+	// postcopy-preempt channel does: nothing of the push is ever ahead.
+	DemandPriorityConn DemandPath = "priority"
+	// DemandInline answers on the data stream that carries the page's
+	// partition, with strict priority: the stream's sender serves pending
+	// requests before it takes the next background page, and the answer
+	// draws its bandwidth without waiting. What the stream already handed
+	// to the kernel is still ahead of it.
+	DemandInline DemandPath = "inline"
+)
+
+// Valid reports whether p is a known demand path ("" included).
+func (p DemandPath) Valid() bool {
+	return p == "" || p == DemandPriorityConn || p == DemandInline
 }
 
 // Phase is where a migration is, as the engine reports it.

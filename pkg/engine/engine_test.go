@@ -209,6 +209,29 @@ func TestMigrateEveryStrategy(t *testing.T) {
 	}
 }
 
+// TestInlineDemandPath: post-copy with demand answers on the data streams
+// (strict priority) instead of the priority connection: the guest faults,
+// pages go on demand, and the destination matches the manifest.
+func TestInlineDemandPath(t *testing.T) {
+	e := newEnv(t, nil)
+	disk, dom := e.domain("inline", "32Mi", webProfile)
+	hooks := engine.Hooks{Log: testr.New(t), Disks: e.catalog(disk)}
+	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPostCopy,
+		LinkBytesPerSec: 50 << 20, MigrationID: "inline", DemandPath: engine.DemandInline}, hooks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Verified || !res.PostCopy {
+		t.Fatalf("verified %v, post-copy %v", res.Verified, res.PostCopy)
+	}
+	if res.Pages.Demand == 0 {
+		t.Errorf("no page went on demand: %+v", res.Pages)
+	}
+	if !runningAt(t, e.dst, "inline") {
+		t.Error("the domain does not run at the destination")
+	}
+}
+
 // TestDestinationKilledLeavesSourceRunning kills the destination agent (a
 // separate process) in the middle of pre-copy: the migration fails with a
 // clear error and the domain keeps running on the source, and can be
@@ -386,7 +409,8 @@ func TestTargetWithoutMemoryLeavesSourceRunning(t *testing.T) {
 }
 
 func TestBadOptionsRejected(t *testing.T) {
-	for _, o := range []engine.Options{{Strategy: "bogus"}, {Strategy: engine.StrategyPreCopy, LinkBytesPerSec: -1}} {
+	for _, o := range []engine.Options{{Strategy: "bogus"}, {Strategy: engine.StrategyPreCopy, LinkBytesPerSec: -1},
+		{Strategy: engine.StrategyPostCopy, DemandPath: "sideways"}} {
 		if _, err := engine.Migrate(context.Background(), nil, "127.0.0.1:1", o, engine.Hooks{}); err == nil {
 			t.Errorf("options %+v accepted", o)
 		}

@@ -29,6 +29,12 @@ type sender struct {
 	// cmds runs work on the sender's goroutine (one at a time); results
 	// are reported on the source's results channel.
 	cmds chan func() error
+	// demand carries demand requests for this partition (DemandInline);
+	// dem batches their answers apart from the background batch, and they
+	// go out urgent (without waiting for bandwidth).
+	demand chan demandReq
+	dem    *sender
+	urgent bool
 
 	pfns  []uint64
 	data  []byte
@@ -47,10 +53,15 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		c:        c,
 		fallback: make(chan []uint64, 64),
 		cmds:     make(chan func() error),
+		demand:   make(chan demandReq, 64),
 		pfns:     make([]uint64, 0, wire.MaxBatchPages),
 		data:     make([]byte, 0, wire.MaxBatchPages*xenmem.PageSize),
 		zeros:    make([]uint64, 0, wire.MaxBatchPages),
 		refs:     make([]wire.DiskRef, 0, wire.MaxBatchPages/4),
+	}
+	if s.opts.DemandPath == DemandInline {
+		sd.dem = newAnswerer(s, c)
+		sd.dem.idx = idx
 	}
 	if s.opts.Compress && s.opts.Strategy != StrategyXen {
 		enc, err := wire.NewPagesEncoder()
@@ -62,6 +73,35 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 	return sd, nil
 }
 
+// newAnswerer is a sender that only answers requests on c (its batches
+// are small: an answer goes out as soon as its request is served).
+func newAnswerer(s *source, c *conn) *sender {
+	return &sender{src: s, c: c, urgent: true,
+		pfns: make([]uint64, 0, 64), data: make([]byte, 0, 64*xenmem.PageSize),
+		zeros: make([]uint64, 0, 64), refs: make([]wire.DiskRef, 0, 64)}
+}
+
+// demandReq is one demand request's pfns for one partition.
+type demandReq struct {
+	reason uint32
+	pfns   []uint64
+}
+
+// serveDemand answers the demand requests queued for this partition,
+// ahead of the background page the sender was about to take.
+func (sd *sender) serveDemand(ctx context.Context) error {
+	for {
+		select {
+		case r := <-sd.demand:
+			if err := sd.src.answer(ctx, sd.dem, r.reason, r.pfns); err != nil {
+				return err
+			}
+		default:
+			return nil
+		}
+	}
+}
+
 // loop is the sender's goroutine: it runs commands and, between them,
 // answers fallback requests, so that fallbacks asked after the last round
 // (while the destination checks its memory) are still served.
@@ -70,6 +110,10 @@ func (sd *sender) loop(ctx context.Context) {
 		select {
 		case fn := <-sd.cmds:
 			sd.src.results <- fn()
+		case r := <-sd.demand:
+			if err := sd.src.answer(ctx, sd.dem, r.reason, r.pfns); err != nil {
+				sd.src.fail(fmt.Errorf("answer demand requests: %w", err))
+			}
 		case pfns := <-sd.fallback:
 			err := func() error {
 				for _, p := range pfns {
@@ -116,6 +160,11 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 				b := uint64(bits.TrailingZeros64(word))
 				word &^= 1 << b
 				pfn := w<<6 + b
+				if len(sd.demand) > 0 {
+					if err := sd.serveDemand(ctx); err != nil {
+						return err
+					}
+				}
 				if !aclear(set, pfn) {
 					continue // taken by the priority path
 				}
@@ -242,7 +291,7 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (s
 		} else {
 			s.cnt.full.Add(1)
 		}
-		if len(sd.pfns) == cap(sd.pfns) {
+		if len(sd.pfns) == cap(sd.pfns) || len(sd.pfns) >= int(sd.src.batchMax.Load()) {
 			return false, sd.flushPages(ctx)
 		}
 	}
@@ -289,7 +338,7 @@ func (sd *sender) flushPages(ctx context.Context) error {
 		}
 	}
 	sd.pre = wire.PagesPrefix(sd.pre[:0], sd.pfns, flags)
-	err := sd.c.send(ctx, wire.TypePages, sd.pre, data)
+	err := sd.c.sendAs(ctx, sd.urgent || sd.c.prio, wire.TypePages, sd.pre, data)
 	sd.pfns, sd.data = sd.pfns[:0], sd.data[:0]
 	return err
 }
@@ -300,7 +349,7 @@ func (sd *sender) flushZeros(ctx context.Context) error {
 	}
 	sd.body = wire.MarshalPFNs(sd.body[:0], sd.zeros)
 	sd.zeros = sd.zeros[:0]
-	return sd.c.send(ctx, wire.TypeZeroPages, sd.body)
+	return sd.c.sendAs(ctx, sd.urgent || sd.c.prio, wire.TypeZeroPages, sd.body)
 }
 
 func (sd *sender) flushRefs(ctx context.Context) error {
@@ -309,7 +358,7 @@ func (sd *sender) flushRefs(ctx context.Context) error {
 	}
 	sd.body = wire.MarshalDiskRefs(sd.body[:0], sd.refs)
 	sd.refs = sd.refs[:0]
-	return sd.c.send(ctx, wire.TypeDiskRefs, sd.body)
+	return sd.c.sendAs(ctx, sd.urgent || sd.c.prio, wire.TypeDiskRefs, sd.body)
 }
 
 // marker writes a flush marker: everything this stream carried before it

@@ -941,10 +941,25 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 			return fmt.Errorf("disk reference for page %d beyond %d pages: %w", r.PFN, s.numPages, wire.ErrMalformed)
 		}
 	}
-	if !in.prio && s.lazyOn.Load() {
+	if !in.prio && s.lazyOn.Load() && !in.awaited(refs) {
 		return in.queueRefs(ctx, refs)
 	}
 	return in.resolveRefs(ctx, refs)
+}
+
+// awaited reports whether a vCPU waits for one of refs' pages: such a
+// batch is resolved at once, not queued behind the stream's others.
+func (in *installer) awaited(refs []wire.DiskRef) bool {
+	t := in.s.tracker
+	if t == nil {
+		return false
+	}
+	for _, r := range refs {
+		if t.Waited(r.PFN) {
+			return true
+		}
+	}
+	return false
 }
 
 // refQueueDepth bounds the batches of references a data stream's resolver

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -79,10 +80,13 @@ type source struct {
 	dirtyRate atomic.Uint64
 	percent   float64
 
-	paused     bool
+	paused bool
 	// frozen: the domain is paused here, so its memory holds still and
 	// senders may classify a page in place instead of copying it first.
 	frozen atomic.Bool
+	// batchMax caps the full pages of a background batch (wire.MaxBatchPages
+	// but during an inline-demand post-copy).
+	batchMax   atomic.Int64
 	prepared   bool // the destination created the target domain
 	committed  bool // "go" sent: the source must never resume the domain
 	pausedAt   time.Time
@@ -139,6 +143,9 @@ func newSource(dom xenmem.SourceDomain, addr string, opts Options, hooks Hooks) 
 	if opts.Streams <= 0 {
 		opts.Streams = DefaultStreams
 	}
+	if !opts.DemandPath.Valid() {
+		return nil, fmt.Errorf("engine: unknown demand path %q (want %q or %q)", opts.DemandPath, DemandPriorityConn, DemandInline)
+	}
 	if opts.MaxDowntime <= 0 {
 		opts.MaxDowntime = DefaultMaxDowntime
 	}
@@ -154,6 +161,7 @@ func newSource(dom xenmem.SourceDomain, addr string, opts Options, hooks Hooks) 
 	if opts.Strategy.usesDedup() {
 		s.catalog = hooks.Disks
 	}
+	s.batchMax.Store(wire.MaxBatchPages)
 	s.phase.Store(PhaseConnecting)
 	return s, nil
 }
@@ -766,6 +774,16 @@ func (s *source) recoveryTimeout() time.Duration {
 // every page.
 func (s *source) pushRest(ctx context.Context) error {
 	s.phase.Store(PhasePostCopy)
+	if s.opts.DemandPath == DemandInline {
+		// An inline answer waits for whatever of the push its stream holds
+		// already: keep that to one small batch plus a small socket buffer.
+		s.batchMax.Store(inlineBatchPages)
+		for _, sd := range s.senders {
+			if tc, ok := sd.c.c.(*net.TCPConn); ok {
+				_ = tc.SetWriteBuffer(inlineSocketBuffer)
+			}
+		}
+	}
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 		// Zero pages and disk references first: they cost the wire almost
 		// nothing, and once there a vCPU touching one of those pages waits
@@ -806,9 +824,9 @@ func (s *source) servePrio(ctx context.Context, prio *conn, gen int32) {
 			s.fail(err)
 		}
 	}
-	sd := &sender{src: s, c: prio,
-		pfns: make([]uint64, 0, 64), data: make([]byte, 0, 64*xenmem.PageSize),
-		zeros: make([]uint64, 0, 64), refs: make([]wire.DiskRef, 0, 64)}
+	sd := newAnswerer(s, prio)
+	sd.urgent = false // the priority connection draws without waiting anyway
+	inline := s.opts.DemandPath == DemandInline
 	for {
 		rec, err := prio.r.Next()
 		if err != nil {
@@ -830,36 +848,74 @@ func (s *source) servePrio(ctx context.Context, prio *conn, gen int32) {
 				fail(fmt.Errorf("request for pfn %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed))
 				return
 			}
-			// The first taker of a still-needed page owns it (hash,
-			// counters); a page already pushed but not yet arrived goes
-			// again, whole, so the fault need not wait for the push.
-			owner := reason != wire.ReasonFallback && aclear(s.need, p)
-			if owner {
-				s.cnt.demand.Add(1)
-			}
-			mode := sendClassified
-			switch {
-			case reason == wire.ReasonFallback:
-				mode = sendFallback
-			case !owner:
-				mode = sendFull
-			}
-			if err := sd.addPage(ctx, p, mode); err != nil {
-				fail(err)
-				return
-			}
-			if len(sd.pfns) >= 60 || len(sd.refs) >= 60 || len(sd.zeros) >= 60 {
-				if err := sd.flush(ctx); err != nil {
-					fail(err)
+		}
+		if inline && reason != wire.ReasonFallback {
+			// Hand each partition's share to its stream's sender.
+			for i := 0; i < len(pfns); {
+				j, part := i+1, partition(pfns[i], s.streams)
+				for j < len(pfns) && partition(pfns[j], s.streams) == part {
+					j++
+				}
+				select {
+				case s.senders[part].demand <- demandReq{reason: reason, pfns: append([]uint64(nil), pfns[i:j]...)}:
+				case <-ctx.Done():
 					return
 				}
+				i = j
 			}
+			continue
 		}
-		if err := sd.flush(ctx); err != nil {
+		if err := s.answer(ctx, sd, reason, pfns); err != nil {
 			fail(err)
 			return
 		}
 	}
+}
+
+// With DemandInline, the push's batches and the data sockets' send buffers
+// shrink to these during post-copy.
+const (
+	inlineBatchPages   = 64
+	inlineSocketBuffer = 256 << 10
+)
+
+// demandPages is how many pages went on demand: as the destination counts
+// them on the priority connection, or, when answers travel inline on the
+// data streams, as this side counts the requests it took pages for.
+func (s *source) demandPages() uint64 {
+	if s.opts.DemandPath == DemandInline {
+		return s.cnt.demand.Load()
+	}
+	return s.dst.Demand
+}
+
+// answer sends the pages a request asks for with sd, and flushes them.
+func (s *source) answer(ctx context.Context, sd *sender, reason uint32, pfns []uint64) error {
+	for _, p := range pfns {
+		// The first taker of a still-needed page owns it (hash,
+		// counters); a page already pushed but not yet arrived goes
+		// again, whole, so the fault need not wait for the push.
+		owner := reason != wire.ReasonFallback && aclear(s.need, p)
+		if owner {
+			s.cnt.demand.Add(1)
+		}
+		mode := sendClassified
+		switch {
+		case reason == wire.ReasonFallback:
+			mode = sendFallback
+		case !owner:
+			mode = sendFull
+		}
+		if err := sd.addPage(ctx, p, mode); err != nil {
+			return err
+		}
+		if len(sd.pfns) >= 60 || len(sd.refs) >= 60 || len(sd.zeros) >= 60 {
+			if err := sd.flush(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	return sd.flush(ctx)
 }
 
 // startMirror writes every page the destination lacks at the switch-over,
@@ -1004,6 +1060,9 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 			s.main, s.prio = main, prio
 			for i, sd := range s.senders {
 				sd.c = data[i]
+				if sd.dem != nil {
+					sd.dem.c = data[i]
+				}
 			}
 			s.connMu.Unlock()
 			ok = true
@@ -1061,7 +1120,7 @@ func (s *source) result() Result {
 		Strategy: s.opts.Strategy, MemoryBytes: s.numPages * xenmem.PageSize,
 		Total: total, WireBytes: s.wireBytes(), Iterations: len(s.history),
 		Pages: PageCounts{Total: s.numPages, Full: s.cnt.full.Load(), Zero: s.cnt.zero.Load(), Disk: s.cnt.disk.Load(),
-			DiskFallback: s.dst.DiskFallback, Resent: s.cnt.resent.Load(), Demand: s.dst.Demand},
+			DiskFallback: s.dst.DiskFallback, Resent: s.cnt.resent.Load(), Demand: s.demandPages()},
 		Verified: s.dst.Verified, StopReason: s.verdict.Reason, PostCopy: s.verdict.Decision == SwitchToPostCopy,
 		FaultP50:      time.Duration(s.dst.FaultP50Us * float64(time.Microsecond)),
 		FaultP99:      time.Duration(s.dst.FaultP99Us * float64(time.Microsecond)),

@@ -100,6 +100,12 @@ func (t *Tracker) Serve(ctx context.Context, faults <-chan xenmem.Fault, request
 	}
 }
 
+// Waited reports whether a vCPU faulted on pfn and it has not been
+// installed since (its install is on someone's critical path).
+func (t *Tracker) Waited(pfn uint64) bool {
+	return pfn < t.n && atomic.LoadInt64(&t.raised[pfn]) != 0
+}
+
 // Installed records that pfn was installed; if a vCPU was waiting on it the
 // fault's latency (raised → installed) is observed.
 func (t *Tracker) Installed(pfn uint64) {
