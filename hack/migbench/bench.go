@@ -81,7 +81,9 @@ type runConfig struct {
 type bench struct {
 	dir      string
 	log      logr.Logger
-	src, dst *sim.Host
+	src, dst *sim.Host // dst is nil when the destination runs in its own process
+	proc     *dstProc
+	addr     string // the receiver's address
 	ln       net.Listener
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -89,7 +91,7 @@ type bench struct {
 	indexes  map[string]*dedup.Index // by disk path, few entries
 }
 
-func newBench(ctx context.Context, dir string, log logr.Logger) (*bench, error) {
+func newBench(ctx context.Context, dir string, log logr.Logger, dstProcess, verbose bool) (*bench, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("work dir: %w", err)
 	}
@@ -101,6 +103,14 @@ func newBench(ctx context.Context, dir string, log logr.Logger) (*bench, error) 
 	if b.src, err = host("src"); err != nil {
 		return nil, err
 	}
+	if dstProcess {
+		if b.proc, err = startDstProc(dir, verbose); err != nil {
+			b.src.Close()
+			return nil, err
+		}
+		b.addr = b.proc.addr
+		return b, nil
+	}
 	if b.dst, err = host("dst"); err != nil {
 		b.src.Close()
 		return nil, err
@@ -111,6 +121,7 @@ func newBench(ctx context.Context, dir string, log logr.Logger) (*bench, error) 
 	}
 	sctx, cancel := context.WithCancel(ctx)
 	b.cancel = cancel
+	b.addr = b.ln.Addr().String()
 	recv := &engine.Receiver{Host: b.dst, Log: log.WithName("receiver")}
 	b.wg.Add(1)
 	go func() { defer b.wg.Done(); _ = recv.Serve(sctx, b.ln) }()
@@ -124,6 +135,9 @@ func (b *bench) close() {
 	}
 	for _, ix := range b.indexes {
 		ix.Close()
+	}
+	if b.proc != nil {
+		b.proc.close()
 	}
 	if b.dst != nil {
 		b.dst.Close()
@@ -212,14 +226,17 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 	}
 
 	opts := engine.Options{Strategy: rc.strategy, LinkBytesPerSec: rc.link, Streams: rc.streams, Compress: rc.compress, MigrationID: name, DemandPath: rc.demand}
-	res, err := engine.Migrate(ctx, dom, b.ln.Addr().String(), opts, hooks)
+	res, err := engine.Migrate(ctx, dom, b.addr, opts, hooks)
 	if err != nil {
 		return Line{}, err
 	}
 	// Free the destination's copy for the next run.
-	if d, err := b.dst.OpenSource(ctx, name); err == nil {
-		_ = d.Release()
-		_ = d.Close()
+	if b.proc != nil {
+		if err := b.proc.release(name); err != nil {
+			return Line{}, err
+		}
+	} else if err := releaseDomain(ctx, b.dst, name); err != nil {
+		return Line{}, fmt.Errorf("release %s at the destination: %w", name, err)
 	}
 	line := Line{
 		Scenario: sc.name, Strategy: string(rc.strategy), MemoryBytes: res.MemoryBytes, LinkBytesPerSec: rc.link,

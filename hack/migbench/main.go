@@ -63,10 +63,24 @@ func main() {
 		workdir    = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")
 		verbose    = flag.Bool("v", false, "log the engine's decisions to stderr")
 		cpuprof    = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+		dstProc    = flag.Bool("dst-process", false, "run the destination host and receiver in a process of their own, as on real hosts (measured: fault latency 2x worse on 2 cores, docs/benchmarks.md)")
+		dstServe   = flag.Bool("dst-serve", false, "internal: be the destination process")
 		warm       = flag.Bool("warm-ram", true, "touch (and free) the RAM the run will use once before measuring: a VM whose host backs its RAM lazily pays ~2 s/GiB on the first touch since boot, a cost no dom0 has")
 	)
 	flag.Parse()
 	oversubscribeProcs()
+	if *dstServe {
+		log := logr.Discard()
+		if *verbose {
+			log = funcr.New(func(prefix, args string) { fmt.Fprintln(os.Stderr, prefix, args) }, funcr.Options{Verbosity: 2})
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		if err := serveDestination(ctx, *workdir, log); err != nil {
+			fatal(err)
+		}
+		return
+	}
 	if *cpuprof != "" {
 		f, err := os.Create(*cpuprof)
 		if err != nil {
@@ -111,7 +125,7 @@ func main() {
 		// Source and destination memory of one run, and the disk image's page cache.
 		warmRAM(3 * memBytes)
 	}
-	b, err := newBench(ctx, *workdir, log)
+	b, err := newBench(ctx, *workdir, log, *dstProc, *verbose)
 	if err != nil {
 		fatal(err)
 	}
