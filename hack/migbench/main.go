@@ -63,7 +63,7 @@ func main() {
 		workdir    = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")
 		verbose    = flag.Bool("v", false, "log the engine's decisions to stderr")
 		cpuprof    = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
-		dstProc    = flag.Bool("dst-process", false, "run the destination host and receiver in a process of their own, as on real hosts (measured: fault latency 2x worse on 2 cores, docs/benchmarks.md)")
+		dstProc    = flag.Bool("dst-process", false, "run the destination host and receiver in a process of their own, as on real hosts (measured on 2 cores: web fault p50 about 25 % worse on a quiet machine, 2x under load; docs/benchmarks.md)")
 		dstServe   = flag.Bool("dst-serve", false, "internal: be the destination process")
 		warm       = flag.Bool("warm-ram", true, "touch (and free) the RAM the run will use once before measuring: a VM whose host backs its RAM lazily pays ~2 s/GiB on the first touch since boot, a cost no dom0 has")
 	)
