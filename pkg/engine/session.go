@@ -344,8 +344,8 @@ func (s *session) recoverable() bool { return s.resumed.Load() && s.lazyOn.Load(
 // It welcomes c itself, before the session may write on it (the received
 // bitmap comes next; a welcome sent after it by the caller reached the
 // source second: TestPostCopySurvivesLinkCut failed 1 run in 3-6 under
-// -race). An error wrapping errWelcomed
-// means c was welcomed and is to be closed without an answer.
+// -race). An error wrapping errWelcomed means c was welcomed and is to be
+// closed without an answer.
 func (s *session) beginRecovery(ctx context.Context, c *conn) error {
 	if !s.recoverable() {
 		return fmt.Errorf("migration %q is not in post-copy; nothing to recover", s.id)
