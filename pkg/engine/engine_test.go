@@ -288,43 +288,54 @@ func TestDestinationKilledLeavesSourceRunning(t *testing.T) {
 // memory matches the manifest.
 func TestStaleDiskBlocksFallBack(t *testing.T) {
 	e := newEnv(t, nil)
-	disk, dom := e.domain("stale", "32Mi", sim.Profile{Zero: 0.1, Disk: 0.6, DirtyMiBps: 2, Seed: 21})
-	cat := e.catalog(disk)
-	scribble := func(from, to int64) {
-		f, err := os.OpenFile(disk, os.O_RDWR, 0)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer f.Close()
-		junk := make([]byte, 4096)
-		for off := from; off < to; off += 8 * 4096 { // every 8th block
-			junk[0], junk[1] = byte(off>>12), byte(off>>20)
-			junk[2] = 0xA5
-			if _, err := f.WriteAt(junk, off); err != nil {
-				t.Error(err)
-				return
+	// hybrid+dedup sends its references in the post-copy push, where the
+	// destination resolves them beside the data stream and asks for the
+	// fallbacks on the priority connection while the domain runs.
+	for i, st := range []engine.Strategy{engine.StrategyPreCopyDedup, engine.StrategyHybridDedup} {
+		t.Run(string(st), func(t *testing.T) {
+			name := fmt.Sprintf("stale-%d", i)
+			disk, dom := e.domain(name, "32Mi", sim.Profile{Zero: 0.1, Disk: 0.6, DirtyMiBps: 2, Seed: 21 + int64(i)})
+			cat := e.catalog(disk)
+			scribble := func(from, to int64) {
+				f, err := os.OpenFile(disk, os.O_RDWR, 0)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				defer f.Close()
+				junk := make([]byte, 4096)
+				for off := from; off < to; off += 8 * 4096 { // every 8th block
+					junk[0], junk[1] = byte(off>>12), byte(off>>20)
+					junk[2] = 0xA5
+					if _, err := f.WriteAt(junk, off); err != nil {
+						t.Error(err)
+						return
+					}
+				}
 			}
-		}
+			scribble(0, 8<<20) // after the index was built
+			var once sync.Once
+			hooks := engine.Hooks{Log: testr.New(t), Disks: cat, Progress: func(p engine.Progress) {
+				if p.Pages.Disk > 0 {
+					once.Do(func() { scribble(8<<20, 32<<20) }) // after references were sent
+				}
+			}}
+			res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: st, LinkBytesPerSec: 16 << 20, MigrationID: name}, hooks)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.Verified {
+				t.Fatal("destination memory does not match the manifest")
+			}
+			if res.Pages.DiskFallback == 0 {
+				t.Fatalf("no fallback counted although disk blocks changed: %+v", res.Pages)
+			}
+			if st == engine.StrategyHybridDedup && !res.PostCopy {
+				t.Fatalf("hybrid+dedup did not switch to post-copy: the post-copy fallback path was not tested")
+			}
+			t.Logf("pages: %+v", res.Pages)
+		})
 	}
-	scribble(0, 8<<20) // after the index was built
-	var once sync.Once
-	hooks := engine.Hooks{Log: testr.New(t), Disks: cat, Progress: func(p engine.Progress) {
-		if p.Pages.Disk > 0 {
-			once.Do(func() { scribble(8<<20, 32<<20) }) // after references were sent
-		}
-	}}
-	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopyDedup, LinkBytesPerSec: 16 << 20, MigrationID: "stale"}, hooks)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !res.Verified {
-		t.Fatal("destination memory does not match the manifest")
-	}
-	if res.Pages.DiskFallback == 0 {
-		t.Fatalf("no fallback counted although disk blocks changed: %+v", res.Pages)
-	}
-	t.Logf("pages: %+v", res.Pages)
 }
 
 // TestSharedDiskMissingAtDestination: the destination cannot see the disk;

@@ -816,7 +816,7 @@ func (in *installer) lazyWrite(pfns []uint64, data []byte, hashes []dedup.Hash) 
 	}
 	for i, p := range pfns {
 		if exists[i] {
-			s.duplicates.Add(1)
+			in.duplicate(p)
 			continue
 		}
 		if in.prio {
@@ -872,7 +872,7 @@ func (in *installer) install(pfn uint64, page []byte, h dedup.Hash, hashed bool)
 	if s.lazyOn.Load() {
 		if err := s.lazy.Install(pfn, page); err != nil {
 			if errors.Is(err, xenmem.ErrPageExists) {
-				s.duplicates.Add(1)
+				in.duplicate(pfn)
 				return nil
 			}
 			return fmt.Errorf("install page %d: %w", pfn, err)
@@ -896,7 +896,7 @@ func (in *installer) installZero(pfn uint64) error {
 	if s.lazyOn.Load() {
 		if err := s.lazy.InstallZero(pfn); err != nil {
 			if errors.Is(err, xenmem.ErrPageExists) {
-				s.duplicates.Add(1)
+				in.duplicate(pfn)
 				return nil
 			}
 			return fmt.Errorf("install zero page %d: %w", pfn, err)
@@ -917,6 +917,19 @@ func (in *installer) installZero(pfn uint64) error {
 }
 
 // landed marks pfn installed and settles a pending fallback or fault.
+// duplicate accounts for a page that was present already (post-copy): it
+// is here, whichever path installed it first (with its hash), so a fallback
+// still waiting for it is settled too. Without this a fallback answer that
+// lost the race to a demand answer left the session waiting for it forever.
+func (in *installer) duplicate(pfn uint64) {
+	s := in.s
+	s.duplicates.Add(1)
+	aset(s.have, pfn)
+	if aclear(s.pendFB, pfn) {
+		s.pending.Add(-1)
+	}
+}
+
 func (in *installer) landed(pfn uint64) {
 	s := in.s
 	aset(s.have, pfn)
@@ -1086,6 +1099,11 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 	in.pfns, in.hs = in.pfns[:0], in.hs[:0]
 	for i, r := range refs {
 		if failed[i] {
+			if lazy && s.lazy.Present(r.PFN) {
+				// Installed meanwhile (a demand answer): nothing to fetch.
+				in.duplicate(r.PFN)
+				continue
+			}
 			aclear(s.have, r.PFN)
 			if asetNew(s.pendFB, r.PFN) {
 				s.pending.Add(1)
