@@ -154,6 +154,26 @@ func (s *session) prioConn() *conn {
 	return s.prio
 }
 
+// sendPrio sends a request on the priority connection. While the session
+// recovers from a broken link there is none, or it is broken: the request
+// is dropped without an error, so that the demand path outlives the break,
+// and what it asked for is asked again once the streams are back (faulted
+// pages by Tracker.Rerequest, everything else by the source's push of all
+// that the received bitmap lacks). Before it used to end the demand path
+// (faults after a recovery waited for the push), or, with no connection at
+// all, to dereference nil.
+func (s *session) sendPrio(ctx context.Context, body []byte) error {
+	c := s.prioConn()
+	if c == nil {
+		return nil
+	}
+	err := c.send(ctx, wire.TypeRequest, body)
+	if err != nil && errors.Is(err, errConnLost) && s.recoverable() {
+		return nil
+	}
+	return err
+}
+
 // closeStreams closes every connection of the session.
 func (s *session) closeStreams() {
 	s.main.close()
@@ -417,7 +437,7 @@ func (s *session) awaitRecovery(ctx context.Context) error {
 	if again := s.tracker.Rerequest(nil); len(again) > 0 {
 		for i := 0; i < len(again); i += 1024 {
 			body := wire.MarshalRequest(nil, wire.ReasonDemand, again[i:min(i+1024, len(again))])
-			if err := s.prioConn().send(ctx, wire.TypeRequest, body); err != nil {
+			if err := s.sendPrio(ctx, body); err != nil {
 				return err
 			}
 		}
@@ -589,7 +609,7 @@ func (s *session) startPostCopy(ctx context.Context) error {
 		var buf []byte
 		err := s.tracker.Serve(ctx, lazy.Faults(), func(pfns []uint64) error {
 			buf = wire.MarshalRequest(buf[:0], wire.ReasonDemand, pfns)
-			return s.prioConn().send(ctx, wire.TypeRequest, buf)
+			return s.sendPrio(ctx, buf)
 		})
 		if err != nil && ctx.Err() == nil {
 			s.fail(fmt.Errorf("demand path: %w", err))
@@ -634,7 +654,7 @@ func (s *session) finishPostCopy(ctx context.Context) error {
 		}
 		for i := 0; i < len(missing); i += 1024 {
 			buf = wire.MarshalRequest(buf[:0], wire.ReasonRecover, missing[i:min(i+1024, len(missing))])
-			if err := s.prioConn().send(ctx, wire.TypeRequest, buf); err != nil {
+			if err := s.sendPrio(ctx, buf); err != nil {
 				return err
 			}
 		}
@@ -1136,7 +1156,7 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 	// connection, as a vCPU may be waiting.
 	in.req = wire.MarshalRequest(in.req[:0], wire.ReasonFallback, in.fb)
 	if lazy {
-		return s.prioConn().send(ctx, wire.TypeRequest, in.req)
+		return s.sendPrio(ctx, in.req)
 	}
 	return s.main.send(ctx, wire.TypeRequest, in.req)
 }
