@@ -186,7 +186,11 @@ log "build: $((SECONDS - t0))s"
 # ---------------------------------------------------------------- hosts
 step "hosts"
 t0=$SECONDS
-if "$XENLAB_DIR/hosts.sh" status | grep -q stopped; then
+# The status is read whole: with pipefail, `status | grep -q` fails when
+# grep exits at the first "stopped" and status dies of SIGPIPE writing the
+# next line, and the lab then waited 600 s for hosts that were never started.
+host_status=$("$XENLAB_DIR/hosts.sh" status)
+if grep -q stopped <<<"$host_status"; then
 	started_hosts=1
 	"$XENLAB_DIR/hosts.sh" down
 	"$XENLAB_DIR/hosts.sh" up || {
