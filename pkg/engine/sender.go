@@ -44,6 +44,7 @@ type sender struct {
 	body  []byte
 	zbuf  []byte
 	enc   *zstd.Encoder
+	ahead []byte // readAhead's buffer: one partition chunk
 }
 
 func newSender(s *source, idx int, c *conn) (*sender, error) {
@@ -151,6 +152,10 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 		}
 		sd.yield()
 		lo, hi := c*chunk, min((c+1)*chunk, n)
+		ahead, aheadLo, err := sd.readAhead(set, only, lo, hi)
+		if err != nil {
+			return err
+		}
 		for w := lo >> 6; w<<6 < hi; w++ {
 			word := atomic.LoadUint64(&set.Words()[w])
 			if only != nil {
@@ -168,7 +173,11 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 				if !aclear(set, pfn) {
 					continue // taken by the priority path
 				}
-				skipped, err := sd.addPageMode(ctx, pfn, mode)
+				var src []byte
+				if pfn >= aheadLo && (pfn-aheadLo)*xenmem.PageSize < uint64(len(ahead)) {
+					src = ahead[(pfn-aheadLo)*xenmem.PageSize : (pfn-aheadLo+1)*xenmem.PageSize]
+				}
+				skipped, err := sd.addPageMode(ctx, pfn, mode, src)
 				if err != nil {
 					return err
 				}
@@ -179,6 +188,38 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 		}
 	}
 	return sd.flush(ctx)
+}
+
+// readAhead reads the pages of [lo,hi) that set (and only) hold with one
+// ReadPages call over their span, when they fill at least an eighth of it,
+// into the sender's read-ahead buffer; it returns the span's first pfn. A
+// chunk with fewer pages is read page by page from the mapping.
+func (sd *sender) readAhead(set, only *xenmem.Bitmap, lo, hi uint64) ([]byte, uint64, error) {
+	first, last, count := hi, lo, uint64(0)
+	for w := lo >> 6; w<<6 < hi; w++ {
+		word := atomic.LoadUint64(&set.Words()[w])
+		if only != nil {
+			word &= only.Words()[w]
+		}
+		if word == 0 {
+			continue
+		}
+		count += uint64(bits.OnesCount64(word))
+		first = min(first, w<<6+uint64(bits.TrailingZeros64(word)))
+		last = max(last, w<<6+63-uint64(bits.LeadingZeros64(word)))
+	}
+	if count == 0 || count*8 < last-first+1 {
+		return nil, 0, nil
+	}
+	span := (last - first + 1) * xenmem.PageSize
+	if uint64(cap(sd.ahead)) < span {
+		sd.ahead = make([]byte, (uint64(1)<<partitionShift)*xenmem.PageSize)
+	}
+	buf := sd.ahead[:span]
+	if err := sd.src.dom.ReadPages(first, buf); err != nil {
+		return nil, 0, fmt.Errorf("read guest memory: %w", err)
+	}
+	return buf, first, nil
 }
 
 // yield lets a demand-path goroutine waiting for this P run, between two
@@ -230,13 +271,16 @@ func (m sendMode) skips(c dedup.Class) bool {
 
 // addPage reads one page now and queues it in the right batch.
 func (sd *sender) addPage(ctx context.Context, pfn uint64, mode sendMode) error {
-	_, err := sd.addPageMode(ctx, pfn, mode)
+	_, err := sd.addPageMode(ctx, pfn, mode, nil)
 	return err
 }
 
 // addPageMode is addPage; a page that sendOnlyFull or sendOnlyCheap
 // leaves out is not sent (skipped is true) and leaves no trace.
-func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (skipped bool, err error) {
+//
+// src, when not nil, is a private copy of the page just read (readAhead);
+// otherwise the page is read from the mapping.
+func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode, src []byte) (skipped bool, err error) {
 	full := mode == sendFull || mode == sendFallback
 	s := sd.src
 	off := pfn * xenmem.PageSize
@@ -246,11 +290,14 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (s
 	// copy only a page that travels whole (in the post-copy push most
 	// pages are zero pages or disk references, and copying each page
 	// first made the push's first pass CPU-bound).
-	frozen := s.frozen.Load()
-	page := s.mem[off : off+xenmem.PageSize]
-	if !frozen {
+	// A page read ahead is a private copy already: classify it where it is.
+	page, inSlot := s.mem[off:off+xenmem.PageSize], false
+	switch {
+	case src != nil:
+		page = src
+	case !s.frozen.Load():
 		copy(slot, page)
-		page = slot
+		page, inSlot = slot, true
 	}
 	class, h, ref := sd.classify(page, full)
 	if mode.skips(class) {
@@ -281,7 +328,7 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode) (s
 			return false, sd.flushRefs(ctx)
 		}
 	default:
-		if frozen {
+		if !inSlot {
 			copy(slot, page)
 		}
 		sd.data = sd.data[:len(sd.data)+xenmem.PageSize]

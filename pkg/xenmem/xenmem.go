@@ -93,6 +93,12 @@ type SourceDomain interface {
 	// Memory is a read-only view of guest memory, NumPages()*PageSize bytes,
 	// valid until Close. The guest may write it concurrently while running.
 	Memory() []byte
+	// ReadPages copies the consecutive pages first, first+1, ... into dst
+	// (len(dst)/PageSize of them), as Memory() holds them, through the
+	// backend's own path (libxc maps a batch; the simulated host reads its
+	// memory file, which costs less than a first touch of the mapping).
+	// The guest may write the pages meanwhile, as with Memory().
+	ReadPages(first uint64, dst []byte) error
 	// EnableDirtyLog starts exact 4 KiB dirty tracking (Xen's log-dirty).
 	EnableDirtyLog() error
 	// ReadDirty ORs into dst the pages written since the previous call (or

@@ -510,3 +510,34 @@ func TestTargetWritePages(t *testing.T) {
 		t.Errorf("WritePages after Resume: no error")
 	}
 }
+
+// TestSourceReadPages: ReadPages returns what the mapping holds, for a run
+// in the middle and one ending at the last page, and refuses bad ranges.
+func TestSourceReadPages(t *testing.T) {
+	requiresUffd(t)
+	h := newTestHost(t, DomainSpec{Name: "r", Memory: "4Mi", VCPUs: 1, Profile: Profile{Zero: 0.2, Seed: 5}})
+	src, err := h.OpenSource(ctxT(t), "r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if err := src.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	mem := src.Memory()
+	for _, r := range []struct{ first, n uint64 }{{0, 1}, {17, 100}, {src.NumPages() - 5, 5}} {
+		buf := make([]byte, r.n*xenmem.PageSize)
+		if err := src.ReadPages(r.first, buf); err != nil {
+			t.Fatalf("ReadPages(%d, %d pages): %v", r.first, r.n, err)
+		}
+		if !bytes.Equal(buf, mem[r.first*xenmem.PageSize:(r.first+r.n)*xenmem.PageSize]) {
+			t.Errorf("ReadPages(%d, %d pages) differs from the mapping", r.first, r.n)
+		}
+	}
+	if err := src.ReadPages(src.NumPages()-1, make([]byte, 2*xenmem.PageSize)); err == nil {
+		t.Error("ReadPages past the end: no error")
+	}
+	if err := src.ReadPages(0, make([]byte, 100)); err == nil {
+		t.Error("ReadPages of a partial page: no error")
+	}
+}
