@@ -326,6 +326,7 @@ func (s *session) finishFromMirror() error {
 	defer m.Close()
 	page := make([]byte, xenmem.PageSize)
 	in := &installer{s: s}
+	pfn, hash := make([]uint64, 1), make([]dedup.Hash, 1)
 	loaded := 0
 	for p := range s.numPages {
 		h, err := m.Hash(p)
@@ -339,7 +340,8 @@ func (s *session) finishFromMirror() error {
 		if err := m.ReadPage(p, page); err != nil {
 			return err
 		}
-		if err := in.install(p, page, h, true); err != nil {
+		pfn[0], hash[0] = p, h
+		if err := in.installBatch(pfn, page, hash); err != nil {
 			return err
 		}
 		loaded++
@@ -747,10 +749,10 @@ func (in *installer) loop(ctx context.Context) error {
 		case wire.TypeZeroPages:
 			in.pfns, err = wire.ParsePFNs(rec.Body, in.pfns[:0])
 			if err == nil && in.s.lazyOn.Load() {
-				err = in.lazyWrite(in.pfns, nil, nil)
+				err = in.installBatch(in.pfns, nil, nil)
 			} else if err == nil {
 				for _, p := range in.pfns {
-					if err = in.installZero(p); err != nil {
+					if err = in.writeZero(p); err != nil {
 						break
 					}
 				}
@@ -799,47 +801,49 @@ func (in *installer) pages(body []byte) error {
 		}
 		in.zbuf = data
 	}
-	if !in.s.lazyOn.Load() {
-		return in.write(pfns, data, nil)
-	}
-	return in.lazyWrite(pfns, data, nil)
+	return in.installBatch(pfns, data, nil)
 }
 
-// lazyWrite installs a batch into the running domain (post-copy), one
-// InstallRun per run of consecutive pfns; data nil means zero pages. A page
-// already present is left alone and counted as a duplicate. hashes[i] when
-// given, else computed from data.
-func (in *installer) lazyWrite(pfns []uint64, data []byte, hashes []dedup.Hash) error {
+// installBatch installs a batch of pages: before post-copy with one
+// WritePages call; after it with one InstallRun per run of consecutive
+// pfns (data nil: zero pages), which leaves a page already present alone
+// (a duplicate). Then it records each page's hash: hashes[i] when given,
+// else computed from data.
+func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Hash) error {
 	s := in.s
 	for _, p := range pfns {
 		if p >= s.numPages {
 			return fmt.Errorf("page %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
 		}
 	}
-	if cap(in.exists) < len(pfns) {
-		in.exists = make([]bool, len(pfns))
-	}
-	exists := in.exists[:len(pfns)]
-	for i := 0; i < len(pfns); {
-		j := i + 1
-		for j < len(pfns) && pfns[j] == pfns[j-1]+1 {
-			j++
+	lazy := s.lazyOn.Load()
+	var exists []bool
+	if lazy {
+		if cap(in.exists) < len(pfns) {
+			in.exists = make([]bool, len(pfns))
 		}
-		var run []byte
-		if data != nil {
-			run = data[i*xenmem.PageSize : j*xenmem.PageSize]
+		exists = in.exists[:len(pfns)]
+		if err := xenmem.Runs(pfns, func(i, j int) error {
+			var run []byte
+			if data != nil {
+				run = data[i*xenmem.PageSize : j*xenmem.PageSize]
+			}
+			if err := s.lazy.InstallRun(pfns[i], j-i, run, exists[i:j]); err != nil {
+				return fmt.Errorf("install pages %d-%d: %w", pfns[i], pfns[j-1], err)
+			}
+			return nil
+		}); err != nil {
+			return err
 		}
-		if err := s.lazy.InstallRun(pfns[i], j-i, run, exists[i:j]); err != nil {
-			return fmt.Errorf("install pages %d-%d: %w", pfns[i], pfns[j-1], err)
-		}
-		i = j
+	} else if err := s.dom.WritePages(pfns, data); err != nil {
+		return fmt.Errorf("install %d pages: %w", len(pfns), err)
 	}
 	for i, p := range pfns {
-		if exists[i] {
+		if lazy && exists[i] {
 			in.duplicate(p)
 			continue
 		}
-		if in.prio {
+		if lazy && in.prio {
 			s.demand.Add(1)
 		}
 		switch {
@@ -855,78 +859,15 @@ func (in *installer) lazyWrite(pfns []uint64, data []byte, hashes []dedup.Hash) 
 	return nil
 }
 
-// write installs a batch before post-copy: one WritePages call for the
-// batch, then the hashes (hashes[i] when given, else computed from data).
-func (in *installer) write(pfns []uint64, data []byte, hashes []dedup.Hash) error {
-	s := in.s
-	for _, p := range pfns {
-		if p >= s.numPages {
-			return fmt.Errorf("page %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
-		}
-	}
-	if err := s.dom.WritePages(pfns, data); err != nil {
-		return fmt.Errorf("install %d pages: %w", len(pfns), err)
-	}
-	for i, p := range pfns {
-		if hashes != nil {
-			s.hashes[p] = hashes[i]
-		} else {
-			s.hashes[p] = dedup.HashPage(data[i*xenmem.PageSize : (i+1)*xenmem.PageSize])
-		}
-		in.landed(p)
-	}
-	return nil
-}
-
-// install puts one page in place. Before post-copy it is a copy into guest
-// memory; after, an atomic install that never overwrites a page the guest
-// already has.
-func (in *installer) install(pfn uint64, page []byte, h dedup.Hash, hashed bool) error {
-	s := in.s
-	if pfn >= s.numPages {
-		return fmt.Errorf("page %d beyond %d pages: %w", pfn, s.numPages, wire.ErrMalformed)
-	}
-	if !hashed {
-		h = dedup.HashPage(page)
-	}
-	if s.lazyOn.Load() {
-		if err := s.lazy.Install(pfn, page); err != nil {
-			if errors.Is(err, xenmem.ErrPageExists) {
-				in.duplicate(pfn)
-				return nil
-			}
-			return fmt.Errorf("install page %d: %w", pfn, err)
-		}
-		if in.prio {
-			s.demand.Add(1)
-		}
-	} else if err := s.dom.WritePages([]uint64{pfn}, page); err != nil {
-		return fmt.Errorf("install page %d: %w", pfn, err)
-	}
-	s.hashes[pfn] = h
-	in.landed(pfn)
-	return nil
-}
-
-func (in *installer) installZero(pfn uint64) error {
+// writeZero installs a zero page before post-copy. Memory reads as zero
+// until written, so only a page that had other content (the guest cleared
+// it after it was sent) is written.
+func (in *installer) writeZero(pfn uint64) error {
 	s := in.s
 	if pfn >= s.numPages {
 		return fmt.Errorf("zero page %d beyond %d pages: %w", pfn, s.numPages, wire.ErrMalformed)
 	}
-	if s.lazyOn.Load() {
-		if err := s.lazy.InstallZero(pfn); err != nil {
-			if errors.Is(err, xenmem.ErrPageExists) {
-				in.duplicate(pfn)
-				return nil
-			}
-			return fmt.Errorf("install zero page %d: %w", pfn, err)
-		}
-		if in.prio {
-			s.demand.Add(1)
-		}
-	} else if s.hashes[pfn] != zeroHash && s.hashes[pfn] != (dedup.Hash{}) {
-		// The page had other content: write zeros over it (rare: a page
-		// the guest cleared after it was sent).
+	if s.hashes[pfn] != zeroHash && s.hashes[pfn] != (dedup.Hash{}) {
 		if err := s.dom.WritePages([]uint64{pfn}, zeroPage); err != nil {
 			return fmt.Errorf("install zero page %d: %w", pfn, err)
 		}
@@ -936,20 +877,17 @@ func (in *installer) installZero(pfn uint64) error {
 	return nil
 }
 
-// landed marks pfn installed and settles a pending fallback or fault.
 // duplicate accounts for a page that was present already (post-copy): it
-// is here, whichever path installed it first (with its hash), so a fallback
-// still waiting for it is settled too. Without this a fallback answer that
-// lost the race to a demand answer left the session waiting for it forever.
+// is here, whichever path installed it first (with its hash), so it has
+// landed, and a fallback still waiting for it is settled. Without this a
+// fallback answer that lost the race to a demand answer left the session
+// waiting for it forever.
 func (in *installer) duplicate(pfn uint64) {
-	s := in.s
-	s.duplicates.Add(1)
-	aset(s.have, pfn)
-	if aclear(s.pendFB, pfn) {
-		s.pending.Add(-1)
-	}
+	in.s.duplicates.Add(1)
+	in.landed(pfn)
 }
 
+// landed marks pfn installed and settles a pending fallback or fault.
 func (in *installer) landed(pfn uint64) {
 	s := in.s
 	aset(s.have, pfn)
@@ -1140,11 +1078,7 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 		in.pfns, in.hs = append(in.pfns, r.PFN), append(in.hs, r.Hash)
 	}
 	if len(in.pfns) > 0 {
-		write := in.write
-		if lazy {
-			write = in.lazyWrite
-		}
-		if err := write(in.pfns, in.tmp[:len(in.pfns)*xenmem.PageSize], in.hs); err != nil {
+		if err := in.installBatch(in.pfns, in.tmp[:len(in.pfns)*xenmem.PageSize], in.hs); err != nil {
 			return err
 		}
 	}

@@ -176,3 +176,20 @@ type Lazy interface {
 	// domain is being destroyed.
 	Close() error
 }
+
+// Runs calls fn(i, j) for each maximal run pfns[i:j] of consecutive pfns
+// (each one more than the one before), in order, and stops at the first
+// error, which it returns.
+func Runs(pfns []uint64, fn func(i, j int) error) error {
+	for i := 0; i < len(pfns); {
+		j := i + 1
+		for j < len(pfns) && pfns[j] == pfns[j-1]+1 {
+			j++
+		}
+		if err := fn(i, j); err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
+}

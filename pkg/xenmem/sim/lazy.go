@@ -277,61 +277,39 @@ func (l *lazy) Present(pfn uint64) bool {
 	return pfn < l.npages && l.present[pfn>>6].Load()&(1<<(pfn&63)) != 0
 }
 
-func (l *lazy) check(op string, pfn uint64) error {
-	if pfn >= l.npages {
-		return fmt.Errorf("%s %s: pfn %d out of range (%d pages)", op, l.d.spec.Name, pfn, l.npages)
-	}
-	// A present page is "exists" even after Close: a late duplicate (the
-	// answer to a demand request the push had already satisfied) is not an
-	// error for the caller.
-	if l.Present(pfn) {
-		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, xenmem.ErrPageExists)
-	}
-	if l.closed.Load() {
-		return fmt.Errorf("%s %s pfn %d: lazy loading is closed", op, l.d.spec.Name, pfn)
-	}
-	return nil
-}
-
-func (l *lazy) result(op string, pfn uint64, e unix.Errno) error {
-	switch e {
-	case 0:
-		l.markPresent(pfn)
-		return nil
-	case unix.EEXIST:
-		l.markPresent(pfn)
-		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, xenmem.ErrPageExists)
-	case unix.ESRCH, unix.ENOENT:
-		if !l.d.guest.alive() {
-			return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, l.d.guest.deadError())
-		}
+// installError explains a failed install of pfn.
+func (l *lazy) installError(op string, pfn uint64, e unix.Errno) error {
+	if (e == unix.ESRCH || e == unix.ENOENT) && !l.d.guest.alive() {
+		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, l.d.guest.deadError())
 	}
 	return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, e)
 }
 
 // Install copies data (one page) into the missing page pfn atomically and
 // wakes the vCPUs waiting on it; a page already present is left alone and
-// ErrPageExists returned.
+// ErrPageExists returned, even after Close: a late duplicate (the answer to
+// a demand request the push had already satisfied) is not an error for the
+// caller.
 func (l *lazy) Install(pfn uint64, data []byte) error {
 	if len(data) != xenmem.PageSize {
 		return fmt.Errorf("install %s pfn %d: %d bytes, want %d", l.d.spec.Name, pfn, len(data), xenmem.PageSize)
 	}
-	l.ioMu.RLock()
-	defer l.ioMu.RUnlock()
-	if err := l.check("install", pfn); err != nil {
-		return err
-	}
-	return l.result("install", pfn, uffdCopy(l.uffd, l.base+pfn*xenmem.PageSize, data))
+	return l.installOne("install", pfn, data)
 }
 
 // InstallZero makes the missing page pfn a zero page (UFFDIO_ZEROPAGE).
-func (l *lazy) InstallZero(pfn uint64) error {
-	l.ioMu.RLock()
-	defer l.ioMu.RUnlock()
-	if err := l.check("install zero", pfn); err != nil {
+func (l *lazy) InstallZero(pfn uint64) error { return l.installOne("install zero", pfn, nil) }
+
+// installOne is a run of one page that reports a present page as an error.
+func (l *lazy) installOne(op string, pfn uint64, data []byte) error {
+	var exists [1]bool
+	if err := l.InstallRun(pfn, 1, data, exists[:]); err != nil {
 		return err
 	}
-	return l.result("install zero", pfn, uffdZeropage(l.uffd, l.base+pfn*xenmem.PageSize, xenmem.PageSize))
+	if exists[0] {
+		return fmt.Errorf("%s %s pfn %d: %w", op, l.d.spec.Name, pfn, xenmem.ErrPageExists)
+	}
+	return nil
 }
 
 // InstallRun installs n consecutive pages from first: one UFFDIO_COPY (or
@@ -392,7 +370,7 @@ func (l *lazy) InstallRun(first uint64, n int, data []byte, exists []bool) error
 			exists[i] = true
 			i++
 		default:
-			return l.result(op, first+uint64(i), e)
+			return l.installError(op, first+uint64(i), e)
 		}
 	}
 	return nil

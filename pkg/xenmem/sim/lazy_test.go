@@ -5,6 +5,9 @@ import (
 	"errors"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -462,5 +465,19 @@ func TestLazyInstallRun(t *testing.T) {
 	}
 	if err := lz.InstallRun(401, 2, data[:xenmem.PageSize], make([]bool, 2)); err == nil {
 		t.Error("InstallRun with too little data: no error")
+	}
+}
+
+// uffdCopy (test helper) installs one page (src must hold PageSize bytes) at dst and wakes
+// the waiters. EEXIST means the page is already present.
+func uffdCopy(fd int, dst uint64, src []byte) unix.Errno {
+	arg := uffdioCopyArg{Dst: dst, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: uint64(len(src))}
+	for {
+		_, e := ioctlPtr(fd, uffdioCopy, unsafe.Pointer(&arg))
+		if e == unix.EAGAIN { // address space changing under us: retry
+			arg.Copy = 0
+			continue
+		}
+		return e
 	}
 }

@@ -177,20 +177,6 @@ func uffdWriteprotect(fd int, start, length uint64, protect bool) error {
 	}
 }
 
-// uffdCopy installs one page (src must hold PageSize bytes) at dst and wakes
-// the waiters. EEXIST means the page is already present.
-func uffdCopy(fd int, dst uint64, src []byte) unix.Errno {
-	arg := uffdioCopyArg{Dst: dst, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: uint64(len(src))}
-	for {
-		_, e := ioctlPtr(fd, uffdioCopy, unsafe.Pointer(&arg))
-		if e == unix.EAGAIN { // address space changing under us: retry
-			arg.Copy = 0
-			continue
-		}
-		return e
-	}
-}
-
 func uffdZeropage(fd int, dst, length uint64) unix.Errno {
 	arg := uffdioZeropageArg{Range: uffdioRange{dst, length}}
 	for {
