@@ -26,6 +26,11 @@ type Hooks struct {
 	// Disks are the indexes of the domain's disks for +dedup strategies
 	// (nil: no dedup even if the strategy asks for it).
 	Disks *dedup.Catalog
+	// Committed, if set, is called once, synchronously, when the domain
+	// was committed (dom.Commit) and just before "go" is sent: from then on
+	// cancelling the migration no longer brings the domain back here. It
+	// must return quickly (the domain is paused meanwhile).
+	Committed func()
 }
 
 // Defaults.
@@ -726,10 +731,16 @@ func (s *source) stopAndCopy(ctx context.Context) error {
 // for a verdict (the destination's "discarded", or an operator's from
 // observed facts), never runs twice.
 func (s *source) commit(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err // cancelled before the point of no return: resume here
+	}
 	if err := s.dom.Commit(); err != nil {
 		return fmt.Errorf("commit the domain before go: %w", err)
 	}
 	s.committed.Store(true)
+	if s.hooks.Committed != nil {
+		s.hooks.Committed()
+	}
 	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlGo}); err != nil {
 		return err
 	}
