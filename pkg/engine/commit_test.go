@@ -30,15 +30,25 @@ type rewriter struct {
 	conns  []net.Conn
 	edit   func(m *wire.Control) (forward, cut bool)
 	edited atomic.Int32
+	// corruptPages, when set before the first connection, re-frames the
+	// source's records too and flips the last byte of every raw PAGES
+	// record (its CRC recomputed): corruption the CRC cannot see.
+	corruptPages bool
+	corrupted    atomic.Int32
 }
 
 func newRewriter(t *testing.T, target string, edit func(m *wire.Control) (forward, cut bool)) *rewriter {
+	t.Helper()
+	return newRewriterWith(t, target, edit, false)
+}
+
+func newRewriterWith(t *testing.T, target string, edit func(m *wire.Control) (forward, cut bool), corruptPages bool) *rewriter {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	rw := &rewriter{ln: ln, edit: edit}
+	rw := &rewriter{ln: ln, edit: edit, corruptPages: corruptPages}
 	t.Cleanup(func() { ln.Close(); rw.cut() })
 	go func() {
 		for {
@@ -54,7 +64,14 @@ func newRewriter(t *testing.T, target string, edit func(m *wire.Control) (forwar
 			rw.mu.Lock()
 			rw.conns = append(rw.conns, in, out)
 			rw.mu.Unlock()
-			go func() { _, _ = io.Copy(out, in); out.Close() }()
+			go func() {
+				if rw.corruptPages {
+					rw.forth(in, out)
+				} else {
+					_, _ = io.Copy(out, in)
+				}
+				out.Close()
+			}()
 			go func() { rw.back(in, out); in.Close() }()
 		}
 	}()
@@ -107,6 +124,32 @@ func (rw *rewriter) back(src, dst net.Conn) {
 				if body, err = wire.MarshalControl(nil, &m); err != nil {
 					return
 				}
+			}
+		}
+		if w.Write(rec.Type, body) != nil || w.Flush() != nil {
+			return
+		}
+	}
+}
+
+// forth copies the source's records to the destination, re-framed, with
+// every uncompressed page batch's last byte flipped.
+func (rw *rewriter) forth(src, dst net.Conn) {
+	r, w := wire.NewReader(src), wire.NewWriter(dst)
+	if r.ReadStreamHeader() != nil || w.WriteStreamHeader() != nil || w.Flush() != nil {
+		return
+	}
+	for {
+		rec, err := r.Next()
+		if err != nil {
+			return
+		}
+		body := rec.Body
+		if rec.Type == wire.TypePages {
+			if _, flags, data, err := wire.ParsePages(rec.Body, nil); err == nil && flags&wire.PagesZstd == 0 && len(data) > 0 {
+				body = append([]byte(nil), rec.Body...)
+				body[len(body)-1] ^= 0x5a
+				rw.corrupted.Add(1)
 			}
 		}
 		if w.Write(rec.Type, body) != nil || w.Flush() != nil {
@@ -338,4 +381,36 @@ func TestDiscardedAfterGoReclaims(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestCorruptedPostCopyKeepsSourceCopy: page data corrupted on the wire
+// with valid CRCs (as a flipped bit the link's checksum missed) during a
+// post-copy. The destination's verification fails after the domain runs
+// there; the source must neither report success nor release the only good
+// copy: it either keeps it paused (no verdict) or runs it again on the
+// destination's "discarded".
+func TestCorruptedPostCopyKeepsSourceCopy(t *testing.T) {
+	e := newEnv(t, nil)
+	rw := newRewriterWith(t, e.addr, func(m *wire.Control) (bool, bool) { return true, false }, true)
+	res, err, dom := migrateThrough(t, e, rw, "flipped", engine.Options{Strategy: engine.StrategyPostCopy}, context.Background())
+	if rw.corrupted.Load() == 0 {
+		t.Fatal("no page was corrupted: the test proved nothing")
+	}
+	if err == nil || res.Verified {
+		t.Fatalf("a post-copy with %d corrupted batches was reported as a success (verified=%v)", rw.corrupted.Load(), res.Verified)
+	}
+	discarded := errors.Is(err, engine.ErrDiscarded)
+	if !discarded && !errors.Is(err, engine.ErrCommittedFailure) {
+		t.Fatalf("want a committed failure or a discard, got %v", err)
+	}
+	present, paused, running := closeAndCheckSource(t, e, dom, "flipped")
+	switch {
+	case !present:
+		t.Fatal("the source released the only good copy of the domain")
+	case discarded && (paused || !running):
+		t.Fatalf("discarded, but the source domain is paused=%v running=%v", paused, running)
+	case !discarded && (!paused || running):
+		t.Fatalf("no verdict, but the source domain is paused=%v running=%v: it may run on both hosts", paused, running)
+	}
+	t.Logf("corrupted %d batches; source kept its copy (discarded=%v): %v", rw.corrupted.Load(), discarded, err)
 }

@@ -226,9 +226,14 @@ func (s *source) cleanup(errp *error) {
 			s.log.Info("The destination discarded the domain; it runs on the source again", "domain", name, "error", (*errp).Error())
 			return
 		}
-		*errp = fmt.Errorf("%w: %w; the domain %s stays paused on the source and is not released: "+
-			"if it runs at the destination, release it here; if the destination destroyed it or never resumed it, reclaim it here",
-			ErrCommittedFailure, *errp, name)
+		if errors.Is(*errp, errUnverified) {
+			*errp = fmt.Errorf("%w: %w; the domain %s stays paused on the source, the only verified copy: do not release it",
+				ErrCommittedFailure, *errp, name)
+		} else {
+			*errp = fmt.Errorf("%w: %w; the domain %s stays paused on the source and is not released: "+
+				"if it runs at the destination with verified memory, release it here; if the destination destroyed it or never resumed it, reclaim it here",
+				ErrCommittedFailure, *errp, name)
+		}
 		s.log.Error(*errp, "Migration failed after the switch-over; the source keeps the domain paused and never resumes it", "domain", name)
 		if s.mirrorDone != nil {
 			if err := <-s.mirrorDone; err != nil {
@@ -774,11 +779,17 @@ func (s *source) readVerified(m wire.Control) error {
 	}
 	s.dst = st
 	if !st.Verified {
-		return fmt.Errorf("%q says the memory is not verified (%d pages do not match the manifest)", m.Kind, st.Mismatches)
+		if st.Mismatches > 0 {
+			return fmt.Errorf("%w: %q says %d pages do not match the manifest", errUnverified, m.Kind, st.Mismatches)
+		}
+		return fmt.Errorf("%w: %q does not say that every page matched the manifest", errUnverified, m.Kind)
 	}
 	s.verified = true
 	return nil
 }
+
+// errUnverified marks a destination answer that did not verify the memory.
+var errUnverified = errors.New("memory not verified at the destination")
 
 // discardedError is the error of a "discarded" from the destination.
 func discardedError(m wire.Control) error {
@@ -938,7 +949,7 @@ func (s *source) pushRest(ctx context.Context) error {
 			return werr
 		}
 		return fmt.Errorf("%w: the destination runs a copy whose memory does not match the source's: "+
-			"stop and destroy it at the destination, then reclaim the paused domain here", err)
+			"stop and destroy it there, then reclaim the paused domain here", err)
 	}
 	return nil
 }
