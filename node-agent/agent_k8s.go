@@ -66,7 +66,10 @@ type AgentConfig struct {
 	// DurableDir is the directory on shared storage for durable post-copy
 	// mirrors, the same path on every host (see defaultDurableDir); "" off.
 	DurableDir string
-	Log        logr.Logger
+	// RecoveryTimeout bounds how long a post-copy whose link broke waits
+	// for the other side (both roles); 0: the engine's default.
+	RecoveryTimeout time.Duration
+	Log             logr.Logger
 }
 
 func runK8sAgent(ctx context.Context, args []string) error {
@@ -221,7 +224,8 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		return nil, fmt.Errorf("agent %s: listen on %s: %w", cfg.Host, cfg.DataAddr, err)
 	}
 	a.ln = ln
-	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver"), DurableDir: cfg.DurableDir}
+	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver"),
+		DurableDir: cfg.DurableDir, RecoveryTimeout: cfg.RecoveryTimeout}
 	if err := a.setupReconciler(mgr); err != nil {
 		ln.Close()
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
@@ -251,5 +254,56 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	rec, err := readInflight(ta.stateDir+"/migrations", string(web.UID))
 	if err != nil || rec == nil || rec.Phase != phaseReclaimed {
 		t.Fatalf("persisted record after the reclaim: %+v, %v", rec, err)
+	}
+}
+
+// The source agent dies during a post-copy (after go). Before, nothing
+// configured the durable mirror and nothing remembered the migration: the
+// domain was lost. Now the agents share a durable directory: the target
+// finishes from the mirror, and the restarted source agent, finding its
+// committed record and the domain paused, releases it once the target
+// says it has every page verified. The migration succeeds.
+func TestDurablePostCopySurvivesSourceAgentDeath(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	disks, shared := t.TempDir(), t.TempDir()
+	startController(t, ctrlOpts{heartbeat: 15 * time.Second, grace: 10 * time.Second})
+	newAgent := func(name string, doms ...sim.DomainSpec) *testAgent {
+		host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(), Domains: doms},
+			testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-"+name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ta := &testAgent{name: name, host: host, stateDir: t.TempDir(), durable: shared, recovery: 2 * time.Second}
+		ta.start(t)
+		t.Cleanup(func() { ta.stop(); host.Close(); deleteHost(t, name) })
+		return ta
+	}
+	a := newAgent(ns+"-a", simDomain("web", ns, "32Mi", 4, sharedDisk(t, disks, "web"), 10))
+	b := newAgent(ns + "-b")
+	waitDomainOn(t, ns, "web", a.name, 10*time.Second)
+
+	create(t, migration(ns, "durable", "web", b.name, strategy(v1.StrategyPostCopy), bandwidth("2Mi")))
+	m := getMig(t, ns, "durable")
+	_, _, doneFile := postcopy.MirrorPaths(shared, string(m.UID))
+	waitFor(t, "post-copy under way with its mirror complete", 60*time.Second, func() (bool, string) {
+		m := getMig(t, ns, "durable")
+		s := m.Status.Source
+		_, err := os.Stat(doneFile)
+		return s != nil && s.Committed && s.Phase == string(engine.PhasePostCopy) && err == nil, describe(m)
+	})
+	a.stop() // the source agent dies in the middle of the push
+	if d, ok := a.host.Domain("web"); !ok || !d.Paused() {
+		t.Fatal("the dead source agent's domain is not paused on the source")
+	}
+	a.start(t)
+	m = waitPhase(t, ns, "durable", 60*time.Second, v1.MigrationSucceeded)
+	if m.Status.Target == nil || !m.Status.Target.Completed {
+		t.Fatalf("target half: %s", describe(m))
+	}
+	noDomain(t, a, "web")
+	domainRunning(t, b, "web")
+	if _, err := os.Stat(doneFile); !os.IsNotExist(err) {
+		t.Errorf("the mirror outlived the migration: %v", err)
 	}
 }

@@ -205,6 +205,9 @@ type testAgent struct {
 	// if set, is published instead of the listener's address.
 	stateDir  string
 	advertise string
+	// durable and recovery set AgentConfig.DurableDir and RecoveryTimeout.
+	durable  string
+	recovery time.Duration
 }
 
 // simDomain is a small simulated domain with a disk on shared storage.
@@ -255,7 +258,7 @@ func (ta *testAgent) start(t *testing.T) {
 	a, err := NewAgent(as(agentUser), ta.host, AgentConfig{
 		Host: ta.name, DataAddr: "127.0.0.1:0", AdvertiseAddr: ta.advertise, Namespace: "default",
 		HeartbeatInterval: 300 * time.Millisecond, StatusInterval: 200 * time.Millisecond,
-		StateDir: ta.stateDir, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
+		StateDir: ta.stateDir, DurableDir: ta.durable, RecoveryTimeout: ta.recovery, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
 	})
 	if err != nil {
 		t.Fatalf("agent %s: %v", ta.name, err)

@@ -24,6 +24,7 @@ import (
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -445,6 +446,10 @@ func (a *Agent) resolveCommitted(m *v1.VMMigration, r *run) {
 		}
 		return
 	}
+	if a.cfg.DurableDir != "" {
+		// Either verdict means nobody reads this migration's mirror again.
+		postcopy.RemoveMirror(a.cfg.DurableDir, r.uid)
+	}
 	a.kickPublish()
 	a.saveStateLocked(r)
 }
@@ -503,6 +508,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		MigrationID:       string(m.UID),
 		Token:             tok,
 		DurableDir:        a.cfg.DurableDir,
+		RecoveryTimeout:   a.cfg.RecoveryTimeout,
 	}
 	hooks := engine.Hooks{Log: a.log.WithName("source").WithValues("migration", klogKey(m))}
 	if hasDedup(opts.Strategy) {
