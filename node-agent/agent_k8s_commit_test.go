@@ -307,3 +307,46 @@ func TestDurablePostCopySurvivesSourceAgentDeath(t *testing.T) {
 		t.Errorf("the mirror outlived the migration: %v", err)
 	}
 }
+
+// A target agent that restarts after a domain resumed on its host settles
+// its half from facts: a stop-and-copy domain (memory verified before go)
+// that runs here is the migration's result, completed; a post-copy domain
+// lost its page server with the old process, so it is destroyed and the
+// half says discarded, for the source to resume its copy.
+func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	disks := t.TempDir()
+	name := ns + "-b"
+	host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("full", ns, "16Mi", 4, sharedDisk(t, disks, "full"), 11), simDomain("lazy", ns, "16Mi", 4, sharedDisk(t, disks, "lazy"), 12)}},
+		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ghost := ns + "-ghost"
+	start := metav1.Now()
+	for _, c := range []struct{ mig, dom, phase string }{{"full-in", "full", "StopAndCopy"}, {"lazy-in", "lazy", "PostCopy"}} {
+		m := migration(ns, c.mig, c.dom, name)
+		create(t, m)
+		setHalves(t, m, v1.VMMigrationPhase(c.phase),
+			&v1.SourceState{Host: ghost, AgentID: "ghost-agent", Phase: c.phase, StartTime: &start, Committed: true},
+			&v1.TargetState{Host: name, AgentID: "previous-process", Prepared: true, Resumed: true, ResumeTime: &start})
+	}
+	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
+	ta.start(t)
+	t.Cleanup(func() { ta.stop(); host.Close(); deleteHost(t, name) })
+
+	waitFor(t, "full-in completed by the new agent", 20*time.Second, func() (bool, string) {
+		m := getMig(t, ns, "full-in")
+		h := m.Status.Target
+		return h != nil && h.AgentID == ta.agent.ID() && h.Completed && h.Resumed && !h.Discarded, describe(m)
+	})
+	domainRunning(t, ta, "full")
+	waitFor(t, "lazy-in discarded by the new agent", 20*time.Second, func() (bool, string) {
+		m := getMig(t, ns, "lazy-in")
+		h := m.Status.Target
+		return h != nil && h.AgentID == ta.agent.ID() && h.Discarded && h.Failed, describe(m)
+	})
+	noDomain(t, ta, "lazy")
+}

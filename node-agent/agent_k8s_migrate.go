@@ -228,6 +228,21 @@ func (a *Agent) reconcileTarget(ctx context.Context, m *v1.VMMigration) (reconci
 			}
 			return reconcile.Result{}, nil
 		}
+		if half != nil && half.Completed && !half.Failed {
+			// Every page arrived and was verified (before a restart of this
+			// agent, if the agent ID differs): that stays true, and the
+			// source may be waiting for it to release its paused copy.
+			if half.AgentID == a.id {
+				return reconcile.Result{}, nil
+			}
+			h := *half
+			h.AgentID = a.id
+			a.log.Info("Keeping a completed incoming migration of this agent's previous process", "migration", klogKey(m), "previousAgent", half.AgentID)
+			return reconcile.Result{}, a.writeTarget(ctx, m, h)
+		}
+		if half != nil && half.AgentID != a.id && half.Resumed && !half.Failed {
+			return reconcile.Result{}, a.adoptResumedTarget(ctx, m, half)
+		}
 		if half != nil && half.AgentID != a.id {
 			started := m.Status.Source != nil && m.Status.Source.StartTime != nil
 			if half.Resumed || half.Prepared || started {
@@ -864,4 +879,59 @@ func (a *Agent) closeHeld() {
 			a.log.Info("Agent stopping; the committed domain stays paused for the next agent process", "migration", r.key, "domain", held.Info().Name)
 		}
 	}
+}
+
+// adoptResumedTarget settles the target half of a migration whose domain
+// resumed here under a previous process of this agent, from facts: the
+// domain on this host, and whether its memory was complete when it resumed
+// (a stop-and-copy verifies every page before go). A complete domain that
+// runs here is the migration's result: the half says completed, and the
+// source releases its paused copy. A post-copy domain lost its page server
+// with the old process and can never complete: it is destroyed, and the
+// half says discarded, so the source resumes its copy. An absent domain
+// never runs here again: discarded too.
+func (a *Agent) adoptResumedTarget(ctx context.Context, m *v1.VMMigration, half *v1.TargetState) error {
+	xd := &v1.XenDomain{}
+	if err := a.c.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Domain}, xd); err != nil {
+		return fmt.Errorf("settle the resumed half of %s: get XenDomain %s/%s: %w", klogKey(m), m.Namespace, m.Spec.Domain, err)
+	}
+	name := xd.Spec.DomainName
+	doms, err := a.host.Domains(ctx)
+	if err != nil {
+		return fmt.Errorf("settle the resumed half of %s: list domains: %w", klogKey(m), err)
+	}
+	var info *xenmem.DomainInfo
+	for i := range doms {
+		if doms[i].Name == name {
+			info = &doms[i]
+		}
+	}
+	src := m.Status.Source
+	complete := src != nil && src.Host == m.Status.SourceHost && src.Phase == string(engine.PhaseStopAndCopy)
+	now := metav1.Now()
+	st := v1.TargetState{Host: a.cfg.Host, AgentID: a.id, Address: half.Address, Prepared: half.Prepared, Resumed: true,
+		ResumeTime: half.ResumeTime, LastUpdateTime: &now}
+	switch {
+	case info != nil && complete && info.State != xenmem.StateShutdown:
+		st.Completed = true
+		st.Message = "the target agent restarted; the domain runs here with the memory verified before it resumed"
+	case info != nil:
+		sd, err := a.host.OpenSource(ctx, name)
+		if err != nil {
+			return fmt.Errorf("settle the resumed half of %s: open the incomplete domain %s: %w", klogKey(m), name, err)
+		}
+		err = sd.Release()
+		_ = sd.Close()
+		if err != nil {
+			return fmt.Errorf("settle the resumed half of %s: destroy the incomplete domain %s: %w", klogKey(m), name, err)
+		}
+		st.Failed, st.Discarded = true, true
+		st.Message = "the target agent restarted during post-copy; the domain here could never get its missing pages and was destroyed: the source may resume its copy"
+	default:
+		st.Failed, st.Discarded = true, true
+		st.Message = "the target agent restarted after the domain resumed here, and the domain is gone from this host: the source may resume its copy"
+	}
+	a.log.Info("Settled the resumed half of this agent's previous process from facts", "migration", klogKey(m), "domain", name,
+		"present", info != nil, "complete", complete, "completed", st.Completed, "discarded", st.Discarded)
+	return a.writeTarget(ctx, m, st)
 }

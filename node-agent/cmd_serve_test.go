@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr/testr"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
@@ -71,5 +72,31 @@ func TestServeMigrateKeepsCommittedDomainPaused(t *testing.T) {
 	}
 	if _, ok := src.Domain("vm"); ok {
 		t.Fatal("release left the domain on the source")
+	}
+}
+
+// A deleted migration (or an abort) cancels an outgoing transfer only
+// before go: once the engine committed the domain, StopAndCopy included,
+// cancelling could only strand it.
+func TestForgetCancelsOnlyBeforeGo(t *testing.T) {
+	for _, c := range []struct {
+		phase      engine.Phase
+		committed  bool
+		wantCancel bool
+	}{
+		{engine.PhasePreCopy, false, true},
+		{engine.PhaseStopAndCopy, false, true},
+		{engine.PhaseStopAndCopy, true, false},
+		{engine.PhasePostCopy, true, false},
+	} {
+		a := &Agent{runs: map[string]*run{}, log: testr.New(t)}
+		cancelled := false
+		r := &run{key: types.NamespacedName{Namespace: "ns", Name: "m"}, uid: "u1", role: roleSource, phase: c.phase,
+			committed: c.committed, cancel: func() { cancelled = true }}
+		a.addRun(r)
+		a.forget(r.key)
+		if cancelled != c.wantCancel {
+			t.Errorf("phase %s committed=%v: cancelled=%v, want %v", c.phase, c.committed, cancelled, c.wantCancel)
+		}
 	}
 }
