@@ -120,6 +120,7 @@ func TestLostResumedThroughAgents(t *testing.T) {
 	px.target.Store(b.agent.ln.Addr().String())
 	t.Cleanup(func() { b.stop(); bHost.Close(); deleteHost(t, b.name) })
 	waitDomainOn(t, ns, "web", a.name, 10*time.Second)
+	waitHost(t, b)
 
 	create(t, migration(ns, "lost", "web", b.name, strategy(v1.StrategyPreCopy)))
 	var sawCommitted bool
@@ -132,7 +133,7 @@ func TestLostResumedThroughAgents(t *testing.T) {
 	})
 	m := getMig(t, ns, "lost")
 	if px.cuts.Load() == 0 {
-		t.Fatal("the proxy never cut the link at resumed: the test proved nothing")
+		t.Fatalf("the proxy never cut the link at resumed: the test proved nothing (%s)", describe(m))
 	}
 	if !sawCommitted {
 		t.Error("status.source.committed was never reported")
@@ -282,6 +283,7 @@ func TestDurablePostCopySurvivesSourceAgentDeath(t *testing.T) {
 	a := newAgent(ns+"-a", simDomain("web", ns, "32Mi", 4, sharedDisk(t, disks, "web"), 10))
 	b := newAgent(ns + "-b")
 	waitDomainOn(t, ns, "web", a.name, 10*time.Second)
+	waitHost(t, b)
 
 	create(t, migration(ns, "durable", "web", b.name, strategy(v1.StrategyPostCopy), bandwidth("2Mi")))
 	m := getMig(t, ns, "durable")
@@ -349,4 +351,17 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 		return h != nil && h.AgentID == ta.agent.ID() && h.Discarded && h.Failed, describe(m)
 	})
 	noDomain(t, ta, "lazy")
+}
+
+// waitHost waits until an agent's XenHost shows that agent process, so a
+// migration created next can be scheduled to it.
+func waitHost(t *testing.T, ta *testAgent) {
+	t.Helper()
+	waitFor(t, "XenHost "+ta.name+" registered by its agent", 10*time.Second, func() (bool, string) {
+		h := &v1.XenHost{}
+		if err := k8s.Get(context.Background(), client.ObjectKey{Name: ta.name}, h); err != nil {
+			return false, err.Error()
+		}
+		return h.Status.AgentID == ta.agent.ID(), h.Status.AgentID
+	})
 }
