@@ -97,6 +97,7 @@ func (a *Agent) setupReconciler(mgr ctrl.Manager) error {
 	if err != nil {
 		return fmt.Errorf("agent %s: set up migration reconciler: %w", a.cfg.Host, err)
 	}
+	a.reportHeld()
 	return nil
 }
 

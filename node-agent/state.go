@@ -200,6 +200,34 @@ func pruneInflight(dir, keep string) {
 	}
 }
 
+// reportHeld logs, once at start-up, every persisted committed domain that
+// no verdict resolved yet: the migration's reconcile adopts it, but one
+// whose VMMigration is gone can only be resolved by an operator.
+func (a *Agent) reportHeld() {
+	if a.cfg.StateDir == "" {
+		return
+	}
+	ents, err := os.ReadDir(a.stateDir())
+	if err != nil {
+		return
+	}
+	for i, e := range ents {
+		if i >= maxInflight {
+			break
+		}
+		name := e.Name()
+		if filepath.Ext(name) != ".json" {
+			continue
+		}
+		rec, err := readInflight(a.stateDir(), name[:len(name)-len(".json")])
+		if err != nil || rec == nil || rec.Role != roleSourceName || !rec.Committed || rec.Phase == phaseReleased || rec.Phase == phaseReclaimed {
+			continue
+		}
+		a.log.Info("Found a committed domain waiting for its target's verdict; it stays paused until its VMMigration resolves it",
+			"migration", rec.Namespace+"/"+rec.Name, "uid", rec.UID, "domain", rec.Domain, "since", rec.Updated)
+	}
+}
+
 // defaultDurableDir is where post-copy mirrors go when --durable-dir is
 // not given: a directory on the storage the backend shares between hosts,
 // when it knows one. The simulated host's state directory holds the disk
