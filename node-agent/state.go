@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -136,16 +137,15 @@ func readInflight(dir, uid string) (*inflight, error) {
 		return nil, fmt.Errorf("migration state %s: %w", uid, err)
 	}
 	defer f.Close()
-	b := make([]byte, maxInflightBytes+1)
-	n, err := f.Read(b)
+	b, err := io.ReadAll(io.LimitReader(f, maxInflightBytes+1))
 	if err != nil {
 		return nil, fmt.Errorf("read migration state %s: %w", uid, err)
 	}
-	if n > maxInflightBytes {
+	if len(b) > maxInflightBytes {
 		return nil, fmt.Errorf("migration state %s: larger than %d bytes", uid, maxInflightBytes)
 	}
 	var rec inflight
-	if err := json.Unmarshal(b[:n], &rec); err != nil {
+	if err := json.Unmarshal(b, &rec); err != nil {
 		return nil, fmt.Errorf("migration state %s: %w", uid, err)
 	}
 	if rec.UID != uid {
