@@ -60,9 +60,16 @@ type AgentConfig struct {
 	// StatusInterval is the minimum time between two progress writes of one
 	// migration half (phase changes are written at once).
 	StatusInterval time.Duration
-	// StateDir holds the dedup indexes of disks.
+	// StateDir holds the dedup indexes of disks and the in-flight state of
+	// migrations (migrations/UID.json).
 	StateDir string
-	Log      logr.Logger
+	// DurableDir is the directory on shared storage for durable post-copy
+	// mirrors, the same path on every host (see defaultDurableDir); "" off.
+	DurableDir string
+	// RecoveryTimeout bounds how long a post-copy whose link broke waits
+	// for the other side (both roles); 0: the engine's default.
+	RecoveryTimeout time.Duration
+	Log             logr.Logger
 }
 
 func runK8sAgent(ctx context.Context, args []string) error {
@@ -79,7 +86,9 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.Namespace, "namespace", "default", "namespace of XenDomains whose configuration names none")
 	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 5*time.Second, "XenHost heartbeat interval")
 	fs.DurationVar(&cfg.StatusInterval, "status-interval", time.Second, "minimum interval between progress writes per migration")
-	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes (default: $TMPDIR/xenferry-agent-HOST)")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes and in-flight migration state (default: $TMPDIR/xenferry-agent-HOST)")
+	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
+		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
 	zopts := zap.Options{Development: true}
 	zopts.BindFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -107,6 +116,10 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	}
 	if cfg.StateDir == "" {
 		cfg.StateDir = filepath.Join(os.TempDir(), "xenferry-agent-"+cfg.Host)
+	}
+	cfg.DurableDir = *durableDir
+	if cfg.DurableDir == "auto" {
+		cfg.DurableDir = defaultDurableDir(host)
 	}
 	cfg.Log.Info("Backend ready", "backend", *backend, "host", cfg.Host)
 	a, err := NewAgent(restCfg, host, cfg)
@@ -160,6 +173,9 @@ type Agent struct {
 	// indexes caches dedup indexes by disk path (one per disk of the
 	// domains this host migrated out).
 	indexes map[string]*dedup.Index
+	// transfers counts running outgoing transfers; Run waits for them
+	// before it drops the handles of held committed domains.
+	transfers sync.WaitGroup
 }
 
 // NewAgent creates the agent's manager, listener and receiver.
@@ -208,7 +224,8 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		return nil, fmt.Errorf("agent %s: listen on %s: %w", cfg.Host, cfg.DataAddr, err)
 	}
 	a.ln = ln
-	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver")}
+	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver"),
+		DurableDir: cfg.DurableDir, RecoveryTimeout: cfg.RecoveryTimeout}
 	if err := a.setupReconciler(mgr); err != nil {
 		ln.Close()
 		return nil, err
@@ -262,6 +279,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	cancel()
 	a.stopRuns()
 	wg.Wait()
+	a.transfers.Wait()
+	a.closeHeld()
 	a.mu.Lock()
 	for _, ix := range a.indexes {
 		ix.Close()
@@ -311,6 +330,8 @@ func (a *Agent) onReceiverEvent(migrationID string, ev engine.Event) {
 		r.resumed, r.resumeTime = true, now
 	case engine.EventDone:
 		r.done = true
+	case engine.EventDiscarded:
+		r.discarded = true
 	case engine.EventFailed:
 		r.failed = true
 		if ev.Err != nil {

@@ -201,6 +201,13 @@ type testAgent struct {
 	host  *sim.Host
 	agent *Agent
 	stop  func()
+	// stateDir outlives agent restarts, as a host's disk does; advertise,
+	// if set, is published instead of the listener's address.
+	stateDir  string
+	advertise string
+	// durable and recovery set AgentConfig.DurableDir and RecoveryTimeout.
+	durable  string
+	recovery time.Duration
 }
 
 // simDomain is a small simulated domain with a disk on shared storage.
@@ -221,7 +228,7 @@ func startAgent(t *testing.T, name, memory string, doms ...sim.DomainSpec) *test
 	if err != nil {
 		t.Fatalf("sim host %s: %v", name, err)
 	}
-	ta := &testAgent{name: name, host: host}
+	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
 	ta.start(t)
 	t.Cleanup(func() {
 		ta.stop()
@@ -245,10 +252,13 @@ func deleteHost(t *testing.T, name string) {
 // start runs a fresh agent process (new identity) on the same host.
 func (ta *testAgent) start(t *testing.T) {
 	t.Helper()
+	if ta.stateDir == "" {
+		ta.stateDir = t.TempDir()
+	}
 	a, err := NewAgent(as(agentUser), ta.host, AgentConfig{
-		Host: ta.name, DataAddr: "127.0.0.1:0", Namespace: "default",
+		Host: ta.name, DataAddr: "127.0.0.1:0", AdvertiseAddr: ta.advertise, Namespace: "default",
 		HeartbeatInterval: 300 * time.Millisecond, StatusInterval: 200 * time.Millisecond,
-		StateDir: t.TempDir(), Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
+		StateDir: ta.stateDir, DurableDir: ta.durable, RecoveryTimeout: ta.recovery, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
 	})
 	if err != nil {
 		t.Fatalf("agent %s: %v", ta.name, err)

@@ -284,6 +284,13 @@ type SourceState struct {
 	// unless the target reported it resumed.
 	// +optional
 	Failed bool `json:"failed,omitempty"`
+	// committed is true once the source told the target to run the domain
+	// ("go"): from then on the source never resumes it by itself. A failed,
+	// committed source keeps the domain paused until the target's half
+	// gives a verdict (discarded: the source resumes it; resumed with
+	// verified memory, or completed: the source releases it).
+	// +optional
+	Committed bool `json:"committed,omitempty"`
 	// message explains a failure or the last notable event.
 	// +optional
 	Message string `json:"message,omitempty"`
@@ -324,6 +331,11 @@ type TargetState struct {
 	// failed is true when the target gave up and removed the receiving domain.
 	// +optional
 	Failed bool `json:"failed,omitempty"`
+	// discarded is true when the target destroyed the domain after it had
+	// been told to run it (post-copy memory that failed verification): it
+	// never runs there again, and the source may resume its paused copy.
+	// +optional
+	Discarded bool `json:"discarded,omitempty"`
 	// message explains a failure or the last notable event.
 	// +optional
 	Message string `json:"message,omitempty"`

@@ -23,6 +23,9 @@ const (
 	EventResumed  EventKind = "Resumed"  // the domain runs here (point of no return)
 	EventDone     EventKind = "Done"     // every page here and verified
 	EventFailed   EventKind = "Failed"   // aborted; nothing left behind if before Resumed
+	// EventDiscarded: the domain had resumed here and was destroyed (it
+	// never runs here again); the source was told "discarded".
+	EventDiscarded EventKind = "Discarded"
 	// EventRecovering: the link broke during post-copy; the domain runs
 	// here and waits for the source to reconnect.
 	EventRecovering EventKind = "Recovering"

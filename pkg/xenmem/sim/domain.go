@@ -54,6 +54,10 @@ type Domain struct {
 	paused    bool
 	lazy      *lazy
 	destroyed bool
+	// committed: a source handle told the destination to run this domain
+	// (SourceDomain.Commit); it must not run here again until a Reclaim.
+	// It outlives the handle, so no later handle or Resume can undo it.
+	committed bool
 	// finalWrites/finalReads hold the counters once the control page is gone.
 	finalWrites, finalReads uint64
 }
@@ -192,6 +196,9 @@ func (d *Domain) resumeLocked() error {
 	if d.destroyed {
 		return fmt.Errorf("resume %s: %w", d.spec.Name, xenmem.ErrNoDomain)
 	}
+	if d.committed {
+		return fmt.Errorf("resume %s: the destination was told to run it; only a Reclaim resumes it here: %w", d.spec.Name, xenmem.ErrCommitted)
+	}
 	if !d.guest.alive() {
 		return fmt.Errorf("resume %s: %w", d.spec.Name, d.guest.deadError())
 	}
@@ -211,6 +218,14 @@ func (d *Domain) isDestroyed() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.destroyed
+}
+
+// Committed reports whether a migration committed the domain to its
+// destination and nothing has resolved that yet (Reclaim or Release).
+func (d *Domain) Committed() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.committed
 }
 
 // Paused reports whether the vCPUs are parked.
