@@ -159,8 +159,10 @@ func (s *session) watch(ctx context.Context) {
 		if silent := time.Since(time.Unix(0, last)); silent > idle {
 			fired := s.current()
 			s.fail(fmt.Errorf("%w: the source sent nothing for %v in state %s", errConnLost, silent.Round(time.Millisecond), fired))
+			// Wake every reader; the connections stay open for the
+			// error sent back on main.
 			for _, c := range conns {
-				c.close()
+				_ = c.c.SetReadDeadline(time.Now())
 			}
 			// Post-copy goes on with a recovery (its own timeout), which
 			// moves the state; else the session fails.
@@ -480,6 +482,11 @@ func (s *session) closeStreams() {
 func (s *session) receive(ctx context.Context) error {
 	rec, err := s.main.r.Next()
 	if err != nil {
+		select {
+		case why := <-s.errs: // the watchdog woke the read
+			return why
+		default:
+		}
 		return fmt.Errorf("read header: %w", err)
 	}
 	if err := s.allowedOnMain(rec); err != nil {
