@@ -570,3 +570,69 @@ func TestPostCopyVerificationFailureDiscards(t *testing.T) {
 	}
 	waitGone(t, e.dst, "disc")
 }
+
+// panicHost is a destination host whose CreateTarget panics for one
+// domain name: a stand-in for any bug the network can reach.
+type panicHost struct {
+	xenmem.Host
+	name string
+}
+
+func (h panicHost) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (xenmem.TargetDomain, error) {
+	if info.Name == h.name {
+		var nilMap map[string]int
+		nilMap["boom"]++ // panics
+	}
+	return h.Host.CreateTarget(ctx, info)
+}
+
+// TestPanicFailsOnlyThatMigration: a panic while receiving a migration is
+// recovered at the connection's boundary: that migration fails with
+// ErrInternal and the receiver serves the next one.
+func TestPanicFailsOnlyThatMigration(t *testing.T) {
+	failed := make(chan error, 4)
+	e := newEnv(t, nil)
+	e.recv.Host = panicHost{Host: e.dst, name: "boom"}
+	events := e.recv.Events
+	e.recv.Events = func(id string, ev engine.Event) {
+		if ev.Kind == engine.EventFailed {
+			failed <- ev.Err
+		}
+		events(id, ev)
+	}
+	main, _ := dialRaw(t, e.addr, wire.Control{MigrationID: "boom", Streams: 1, Message: "main"})
+	main.send(wire.TypeHeader, header(t, smallInfo("boom"), 4096, 0))
+	main.expectRefusal("panic")
+	select {
+	case err := <-failed:
+		if !errors.Is(err, engine.ErrInternal) {
+			t.Fatalf("failure %v does not wrap ErrInternal", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no EventFailed")
+	}
+	e.migrateOne("after-boom")
+}
+
+// TestIdleTimeoutSparesLongPhases: the idle timeout counts the source's
+// silence on all of a migration's connections, so phases that last many
+// times longer, with the main connection quiet throughout, do not trip it.
+func TestIdleTimeoutSparesLongPhases(t *testing.T) {
+	e := newEnv(t, func(r *engine.Receiver) { r.IdleTimeout = 400 * time.Millisecond })
+	for _, st := range []engine.Strategy{engine.StrategyPreCopy, engine.StrategyPostCopy, engine.StrategyHybridDedup} {
+		t.Run(string(st), func(t *testing.T) {
+			name := "long-" + strings.ReplaceAll(string(st), "+", "-")
+			disk, dom := e.domain(name, "64Mi", sim.Profile{Seed: 9, Zero: 0.3, Disk: 0.3, DirtyMiBps: 8, ReadMiBps: 8})
+			hooks := engine.Hooks{Log: testr.New(t)}
+			if st == engine.StrategyHybridDedup {
+				hooks.Disks = e.catalog(disk)
+			}
+			t0 := time.Now()
+			res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: st, LinkBytesPerSec: 24 << 20, MigrationID: name}, hooks)
+			if err != nil || !res.Verified {
+				t.Fatalf("verified=%v err=%v", res.Verified, err)
+			}
+			t.Logf("%s took %v with a 400 ms idle timeout", st, time.Since(t0).Round(time.Millisecond))
+		})
+	}
+}

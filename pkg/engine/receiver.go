@@ -398,10 +398,18 @@ func (r *Receiver) drop(id string) {
 	delete(r.sessions, id)
 }
 
+// emit tells Events about ev. A panic in the callback is logged, not
+// raised: emit runs in cleanups that must finish.
 func (r *Receiver) emit(id string, ev Event) {
-	if r.Events != nil {
-		r.Events(id, ev)
+	if r.Events == nil {
+		return
 	}
+	defer func() {
+		if p := recover(); p != nil {
+			_ = r.recovered(p, "report an event", "migration", id, "kind", ev.Kind)
+		}
+	}()
+	r.Events(id, ev)
 }
 
 // decodeInfo reads the domain configuration from the header.

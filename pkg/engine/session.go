@@ -1222,7 +1222,9 @@ func (in *installer) loop(ctx context.Context) error {
 				in.marker = m.Message
 				// The main loop takes markers only while it waits for
 				// them: a source that sends more blocks here, until the
-				// session ends.
+				// session ends. Blocked here the reader waits on the
+				// source, not on its own work (the watchdog's view).
+				in.c.busy.Store(false)
 				select {
 				case in.s.flushes <- flush{gen: in.gen, phase: m.Message}:
 				case <-in.s.stop:
