@@ -56,9 +56,10 @@
 // reopens the data and priority connections and resumes the push
 // [postCopy].
 //
-// Data streams accept pages only in the states that expect them, never
-// after the stream's "complete" marker, and after its "postcopy" marker
-// only once the domain runs here.
+// Data streams accept pages only in the states that expect them; after
+// the stream's "complete" marker, and after its "postcopy" marker until
+// the domain runs here, only the pages the destination asked for
+// (fallbacks for references it could not resolve).
 //
 // # Limits at the destination
 //

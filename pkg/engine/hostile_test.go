@@ -407,7 +407,7 @@ func TestControlOutOfOrderFailsOnlyThatMigration(t *testing.T) {
 		s := openRaw(t, e.addr, "ooo-late", smallInfo("ooo-late"), 0)
 		s.data.ctl(wire.Control{Kind: "flush", Message: "complete"})
 		s.data.send(wire.TypeZeroPages, wire.MarshalPFNs(nil, []uint64{1}))
-		s.main.expectRefusal(`after its "complete" marker`)
+		s.main.expectRefusal(`page 1 on a data stream after its "complete" marker, not asked for`)
 	})
 	for _, err := range failed {
 		if !errors.Is(err, engine.ErrProtocol) {

@@ -1150,22 +1150,30 @@ type installer struct {
 	rr     *refResolver // data streams during post-copy
 	exists []bool
 	// marker is the last flush marker this stream carried: after
-	// "complete" only the end may follow; after "postcopy" pages only once
-	// the domain runs here.
-	marker string
+	// "complete", and after "postcopy" until the domain runs here, a
+	// stream may carry only the pages the destination asked for (answers
+	// to fallback requests: restrict).
+	marker   string
+	restrict bool
 }
 
 // dataAllowed checks a page-carrying record against the session's state
-// and the stream's last marker.
+// and the stream's last marker, and sets in.restrict for the record.
 func (in *installer) dataAllowed(t wire.Type) error {
 	st := in.s.current()
-	switch {
-	case !dataState(st):
+	if !dataState(st) {
 		return protocolError("%v record on a data stream in state %s", t, st)
-	case in.marker == ctlComplete:
-		return protocolError("%v record on a data stream after its %q marker", t, in.marker)
-	case in.marker == ctlPostCopy && st != stPostCopy && st != stCompleting && st != stRecovering:
-		return protocolError("%v record on a data stream after its %q marker, before the domain resumed (state %s)", t, in.marker, st)
+	}
+	in.restrict = in.marker == ctlComplete ||
+		in.marker == ctlPostCopy && st != stPostCopy && st != stCompleting && st != stRecovering
+	return nil
+}
+
+// asked checks, for a record after a restricting marker, that the
+// destination asked for pfn.
+func (in *installer) asked(pfn uint64) error {
+	if in.restrict && (pfn >= in.s.numPages || !atest(in.s.pendFB, pfn)) {
+		return protocolError("page %d on a data stream after its %q marker, not asked for", pfn, in.marker)
 	}
 	return nil
 }
@@ -1185,6 +1193,8 @@ func (in *installer) loop(ctx context.Context) error {
 			if err := in.dataAllowed(rec.Type); err != nil {
 				return err
 			}
+		default:
+			in.restrict = false
 		}
 		switch rec.Type {
 		case wire.TypePages:
@@ -1276,7 +1286,10 @@ func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Has
 	s := in.s
 	for _, p := range pfns {
 		if p >= s.numPages {
-			return fmt.Errorf("page %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
+			return protocolError("page %d beyond %d pages", p, s.numPages)
+		}
+		if err := in.asked(p); err != nil {
+			return err
 		}
 	}
 	lazy := s.lazyOn.Load()
@@ -1328,7 +1341,10 @@ func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Has
 func (in *installer) writeZero(pfn uint64) error {
 	s := in.s
 	if pfn >= s.numPages {
-		return fmt.Errorf("zero page %d beyond %d pages: %w", pfn, s.numPages, wire.ErrMalformed)
+		return protocolError("zero page %d beyond %d pages", pfn, s.numPages)
+	}
+	if err := in.asked(pfn); err != nil {
+		return err
 	}
 	if s.hashes[pfn] != zeroHash && s.hashes[pfn] != (dedup.Hash{}) {
 		if err := s.dom.WritePages([]uint64{pfn}, zeroPage); err != nil {
@@ -1374,6 +1390,9 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 	for _, r := range refs {
 		if r.PFN >= s.numPages {
 			return protocolError("disk reference for page %d beyond %d pages", r.PFN, s.numPages)
+		}
+		if err := in.asked(r.PFN); err != nil {
+			return err
 		}
 		// Only the domain's own disks may be read, and only those the
 		// grant gives: a reference to any other is refused before any
