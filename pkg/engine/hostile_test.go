@@ -636,3 +636,67 @@ func TestIdleTimeoutSparesLongPhases(t *testing.T) {
 		})
 	}
 }
+
+// TestFallbackAnswerAfterCompleteMarker: a reference that fails at the
+// destination is asked for again; the source may answer after its
+// "complete" marker (it serves fallbacks while the destination checks),
+// and that answer, asked for, is accepted there.
+func TestFallbackAnswerAfterCompleteMarker(t *testing.T) {
+	e := newEnv(t, nil)
+	disk, dom := e.domain("fb", "16Mi", sim.Profile{Seed: 4})
+	if err := dom.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	state, err := dom.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := dom.Info()
+	if len(info.Disks) != 1 || info.Disks[0].Path != disk {
+		t.Fatalf("source disks %+v", info.Disks)
+	}
+	n := info.MemoryBytes / xenmem.PageSize
+	s := openRaw(t, e.addr, "fb", info, wire.FlagDedup)
+	pfns := make([]uint64, 0, wire.MaxBatchPages)
+	for p := range n {
+		if p != 5 {
+			pfns = append(pfns, p)
+		}
+		if len(pfns) == cap(pfns) || p == n-1 {
+			s.data.send(wire.TypeZeroPages, wire.MarshalPFNs(nil, pfns))
+			pfns = pfns[:0]
+		}
+	}
+	// A reference whose hash does not match the disk: stale.
+	s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, []wire.DiskRef{{PFN: 5, Disk: 0, Offset: 0, Hash: [16]byte{1}}}))
+	s.data.ctl(wire.Control{Kind: "flush", Message: "complete"})
+	_ = s.main.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		rec, err := s.main.r.Next()
+		if err != nil {
+			t.Fatalf("waiting for the fallback request: %v", err)
+		}
+		if rec.Type == wire.TypeRequest {
+			reason, got, err := wire.ParseRequest(rec.Body, nil)
+			if err != nil || reason != wire.ReasonFallback || len(got) != 1 || got[0] != 5 {
+				t.Fatalf("request %d %v %v, want a fallback for page 5", reason, got, err)
+			}
+			break
+		}
+	}
+	page := make([]byte, xenmem.PageSize)
+	page[9] = 42
+	s.data.send(wire.TypePages, wire.PagesPrefix(nil, []uint64{5}, 0), page)
+	zero := dedup.HashPage(make([]byte, xenmem.PageSize))
+	hashes := make([][16]byte, n)
+	for i := range hashes {
+		hashes[i] = zero
+	}
+	hashes[5] = dedup.HashPage(page)
+	s.main.send(wire.TypeState, state)
+	s.main.send(wire.TypeManifest, wire.MarshalManifest(nil, 0, hashes))
+	s.main.ctl(wire.Control{Kind: "complete"})
+	s.main.expect("ready")
+	s.main.ctl(wire.Control{Kind: "go"})
+	s.main.expect("resumed")
+}

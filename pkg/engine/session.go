@@ -133,6 +133,11 @@ func (s *session) allowedOnMain(rec wire.Record) error {
 // A connection whose reader is busy with what it received (disk reads,
 // installs) counts as active: the silence is then the destination's own.
 func (s *session) watch(ctx context.Context) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.fail(s.r.recovered(p, "watch the source", s.log()...))
+		}
+	}()
 	idle := s.r.idleTimeout()
 	t := time.NewTicker(max(idle/4, 10*time.Millisecond))
 	defer t.Stop()
