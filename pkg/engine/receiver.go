@@ -127,7 +127,9 @@ type Receiver struct {
 	// IdleTimeout: how long the destination waits for any byte from the
 	// source, on any of the migration's connections, while it waits for
 	// the source (default DefaultIdleTimeout). Renewed by every byte, so a
-	// long phase that carries data never trips it.
+	// long phase that carries data never trips it. It must exceed the
+	// source's own pauses: a batch of wire.MaxBatchPages pages (4 MiB)
+	// waits for the link's bandwidth before it is written, 4 s at 1 MiB/s.
 	IdleTimeout time.Duration
 	// WriteTimeout bounds each record written to a source (default
 	// DefaultWriteTimeout).
