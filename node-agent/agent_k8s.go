@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -69,7 +68,11 @@ type AgentConfig struct {
 	// RecoveryTimeout bounds how long a post-copy whose link broke waits
 	// for the other side (both roles); 0: the engine's default.
 	RecoveryTimeout time.Duration
-	Log             logr.Logger
+	// DiskPath maps a disk of a XenDomain to this host's path of it, for
+	// the grant of an incoming migration; nil: shared storage is mounted
+	// at the same path on every host.
+	DiskPath func(v1.DomainDisk) (string, error)
+	Log      logr.Logger
 }
 
 func runK8sAgent(ctx context.Context, args []string) error {
@@ -176,6 +179,8 @@ type Agent struct {
 	// transfers counts running outgoing transfers; Run waits for them
 	// before it drops the handles of held committed domains.
 	transfers sync.WaitGroup
+	// tokens records the single use of incoming migrations' tokens.
+	tokens tokenUses
 }
 
 // NewAgent creates the agent's manager, listener and receiver.
@@ -290,27 +295,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
-// authorize accepts a data connection only for a migration this agent
-// prepared as target, with that migration's token.
-func (a *Agent) authorize(migrationID string, token []byte) error {
-	a.mu.Lock()
-	r := a.runs[migrationID]
-	a.mu.Unlock()
-	if r == nil || r.role != roleTarget {
-		return fmt.Errorf("no migration %q is expected on %s", migrationID, a.cfg.Host)
-	}
-	r.mu.Lock()
-	want, aborted := r.token, r.aborted
-	r.mu.Unlock()
-	if aborted {
-		return fmt.Errorf("migration %q was aborted", migrationID)
-	}
-	if len(want) == 0 || subtle.ConstantTimeCompare(want, token) != 1 {
-		return fmt.Errorf("migration %q: wrong token", migrationID)
-	}
-	return nil
-}
-
 // onReceiverEvent records what the receiver reports and wakes the
 // reconciler to write it; it never blocks the data path.
 func (a *Agent) onReceiverEvent(migrationID string, ev engine.Event) {
@@ -330,14 +314,20 @@ func (a *Agent) onReceiverEvent(migrationID string, ev engine.Event) {
 		r.resumed, r.resumeTime = true, now
 	case engine.EventDone:
 		r.done = true
-	case engine.EventDiscarded:
-		r.discarded = true
 	case engine.EventFailed:
 		r.failed = true
 		if ev.Err != nil {
 			r.message = ev.Err.Error()
 		} else {
 			r.message = "the receiver aborted the migration"
+		}
+	case engine.EventDiscarded:
+		// The domain resumed here failed verification and was destroyed
+		// here; the source was told it may resume its copy.
+		r.discarded, r.failed = true, true
+		r.message = "discarded: the domain failed verification here and was destroyed; the source may resume it"
+		if ev.Err != nil {
+			r.message = "discarded: " + ev.Err.Error()
 		}
 	}
 	r.changed = true

@@ -1,7 +1,3 @@
-// Package engine is xenferry's migration data path: the source streams a
-// domain's memory to a destination agent over TCP, with pre-copy rounds,
-// stop-and-copy or early resume (post-copy), disk-dedup references and a
-// per-page hash manifest checked at the destination before it resumes.
 package engine
 
 import (

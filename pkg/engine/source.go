@@ -110,21 +110,11 @@ type source struct {
 	dst        dstStats
 }
 
-// ErrDiscarded is wrapped by the error of a migration whose destination
-// destroyed the domain after it was told to run it ("discarded"); the
-// source then resumed its copy (Reclaim): the domain runs here.
-var ErrDiscarded = errors.New("engine: the destination discarded the domain; it runs on the source again")
-
 // ErrCommittedFailure is wrapped by the error of a migration that failed
 // after the point of no return without a verdict from the destination:
 // the domain stays paused on the source, never resumed by the engine, and
 // it is not released.
 var ErrCommittedFailure = errors.New("engine: failed after the destination was told to run the domain")
-
-// ctlDiscarded (dst -> src, main connection, after go): the destination
-// destroyed the domain it had resumed and will never run it again; the
-// source may resume its copy.
-const ctlDiscarded = "discarded"
 
 // Migrate moves dom to the receiver at addr. It owns dom's life cycle for
 // the migration: on success the source domain is released; on any failure
