@@ -220,10 +220,23 @@ func (r *VMMigrationReconciler) agentLost(s *scope, h *v1.XenHost, name, halfAge
 func (r *VMMigrationReconciler) observe(s *scope) {
 	m := s.mig
 	src, dst := sourceHalf(m), targetHalf(m)
-	past := resumed(m)
+	// A target that discarded the domain destroyed its copy after running
+	// it: the source's paused copy is the domain again.
+	discarded := dst != nil && dst.Discarded
+	past := resumed(m) && !discarded
+	// held: the source told the target to run the domain and failed
+	// without a verdict; it keeps the domain paused, never resumes it by
+	// itself, and resolves it only from the target's half.
+	held := src != nil && src.Committed && !src.Completed && !src.Failed
 	srcDesc := fmt.Sprintf("the domain stays on the source %s", m.Status.SourceHost)
-	if past {
+	switch {
+	case discarded:
+		srcDesc = fmt.Sprintf("the target %s discarded its copy; the domain runs again from its paused copy on the source %s", m.Status.TargetHost, m.Status.SourceHost)
+	case past:
 		srcDesc = fmt.Sprintf("the domain already runs on the target %s", m.Status.TargetHost)
+	case held:
+		srcDesc = fmt.Sprintf("the domain is paused on the source %s, committed to the target %s; it waits for the target's verdict "+
+			"(node-agent resolve --reclaim on %s once the target is known not to run it)", m.Status.SourceHost, m.Status.TargetHost, m.Status.SourceHost)
 	}
 
 	// Conditions that mirror what the agents reported.
@@ -270,7 +283,7 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 			fmt.Sprintf("The source agent on %s failed: %s; %s", src.Host, src.Message, srcDesc), domainHost(m, past))
 		return
 	}
-	if dst != nil && dst.Failed && !m.Status.AbortRequested && !r.awaitSourceVerdict(s, src, dst, past) {
+	if dst != nil && dst.Failed && !m.Status.AbortRequested && !r.awaitSourceVerdict(s, src, dst, past || held || discarded) {
 		m.Status.AbortRequested = true
 		r.finish(s, v1.MigrationFailed, v1.ReasonTargetFailed,
 			fmt.Sprintf("The target agent on %s failed: %s; %s", dst.Host, dst.Message, srcDesc), domainHost(m, past))
@@ -311,7 +324,7 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 	}
 
 	// 4. Cancel, timeouts, and the wait for agents to confirm an abort.
-	if !past {
+	if !past && !held {
 		if m.Spec.Cancel && !m.Status.AbortRequested {
 			r.startAbort(s, v1.ReasonCancelled, "Cancel requested by spec.cancel")
 		}
@@ -324,6 +337,9 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 		}
 	} else if m.Spec.Cancel && !meta.IsStatusConditionTrue(m.Status.Conditions, "CancelIgnored") {
 		msg := fmt.Sprintf("Cancel ignored: the domain already runs on %s and its memory is being completed there", m.Status.TargetHost)
+		if !past {
+			msg = fmt.Sprintf("Cancel ignored: the source %s committed the domain to %s; only the target's verdict resolves it", m.Status.SourceHost, m.Status.TargetHost)
+		}
 		setCondition(m, "CancelIgnored", metav1.ConditionTrue, v1.ReasonCancelIgnored, msg)
 		r.event(m, corev1.EventTypeWarning, v1.ReasonCancelIgnored, "Cancel", msg)
 	}
@@ -377,9 +393,15 @@ func (r *VMMigrationReconciler) awaitSourceVerdict(s *scope, src *v1.SourceState
 	return true
 }
 
+// domainHost is where the domain is known to run when the migration ends:
+// nowhere known ("") while the source holds a committed, paused copy
+// without the target's verdict.
 func domainHost(m *v1.VMMigration, past bool) string {
 	if past {
 		return m.Status.TargetHost
+	}
+	if src := sourceHalf(m); src != nil && src.Committed && !src.Completed && !src.Failed {
+		return ""
 	}
 	return m.Status.SourceHost
 }
