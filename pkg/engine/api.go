@@ -5,6 +5,8 @@
 package engine
 
 import (
+	"context"
+	"net"
 	"time"
 )
 
@@ -56,6 +58,10 @@ type Options struct {
 	// DemandPath is where the answers to post-copy demand requests travel
 	// ("" = DemandPriorityConn).
 	DemandPath DemandPath
+	// Dial opens every connection to the destination (main, data,
+	// priority, recovery); nil dials plain TCP. The engine is otherwise
+	// transport-agnostic: a TLS dialer goes here.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // DemandPath selects how post-copy demand answers get ahead of the push.

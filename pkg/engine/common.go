@@ -191,10 +191,9 @@ func (c *conn) bytes() int64 {
 
 func (c *conn) close() { _ = c.c.Close() }
 
-// dialStream opens one connection and sends its hello.
-func dialStream(ctx context.Context, addr string, lim *limiter, hello wire.Control) (*conn, error) {
-	d := net.Dialer{Timeout: 10 * time.Second}
-	nc, err := d.DialContext(ctx, "tcp", addr)
+// dialStream opens one connection with dial and sends its hello.
+func dialStream(ctx context.Context, dial func(context.Context, string) (net.Conn, error), addr string, lim *limiter, hello wire.Control) (*conn, error) {
+	nc, err := dial(ctx, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s (%s stream): %w", addr, hello.Message, err)
 	}

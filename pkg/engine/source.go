@@ -227,13 +227,13 @@ func (s *source) connect(ctx context.Context) error {
 		f()
 		s.connMu.Unlock()
 	}
-	main, err := dialStream(ctx, s.addr, s.lim, hello(roleMain, 0))
+	main, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(roleMain, 0))
 	if err != nil {
 		return err
 	}
 	add(func() { s.main = main })
 	for i := range s.streams {
-		c, err := dialStream(ctx, s.addr, s.lim, hello(roleData, i))
+		c, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(roleData, i))
 		if err != nil {
 			return err
 		}
@@ -244,7 +244,7 @@ func (s *source) connect(ctx context.Context) error {
 		}
 		add(func() { s.senders = append(s.senders, sd) })
 	}
-	prio, err := dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0))
+	prio, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(rolePrio, 0))
 	if err != nil {
 		return err
 	}
@@ -683,6 +683,15 @@ func (s *source) readStats(m wire.Control) {
 	}
 }
 
+// dial opens one connection to the destination: Options.Dial, or plain TCP.
+func (s *source) dial(ctx context.Context, addr string) (net.Conn, error) {
+	if s.opts.Dial != nil {
+		return s.opts.Dial(ctx, addr)
+	}
+	d := net.Dialer{Timeout: 10 * time.Second}
+	return d.DialContext(ctx, "tcp", addr)
+}
+
 func (s *source) sendState(ctx context.Context) error {
 	st, err := s.dom.SaveState()
 	if err != nil {
@@ -1006,7 +1015,7 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 			return fmt.Errorf("the destination stayed unreachable for %v", s.recoveryTimeout())
 		}
 		err := func() error {
-			main, err := dialStream(ctx, s.addr, s.lim, hello(roleRecover, 0))
+			main, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(roleRecover, 0))
 			if err != nil {
 				return err
 			}
@@ -1037,12 +1046,12 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 			}
 			data := make([]*conn, s.streams)
 			for i := range s.streams {
-				if data[i], err = dialStream(ctx, s.addr, s.lim, hello(roleData, i)); err != nil {
+				if data[i], err = dialStream(ctx, s.dial, s.addr, s.lim, hello(roleData, i)); err != nil {
 					return err
 				}
 				conns = append(conns, data[i])
 			}
-			prio, err := dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0))
+			prio, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(rolePrio, 0))
 			if err != nil {
 				return err
 			}
