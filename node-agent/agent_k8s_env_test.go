@@ -208,6 +208,9 @@ type testAgent struct {
 	host  *sim.Host
 	agent *Agent
 	stop  func()
+	// stateDir outlives agent restarts, as a host's does: the agent's key
+	// (and so the tokens sealed to it) survive a restart.
+	stateDir string
 }
 
 // simDomain is a small simulated domain with a disk on shared storage.
@@ -228,7 +231,7 @@ func startAgent(t *testing.T, name, memory string, doms ...sim.DomainSpec) *test
 	if err != nil {
 		t.Fatalf("sim host %s: %v", name, err)
 	}
-	ta := &testAgent{name: name, host: host}
+	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
 	ta.start(t)
 	t.Cleanup(func() {
 		ta.stop()
@@ -255,7 +258,7 @@ func (ta *testAgent) start(t *testing.T) {
 	a, err := NewAgent(as(agentUser), ta.host, AgentConfig{
 		Host: ta.name, DataAddr: "127.0.0.1:0", Namespace: "default",
 		HeartbeatInterval: 300 * time.Millisecond, StatusInterval: 200 * time.Millisecond,
-		StateDir: t.TempDir(), Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
+		StateDir: ta.stateDir, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
 	})
 	if err != nil {
 		t.Fatalf("agent %s: %v", ta.name, err)

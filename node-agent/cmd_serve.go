@@ -18,6 +18,7 @@ import (
 	"github.com/go-logr/logr/funcr"
 
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -48,10 +49,17 @@ func runServe(ctx context.Context, args []string) error {
 	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "agent state: disk indexes, control socket")
 	control := fs.String("control", "", "control socket (default STATE-DIR/agent.sock)")
 	verbose := fs.Int("v", 0, "log verbosity")
+	var tf tlsFlags
+	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	log := stderrLogger(*verbose)
+	*listen = listenDefault(fs, *listen, tf.insecure, 7070)
+	tlsSrc, err := tf.source(log, "the data port "+*listen)
+	if err != nil {
+		return err
+	}
 	if *control == "" {
 		*control = defaultControl(*stateDir)
 	}
@@ -67,6 +75,11 @@ func runServe(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("listen on the data port %s: %w", *listen, err)
 	}
+	if tlsSrc != nil {
+		// Any peer with a certificate of --tls-ca is served; the receiver
+		// bounds the handshake with its handshake deadline.
+		ln = pki.Listener(ln, tlsSrc)
+	}
 	_ = os.Remove(*control)
 	cl, err := net.Listen("unix", *control)
 	if err != nil {
@@ -78,7 +91,7 @@ func runServe(ctx context.Context, args []string) error {
 	rcv := &engine.Receiver{Host: host, Log: log.WithName("receiver"), Events: func(id string, ev engine.Event) {
 		log.Info("Incoming migration", "migration", id, "domain", ev.Domain, "event", string(ev.Kind), "error", errString(ev.Err))
 	}}
-	srv := &http.Server{Handler: controlMux(host, ix, log)}
+	srv := &http.Server{Handler: controlMux(host, ix, log, tlsSrc)}
 	go func() { <-ctx.Done(); srv.Close() }()
 	go func() { _ = srv.Serve(cl) }()
 	info, _ := host.Info(ctx)
@@ -95,8 +108,11 @@ func errString(err error) string {
 
 // migrateRequest is the body of POST /migrate on the control socket.
 type migrateRequest struct {
-	Domain   string `json:"domain"`
-	To       string `json:"to"`
+	Domain string `json:"domain"`
+	To     string `json:"to"`
+	// ToHost is the name the destination's certificate must carry
+	// (default: the host part of To).
+	ToHost   string `json:"toHost,omitempty"`
 	Strategy string `json:"strategy"`
 	Link     int64  `json:"linkBytesPerSec"`
 	Streams  int    `json:"streams"`
@@ -114,7 +130,7 @@ type migrateEvent struct {
 	Error  string         `json:"error,omitempty"`
 }
 
-func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger) *http.ServeMux {
+func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger, tlsSrc pki.Source) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /domains", func(w http.ResponseWriter, r *http.Request) {
 		ds, err := host.Domains(r.Context())
@@ -139,7 +155,10 @@ func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger) *http.ServeM
 			}
 		}
 		w.Header().Set("Content-Type", "application/x-ndjson")
-		res, err := migrateLocal(r.Context(), host, ix, req, emit, log)
+		if req.ToHost == "" {
+			req.ToHost = serverNameOf(req.To)
+		}
+		res, err := migrateLocal(r.Context(), host, ix, req, emit, log, dialFor(tlsSrc, req.ToHost))
 		if err != nil {
 			emit(migrateEvent{Error: err.Error()})
 			return
@@ -149,7 +168,7 @@ func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger) *http.ServeM
 	return mux
 }
 
-func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, emit func(migrateEvent), log logr.Logger) (engine.Result, error) {
+func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, emit func(migrateEvent), log logr.Logger, dial func(context.Context, string) (net.Conn, error)) (engine.Result, error) {
 	st := engine.Strategy(req.Strategy)
 	if !st.Valid() {
 		return engine.Result{}, fmt.Errorf("unknown strategy %q (want one of %v)", req.Strategy, engine.Strategies)
@@ -177,7 +196,7 @@ func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req mi
 		hooks.Disks = cat
 	}
 	id := fmt.Sprintf("%s-%d", req.Domain, time.Now().UnixNano())
-	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id}
+	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id, Dial: dial}
 	return engine.Migrate(ctx, dom, req.To, opts, hooks)
 }
 
@@ -187,6 +206,7 @@ func runMigrate(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
 	domain := fs.String("domain", "", "domain to migrate (required)")
 	to := fs.String("to", "", "destination agent's data address HOST:PORT (required)")
+	toHost := fs.String("to-host", "", "name the destination's certificate must carry (default: HOST of --to)")
 	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "the local agent's state dir")
 	control := fs.String("control", "", "the local agent's control socket (default STATE-DIR/agent.sock)")
 	strategy := fs.String("strategy", string(engine.StrategyHybridDedup), "strategy: xen, precopy, precopy+dedup, postcopy, hybrid, hybrid+dedup")
@@ -203,7 +223,7 @@ func runMigrate(ctx context.Context, args []string) error {
 	if *control == "" {
 		*control = defaultControl(*stateDir)
 	}
-	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
+	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, ToHost: *toHost, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
 	cli := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", *control)
