@@ -23,9 +23,11 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/pki"
@@ -71,8 +73,16 @@ type PKIReconciler struct {
 	CertLifetime time.Duration
 	CALifetime   time.Duration
 
-	// mu protects seen.
+	// kick re-queues XenHosts when the bundle changed (a rotated CA, an
+	// expired one dropped), so every host moves to it together rather than
+	// at its own next look. Bounded; a host that does not fit is seen at
+	// its periodic recheck.
+	kick chan event.GenericEvent
+
+	// mu protects seen and lastBundle.
 	mu sync.Mutex
+	// lastBundle is the bundle last handed out.
+	lastBundle string
 	// seen keeps CA certificates met in the Secret, by serial, until they
 	// expire: a CA cert-manager replaced stays trusted while the agents'
 	// certificates move to the new one. Bounded by the CA rotations within
@@ -106,8 +116,10 @@ func (p *PKIReconciler) SetupWithManager(mgr ctrlbuilder.Manager) error {
 			return !ok1 || !ok2 || !equalTLS(o.Status.TLS, n.Status.TLS)
 		},
 	}
+	p.kick = make(chan event.GenericEvent, 1024)
 	return ctrlbuilder.NewControllerManagedBy(mgr).
 		For(&v1.XenHost{}, builder.WithPredicates(tlsChanged)).
+		WatchesRawSource(source.Channel(p.kick, &handler.EnqueueRequestForObject{})).
 		Named("xenhost-pki").
 		Complete(p)
 }
@@ -259,7 +271,37 @@ func (p *PKIReconciler) loadCA(ctx context.Context, now time.Time) (*caState, er
 			return nil, err
 		}
 	}
-	return p.bundle(sec, ca, now)
+	st, err := p.bundle(sec, ca, now)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	changed := p.lastBundle != "" && p.lastBundle != string(st.bundle)
+	p.lastBundle = string(st.bundle)
+	p.mu.Unlock()
+	if changed {
+		p.requeueAll(ctx)
+	}
+	return st, nil
+}
+
+// requeueAll asks for a look at every XenHost (from the cache); never blocks.
+func (p *PKIReconciler) requeueAll(ctx context.Context) {
+	if p.kick == nil {
+		return
+	}
+	var hosts v1.XenHostList
+	if err := p.Client.List(ctx, &hosts); err != nil {
+		ctrllog.FromContext(ctx).Error(err, "Listing XenHosts after a CA change failed; they move at their periodic recheck")
+		return
+	}
+	for i := range hosts.Items {
+		select {
+		case p.kick <- event.GenericEvent{Object: &hosts.Items[i]}:
+		default:
+			return
+		}
+	}
 }
 
 func (p *PKIReconciler) createCA(ctx context.Context, key types.NamespacedName, now time.Time) (*corev1.Secret, error) {

@@ -132,7 +132,8 @@ func TestPKIEnvtest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &PKIReconciler{Namespace: ns}
+	clk := clocktesting.NewFakePassiveClock(time.Now())
+	p := &PKIReconciler{Namespace: ns, Clock: clk}
 	if err := p.SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
 	}
@@ -242,13 +243,49 @@ func TestPKIEnvtest(t *testing.T) {
 			t.Fatalf("deleteToken left %+v (%v)", m.Status.Tokens, err)
 		}
 	})
+	t.Run("a rotated CA reaches every host at once", func(t *testing.T) {
+		a := waitCert(t, c, "host-a")
+		oldB := waitCert(t, c, "host-b").Status.TLS.Certificate
+		// Let the reconciles that follow each issuance pass: from here on
+		// only the rotation may look at host-b.
+		time.Sleep(time.Second)
+		later := clk.Now().Add(pki.DefaultCALifetime * 2 / 3).Add(time.Hour)
+		clk.SetTime(later)
+		// Any look at any host finds the CA due: host-a asks again.
+		orig := a.DeepCopy()
+		csr, _ := pki.CreateCSR(keyA, "host-a")
+		a.Status.TLS.CSR = string(csr)
+		if err := c.Status().Patch(ctx, a, client.MergeFrom(orig)); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			b := &v1.XenHost{}
+			_ = c.Get(ctx, types.NamespacedName{Name: "host-b"}, b)
+			if b.Status.TLS.Certificate != oldB {
+				certs, err := pki.ParseCertsPEM([]byte(b.Status.TLS.CABundle))
+				if err != nil || len(certs) != 2 {
+					t.Fatalf("host-b's bundle after the rotation: %d certificates (%v), want the new and the old CA", len(certs), err)
+				}
+				cert, _ := pki.ParseCertPEM([]byte(b.Status.TLS.Certificate))
+				if cert.CheckSignatureFrom(certs[0]) != nil {
+					t.Fatal("host-b's new certificate is not from the new CA")
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("host-b kept its certificate from the old CA after the rotation")
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
 	t.Run("the CA is rotated before it expires and the old one stays trusted", func(t *testing.T) {
 		// This subtest drives reconcilers of its own; the manager's would
 		// re-issue host-a's certificate from its CA behind their back.
 		stopMgr()
 		now := time.Now()
-		clk := clocktesting.NewFakePassiveClock(now)
-		rp := &PKIReconciler{Client: c, APIReader: c, Namespace: ns, SecretName: "rotating-ca", Clock: clk}
+		rclk := clocktesting.NewFakePassiveClock(now)
+		rp := &PKIReconciler{Client: c, APIReader: c, Namespace: ns, SecretName: "rotating-ca", Clock: rclk}
 		rp.defaults(nil)
 		st, err := rp.loadCA(ctx, now)
 		if err != nil {
@@ -273,7 +310,7 @@ func TestPKIEnvtest(t *testing.T) {
 			t.Fatalf("ca.crt in the Secret holds %d certificates, want 2", len(b))
 		}
 		// A fresh controller (no memory) reads the same state.
-		fresh := &PKIReconciler{Client: c, APIReader: c, Namespace: ns, SecretName: "rotating-ca", Clock: clk}
+		fresh := &PKIReconciler{Client: c, APIReader: c, Namespace: ns, SecretName: "rotating-ca", Clock: rclk}
 		fresh.defaults(nil)
 		st3, err := fresh.loadCA(ctx, later)
 		if err != nil || !st3.ca.Cert.Equal(st2.ca.Cert) || string(st3.bundle) != string(st2.bundle) {
@@ -288,7 +325,7 @@ func TestPKIEnvtest(t *testing.T) {
 			t.Fatalf("bundle after the old CA expired: %d certificates, want 1", len(b))
 		}
 		// A host certificate from the old CA is re-issued from the new one.
-		clk.SetTime(later)
+		rclk.SetTime(later)
 		h := &v1.XenHost{}
 		_ = c.Get(ctx, types.NamespacedName{Name: "host-a"}, h)
 		rp.Recorder = nil
