@@ -83,10 +83,10 @@ type PKIReconciler struct {
 	mu sync.Mutex
 	// lastBundle is the bundle last handed out.
 	lastBundle string
-	// seen keeps CA certificates met in the Secret, by serial, until they
-	// expire: a CA cert-manager replaced stays trusted while the agents'
-	// certificates move to the new one. Bounded by the CA rotations within
-	// one CA lifetime.
+	// seen keeps the CA certificates of a cert-manager Secret met so far,
+	// by DER, until they expire: a CA cert-manager replaced stays trusted
+	// while the agents' certificates move to the new one. Bounded by the
+	// CA rotations within one CA lifetime.
 	seen map[string]*x509.Certificate
 }
 
@@ -271,7 +271,7 @@ func (p *PKIReconciler) loadCA(ctx context.Context, now time.Time) (*caState, er
 			return nil, err
 		}
 	}
-	st, err := p.bundle(sec, ca, now)
+	st, err := p.bundle(sec, ca, now, external)
 	if err != nil {
 		return nil, err
 	}
@@ -361,14 +361,12 @@ func (p *PKIReconciler) rotateCA(ctx context.Context, sec *corev1.Secret, old *p
 }
 
 // bundle is the CA in force first, then every other CA of the Secret's
-// bundle or met before that has not expired.
-func (p *PKIReconciler) bundle(sec *corev1.Secret, ca *pki.CA, now time.Time) (*caState, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.seen == nil {
-		p.seen = map[string]*x509.Certificate{}
-	}
-	p.seen[ca.Cert.SerialNumber.String()] = ca.Cert
+// ca.crt that has not expired. For a cert-manager CA (external), CAs met
+// in earlier reads are added too, since cert-manager's ca.crt forgets the
+// previous CA at once; for the controller's own Secret, ca.crt is the whole
+// truth, so deleting the Secret (a new CA) stops trusting the old one.
+func (p *PKIReconciler) bundle(sec *corev1.Secret, ca *pki.CA, now time.Time, external bool) (*caState, error) {
+	cands := map[string]*x509.Certificate{}
 	if b := sec.Data[SecretBundleKey]; len(b) > 0 {
 		certs, err := pki.ParseCertsPEM(b)
 		if err != nil {
@@ -376,9 +374,27 @@ func (p *PKIReconciler) bundle(sec *corev1.Secret, ca *pki.CA, now time.Time) (*
 		}
 		for _, c := range certs {
 			if c.IsCA {
-				p.seen[c.SerialNumber.String()] = c
+				cands[string(c.Raw)] = c
 			}
 		}
+	}
+	if external {
+		p.mu.Lock()
+		if p.seen == nil {
+			p.seen = map[string]*x509.Certificate{}
+		}
+		p.seen[string(ca.Cert.Raw)] = ca.Cert
+		for k, c := range cands {
+			p.seen[k] = c
+		}
+		for k, c := range p.seen {
+			if !now.Before(c.NotAfter) {
+				delete(p.seen, k)
+				continue
+			}
+			cands[k] = c
+		}
+		p.mu.Unlock()
 	}
 	st := &caState{ca: ca, roots: x509.NewCertPool()}
 	add := func(c *x509.Certificate) {
@@ -387,12 +403,8 @@ func (p *PKIReconciler) bundle(sec *corev1.Secret, ca *pki.CA, now time.Time) (*
 	}
 	add(ca.Cert)
 	var others []*x509.Certificate
-	for serial, c := range p.seen {
-		if !now.Before(c.NotAfter) {
-			delete(p.seen, serial)
-			continue
-		}
-		if !c.Equal(ca.Cert) {
+	for _, c := range cands {
+		if now.Before(c.NotAfter) && !c.Equal(ca.Cert) {
 			others = append(others, c)
 		}
 	}

@@ -324,7 +324,21 @@ func TestPKIEnvtest(t *testing.T) {
 		if b, _ := pki.ParseCertsPEM(st4.bundle); len(b) != 1 {
 			t.Fatalf("bundle after the old CA expired: %d certificates, want 1", len(b))
 		}
-		// A host certificate from the old CA is re-issued from the new one.
+		// Deleting the Secret replaces the CA and trusts nothing older.
+		del := &corev1.Secret{}
+		_ = c.Get(ctx, types.NamespacedName{Namespace: ns, Name: "rotating-ca"}, del)
+		if err := c.Delete(ctx, del); err != nil {
+			t.Fatal(err)
+		}
+		st5, err := fresh.loadCA(ctx, later)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := pki.ParseCertsPEM(st5.bundle); len(b) != 1 || b[0].Equal(st2.ca.Cert) || b[0].Equal(old) {
+			t.Fatalf("bundle after deleting the Secret: %d certificates, want only a new CA", len(b))
+		}
+		st2 = st5
+		// A host certificate from an older CA is re-issued from the new one.
 		rclk.SetTime(later)
 		h := &v1.XenHost{}
 		_ = c.Get(ctx, types.NamespacedName{Name: "host-a"}, h)
