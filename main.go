@@ -20,6 +20,16 @@ import (
 	"github.com/xenferry/xenferry/controllers"
 )
 
+// caNamespace and caSecret locate the agents' CA Secret.
+var caNamespace, caSecret string
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
 func main() {
 	var (
 		metricsAddr, probeAddr string
@@ -35,6 +45,8 @@ func main() {
 	flag.IntVar(&lim.InboundPerHost, "max-inbound-per-host", lim.InboundPerHost, "migrations arriving at one host at once")
 	flag.DurationVar(&heartbeat, "heartbeat-timeout", 30*time.Second, "an agent whose XenHost heartbeat is older is considered gone")
 	flag.DurationVar(&abortGrace, "abort-grace", 60*time.Second, "how long to wait for agents to confirm an abort or a deletion")
+	flag.StringVar(&caNamespace, "ca-namespace", envOr("POD_NAMESPACE", "xenferry-system"), "namespace of the Secret holding the agents' CA (created if absent; may be a cert-manager CA)")
+	flag.StringVar(&caSecret, "ca-secret", controllers.DefaultCASecretName, "name of the CA Secret (the RBAC role grants this default name only)")
 	opts := zap.Options{Development: true}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -74,6 +86,10 @@ func run(metricsAddr, probeAddr string, leaderElect bool, lim controllers.Limits
 		return fmt.Errorf("register metrics: %w", err)
 	}
 	r := &controllers.VMMigrationReconciler{Limits: lim, HeartbeatTimeout: heartbeat, AbortGrace: abortGrace, Metrics: metrics}
+	r.PKI = &controllers.PKIReconciler{Namespace: caNamespace, SecretName: caSecret}
+	if err := r.PKI.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("set up the agents' certificate authority: %w", err)
+	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up VMMigration controller: %w", err)
 	}

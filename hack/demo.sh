@@ -106,7 +106,7 @@ MPORT=$(free_port)
 # The controller and the agents run in sessions of their own (setsid execs
 # them, so $! is their pid): a Ctrl-C reaches this script alone, and the
 # clean-up stops them before the control plane they talk to.
-setsid "$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --metrics-bind-address "127.0.0.1:$MPORT" \
+setsid "$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --ca-namespace default --metrics-bind-address "127.0.0.1:$MPORT" \
 	--health-probe-bind-address 0 >"$DEMO/controller.log" 2>&1 &
 PIDS+=($!)
 info "controller started (pid $!, metrics on 127.0.0.1:$MPORT, log $DEMO/controller.log)"

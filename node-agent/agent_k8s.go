@@ -29,6 +29,7 @@ import (
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -59,8 +60,8 @@ type AgentConfig struct {
 	// StatusInterval is the minimum time between two progress writes of one
 	// migration half (phase changes are written at once).
 	StatusInterval time.Duration
-	// StateDir holds the dedup indexes of disks and the in-flight state of
-	// migrations (migrations/UID.json).
+	// StateDir holds the dedup indexes of disks, the in-flight state of
+	// migrations (migrations/UID.json) and the agent's key.
 	StateDir string
 	// DurableDir is the directory on shared storage for durable post-copy
 	// mirrors, the same path on every host (see defaultDurableDir); "" off.
@@ -160,6 +161,11 @@ type Agent struct {
 	api client.Reader
 	ln  net.Listener
 	rcv *engine.Receiver
+	// tls is the agent's key and, once the controller issued it, its
+	// certificate and CA bundle; read at every handshake.
+	tls *pki.Identity
+	// installedBundle is the CA bundle last installed (certLoop only).
+	installedBundle string
 
 	// runCtx lives as long as Run; outgoing transfers derive from it.
 	runCtx context.Context
@@ -224,6 +230,11 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		return nil, fmt.Errorf("agent %s: create manager: %w", cfg.Host, err)
 	}
 	a.mgr, a.c, a.api = mgr, mgr.GetClient(), mgr.GetAPIReader()
+	key, err := loadOrCreateKey(cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: %w", cfg.Host, err)
+	}
+	a.tls = pki.NewIdentity(key)
 	ln, err := net.Listen("tcp", cfg.DataAddr)
 	if err != nil {
 		return nil, fmt.Errorf("agent %s: listen on %s: %w", cfg.Host, cfg.DataAddr, err)
@@ -267,11 +278,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	a.mu.Unlock()
 	var wg sync.WaitGroup
-	errc := make(chan error, 3)
-	wg.Add(3)
-	go func() { defer wg.Done(); errc <- a.rcv.Serve(ctx, a.ln) }()
+	errc := make(chan error, 4)
+	wg.Add(4)
+	// Only mTLS peers with a certificate of the cluster's CA get past the
+	// handshake; the receiver bounds it with its handshake deadline.
+	go func() { defer wg.Done(); errc <- a.rcv.Serve(ctx, pki.Listener(a.ln, a.tls)) }()
 	go func() { defer wg.Done(); errc <- a.mgr.Start(ctx) }()
 	go func() { defer wg.Done(); a.publishLoop(ctx); errc <- nil }()
+	go func() { defer wg.Done(); a.certLoop(ctx); errc <- nil }()
 	a.log.Info("Agent started", "agentID", a.id, "dataAddress", a.DataAddress())
 	var err error
 	select {

@@ -34,6 +34,7 @@ import (
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/controllers"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
@@ -180,6 +181,12 @@ func startController(t *testing.T, o ctrlOpts) *controllers.Metrics {
 		t.Fatalf("metrics: %v", err)
 	}
 	r := &controllers.VMMigrationReconciler{Limits: o.limits, Defaults: o.defaults, HeartbeatTimeout: o.heartbeat, AbortGrace: o.grace, Metrics: metrics}
+	// The agents' CA lives in "default" for every test (one CA, created by
+	// the first controller).
+	r.PKI = &controllers.PKIReconciler{Namespace: "default"}
+	if err := r.PKI.SetupWithManager(mgr); err != nil {
+		t.Fatalf("setup PKI: %v", err)
+	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		t.Fatalf("setup controller: %v", err)
 	}
@@ -201,7 +208,8 @@ type testAgent struct {
 	host  *sim.Host
 	agent *Agent
 	stop  func()
-	// stateDir outlives agent restarts, as a host's disk does; advertise,
+	// stateDir outlives agent restarts, as a host's disk does (the agent's key,
+	// and so the tokens sealed to it, survive a restart); advertise,
 	// if set, is published instead of the listener's address.
 	stateDir  string
 	advertise string
@@ -287,10 +295,24 @@ func fakeHost(t *testing.T, name, backend string, capacity, free int64) (stop fu
 	if err := k8s.Create(ctx, h); err != nil {
 		t.Fatalf("create XenHost %s: %v", name, err)
 	}
+	// Like an agent, a fake host asks for a certificate, so that the
+	// controller can seal tokens to it.
+	key, err := pki.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := pki.CreateCSR(key, name)
+	if err != nil {
+		t.Fatal(err)
+	}
 	beat := func() error {
 		orig := h.DeepCopy()
 		now := metav1.Now()
-		h.Status = v1.XenHostStatus{Backend: backend, Version: sim.Version, AgentID: name + "-fake", CapacityBytes: capacity, FreeBytes: free, HeartbeatTime: &now}
+		tls := h.Status.TLS
+		if tls == nil {
+			tls = &v1.HostTLS{CSR: string(csr)}
+		}
+		h.Status = v1.XenHostStatus{Backend: backend, Version: sim.Version, AgentID: name + "-fake", CapacityBytes: capacity, FreeBytes: free, HeartbeatTime: &now, TLS: tls}
 		return k8s.Status().Patch(ctx, h, client.MergeFrom(orig))
 	}
 	if err := beat(); err != nil {

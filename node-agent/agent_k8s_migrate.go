@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -192,20 +191,8 @@ func stopping(m *v1.VMMigration) string {
 	return ""
 }
 
-func (a *Agent) readToken(ctx context.Context, m *v1.VMMigration) ([]byte, error) {
-	if m.Status.TokenSecret == "" {
-		return nil, fmt.Errorf("VMMigration %s/%s names no token Secret", m.Namespace, m.Name)
-	}
-	sec := &corev1.Secret{}
-	// Uncached: the agent does not watch Secrets cluster-wide.
-	if err := a.api.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TokenSecret}, sec); err != nil {
-		return nil, fmt.Errorf("read token Secret %s/%s: %w", m.Namespace, m.Status.TokenSecret, err)
-	}
-	tok := sec.Data[v1.TokenKey]
-	if len(tok) < 16 {
-		return nil, fmt.Errorf("token Secret %s/%s: key %q is missing or shorter than 16 bytes", m.Namespace, m.Status.TokenSecret, v1.TokenKey)
-	}
-	return tok, nil
+func (a *Agent) readToken(_ context.Context, m *v1.VMMigration) ([]byte, error) {
+	return a.openToken(m)
 }
 
 // ---- target half ----
@@ -525,6 +512,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		Token:             tok,
 		DurableDir:        a.cfg.DurableDir,
 		RecoveryTimeout:   a.cfg.RecoveryTimeout,
+		Dial:              a.dialer(m.Status.TargetHost),
 	}
 	hooks := engine.Hooks{Log: a.log.WithName("source").WithValues("migration", klogKey(m))}
 	if hasDedup(opts.Strategy) {

@@ -18,6 +18,7 @@ import (
 	"github.com/go-logr/logr/funcr"
 
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -51,10 +52,17 @@ func runServe(ctx context.Context, args []string) error {
 	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
 		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
 	verbose := fs.Int("v", 0, "log verbosity")
+	var tf tlsFlags
+	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	log := stderrLogger(*verbose)
+	*listen = listenDefault(fs, *listen, tf.insecure, 7070)
+	tlsSrc, err := tf.source(log, "the data port "+*listen)
+	if err != nil {
+		return err
+	}
 	if *control == "" {
 		*control = defaultControl(*stateDir)
 	}
@@ -73,6 +81,11 @@ func runServe(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("listen on the data port %s: %w", *listen, err)
 	}
+	if tlsSrc != nil {
+		// Any peer with a certificate of --tls-ca is served; the receiver
+		// bounds the handshake with its handshake deadline.
+		ln = pki.Listener(ln, tlsSrc)
+	}
 	_ = os.Remove(*control)
 	cl, err := net.Listen("unix", *control)
 	if err != nil {
@@ -84,7 +97,7 @@ func runServe(ctx context.Context, args []string) error {
 	rcv := &engine.Receiver{Host: host, Log: log.WithName("receiver"), DurableDir: *durableDir, Events: func(id string, ev engine.Event) {
 		log.Info("Incoming migration", "migration", id, "domain", ev.Domain, "event", string(ev.Kind), "error", errString(ev.Err))
 	}}
-	srv := &http.Server{Handler: controlMux(host, ix, *durableDir, log)}
+	srv := &http.Server{Handler: controlMux(host, ix, *durableDir, log, tlsSrc)}
 	go func() { <-ctx.Done(); srv.Close() }()
 	go func() { _ = srv.Serve(cl) }()
 	info, _ := host.Info(ctx)
@@ -101,8 +114,11 @@ func errString(err error) string {
 
 // migrateRequest is the body of POST /migrate on the control socket.
 type migrateRequest struct {
-	Domain   string `json:"domain"`
-	To       string `json:"to"`
+	Domain string `json:"domain"`
+	To     string `json:"to"`
+	// ToHost is the name the destination's certificate must carry
+	// (default: the host part of To).
+	ToHost   string `json:"toHost,omitempty"`
 	Strategy string `json:"strategy"`
 	Link     int64  `json:"linkBytesPerSec"`
 	Streams  int    `json:"streams"`
@@ -126,7 +142,7 @@ type resolveRequest struct {
 	Verdict string `json:"verdict"` // "reclaim" or "release"
 }
 
-func controlMux(host xenmem.Host, ix *diskIndexes, durableDir string, log logr.Logger) *http.ServeMux {
+func controlMux(host xenmem.Host, ix *diskIndexes, durableDir string, log logr.Logger, tlsSrc pki.Source) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /domains", func(w http.ResponseWriter, r *http.Request) {
 		ds, err := host.Domains(r.Context())
@@ -151,7 +167,10 @@ func controlMux(host xenmem.Host, ix *diskIndexes, durableDir string, log logr.L
 			}
 		}
 		w.Header().Set("Content-Type", "application/x-ndjson")
-		res, err := migrateLocal(r.Context(), host, ix, req, durableDir, emit, log)
+		if req.ToHost == "" {
+			req.ToHost = serverNameOf(req.To)
+		}
+		res, err := migrateLocal(r.Context(), host, ix, req, durableDir, emit, log, dialFor(tlsSrc, req.ToHost))
 		if err != nil {
 			emit(migrateEvent{Error: err.Error()})
 			return
@@ -204,7 +223,7 @@ func resolveLocal(ctx context.Context, host xenmem.Host, req resolveRequest, log
 // migrateLocal runs one outgoing migration. The handle's Close never
 // resumes a domain the engine committed (go sent): after a failure past
 // that point the domain stays paused here for `node-agent resolve`.
-func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, durableDir string, emit func(migrateEvent), log logr.Logger) (engine.Result, error) {
+func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, durableDir string, emit func(migrateEvent), log logr.Logger, dial func(context.Context, string) (net.Conn, error)) (engine.Result, error) {
 	st := engine.Strategy(req.Strategy)
 	if !st.Valid() {
 		return engine.Result{}, fmt.Errorf("unknown strategy %q (want one of %v)", req.Strategy, engine.Strategies)
@@ -232,7 +251,7 @@ func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req mi
 		hooks.Disks = cat
 	}
 	id := fmt.Sprintf("%s-%d", req.Domain, time.Now().UnixNano())
-	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id, DurableDir: durableDir}
+	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id, DurableDir: durableDir, Dial: dial}
 	res, err := engine.Migrate(ctx, dom, req.To, opts, hooks)
 	if errors.Is(err, engine.ErrCommittedFailure) {
 		err = fmt.Errorf("%w (once you have checked the destination: `node-agent resolve --domain %s --release` or `--reclaim`)", err, req.Domain)
@@ -287,6 +306,7 @@ func runMigrate(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
 	domain := fs.String("domain", "", "domain to migrate (required)")
 	to := fs.String("to", "", "destination agent's data address HOST:PORT (required)")
+	toHost := fs.String("to-host", "", "name the destination's certificate must carry (default: HOST of --to)")
 	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "the local agent's state dir")
 	control := fs.String("control", "", "the local agent's control socket (default STATE-DIR/agent.sock)")
 	strategy := fs.String("strategy", string(engine.StrategyHybridDedup), "strategy: xen, precopy, precopy+dedup, postcopy, hybrid, hybrid+dedup")
@@ -303,7 +323,7 @@ func runMigrate(ctx context.Context, args []string) error {
 	if *control == "" {
 		*control = defaultControl(*stateDir)
 	}
-	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
+	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, ToHost: *toHost, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
 	cli := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", *control)

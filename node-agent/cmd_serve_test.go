@@ -48,7 +48,7 @@ func TestServeMigrateKeepsCommittedDomainPaused(t *testing.T) {
 	ix := newDiskIndexes(dir, log)
 	defer ix.close()
 	_, err = migrateLocal(ctx, src, ix, migrateRequest{Domain: "vm", To: px.ln.Addr().String(), Strategy: string(engine.StrategyPreCopy)}, "",
-		func(migrateEvent) {}, log)
+		func(migrateEvent) {}, log, nil)
 	if !errors.Is(err, engine.ErrCommittedFailure) || !strings.Contains(err.Error(), "node-agent resolve --domain vm") {
 		t.Fatalf("want a committed failure naming the resolve command, got %v", err)
 	}

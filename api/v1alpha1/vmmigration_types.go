@@ -370,10 +370,13 @@ type VMMigrationStatus struct {
 	// domainMemoryBytes of the domain, used for capacity and timeouts.
 	// +optional
 	DomainMemoryBytes int64 `json:"domainMemoryBytes,omitempty"`
-	// tokenSecret names the Secret (same namespace) holding the per-migration
-	// token that authenticates the data connection.
+	// tokens holds the per-migration token that authenticates the data
+	// connection, sealed separately to the source's and the target's
+	// certified keys; each box opens only with that agent's private key and
+	// this migration's binding (UID, domain, hosts, role). Cleared when the
+	// migration ends.
 	// +optional
-	TokenSecret string `json:"tokenSecret,omitempty"`
+	Tokens *SealedTokens `json:"tokens,omitempty"`
 	// parameters in force.
 	// +optional
 	Parameters *ResolvedParameters `json:"parameters,omitempty"`
@@ -452,4 +455,21 @@ type VMMigrationList struct {
 	metav1.TypeMeta `json:",inline"`
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []VMMigration `json:"items"`
+}
+
+// SealedTokens is one random token, sealed once per agent (pkg/pki.Seal).
+// The controller keeps no cleartext copy.
+type SealedTokens struct {
+	// source is the token sealed to the source host's certificate key.
+	// +kubebuilder:validation:MaxLength=4096
+	Source []byte `json:"source"`
+	// target is the token sealed to the target host's certificate key.
+	// +kubebuilder:validation:MaxLength=4096
+	Target []byte `json:"target"`
+	// sourceCertSerial and targetCertSerial name the certificates whose
+	// keys the token was sealed to (hex serial numbers), for diagnosis.
+	// +optional
+	SourceCertSerial string `json:"sourceCertSerial,omitempty"`
+	// +optional
+	TargetCertSerial string `json:"targetCertSerial,omitempty"`
 }
