@@ -8,11 +8,15 @@ CONTROLLER_GEN ?= $(OPERATOR_BIN)/controller-gen
 tools:
 	hack/tools.sh
 
-## manifests: regenerate CRDs and RBAC from the kubebuilder markers
+## manifests: regenerate CRDs and RBAC from the kubebuilder markers: the
+## controller's roles (controllers/rbac.go) into config/rbac/role.yaml, the
+## node agent's (node-agent/rbac.go) into config/rbac/node_agent_role.yaml
 manifests:
 	hack/tools.sh controller-gen
 	$(CONTROLLER_GEN) rbac:roleName=xenferry-controller crd paths=./api/... paths=./controllers/... \
 		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=xenferry-node-agent,fileName=node_agent_role.yaml paths=./node-agent/ \
+		output:rbac:artifacts:config=config/rbac
 
 ## generate: regenerate deepcopy functions
 generate:
