@@ -27,9 +27,10 @@ operator-build:
 	$(GO) build -o bin/xenferry-controller .
 	$(GO) build -o bin/node-agent ./node-agent
 
-## test-operator: the envtest suite against the built kube-apiserver and etcd
+## test-operator: the envtest suites against the built kube-apiserver and etcd
+## (controller and agents; RBAC, admission policies and metrics in test/rbac)
 test-operator: tools
-	KUBEBUILDER_ASSETS=$(OPERATOR_BIN) $(GO) test -count=1 -timeout 20m ./controllers/... ./node-agent/...
+	KUBEBUILDER_ASSETS=$(OPERATOR_BIN) $(GO) test -count=1 -timeout 20m ./controllers/... ./node-agent/... ./test/...
 
 ## demo: the first command of the README: local control plane, controller, two sim agents, sample migrations
 demo:
