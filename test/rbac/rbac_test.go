@@ -141,8 +141,9 @@ func TestControllerLeaderElectionLeaseByName(t *testing.T) {
 }
 
 // migration creates a VMMigration between host-a (source) and host-b
-// (target) whose status the controller has filled in.
-func migration(t *testing.T, name string) *v1.VMMigration {
+// (target) whose status the controller has filled in; with halves, the
+// agents have written theirs too.
+func migration(t *testing.T, name string, halves bool) *v1.VMMigration {
 	t.Helper()
 	ctx := context.Background()
 	m := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Namespace: tenantNS, Name: name}, Spec: v1.VMMigrationSpec{Domain: "web"}}
@@ -151,6 +152,9 @@ func migration(t *testing.T, name string) *v1.VMMigration {
 		Phase: v1.MigrationPreCopy, SourceHost: "host-a", TargetHost: "host-b", DomainMemoryBytes: 1 << 30,
 		Source: &v1.SourceState{Host: "host-a", Phase: "Precopy"},
 		Target: &v1.TargetState{Host: "host-b", Address: "10.0.0.2:7070", Ready: true, Prepared: true},
+	}
+	if !halves {
+		m.Status.Source, m.Status.Target = nil, nil
 	}
 	// The controller writes the shared fields (it is not bound by the policy).
 	ctl := clientAs(t, controllerUsr, "")
@@ -163,9 +167,14 @@ func migration(t *testing.T, name string) *v1.VMMigration {
 func TestAgentWritesOnlyItsHalfOfItsMigrations(t *testing.T) {
 	requireEnv(t)
 	ctx := context.Background()
-	m := migration(t, "mig-halves")
 	src, dst := clientAs(t, agentUser, "host-a"), clientAs(t, agentUser, "host-b")
 	other, anonymous := clientAs(t, agentUser, "host-c"), clientAs(t, agentUser, "")
+	t.Run("each agent writes the first version of its half", func(t *testing.T) {
+		first := migration(t, "mig-first", false)
+		wantAllowed(t, dst.Status().Patch(ctx, first.DeepCopy(), jsonPatch(t, op("add", "/status/target", v1.TargetState{Host: "host-b", Address: "10.0.0.2:7070", Ready: true}))))
+		wantAllowed(t, src.Status().Patch(ctx, first.DeepCopy(), jsonPatch(t, op("add", "/status/source", v1.SourceState{Host: "host-a", Phase: "Precopy"}))))
+	})
+	m := migration(t, "mig-halves", true)
 	key := m.DeepCopy
 
 	srcHalf := v1.SourceState{Host: "host-a", Phase: "StopAndCopy", Message: "stopping"}
