@@ -102,7 +102,7 @@ func newCutProxyTLS(t *testing.T, cutAt, srcHost, dstHost string) *cutProxy {
 	t.Helper()
 	sec := &corev1.Secret{}
 	waitFor(t, "the controller's CA", 20*time.Second, func() (bool, string) {
-		err := k8s.Get(context.Background(), types.NamespacedName{Namespace: "default", Name: "xenferry-ca"}, sec)
+		err := k8s.Get(context.Background(), types.NamespacedName{Namespace: "xenferry-system", Name: "xenferry-ca"}, sec)
 		return err == nil, fmt.Sprint(err)
 	})
 	ca, err := pki.LoadCA(sec.Data[corev1.TLSCertKey], sec.Data[corev1.TLSPrivateKeyKey])
