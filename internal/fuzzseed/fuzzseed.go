@@ -26,6 +26,9 @@ const MaxFile = 128 << 10
 // Writer writes the seeds of one package's fuzz targets.
 type Writer struct {
 	t testing.TB
+	// Root is the corpus directory, testdata/fuzz by default; a writer
+	// for inputs that fail today points it elsewhere.
+	Root string
 }
 
 // New returns a Writer, or skips the test unless Env is "write".
@@ -34,7 +37,7 @@ func New(t testing.TB) *Writer {
 	if os.Getenv(Env) != "write" {
 		t.Skipf("writes the committed fuzz seeds; run with %s=write", Env)
 	}
-	return &Writer{t: t}
+	return &Writer{t: t, Root: filepath.Join("testdata", "fuzz")}
 }
 
 // Clear removes the committed seeds of target, so that a generator run
@@ -42,7 +45,7 @@ func New(t testing.TB) *Writer {
 // hashes, not seed names, and a fixed crasher stays a regression test).
 func (w *Writer) Clear(target string) {
 	w.t.Helper()
-	files, _ := filepath.Glob(filepath.Join("testdata", "fuzz", target, "seed-*"))
+	files, _ := filepath.Glob(filepath.Join(w.Root, target, "seed-*"))
 	for _, f := range files {
 		if err := os.Remove(f); err != nil {
 			w.t.Fatal(err)
@@ -50,7 +53,7 @@ func (w *Writer) Clear(target string) {
 	}
 }
 
-// Add writes testdata/fuzz/<target>/seed-<name> holding vals, which must
+// Add writes <Root>/<target>/seed-<name> holding vals, which must
 // match the target's f.Fuzz arguments in order and type.
 func (w *Writer) Add(target, name string, vals ...any) {
 	w.t.Helper()
@@ -58,7 +61,7 @@ func (w *Writer) Add(target, name string, vals ...any) {
 	if len(b) > MaxFile {
 		w.t.Fatalf("seed %s/%s is %d bytes (limit %d)", target, name, len(b), MaxFile)
 	}
-	dir := filepath.Join("testdata", "fuzz", target)
+	dir := filepath.Join(w.Root, target)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		w.t.Fatal(err)
 	}
