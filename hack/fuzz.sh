@@ -45,6 +45,8 @@ if [[ -n "${FUZZ_PARALLEL:-}" ]]; then parallel=(-parallel "$FUZZ_PARALLEL"); fi
 n=$(echo "$targets" | wc -l)
 echo "fuzz: $n targets, $FUZZTIME each"
 failed=()
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
 start=$SECONDS
 while read -r dir name; do
 	t0=$SECONDS
@@ -52,12 +54,26 @@ while read -r dir name; do
 	# -fuzzminimizetime bounds the minimisation of each new input: at go's
 	# default (60s) a short budget is spent minimising large seeds instead
 	# of fuzzing.
+	corpus="$dir/testdata/fuzz/$name"
+	before=$(ls "$corpus" 2>/dev/null || true)
 	set +e
 	go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" -fuzzminimizetime 100x \
-		"${parallel[@]}" "./$dir" 2>&1 | sed 's#^#  #'
+		"${parallel[@]}" "./$dir" 2>&1 | sed 's#^#  #' | tee "$out"
 	rc=${PIPESTATUS[0]}
 	set -e
-	if ((rc != 0)); then failed+=("./$dir $name"); fi
+	after=$(ls "$corpus" 2>/dev/null || true)
+	if ((rc != 0)); then
+		# go1.26's coordinator may report its own -fuzztime deadline as a
+		# failure ("context deadline exceeded", no input written:
+		# golang/go#75804, fixed in go1.27). Anything else fails, a new
+		# input under testdata/fuzz above all.
+		if [[ "$before" == "$after" ]] && grep -q '^      context deadline exceeded$' "$out" &&
+			! grep -qE 'panic:|Failing input|seed corpus|\.go:[0-9]+: ' "$out"; then
+			echo "fuzz: ./$dir $name: ignored go's end-of-fuzztime race (golang/go#75804)"
+		else
+			failed+=("./$dir $name")
+		fi
+	fi
 	echo "fuzz: ./$dir $name: $((SECONDS - t0))s"
 done <<<"$targets"
 echo "fuzz: $n targets in $((SECONDS - start))s"
