@@ -667,4 +667,15 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	for i, s := range handmadeScripts() {
 		w.Add("FuzzReceiver", fmt.Sprintf("opening-%d", i), encodeScript(s))
 	}
+	// A header that claims 2^51 pages (and a configuration that agrees):
+	// the session allocates per-page state for them before it asks the
+	// host, and the process dies ("fatal error: out of memory").
+	ctl, err := wire.MarshalControl(nil, &wire.Control{Kind: "hello", MigrationID: "big", Message: "main", Streams: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr := wire.Header{Version: wire.Version, PageShift: wire.PageShift, NumPages: 1 << 51,
+		Config: []byte(`{"name":"big","memoryBytes":9223372036854775808,"vcpus":1}`)}
+	pending.Add("FuzzReceiver", "header-claims-2p51-pages", encodeScript([]chunk{
+		framedChunk(0, wire.TypeControl, ctl), framedChunk(0, wire.TypeHeader, hdr.Marshal(nil))}))
 }
