@@ -39,7 +39,6 @@ func (h *Host) openSource(name string) (xenmem.SourceDomain, error) {
 	return &source{d: d}, nil
 }
 
-
 // CreateTarget creates a paused, empty domain to receive info's memory: a
 // zero-filled memfd and a guest process whose vCPUs are parked.
 func (h *Host) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (_ xenmem.TargetDomain, retErr error) {

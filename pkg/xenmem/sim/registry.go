@@ -48,7 +48,7 @@ type regEntry struct {
 	Lazy bool `json:"lazy,omitempty"`
 }
 
-func (h *Host) simDir() string      { return filepath.Join(h.stateDir, "sim") }
+func (h *Host) simDir() string       { return filepath.Join(h.stateDir, "sim") }
 func (h *Host) registryPath() string { return filepath.Join(h.simDir(), "host.json") }
 func (h *Host) guestSock(name string) string {
 	return filepath.Join(h.simDir(), "guests", name+".sock")
