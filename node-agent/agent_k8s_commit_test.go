@@ -19,6 +19,7 @@ import (
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
@@ -169,12 +170,17 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	ns := newNamespace(t)
 	disks := t.TempDir()
 	name := ns + "-a"
-	host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
-		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8), simDomain("db", ns, "16Mi", 4, sharedDisk(t, disks, "db"), 9)}},
-		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a"))
+	// The host keeps its domains in the agent's state dir, so they
+	// outlive the previous agent process and the new one adopts them.
+	stateDir := t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8), simDomain("db", ns, "16Mi", 4, sharedDisk(t, disks, "db"), 9)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { destroyAll(t, host) }) // the host open at the end
 	// The previous agent process paused and committed both domains (go
 	// sent), persisted that, and died.
 	for _, d := range []string{"web", "db"} {
@@ -192,7 +198,15 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
+	// The previous process goes (its guests stay); the new one adopts
+	// them from the registry, committed and paused, and boots nothing.
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir}
 	ghost := ns + "-ghost"
 	start := metav1.Now()
 	half := func(phase string) *v1.SourceState {
@@ -213,7 +227,7 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 		}
 	}
 	ta.start(t)
-	t.Cleanup(func() { ta.stop(); host.Close(); deleteHost(t, name) })
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
 
 	// db: the target runs it and verified every page before go: released.
 	waitFor(t, "db released", 15*time.Second, func() (bool, string) {
@@ -256,6 +270,26 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	if err != nil || rec == nil || rec.Phase != phaseReclaimed {
 		t.Fatalf("persisted record after the reclaim: %+v, %v", rec, err)
 	}
+}
+
+// destroyAll ends every domain of a host whose guests would outlive it.
+func destroyAll(t *testing.T, h *sim.Host) {
+	for _, info := range mustDomains(t, h) {
+		sd, err := h.OpenSource(context.Background(), info.Name)
+		if err != nil {
+			continue
+		}
+		_ = sd.Release() // destroys, committed or not
+		_ = sd.Close()
+	}
+}
+
+func mustDomains(t *testing.T, h *sim.Host) []xenmem.DomainInfo {
+	doms, err := h.Domains(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return doms
 }
 
 // The source agent dies during a post-copy (after go). Before, nothing

@@ -364,3 +364,58 @@ func TestAgentDeathKeepsGuestsForTheNextAgent(t *testing.T) {
 	mustDomain(t, h3, "held").destroy()
 	h3.remove(mustDomain(t, h3, "held"))
 }
+
+// Close of a host with a state dir leaves its guests running; a guest that
+// dies while no agent runs is dropped on the next start, and its domain is
+// not booted again from the configuration.
+func TestStateDirHostDetachesAndDropsDeadGuests(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{Name: "detach", Memory: "1Gi", CPUs: 2, StateDir: dir,
+		Domains: []DomainSpec{{Name: "vm", Memory: "4Mi", VCPUs: 1, Profile: Profile{DirtyMiBps: 1}}}}
+	h, err := OpenHost(cfg, Options{StateDir: dir}, testr.New(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := mustDomain(t, h, "vm").PID()
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) })
+	fi, err := os.Stat(h.guestSock("vm"))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("guest socket: %v, mode %v, want 0600", err, fi.Mode())
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if processGone(pid) {
+		t.Fatal("Close of a host with a state dir killed its guest")
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
+	for !processGone(pid) {
+		if time.Now().After(deadline) {
+			t.Fatal("guest survived SIGKILL")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	h2, err := OpenHost(cfg, Options{StateDir: dir}, testr.New(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h2.Close()
+	if got := domainNames(t, h2); len(got) != 0 {
+		t.Fatalf("domains after the guest died: %v, want none (not booted again)", got)
+	}
+	reg, ok, err := loadRegistry(h2.registryPath())
+	if err != nil || !ok || len(reg.Domains) != 0 {
+		t.Fatalf("registry after dropping the dead guest: %+v %v %v", reg, ok, err)
+	}
+	// Without a state dir nothing is kept: the configured domain boots.
+	h3, err := NewHost(cfg, testr.New(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h3.Close()
+	if got := domainNames(t, h3); len(got) != 1 {
+		t.Fatalf("a host without a state dir has %v, want its configured domain", got)
+	}
+}

@@ -58,6 +58,9 @@ func startGuest(name string, mem, ctl *os.File, sockPath, logPath string) (_ *gu
 			return nil, fmt.Errorf("start guest: find own executable: %w", err)
 		}
 	}
+	if len(sockPath) >= len(unix.RawSockaddrUnix{}.Path) {
+		return nil, fmt.Errorf("start guest: socket path %s is longer than a unix socket allows (%d bytes): use a shorter state dir", sockPath, len(unix.RawSockaddrUnix{}.Path)-1)
+	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("start guest: socketpair: %w", err)
@@ -137,7 +140,13 @@ func startGuest(name string, mem, ctl *os.File, sockPath, logPath string) (_ *gu
 	if n < 24 || binary.LittleEndian.Uint64(buf) != helloMagic {
 		g.kill()
 		<-g.exited
-		return nil, fmt.Errorf("start guest pid %d: guest failed before reporting in: %s", g.pid, bytes.TrimSpace(g.stderr.Bytes()))
+		msg := g.stderr.Bytes()
+		if logPath != "" {
+			if raw, err := os.ReadFile(logPath); err == nil {
+				msg = raw[:min(len(raw), 4096)]
+			}
+		}
+		return nil, fmt.Errorf("start guest pid %d: guest failed before reporting in: %s", g.pid, bytes.TrimSpace(msg))
 	}
 	g.base = binary.LittleEndian.Uint64(buf[8:])
 	if errno := binary.LittleEndian.Uint64(buf[16:]); errno != 0 {
