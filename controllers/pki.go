@@ -99,8 +99,6 @@ type caState struct {
 
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xenhosts,verbs=get;list;watch
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xenhosts/status,verbs=get;update;patch
-// +kubebuilder:rbac:groups="",resources=secrets,verbs=create
-// +kubebuilder:rbac:groups="",resources=secrets,resourceNames=xenferry-ca,verbs=get;update
 
 // SetupWithManager registers the reconciler; zero fields get defaults.
 func (p *PKIReconciler) SetupWithManager(mgr ctrlbuilder.Manager) error {

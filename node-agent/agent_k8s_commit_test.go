@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -12,11 +13,14 @@ import (
 	"time"
 
 	"github.com/go-logr/logr/testr"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -30,18 +34,30 @@ type cutProxy struct {
 	ln     net.Listener
 	target atomic.Value // string: the agent's listener
 	cutAt  string
+	// dial, if set, opens the connection to the agent (a TLS client with
+	// the source host's certificate when the agents speak mTLS).
+	dial func(addr string) (net.Conn, error)
 	mu     sync.Mutex
 	conns  []net.Conn
 	cuts   atomic.Int32
 }
 
 func newCutProxy(t *testing.T, cutAt string) *cutProxy {
+	return startCutProxy(t, cutAt, nil, nil)
+}
+
+// startCutProxy starts a cutProxy whose listener is wrap(a TCP listener)
+// and which reaches the agent with dial (both nil: plain TCP).
+func startCutProxy(t *testing.T, cutAt string, wrap func(net.Listener) net.Listener, dial func(addr string) (net.Conn, error)) *cutProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &cutProxy{ln: ln, cutAt: cutAt}
+	if wrap != nil {
+		ln = wrap(ln)
+	}
+	p := &cutProxy{ln: ln, cutAt: cutAt, dial: dial}
 	t.Cleanup(func() { ln.Close(); p.cut() })
 	go func() {
 		for {
@@ -50,7 +66,11 @@ func newCutProxy(t *testing.T, cutAt string) *cutProxy {
 				return
 			}
 			target, _ := p.target.Load().(string)
-			out, err := net.Dial("tcp", target)
+			dial := p.dial
+			if dial == nil {
+				dial = func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }
+			}
+			out, err := dial(target)
 			if err != nil {
 				in.Close()
 				continue
@@ -72,6 +92,43 @@ func (p *cutProxy) cut() {
 		c.Close()
 	}
 	p.conns = nil
+}
+
+// newCutProxyTLS is a cutProxy between two agents that speak mTLS: it
+// terminates the source's connections with a certificate for the target
+// host and opens its own to the target with one for the source host, both
+// issued by the controller's CA (a man in the middle that holds the CA's
+// key, which only a test may do), so that it can see the protocol.
+func newCutProxyTLS(t *testing.T, cutAt, srcHost, dstHost string) *cutProxy {
+	t.Helper()
+	sec := &corev1.Secret{}
+	waitFor(t, "the controller's CA", 20*time.Second, func() (bool, string) {
+		err := k8s.Get(context.Background(), types.NamespacedName{Namespace: "xenferry-system", Name: "xenferry-ca"}, sec)
+		return err == nil, fmt.Sprint(err)
+	})
+	ca, err := pki.LoadCA(sec.Data[corev1.TLSCertKey], sec.Data[corev1.TLSPrivateKeyKey])
+	if err != nil {
+		t.Fatalf("load the controller's CA: %v", err)
+	}
+	id := func(host string) pki.Source {
+		certPEM, keyPEM, err := ca.IssueHost(host, nil, nil, time.Now(), time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, err := pki.ParseAgentKeyPEM(keyPEM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ident := pki.NewIdentity(key)
+		if err := ident.Set(certPEM, sec.Data[corev1.TLSCertKey]); err != nil {
+			t.Fatal(err)
+		}
+		return ident
+	}
+	asTarget, asSource := id(dstHost), id(srcHost)
+	dial := pki.Dialer(asSource, dstHost, 10*time.Second)
+	return startCutProxy(t, cutAt, func(ln net.Listener) net.Listener { return pki.Listener(ln, asTarget) },
+		func(addr string) (net.Conn, error) { return dial(context.Background(), addr) })
 }
 
 // back copies the destination's records to the source, re-framed, until
@@ -110,7 +167,7 @@ func TestLostResumedThroughAgents(t *testing.T) {
 	disks := t.TempDir()
 	startController(t, ctrlOpts{heartbeat: 3 * time.Second, grace: 5 * time.Second})
 	a := startAgent(t, ns+"-a", "1Gi", simDomain("web", ns, "32Mi", 4, sharedDisk(t, disks, "web"), 7))
-	px := newCutProxy(t, "resumed")
+	px := newCutProxyTLS(t, "resumed", a.name, ns+"-b")
 	bHost, err := sim.NewHost(sim.Config{Name: ns + "-b", Memory: "1Gi", CPUs: 2, StateDir: t.TempDir()},
 		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b"))
 	if err != nil {

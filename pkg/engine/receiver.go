@@ -13,6 +13,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -240,15 +241,11 @@ func peerHost(ctx context.Context, nc net.Conn) (string, error) {
 	if err := tc.HandshakeContext(hctx); err != nil {
 		return "", fmt.Errorf("TLS handshake: %w", err)
 	}
-	st := tc.ConnectionState()
-	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
-		return "", errors.New("TLS peer presented no verified certificate")
+	host := pki.PeerHost(tc.ConnectionState())
+	if host == "" {
+		return "", errors.New("TLS peer presented no verified certificate naming a host")
 	}
-	cn := st.VerifiedChains[0][0].Subject.CommonName
-	if cn == "" {
-		return "", errors.New("TLS peer certificate names no host (empty CommonName)")
-	}
-	return cn, nil
+	return host, nil
 }
 
 // handle reads a connection's hello and routes it to its session. release
