@@ -36,10 +36,10 @@ type cutProxy struct {
 	cutAt  string
 	// dial, if set, opens the connection to the agent (a TLS client with
 	// the source host's certificate when the agents speak mTLS).
-	dial func(addr string) (net.Conn, error)
-	mu     sync.Mutex
-	conns  []net.Conn
-	cuts   atomic.Int32
+	dial  func(addr string) (net.Conn, error)
+	mu    sync.Mutex
+	conns []net.Conn
+	cuts  atomic.Int32
 }
 
 func newCutProxy(t *testing.T, cutAt string) *cutProxy {

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -194,4 +196,35 @@ func procStartTime(pid int) (uint64, error) {
 		return 0, fmt.Errorf("pid %d has exited", pid)
 	}
 	return strconv.ParseUint(f[19], 10, 64)
+}
+
+// DestroyRegistered kills every guest registered under stateDir that still
+// runs as the registered process and removes the registry, so the next
+// host on stateDir starts afresh. For tests and for decommissioning a
+// host; never while a host is open on stateDir.
+func DestroyRegistered(stateDir string) error {
+	h := &Host{stateDir: stateDir}
+	reg, ok, err := loadRegistry(h.registryPath())
+	if err != nil || !ok {
+		return err
+	}
+	var errs []error
+	for _, e := range reg.Domains {
+		pidfd, err := unix.PidfdOpen(e.PID, 0)
+		if err != nil {
+			continue // gone
+		}
+		if st, err := procStartTime(e.PID); err == nil && st == e.PIDStart {
+			if err := unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0); err != nil {
+				errs = append(errs, fmt.Errorf("kill guest %s (pid %d): %w", e.Name, e.PID, err))
+			}
+		}
+		unix.Close(pidfd)
+		_ = os.Remove(h.guestSock(e.Name))
+		_ = os.Remove(h.guestLog(e.Name))
+	}
+	if err := os.Remove(h.registryPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
