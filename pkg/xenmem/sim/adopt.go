@@ -66,6 +66,9 @@ func OpenHost(cfg Config, opts Options, log logr.Logger) (_ *Host, retErr error)
 		if err != nil {
 			return nil, fmt.Errorf("sim host %s: %w", cfg.Name, err)
 		}
+		if ok && reg.Host != cfg.Name {
+			return nil, fmt.Errorf("sim host %s: state dir %s holds the domains of host %q: give each host its own state dir", cfg.Name, h.stateDir, reg.Host)
+		}
 		if ok {
 			first = false
 			if err := h.adoptAll(reg); err != nil {

@@ -419,3 +419,18 @@ func TestStateDirHostDetachesAndDropsDeadGuests(t *testing.T) {
 		t.Fatalf("a host without a state dir has %v, want its configured domain", got)
 	}
 }
+
+// A state dir belongs to one host: another host refuses it rather than
+// adopting (or killing) guests it does not own.
+func TestStateDirBelongsToOneHost(t *testing.T) {
+	dir := t.TempDir()
+	h, err := OpenHost(Config{Name: "one", Memory: "1Gi", CPUs: 2}, Options{StateDir: dir}, testr.New(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	_, err = OpenHost(Config{Name: "two", Memory: "1Gi", CPUs: 2}, Options{StateDir: dir}, testr.New(t))
+	if err == nil || !strings.Contains(err.Error(), `holds the domains of host "one"`) {
+		t.Fatalf("second host on the same state dir: %v, want a refusal", err)
+	}
+}
