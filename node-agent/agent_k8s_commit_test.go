@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -411,11 +412,46 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 	ns := newNamespace(t)
 	disks := t.TempDir()
 	name := ns + "-b"
-	host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
-		Domains: []sim.DomainSpec{simDomain("full", ns, "16Mi", 4, sharedDisk(t, disks, "full"), 11), simDomain("lazy", ns, "16Mi", 4, sharedDisk(t, disks, "lazy"), 12)}},
-		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b"))
+	// The previous agent process ran "full" (arrived by a verified
+	// stop-and-copy) and received "lazy" by post-copy: resumed with every
+	// page missing. Then it went; its guests stayed, and the new process
+	// adopts them from the host's registry in the agent's state dir.
+	stateDir := t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("full", ns, "16Mi", 4, sharedDisk(t, disks, "full"), 11)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() { destroyAll(t, host) }) // the host open at the end
+	src, err := sim.NewHost(sim.Config{Name: ns + "-src", Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("lazy", ns, "16Mi", 4, sharedDisk(t, disks, "lazy"), 12)}}, simLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcDom, _ := src.Domain("lazy")
+	tgt, err := host.CreateTarget(context.Background(), srcDom.Info())
+	src.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tgt.StartLazy(xenmem.NewBitmap(tgt.NumPages())); err != nil {
+		t.Fatal(err)
+	}
+	if err := tgt.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	lazyDom, _ := host.Domain("lazy")
+	lazyPID := lazyDom.PID()
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := host.Domain("lazy"); !ok || d.PID() != lazyPID || d.Info().State != xenmem.StatePaused {
+		t.Fatalf("the post-copy domain was not adopted paused with its guest %d", lazyPID)
 	}
 	ghost := ns + "-ghost"
 	start := metav1.Now()
@@ -426,9 +462,9 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 			&v1.SourceState{Host: ghost, AgentID: "ghost-agent", Phase: c.phase, StartTime: &start, Committed: true},
 			&v1.TargetState{Host: name, AgentID: "previous-process", Prepared: true, Resumed: true, ResumeTime: &start})
 	}
-	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir}
 	ta.start(t)
-	t.Cleanup(func() { ta.stop(); host.Close(); deleteHost(t, name) })
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
 
 	waitFor(t, "full-in completed by the new agent", 20*time.Second, func() (bool, string) {
 		m := getMig(t, ns, "full-in")
@@ -442,6 +478,12 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 		return h != nil && h.AgentID == ta.agent.ID() && h.Discarded && h.Failed, describe(m)
 	})
 	noDomain(t, ta, "lazy")
+	if err := syscall.Kill(lazyPID, 0); err == nil {
+		// Reaped by init or a zombie of the test: either way not running.
+		if raw, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", lazyPID)); strings.Contains(string(raw), ") S") || strings.Contains(string(raw), ") R") {
+			t.Fatalf("the discarded domain's guest %d still runs", lazyPID)
+		}
+	}
 }
 
 // waitHost waits until an agent's XenHost shows that agent process, so a
