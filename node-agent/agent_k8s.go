@@ -106,7 +106,18 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	host, err := openBackend(*backend, *simConfig, log)
+	// The state dir must be known before the backend opens: a sim host
+	// adopts the guests registered there.
+	if cfg.StateDir == "" && *backend == "sim" {
+		name := cfg.Host
+		if name == "" {
+			name = simHostName(*simConfig)
+		}
+		if name != "" {
+			cfg.StateDir = defaultStateDir(name)
+		}
+	}
+	host, err := openBackend(*backend, *simConfig, cfg.StateDir, log)
 	if err != nil {
 		return fmt.Errorf("open %s backend: %w", *backend, err)
 	}
@@ -119,7 +130,7 @@ func runK8sAgent(ctx context.Context, args []string) error {
 		cfg.Host = info.Name
 	}
 	if cfg.StateDir == "" {
-		cfg.StateDir = filepath.Join(os.TempDir(), "xenferry-agent-"+cfg.Host)
+		cfg.StateDir = defaultStateDir(cfg.Host)
 	}
 	cfg.DurableDir = *durableDir
 	if cfg.DurableDir == "auto" {
@@ -131,6 +142,11 @@ func runK8sAgent(ctx context.Context, args []string) error {
 		return err
 	}
 	return a.Run(ctx)
+}
+
+// defaultStateDir is the agent's state dir when --state-dir is not given.
+func defaultStateDir(host string) string {
+	return filepath.Join(os.TempDir(), "xenferry-agent-"+host)
 }
 
 func loadRestConfig(kubeconfig string) (*rest.Config, error) {

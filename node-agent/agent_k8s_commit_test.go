@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
@@ -35,10 +37,10 @@ type cutProxy struct {
 	cutAt  string
 	// dial, if set, opens the connection to the agent (a TLS client with
 	// the source host's certificate when the agents speak mTLS).
-	dial func(addr string) (net.Conn, error)
-	mu     sync.Mutex
-	conns  []net.Conn
-	cuts   atomic.Int32
+	dial  func(addr string) (net.Conn, error)
+	mu    sync.Mutex
+	conns []net.Conn
+	cuts  atomic.Int32
 }
 
 func newCutProxy(t *testing.T, cutAt string) *cutProxy {
@@ -226,12 +228,17 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	ns := newNamespace(t)
 	disks := t.TempDir()
 	name := ns + "-a"
-	host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
-		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8), simDomain("db", ns, "16Mi", 4, sharedDisk(t, disks, "db"), 9)}},
-		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a"))
+	// The host keeps its domains in the agent's state dir, so they
+	// outlive the previous agent process and the new one adopts them.
+	stateDir := t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8), simDomain("db", ns, "16Mi", 4, sharedDisk(t, disks, "db"), 9)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { destroyAll(t, host) }) // the host open at the end
 	// The previous agent process paused and committed both domains (go
 	// sent), persisted that, and died.
 	for _, d := range []string{"web", "db"} {
@@ -249,7 +256,15 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
+	// The previous process goes (its guests stay); the new one adopts
+	// them from the registry, committed and paused, and boots nothing.
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir}
 	ghost := ns + "-ghost"
 	start := metav1.Now()
 	half := func(phase string) *v1.SourceState {
@@ -270,7 +285,7 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 		}
 	}
 	ta.start(t)
-	t.Cleanup(func() { ta.stop(); host.Close(); deleteHost(t, name) })
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
 
 	// db: the target runs it and verified every page before go: released.
 	waitFor(t, "db released", 15*time.Second, func() (bool, string) {
@@ -313,6 +328,26 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	if err != nil || rec == nil || rec.Phase != phaseReclaimed {
 		t.Fatalf("persisted record after the reclaim: %+v, %v", rec, err)
 	}
+}
+
+// destroyAll ends every domain of a host whose guests would outlive it.
+func destroyAll(t *testing.T, h *sim.Host) {
+	for _, info := range mustDomains(t, h) {
+		sd, err := h.OpenSource(context.Background(), info.Name)
+		if err != nil {
+			continue
+		}
+		_ = sd.Release() // destroys, committed or not
+		_ = sd.Close()
+	}
+}
+
+func mustDomains(t *testing.T, h *sim.Host) []xenmem.DomainInfo {
+	doms, err := h.Domains(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return doms
 }
 
 // The source agent dies during a post-copy (after go). Before, nothing
@@ -377,11 +412,46 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 	ns := newNamespace(t)
 	disks := t.TempDir()
 	name := ns + "-b"
-	host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
-		Domains: []sim.DomainSpec{simDomain("full", ns, "16Mi", 4, sharedDisk(t, disks, "full"), 11), simDomain("lazy", ns, "16Mi", 4, sharedDisk(t, disks, "lazy"), 12)}},
-		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b"))
+	// The previous agent process ran "full" (arrived by a verified
+	// stop-and-copy) and received "lazy" by post-copy: resumed with every
+	// page missing. Then it went; its guests stayed, and the new process
+	// adopts them from the host's registry in the agent's state dir.
+	stateDir := t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("full", ns, "16Mi", 4, sharedDisk(t, disks, "full"), 11)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() { destroyAll(t, host) }) // the host open at the end
+	src, err := sim.NewHost(sim.Config{Name: ns + "-src", Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("lazy", ns, "16Mi", 4, sharedDisk(t, disks, "lazy"), 12)}}, simLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcDom, _ := src.Domain("lazy")
+	tgt, err := host.CreateTarget(context.Background(), srcDom.Info())
+	src.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tgt.StartLazy(xenmem.NewBitmap(tgt.NumPages())); err != nil {
+		t.Fatal(err)
+	}
+	if err := tgt.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	lazyDom, _ := host.Domain("lazy")
+	lazyPID := lazyDom.PID()
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := host.Domain("lazy"); !ok || d.PID() != lazyPID || d.Info().State != xenmem.StatePaused {
+		t.Fatalf("the post-copy domain was not adopted paused with its guest %d", lazyPID)
 	}
 	ghost := ns + "-ghost"
 	start := metav1.Now()
@@ -392,9 +462,9 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 			&v1.SourceState{Host: ghost, AgentID: "ghost-agent", Phase: c.phase, StartTime: &start, Committed: true},
 			&v1.TargetState{Host: name, AgentID: "previous-process", Prepared: true, Resumed: true, ResumeTime: &start})
 	}
-	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir}
 	ta.start(t)
-	t.Cleanup(func() { ta.stop(); host.Close(); deleteHost(t, name) })
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
 
 	waitFor(t, "full-in completed by the new agent", 20*time.Second, func() (bool, string) {
 		m := getMig(t, ns, "full-in")
@@ -408,6 +478,12 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 		return h != nil && h.AgentID == ta.agent.ID() && h.Discarded && h.Failed, describe(m)
 	})
 	noDomain(t, ta, "lazy")
+	if err := syscall.Kill(lazyPID, 0); err == nil {
+		// Reaped by init or a zombie of the test: either way not running.
+		if raw, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", lazyPID)); strings.Contains(string(raw), ") S") || strings.Contains(string(raw), ") R") {
+			t.Fatalf("the discarded domain's guest %d still runs", lazyPID)
+		}
+	}
 }
 
 // waitHost waits until an agent's XenHost shows that agent process, so a

@@ -69,7 +69,7 @@ func runServe(ctx context.Context, args []string) error {
 	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
-	host, err := openBackend(*backend, *simConfig, log)
+	host, err := openBackend(*backend, *simConfig, *stateDir, log)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
 // freeAddr returns a loopback address nobody listens on right now.
@@ -66,6 +68,12 @@ domains:
 		for range 2 {
 			if err := <-errs; err != nil {
 				t.Errorf("serve: %v", err)
+			}
+		}
+		// The sim guests outlive serve, as domUs outlive their agent.
+		for _, d := range []string{stateA, stateB} {
+			if err := sim.DestroyRegistered(d); err != nil {
+				t.Errorf("destroy guests of %s: %v", d, err)
 			}
 		}
 	})

@@ -58,6 +58,10 @@ type Domain struct {
 	// (SourceDomain.Commit); it must not run here again until a Reclaim.
 	// It outlives the handle, so no later handle or Resume can undo it.
 	committed bool
+	// lazyPending: pages were missing when the domain resumed (post-copy)
+	// and not all have arrived yet; persisted, since only the agent
+	// process that started the post-copy can ever serve them.
+	lazyPending bool
 	// finalWrites/finalReads hold the counters once the control page is gone.
 	finalWrites, finalReads uint64
 }
@@ -358,5 +362,9 @@ func (d *Domain) destroy() {
 	}
 	d.memFile.Close()
 	d.ctlFile.Close()
+	if d.host != nil && d.host.stateDir != "" {
+		_ = os.Remove(d.host.guestSock(d.spec.Name))
+		_ = os.Remove(d.host.guestLog(d.spec.Name))
+	}
 	d.log.Info("Destroyed domain", "domain", d.spec.Name, "id", d.id)
 }

@@ -11,6 +11,14 @@ import (
 // OpenSource takes a running domain for an outgoing migration. One handle
 // per domain at a time.
 func (h *Host) OpenSource(ctx context.Context, name string) (xenmem.SourceDomain, error) {
+	sd, err := h.openSource(name)
+	if err == nil {
+		h.persistLogged("open source " + name)
+	}
+	return sd, err
+}
+
+func (h *Host) openSource(name string) (xenmem.SourceDomain, error) {
 	d, ok := h.Domain(name)
 	if !ok {
 		return nil, fmt.Errorf("open source %s: %w", name, xenmem.ErrNoDomain)
@@ -51,6 +59,16 @@ func (h *Host) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (_ xenm
 		return nil, fmt.Errorf("create target: %w", err)
 	}
 	var d *Domain
+	defer func() {
+		// Runs after the reservation became the domain (below): the
+		// registry knows the guest before anyone can resume it.
+		if retErr == nil {
+			if err := h.persist(); err != nil {
+				_ = (&target{d: d}).Destroy()
+				retErr = fmt.Errorf("create target %s: %w", spec.Name, err)
+			}
+		}
+	}()
 	defer func() {
 		if retErr != nil && d != nil {
 			d.destroy()
@@ -208,6 +226,7 @@ func (s *source) Reclaim(reason string) error {
 		return fmt.Errorf("reclaim %s: %w", d.spec.Name, err)
 	}
 	s.committed, s.reclaimed, s.pausedByMe = false, true, false
+	d.host.persistLogged("reclaim " + d.spec.Name)
 	d.log.Info("Reclaimed domain: it runs here again", "domain", d.spec.Name, "reason", reason)
 	return nil
 }
@@ -267,6 +286,7 @@ func (s *source) Close() error {
 		}
 	}
 	d.mu.Unlock()
+	d.host.persistLogged("close source " + d.spec.Name)
 	if err != nil {
 		return fmt.Errorf("close source %s: %w", d.spec.Name, err)
 	}
@@ -331,6 +351,17 @@ func (t *target) StartLazy(present *xenmem.Bitmap) (xenmem.Lazy, error) {
 	if t.resumed || t.destroyed || t.closed {
 		return nil, fmt.Errorf("start lazy %s: call it once, before Resume", t.d.spec.Name)
 	}
+	// Durable before any page can be missing in a running guest: a
+	// restarted agent must never drop the missing-page registration.
+	t.d.mu.Lock()
+	t.d.lazyPending = true
+	t.d.mu.Unlock()
+	if err := t.d.host.persist(); err != nil {
+		t.d.mu.Lock()
+		t.d.lazyPending = false
+		t.d.mu.Unlock()
+		return nil, fmt.Errorf("start lazy %s: %w", t.d.spec.Name, err)
+	}
 	t.d.opMu.Lock()
 	defer t.d.opMu.Unlock()
 	return t.d.startLazy(present)
@@ -341,6 +372,23 @@ func (t *target) Resume() error {
 	defer t.mu.Unlock()
 	if t.destroyed || t.closed {
 		return fmt.Errorf("resume %s: handle is closed", t.d.spec.Name)
+	}
+	// The registry stops calling it incoming (which adoption destroys)
+	// before its vCPUs run.
+	d := t.d
+	d.mu.Lock()
+	wasIncoming := d.state == xenmem.StateIncoming
+	if wasIncoming {
+		d.state = xenmem.StatePaused
+	}
+	d.mu.Unlock()
+	if wasIncoming {
+		if err := d.host.persist(); err != nil {
+			d.mu.Lock()
+			d.state = xenmem.StateIncoming
+			d.mu.Unlock()
+			return fmt.Errorf("resume %s: %w", d.spec.Name, err)
+		}
 	}
 	if err := t.d.Resume(); err != nil {
 		return err
