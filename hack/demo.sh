@@ -42,9 +42,16 @@ cleanup() {
 		info "stopping the tools build (rerun to continue; finished parts are cached)"
 		kill -- "-$TOOLS_PID" 2>/dev/null || kill "$TOOLS_PID" 2>/dev/null || true
 	fi
+	sim_destroy
 	"$ROOT/hack/controlplane.sh" down >/dev/null 2>&1 || true
 	info "cleaned up; logs in $DEMO"
 	exit "$rc"
+}
+# The simulated domains' guests outlive their agents, as domUs outlive a
+# dom0 agent: each demo starts from fresh simulated hosts and ends them.
+sim_destroy() {
+	[ -x "$BIN/node-agent" ] || return 0
+	for h in a b; do "$BIN/node-agent" sim-destroy --state-dir "$DEMO/agent-dom0-$h" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 on_signal() { exit 130; }
@@ -110,6 +117,7 @@ setsid "$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --ca-namespace defa
 	--health-probe-bind-address 0 >"$DEMO/controller.log" 2>&1 &
 PIDS+=($!)
 info "controller started (pid $!, metrics on https://127.0.0.1:$MPORT, log $DEMO/controller.log)"
+sim_destroy
 for h in a b; do
 	setsid "$BIN/node-agent" run --kubeconfig "$KUBECONFIG" --backend sim --sim-config "config/samples/sim/sim-host-$h.yaml" \
 		--data-addr 127.0.0.1:0 --state-dir "$DEMO/agent-dom0-$h" >"$DEMO/agent-dom0-$h.log" 2>&1 &
