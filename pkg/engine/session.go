@@ -472,16 +472,7 @@ func (s *session) closeData() {
 // closeStreams closes every connection of the session.
 func (s *session) closeStreams() {
 	s.main.close()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, c := range s.data {
-		if c != nil {
-			c.close()
-		}
-	}
-	if s.prio != nil {
-		s.prio.close()
-	}
+	s.closeData()
 }
 
 func (s *session) receive(ctx context.Context) error {
