@@ -232,16 +232,34 @@ func (sd *sender) yield() {
 }
 
 // serveFallbacks answers queued fallback requests without blocking.
+//
+// A fallback answer is the page as it is now, sent whole; the round may
+// hold an older copy of the same page in one of its batches, or take a
+// newer one later. Full, zero and reference pages are batched apart and
+// each batch leaves when it fills, so the answer is fenced: the batches
+// are flushed before it (older copies go first) and it is flushed at once
+// (newer copies go after it). The destination keeps the copy that arrives
+// last; the manifest describes the newest.
 func (sd *sender) serveFallbacks(ctx context.Context) error {
+	served := false
 	for {
 		select {
 		case pfns := <-sd.fallback:
+			if !served {
+				if err := sd.flush(ctx); err != nil {
+					return err
+				}
+				served = true
+			}
 			for _, p := range pfns {
 				if err := sd.addPage(ctx, p, sendFallback); err != nil {
 					return err
 				}
 			}
 		default:
+			if served {
+				return sd.flushPages(ctx)
+			}
 			return nil
 		}
 	}

@@ -1276,8 +1276,14 @@ func (in *installer) pages(body []byte) error {
 // installBatch installs a batch of pages: before post-copy with one
 // WritePages call; after it with one InstallRun per run of consecutive
 // pfns (data nil: zero pages), which leaves a page already present alone
-// (a duplicate). Then it records each page's hash: hashes[i] when given,
-// else computed from data.
+// (a duplicate). Each page's hash is recorded (hashes[i] when given, else
+// computed from data) before the page counts as here (landed).
+//
+// In post-copy the path whose install won a page is the only one that
+// records its hash and marks it here: a duplicate arriving on another
+// path, however early, never does (see duplicate). Were it otherwise, a
+// duplicate could mark a page here while its winner had not yet recorded
+// the hash, and the check against the manifest would see the wrong one.
 func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Hash) error {
 	s := in.s
 	for _, p := range pfns {
@@ -1288,34 +1294,50 @@ func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Has
 			return err
 		}
 	}
-	lazy := s.lazyOn.Load()
-	var exists []bool
-	if lazy {
-		if cap(in.exists) < len(pfns) {
-			in.exists = make([]bool, len(pfns))
+	if !s.lazyOn.Load() {
+		if err := s.dom.WritePages(pfns, data); err != nil {
+			return fmt.Errorf("install %d pages: %w", len(pfns), err)
 		}
-		exists = in.exists[:len(pfns)]
-		if err := xenmem.Runs(pfns, func(i, j int) error {
-			var run []byte
-			if data != nil {
-				run = data[i*xenmem.PageSize : j*xenmem.PageSize]
-			}
-			if err := s.lazy.InstallRun(pfns[i], j-i, run, exists[i:j]); err != nil {
-				return fmt.Errorf("install pages %d-%d: %w", pfns[i], pfns[j-1], err)
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-	} else if err := s.dom.WritePages(pfns, data); err != nil {
-		return fmt.Errorf("install %d pages: %w", len(pfns), err)
+		in.record(pfns, data, hashes, nil)
+		return nil
 	}
+	if cap(in.exists) < len(pfns) {
+		in.exists = make([]bool, len(pfns))
+	}
+	exists := in.exists[:len(pfns)]
+	// Each run is accounted as soon as it is installed: the pages it won
+	// are not left unaccounted behind a later run (or its error).
+	return xenmem.Runs(pfns, func(i, j int) error {
+		var run []byte
+		if data != nil {
+			run = data[i*xenmem.PageSize : j*xenmem.PageSize]
+		}
+		if err := s.lazy.InstallRun(pfns[i], j-i, run, exists[i:j]); err != nil {
+			return fmt.Errorf("install pages %d-%d: %w", pfns[i], pfns[j-1], err)
+		}
+		if f := testAfterInstall.Load(); f != nil {
+			(*f)(in.prio, pfns[i:j])
+		}
+		var h []dedup.Hash
+		if hashes != nil {
+			h = hashes[i:j]
+		}
+		in.record(pfns[i:j], run, h, exists[i:j])
+		return nil
+	})
+}
+
+// record accounts for installed pages: it records the hash of each page
+// this path installed and marks it landed; a page whose exists flag is set
+// was installed by another path and is only a duplicate here.
+func (in *installer) record(pfns []uint64, data []byte, hashes []dedup.Hash, exists []bool) {
+	s := in.s
 	for i, p := range pfns {
-		if lazy && exists[i] {
+		if exists != nil && exists[i] {
 			in.duplicate(p)
 			continue
 		}
-		if lazy && in.prio {
+		if exists != nil && in.prio {
 			s.demand.Add(1)
 		}
 		switch {
@@ -1328,8 +1350,12 @@ func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Has
 		}
 		in.landed(p)
 	}
-	return nil
 }
+
+// testAfterInstall, when set (tests only), runs after each post-copy
+// InstallRun and before its pages are accounted: a test holds one path
+// there to force the interleaving of two paths installing the same page.
+var testAfterInstall atomic.Pointer[func(prio bool, pfns []uint64)]
 
 // writeZero installs a zero page before post-copy. Memory reads as zero
 // until written, so only a page that had other content (the guest cleared
@@ -1352,14 +1378,21 @@ func (in *installer) writeZero(pfn uint64) error {
 	return nil
 }
 
-// duplicate accounts for a page that was present already (post-copy): it
-// is here, whichever path installed it first (with its hash), so it has
-// landed, and a fallback still waiting for it is settled. Without this a
-// fallback answer that lost the race to a demand answer left the session
-// waiting for it forever.
+// duplicate accounts for a page that was present already (post-copy):
+// another path installed it. A fallback still waiting for it is settled
+// (without this a fallback answer that lost the race to a demand answer
+// left the session waiting for it forever), but the page is not marked
+// here: only the path that installed it does that, once it has recorded
+// the page's hash, which it may not have done yet.
 func (in *installer) duplicate(pfn uint64) {
-	in.s.duplicates.Add(1)
-	in.landed(pfn)
+	s := in.s
+	s.duplicates.Add(1)
+	if aclear(s.pendFB, pfn) {
+		s.pending.Add(-1)
+	}
+	if s.tracker != nil {
+		s.tracker.Installed(pfn)
+	}
 }
 
 // landed marks pfn installed and settles a pending fallback or fault.
@@ -1556,7 +1589,13 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 				in.duplicate(r.PFN)
 				continue
 			}
-			aclear(s.have, r.PFN)
+			if !lazy {
+				// The older copy here is not the page any more.
+				aclear(s.have, r.PFN)
+			}
+			// In post-copy the page is not here (not present) unless it
+			// was installed since the check above, by a path that marks
+			// it here itself: clearing the mark could undo that.
 			if asetNew(s.pendFB, r.PFN) {
 				s.pending.Add(1)
 			}
