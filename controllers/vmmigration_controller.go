@@ -68,13 +68,7 @@ func (s *scope) requeueAfter(d time.Duration) {
 	}
 }
 
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations,verbs=get;list;watch;update;patch
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/status,verbs=get;update;patch
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/finalizers,verbs=update
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=xendomains;xenhosts;migrationpolicies,verbs=get;list;watch
-// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch;create;delete
-// +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
-// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+// The RBAC markers are in rbac.go.
 
 // Reconcile moves one VMMigration forward on the facts it finds.
 func (r *VMMigrationReconciler) Reconcile(ctx context.Context, req reconcile.Request) (res reconcile.Result, reterr error) {

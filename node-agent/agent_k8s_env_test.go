@@ -117,20 +117,51 @@ func installRBAC() error {
 			if strings.TrimSpace(strings.Trim(doc, "-")) == "" {
 				continue
 			}
-			role := &rbacv1.ClusterRole{}
-			if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+			var kind struct{ Kind string }
+			if err := yaml.Unmarshal([]byte(doc), &kind); err != nil {
 				return fmt.Errorf("%s: %w", file, err)
 			}
-			if err := k8s.Create(ctx, role); err != nil {
-				return fmt.Errorf("create ClusterRole %s: %w", role.Name, err)
-			}
-			b := &rbacv1.ClusterRoleBinding{
-				ObjectMeta: metav1.ObjectMeta{Name: role.Name},
-				RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
-				Subjects:   []rbacv1.Subject{{APIGroup: "rbac.authorization.k8s.io", Kind: "User", Name: user}},
-			}
-			if err := k8s.Create(ctx, b); err != nil {
-				return fmt.Errorf("create ClusterRoleBinding %s: %w", b.Name, err)
+			subjects := []rbacv1.Subject{{APIGroup: "rbac.authorization.k8s.io", Kind: "User", Name: user}}
+			switch kind.Kind {
+			case "ClusterRole":
+				role := &rbacv1.ClusterRole{}
+				if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+					return fmt.Errorf("%s: %w", file, err)
+				}
+				if err := k8s.Create(ctx, role); err != nil {
+					return fmt.Errorf("create ClusterRole %s: %w", role.Name, err)
+				}
+				b := &rbacv1.ClusterRoleBinding{
+					ObjectMeta: metav1.ObjectMeta{Name: role.Name},
+					RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
+					Subjects:   subjects,
+				}
+				if err := k8s.Create(ctx, b); err != nil {
+					return fmt.Errorf("create ClusterRoleBinding %s: %w", b.Name, err)
+				}
+			case "Role":
+				// The controller's rules in the operator's namespace.
+				role := &rbacv1.Role{}
+				if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+					return fmt.Errorf("%s: %w", file, err)
+				}
+				ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: role.Namespace}}
+				if err := k8s.Create(ctx, ns); err != nil && !apierrors.IsAlreadyExists(err) {
+					return fmt.Errorf("create Namespace %s: %w", ns.Name, err)
+				}
+				if err := k8s.Create(ctx, role); err != nil {
+					return fmt.Errorf("create Role %s/%s: %w", role.Namespace, role.Name, err)
+				}
+				b := &rbacv1.RoleBinding{
+					ObjectMeta: metav1.ObjectMeta{Namespace: role.Namespace, Name: role.Name},
+					RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: role.Name},
+					Subjects:   subjects,
+				}
+				if err := k8s.Create(ctx, b); err != nil {
+					return fmt.Errorf("create RoleBinding %s/%s: %w", b.Namespace, b.Name, err)
+				}
+			default:
+				return fmt.Errorf("%s: unexpected kind %q", file, kind.Kind)
 			}
 		}
 	}
