@@ -24,7 +24,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/dedup"
@@ -93,6 +92,7 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes and in-flight migration state (default: $TMPDIR/xenferry-agent-HOST)")
 	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
 		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
+	bindMetricsFlags(fs)
 	zopts := zap.Options{Development: true}
 	zopts.BindFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -238,7 +238,7 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 	}
 	mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
 		Scheme:                 scheme,
-		Metrics:                metricsserver.Options{BindAddress: "0"},
+		Metrics:                metricsServerOptions(),
 		HealthProbeBindAddress: "0",
 		Logger:                 a.log,
 	})
@@ -328,6 +328,7 @@ func (a *Agent) Run(ctx context.Context) error {
 // onReceiverEvent records what the receiver reports and wakes the
 // reconciler to write it; it never blocks the data path.
 func (a *Agent) onReceiverEvent(migrationID string, ev engine.Event) {
+	telemetry.targetEvent(ev)
 	a.mu.Lock()
 	r := a.runs[migrationID]
 	a.mu.Unlock()

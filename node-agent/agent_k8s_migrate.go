@@ -524,6 +524,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		}
 	}
 	hooks.Progress = func(pr engine.Progress) {
+		telemetry.sourceProgress(r.key.String(), pr)
 		r.mu.Lock()
 		phaseChanged := pr.Phase != r.phase || pr.Committed && !r.committed
 		r.progress, r.phase, r.changed = pr, pr.Phase, true
@@ -551,6 +552,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		defer a.transfers.Done()
 		defer cancel()
 		res, err := engine.Migrate(rctx, sd, addr, opts, hooks)
+		telemetry.sourceDone(r.key.String(), res, err)
 		// After go without a verdict, hold the handle: the domain stays
 		// paused (Close would keep it paused too) and the verdict in the
 		// target's half decides between Reclaim and Release.
@@ -600,7 +602,7 @@ func (a *Agent) catalog(ctx context.Context, disks []xenmem.Disk) (*dedup.Catalo
 		a.mu.Unlock()
 		if ix == nil {
 			var err error
-			ix, err = dedup.Open(ctx, d.Path, dedup.Options{StateDir: a.cfg.StateDir, Log: a.log.WithName("dedup")})
+			ix, err = dedup.Open(ctx, d.Path, dedup.Options{StateDir: a.cfg.StateDir, Log: a.log.WithName("dedup"), Progress: telemetry.indexProgress(d.Path)})
 			if err != nil {
 				return nil, fmt.Errorf("index disk %s: %w", d.Path, err)
 			}

@@ -26,7 +26,7 @@ func (a *Agent) publishLoop(ctx context.Context) {
 	}
 	failures := 0
 	for {
-		if err := a.publish(ctx); err != nil && ctx.Err() == nil {
+		if err := telemetry.published(a.publish(ctx)); err != nil && ctx.Err() == nil {
 			failures++
 			// Log the first failure and then every tenth, to stay readable.
 			if failures == 1 || failures%10 == 0 {

@@ -8,6 +8,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"os/signal"
@@ -37,7 +39,7 @@ func registerCommand(c command) {
 }
 
 func usage() {
-	fmt.Fprintf(os.Stderr, "usage: node-agent COMMAND [flags]\n\ncommands:\n")
+	fmt.Fprintf(os.Stderr, "usage: node-agent COMMAND [flags]\n       node-agent COMMAND --help\n\ncommands:\n")
 	names := make([]string, 0, len(commands))
 	for n := range commands {
 		names = append(names, n)
@@ -52,6 +54,11 @@ func main() {
 	if len(os.Args) < 2 {
 		usage()
 		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "-h", "-help", "--help", "help":
+		usage()
+		return
 	}
 	c, ok := commands[os.Args[1]]
 	if !ok {
@@ -73,6 +80,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := c.run(ctx, os.Args[2:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return // the flag set has printed the command's usage
+		}
 		fmt.Fprintf(os.Stderr, "node-agent %s: %v\n", c.name, err)
 		os.Exit(1)
 	}

@@ -2,24 +2,24 @@ package dedup
 
 import (
 	"context"
-	"sync"
-	"time"
+	"fmt"
+
+	"golang.org/x/time/rate"
 )
 
-// limiter paces reads to a byte rate (a token bucket with a burst of one
-// second). A nil limiter does not limit.
+// limiter paces index reads to a byte rate: a golang.org/x/time/rate bucket
+// whose burst is one second of reads. A nil limiter does not limit.
 type limiter struct {
-	rate float64 // bytes per second
-
-	mu   sync.Mutex // mu protects next.
-	next time.Time  // when the bytes granted so far have been paid for
+	rl    *rate.Limiter
+	burst int
 }
 
 func newLimiter(bytesPerSec int64) *limiter {
 	if bytesPerSec <= 0 {
 		return nil
 	}
-	return &limiter{rate: float64(bytesPerSec)}
+	burst := int(min(bytesPerSec, int64(1<<30)))
+	return &limiter{rl: rate.NewLimiter(rate.Limit(bytesPerSec), burst), burst: burst}
 }
 
 // wait blocks until n more bytes may be read, or ctx is done.
@@ -27,23 +27,24 @@ func (l *limiter) wait(ctx context.Context, n int) error {
 	if l == nil {
 		return ctx.Err()
 	}
-	l.mu.Lock()
-	now := time.Now()
-	if floor := now.Add(-time.Second); l.next.Before(floor) {
-		l.next = floor // allow a burst of at most one second
+	// rate.Limiter refuses single requests above its burst; a larger read is
+	// paid in burst-sized parts, which charges the same total.
+	for n > 0 {
+		part := min(n, l.burst)
+		if err := l.rl.WaitN(ctx, part); err != nil {
+			return waitErr(ctx, err)
+		}
+		n -= part
 	}
-	l.next = l.next.Add(time.Duration(float64(n) / l.rate * float64(time.Second)))
-	d := l.next.Sub(now)
-	l.mu.Unlock()
-	if d <= 0 {
-		return ctx.Err()
+	return nil
+}
+
+// waitErr gives a failed wait the context's error. rate.Limiter refuses up
+// front a wait that would outlast ctx's deadline; that is reported as the
+// deadline passing, which is what waiting would have come to.
+func waitErr(ctx context.Context, err error) error {
+	if cerr := ctx.Err(); cerr != nil {
+		return cerr
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return fmt.Errorf("read pacing: %w (%w)", context.DeadlineExceeded, err)
 }

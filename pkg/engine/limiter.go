@@ -2,75 +2,77 @@ package engine
 
 import (
 	"context"
-	"sync"
+	"fmt"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
-// limiter is a token bucket shared by every stream of a migration: bytes put
-// on the wire draw tokens at rate bytes/s, with a burst of one record so the
-// long-run rate holds to the cap. Priority traffic (demand pages) takes its
-// tokens without waiting, driving the bucket into debt that background
-// traffic then pays back: the cap holds, and demand never queues behind it.
+// limiter is the bandwidth cap shared by every stream of a migration: bytes
+// put on the wire draw tokens from one golang.org/x/time/rate bucket, with a
+// burst of about one record so the long-run rate holds to the cap.
+//
+// Priority traffic (demand pages, switch-over control records) reserves its
+// tokens without waiting: the reservation drives the bucket into debt that
+// background traffic then pays back. The cap holds over time, and demand
+// never queues behind background pages.
 type limiter struct {
-	rate  float64 // bytes per second; 0 = unlimited
-	burst float64
-
-	mu     sync.Mutex
-	tokens float64
-	last   time.Time
+	rl    *rate.Limiter // nil: unlimited
+	burst int
 }
 
 func newLimiter(bytesPerSec int64) *limiter {
-	l := &limiter{rate: float64(bytesPerSec), last: time.Now()}
+	if bytesPerSec <= 0 {
+		return &limiter{}
+	}
 	// One maximal record plus a little: small enough that the cap holds
 	// within a few percent over a second.
-	l.burst = max(l.rate/50, 512<<10)
-	l.tokens = 0
-	return l
+	burst := max(int(bytesPerSec/50), 512<<10)
+	rl := rate.NewLimiter(rate.Limit(bytesPerSec), burst)
+	// Start empty: a migration's first second is paced like every other,
+	// rather than opening with a burst above the cap.
+	rl.ReserveN(time.Now(), burst)
+	return &limiter{rl: rl, burst: burst}
 }
 
-// take blocks until n bytes may be sent (background traffic).
+// take blocks until n bytes may be sent (background traffic), or ctx ends.
 func (l *limiter) take(ctx context.Context, n int) error {
-	if l == nil || l.rate == 0 {
+	if l == nil || l.rl == nil {
 		return nil
 	}
-	l.mu.Lock()
-	l.refill()
-	l.tokens -= float64(n)
-	wait := time.Duration(0)
-	if l.tokens < 0 {
-		wait = time.Duration(-l.tokens / l.rate * float64(time.Second))
+	// rate.Limiter refuses single requests above its burst; a large record
+	// is paid in burst-sized parts, which charges the same total.
+	for n > 0 {
+		part := min(n, l.burst)
+		if err := l.rl.WaitN(ctx, part); err != nil {
+			return waitErr(ctx, err)
+		}
+		n -= part
 	}
-	l.mu.Unlock()
-	if wait <= 0 {
-		return nil
-	}
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return nil
 }
 
-// takeNow charges n bytes without waiting (priority traffic).
+// takeNow charges n bytes without waiting (priority traffic): the
+// reservations are kept, not cancelled, so the debt they leave delays the
+// background traffic that follows.
 func (l *limiter) takeNow(n int) {
-	if l == nil || l.rate == 0 {
+	if l == nil || l.rl == nil {
 		return
 	}
-	l.mu.Lock()
-	l.refill()
-	l.tokens -= float64(n)
-	l.mu.Unlock()
+	now := time.Now()
+	for n > 0 {
+		part := min(n, l.burst)
+		l.rl.ReserveN(now, part)
+		n -= part
+	}
 }
 
-func (l *limiter) refill() {
-	now := time.Now()
-	l.tokens += now.Sub(l.last).Seconds() * l.rate
-	l.last = now
-	if l.tokens > l.burst {
-		l.tokens = l.burst
+// waitErr gives a failed wait the context's error. rate.Limiter refuses up
+// front a wait that would outlast ctx's deadline; that is reported as the
+// deadline passing, which is what waiting would have come to.
+func waitErr(ctx context.Context, err error) error {
+	if cerr := ctx.Err(); cerr != nil {
+		return cerr
 	}
+	return fmt.Errorf("bandwidth cap: %w (%w)", context.DeadlineExceeded, err)
 }

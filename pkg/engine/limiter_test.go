@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -57,5 +58,43 @@ func TestLimiterCancel(t *testing.T) {
 	cancel()
 	if err := l.take(ctx, 1<<20); err == nil {
 		t.Fatal("take on a cancelled context succeeded")
+	}
+}
+
+// TestLimiterPriorityNeverWaits: demand answers are charged but never held,
+// however deep the bucket's debt, and a record larger than the burst is
+// paid in full by background traffic.
+func TestLimiterPriorityNeverWaits(t *testing.T) {
+	l := newLimiter(1 << 20)
+	l.takeNow(8 << 20) // eight seconds of debt
+	start := time.Now()
+	for range 100 {
+		l.takeNow(64 << 10)
+	}
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Fatalf("priority traffic waited %v behind the debt", d)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	err := l.take(ctx, 1)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("background take during 14 s of debt: err %v, want DeadlineExceeded", err)
+	}
+
+	big := newLimiter(4 << 20) // burst 512 KiB
+	start = time.Now()
+	if err := big.take(context.Background(), 2<<20); err != nil {
+		t.Fatalf("take above the burst: %v", err)
+	}
+	if d := time.Since(start); d < 400*time.Millisecond {
+		t.Fatalf("2 MiB at 4 MiB/s took %v, want about 500ms", d)
+	}
+}
+
+func TestLimiterUnlimited(t *testing.T) {
+	l := newLimiter(0)
+	l.takeNow(1 << 30)
+	if err := l.take(context.Background(), 1<<30); err != nil {
+		t.Fatal(err)
 	}
 }

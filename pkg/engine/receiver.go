@@ -14,6 +14,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/xenferry/xenferry/pkg/pki"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -52,6 +53,10 @@ type ReceiveStats struct {
 	DiskFallback uint64
 	FaultP50     time.Duration
 	FaultP99     time.Duration
+	// FaultLatency is the post-copy fault latency histogram (every demand
+	// fault, fault to page in place); nil when the migration had no
+	// post-copy phase. Read-only for the event's consumer.
+	FaultLatency *postcopy.Histogram
 }
 
 // AuthRequest is what a new connection presents to Receiver.Authorize.

@@ -192,6 +192,13 @@ func TestDurablePostCopyFinishesWithoutSource(t *testing.T) {
 		if ev.Kind != engine.EventDone {
 			t.Fatalf("the destination did not finish from the mirror: %v", ev.Err)
 		}
+		// A post-copy reports its fault latency histogram (the agent's
+		// metrics read it); bucket counts add up to the total.
+		if h := ev.Stats.FaultLatency; h == nil {
+			t.Error("a post-copy's done event carries no fault latency histogram")
+		} else if counts, _, n := h.Cumulative([]time.Duration{10 * time.Second}); n != h.Count() || counts[0] != n {
+			t.Errorf("fault histogram: %d observations, %d in buckets, %d at or below 10s", h.Count(), n, counts[0])
+		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("the destination did not finish")
 	}

@@ -1094,8 +1094,12 @@ func (s *session) wireStats(verified bool) dstStats {
 
 func (s *session) stats() ReceiveStats {
 	w := s.wireStats(false)
-	return ReceiveStats{Pages: s.numPages, Demand: w.Demand, DiskResolved: w.DiskResolved, DiskFallback: w.DiskFallback,
+	rs := ReceiveStats{Pages: s.numPages, Demand: w.Demand, DiskResolved: w.DiskResolved, DiskFallback: w.DiskFallback,
 		FaultP50: time.Duration(w.FaultP50Us) * time.Microsecond, FaultP99: time.Duration(w.FaultP99Us) * time.Microsecond}
+	if s.tracker != nil {
+		rs.FaultLatency = s.tracker.Latency()
+	}
+	return rs
 }
 
 // startReaders starts a reader per data stream and one for the priority

@@ -181,6 +181,35 @@ func (h *Histogram) Observe(d time.Duration) {
 // Count is the number of observations.
 func (h *Histogram) Count() uint64 { return h.count.Load() }
 
+// Cumulative folds the histogram into coarser buckets for export: counts[i]
+// is the number of observations at or below upper[i] (upper ascending),
+// sum their total and n their number, all at this histogram's bucket
+// resolution (an observation counts as its bucket's upper edge, overflow
+// as 10 s).
+func (h *Histogram) Cumulative(upper []time.Duration) (counts []uint64, sum time.Duration, n uint64) {
+	counts = make([]uint64, len(upper))
+	add := func(edge time.Duration, c uint64) {
+		if c == 0 {
+			return
+		}
+		n += c
+		sum += edge * time.Duration(c)
+		for i, u := range upper {
+			if edge <= u {
+				counts[i] += c
+			}
+		}
+	}
+	for i := range h.fine {
+		add(time.Duration(i+1)*time.Microsecond, h.fine[i].Load())
+	}
+	for i := range h.coarse {
+		add(time.Duration(i+1)*time.Millisecond, h.coarse[i].Load())
+	}
+	add(10*time.Second, h.over.Load())
+	return counts, sum, n
+}
+
 // Quantile returns the q-quantile (0 < q ≤ 1) at bucket resolution, 0 if empty.
 func (h *Histogram) Quantile(q float64) time.Duration {
 	n := h.count.Load()
