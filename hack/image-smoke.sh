@@ -119,7 +119,12 @@ fi
 # 3. A loopback module proxy over this machine's module cache.
 modcache=$(go env GOMODCACHE)/cache/download
 (cd "$ROOT" && go mod download) # fills the cache (from GOPROXY) when it lacks a module
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+# A fixed port when free: the GOPROXY build argument is part of the layer
+# cache key, so a port that changed every run would rebuild every time.
+port=${XF_GOPROXY_PORT:-38765}
+if ! python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1",int(sys.argv[1]))); s.close()' "$port" 2>/dev/null; then
+	port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+fi
 python3 -m http.server --bind 127.0.0.1 --directory "$modcache" "$port" >"$CACHE/goproxy.log" 2>&1 &
 proxy_pid=$!
 trap 'kill "$proxy_pid" 2>/dev/null || true' EXIT
