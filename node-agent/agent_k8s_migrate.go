@@ -366,6 +366,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 	if err != nil {
 		return fail(fmt.Errorf("open domain %s on %s: %w", dom.Spec.DomainName, a.cfg.Host, err))
 	}
+	sd = failpointSource(sd) // hack/faults: named hold points; a no-op unless XENFERRY_FAILPOINTS* is set
 	opts := engine.Options{
 		Strategy:          engine.Strategy(p.EngineStrategy),
 		LinkBytesPerSec:   p.BandwidthBytesPerSecond,

@@ -1,0 +1,527 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/wire"
+	"github.com/xenferry/xenferry/pkg/xenmem"
+)
+
+// hostileFaults are the peers that must be refused by the target agent,
+// with the agent alive and serving afterwards.
+var hostileFaults = []string{"plaintext-peer", "wrong-token", "replayed-token", "reference-outside-disk", "control-out-of-order", "oversized-record"}
+
+// hostileResult is one hostile cell.
+type hostileResult struct {
+	Fault      string  `json:"fault"`
+	Refused    bool    `json:"refused"`
+	AgentAlive bool    `json:"agentAlive"`
+	OK         bool    `json:"ok"`
+	Reason     string  `json:"reason"`
+	RSSBefore  int64   `json:"rssBeforeMiB"`
+	RSSAfter   int64   `json:"rssAfterMiB"`
+	Seconds    float64 `json:"seconds"`
+}
+
+// The engine's handshake vocabulary (pkg/engine/common.go), as a peer
+// speaks it on the wire.
+const (
+	hsMain, hsData, hsPrio, hsRecover = "main", "data", "prio", "recover"
+	hostileMemMiB                     = 32
+	hostileIO                         = 10 * time.Second // bound on every read and write of a hostile connection
+)
+
+// hconn is a hostile client's connection, speaking pkg/wire directly.
+type hconn struct {
+	c net.Conn
+	r *wire.Reader
+	w *wire.Writer
+}
+
+// hopen connects, sends the stream header and hello and reads the answer:
+// welcomed is true when the agent answered with its own hello.
+func hopen(ctx context.Context, dial func(context.Context, string) (net.Conn, error), addr string, hello wire.Control) (h *hconn, welcomed bool, answer string, err error) {
+	c, err := dial(ctx, addr)
+	if err != nil {
+		return nil, false, "", fmt.Errorf("dial %s: %w", addr, err)
+	}
+	h = &hconn{c: c, r: wire.NewReader(c), w: wire.NewWriter(c)}
+	_ = c.SetDeadline(time.Now().Add(hostileIO))
+	if err := h.w.WriteStreamHeader(); err != nil {
+		return h, false, "write failed: " + err.Error(), nil
+	}
+	if err := h.control(hello); err != nil {
+		return h, false, "write failed: " + err.Error(), nil
+	}
+	if err := h.r.ReadStreamHeader(); err != nil {
+		return h, false, "closed: " + err.Error(), nil
+	}
+	m, err := h.readControl()
+	if err != nil {
+		return h, false, "closed: " + err.Error(), nil
+	}
+	if m.Kind == "hello" {
+		return h, true, "welcomed", nil
+	}
+	return h, false, m.Kind + ": " + m.Message, nil
+}
+
+func (h *hconn) close() {
+	if h != nil {
+		h.c.Close()
+	}
+}
+
+func (h *hconn) send(t wire.Type, body []byte) error {
+	_ = h.c.SetWriteDeadline(time.Now().Add(hostileIO))
+	if err := h.w.Write(t, body); err != nil {
+		return err
+	}
+	return h.w.Flush()
+}
+
+func (h *hconn) control(m wire.Control) error {
+	b, err := wire.MarshalControl(nil, &m)
+	if err != nil {
+		return err
+	}
+	return h.send(wire.TypeControl, b)
+}
+
+func (h *hconn) readControl() (wire.Control, error) {
+	rec, err := h.r.Next()
+	if err != nil {
+		return wire.Control{}, err
+	}
+	if rec.Type != wire.TypeControl {
+		return wire.Control{}, fmt.Errorf("a %v record, not a control", rec.Type)
+	}
+	return wire.ParseControl(rec.Body)
+}
+
+// session is an authorised hostile session: main, one data stream and
+// the priority stream, as a source opens them.
+type hsession struct{ main, data, prio *hconn }
+
+func (s *hsession) close() { s.main.close(); s.data.close(); s.prio.close() }
+
+func (l *lab) openSession(ctx context.Context, addr, id string, tok []byte) (*hsession, error) {
+	s := &hsession{}
+	for _, role := range []string{hsMain, hsData, hsPrio} {
+		h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: role})
+		if err != nil || !ok {
+			h.close()
+			s.close()
+			return nil, fmt.Errorf("%s stream not welcomed with a valid token: %v %s", role, err, ans)
+		}
+		switch role {
+		case hsMain:
+			s.main = h
+		case hsData:
+			s.data = h
+		default:
+			s.prio = h
+		}
+	}
+	return s, nil
+}
+
+// header sends a HEADER for domain dom with disk path disk.
+func (s *hsession) header(dom string, numPages uint64, disk string) error {
+	info := xenmem.DomainInfo{Name: dom, Namespace: "default", MemoryBytes: numPages * pageSize, VCPUs: 1,
+		Disks: []xenmem.Disk{{ID: "xvda", Path: disk}}}
+	cfg, err := json.Marshal(info)
+	if err != nil {
+		return err
+	}
+	h := wire.Header{Version: wire.Version, PageShift: 12, NumPages: numPages, Flags: wire.FlagDedup, Config: cfg}
+	return s.main.send(wire.TypeHeader, h.Marshal(nil))
+}
+
+// outcome waits for what the main connection says next: an error or a
+// close means the agent refused.
+func (h *hconn) outcome(limit time.Duration) (refused bool, what string) {
+	_ = h.c.SetReadDeadline(time.Now().Add(limit))
+	for {
+		m, err := h.readControl()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return false, "no answer"
+			}
+			return true, "connection closed (" + clip(err.Error(), 80) + ")"
+		}
+		switch m.Kind {
+		case "error":
+			return true, "error: " + clip(m.Message, 160)
+		case "prepared", "drained", "ready", "resumed", "done":
+			return false, m.Kind
+		}
+	}
+}
+
+// runHostileCell: fresh agents, a migration held before its source
+// connects (so this program can speak for it with its real token), the
+// attack, then a normal migration through the same target agent.
+func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res hostileResult) {
+	t0 := time.Now()
+	res = hostileResult{Fault: fault}
+	defer func() { res.Seconds = round1(time.Since(t0).Seconds()) }()
+	var notes []string
+	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
+	defer func() { res.Reason = strings.Join(notes, "; ") }()
+
+	victim, normal, first := fmt.Sprintf("vh-%02d", idx), fmt.Sprintf("vn-%02d", idx), fmt.Sprintf("vr-%02d", idx)
+	cellDir := filepath.Join(l.work, "cells", victim)
+	if err := os.MkdirAll(cellDir, 0o755); err != nil {
+		note("harness: %v", err)
+		return
+	}
+	defer func() {
+		for _, d := range []string{victim, normal, first} {
+			os.Remove(filepath.Join(l.work, "disks", d+".img"))
+		}
+	}()
+	l.stopAgents()
+	doms := []domSpec{{name: victim, memMiB: hostileMemMiB, seed: 300 + idx, dirty: 1}, {name: normal, memMiB: hostileMemMiB, seed: 400 + idx, dirty: 1}}
+	if fault == "replayed-token" {
+		doms = append(doms, domSpec{name: first, memMiB: hostileMemMiB, seed: 500 + idx, dirty: 1})
+	}
+	cfgA, cfgB := filepath.Join(cellDir, "a.yaml"), filepath.Join(cellDir, "b.yaml")
+	if err := l.writeSimConfig(cfgA, hostA, doms); err != nil {
+		note("harness: %v", err)
+		return
+	}
+	if err := l.writeSimConfig(cfgB, hostB, nil); err != nil {
+		note("harness: %v", err)
+		return
+	}
+	a, b := l.agents[hostA], l.agents[hostB]
+	for _, s := range []struct{ host, cfg string }{{hostA, cfgA}, {hostB, cfgB}} {
+		if err := l.startAgent(ctx, s.host, s.cfg, ""); err != nil {
+			note("harness: start %s: %v", s.host, err)
+			return
+		}
+	}
+	for _, d := range doms {
+		if err := l.waitDomain(ctx, d.name, hostA); err != nil {
+			note("harness: XenDomain %s not published: %v", d.name, err)
+			return
+		}
+	}
+	addr := b.dataAddr
+	bPID := b.p.pid()
+
+	var id string
+	var tok []byte
+	if fault == "replayed-token" {
+		m, t, err := l.migrateNormally(ctx, first)
+		if err != nil {
+			note("harness: the first migration, whose token is replayed, did not succeed: %v", err)
+			return
+		}
+		id, tok = string(m.UID), t
+	} else {
+		// Hold the victim's source before it connects.
+		if err := a.setFailpoints("start=sleep:100s"); err != nil {
+			note("harness: %v", err)
+			return
+		}
+		mig := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: victim},
+			Spec: v1.VMMigrationSpec{Domain: victim, TargetHost: hostB, Strategy: v1.StrategyPreCopy}}
+		if err := l.c.Create(ctx, mig); err != nil {
+			note("harness: create %s: %v", victim, err)
+			return
+		}
+		var m *v1.VMMigration
+		err := waitFor(ctx, 60*time.Second, 100*time.Millisecond, func() (bool, error) {
+			var err error
+			if m, err = l.getMig(ctx, victim); err != nil {
+				return false, err
+			}
+			return a.hit("start") && m.Status.Target != nil && m.Status.Target.Ready, nil
+		})
+		_ = a.setFailpoints("")
+		if err != nil {
+			note("harness: the victim migration was not held with a ready target: %v (phase %s)", err, phaseOf(m))
+			return
+		}
+		if tok, err = l.creds.migrationToken(ctx, m); err != nil {
+			note("harness: %v", err)
+			return
+		}
+		id = string(m.UID)
+	}
+
+	res.RSSBefore = agentRSS(bPID)
+	res.Refused, notes = l.attack(ctx, fault, addr, id, tok, victim, notes)
+	sleepCtx(ctx, time.Second)
+	res.RSSAfter = agentRSS(bPID)
+	alive := b.p.alive() && b.p.pid() == bPID
+	if !alive {
+		note("the target agent died: %s", clip(lastLines(b.p.tail(4000), 3), 300))
+	} else if res.RSSAfter-res.RSSBefore > 256 {
+		note("the target agent grew by %d MiB", res.RSSAfter-res.RSSBefore)
+	}
+	serves := false
+	if alive {
+		if _, _, err := l.migrateNormally(ctx, normal); err != nil {
+			note("a normal migration after the attack failed: %v", err)
+		} else {
+			serves = b.p.alive() && b.p.pid() == bPID
+		}
+	}
+	res.AgentAlive = alive && serves
+	res.OK = res.Refused && res.AgentAlive
+	return
+}
+
+// migrateNormally runs a plain migration of dom from A to B and returns it
+// with the token it used (read while it ran).
+func (l *lab) migrateNormally(ctx context.Context, dom string) (*v1.VMMigration, []byte, error) {
+	mig := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: dom},
+		Spec: v1.VMMigrationSpec{Domain: dom, TargetHost: hostB, Strategy: v1.StrategyPreCopy}}
+	if err := l.c.Create(ctx, mig); err != nil {
+		return nil, nil, err
+	}
+	var tok []byte
+	var m *v1.VMMigration
+	err := waitFor(ctx, 90*time.Second, 100*time.Millisecond, func() (bool, error) {
+		var err error
+		if m, err = l.getMig(ctx, dom); err != nil {
+			return false, err
+		}
+		if tok == nil && m.Status.TokenSecret != "" {
+			tok, _ = l.creds.migrationToken(ctx, m)
+		}
+		return m.Status.Phase.IsFinal(), nil
+	})
+	if err != nil {
+		return m, tok, fmt.Errorf("%s: %w (phase %s)", dom, err, phaseOf(m))
+	}
+	if m.Status.Phase != v1.MigrationSucceeded {
+		return m, tok, fmt.Errorf("%s ended %s: %s", dom, m.Status.Phase, clip(m.Status.FailureReason, 200))
+	}
+	if tok == nil {
+		return m, tok, fmt.Errorf("%s: its token was never readable", dom)
+	}
+	return m, tok, nil
+}
+
+// attack runs one hostile peer and says whether the agent refused it.
+func (l *lab) attack(ctx context.Context, fault, addr, id string, tok []byte, dom string, notes []string) (bool, []string) {
+	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
+	numPages := uint64(hostileMemMiB << 20 / pageSize)
+	realDisk := filepath.Join(l.work, "disks", dom+".img")
+	switch fault {
+	case "plaintext-peer":
+		h, ok, ans, err := hopen(ctx, l.creds.dialPlain, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: hsMain})
+		h.close()
+		if err != nil {
+			note("plaintext connection failed: %v", err)
+			return true, notes
+		}
+		note("plaintext hello with the migration's real token: %s", ans)
+		return !ok, notes
+
+	case "wrong-token":
+		bad := make([]byte, len(tok))
+		_, _ = rand.Read(bad)
+		h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: bad, Streams: 1, Message: hsMain})
+		h.close()
+		if err != nil {
+			note("connection failed: %v", err)
+			return true, notes
+		}
+		note("hello with a wrong token: %s", ans)
+		return !ok, notes
+
+	case "replayed-token":
+		refused := true
+		for _, role := range []string{hsMain, hsRecover} {
+			h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: role})
+			h.close()
+			if err != nil {
+				ans = err.Error()
+			}
+			note("%s hello replaying the token of a finished migration: %s", role, ans)
+			refused = refused && !ok
+		}
+		return refused, notes
+
+	case "reference-outside-disk":
+		// A header whose disk is a file of the target host outside the
+		// domain's disks (a decoy with known content), then a reference to
+		// its first block with the right hash, and one beyond any disk's end.
+		decoy := filepath.Join(l.work, "decoy.img")
+		block := make([]byte, 1<<20)
+		_, _ = rand.Read(block)
+		if err := os.WriteFile(decoy, block, 0o644); err != nil {
+			note("harness: %v", err)
+			return false, notes
+		}
+		s, err := l.openSession(ctx, addr, id, tok)
+		if err != nil {
+			note("harness: %v", err)
+			return false, notes
+		}
+		defer s.close()
+		if err := s.header(dom, numPages, decoy); err != nil {
+			note("send header: %v", err)
+			return true, notes
+		}
+		if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
+			note("header naming a disk outside the domain's: %s", what)
+			return ref, notes
+		}
+		refs := []wire.DiskRef{
+			{PFN: 0, Disk: 0, Offset: 0, Hash: dedup.HashPage(block[:pageSize])},
+			{PFN: 1, Disk: 0, Offset: 1 << 40, Hash: dedup.HashPage(block[pageSize : 2*pageSize])},
+		}
+		if err := s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, refs)); err != nil {
+			note("send references: %v", err)
+			return true, notes
+		}
+		_ = s.data.control(wire.Control{Kind: "flush", Stream: 0, Message: "drain"})
+		_ = s.main.control(wire.Control{Kind: "drain"})
+		requested := s.prio.requests(3 * time.Second)
+		ref, what := s.main.outcome(3 * time.Second)
+		note("a reference into a decoy file outside the domain's disks and one at offset 2^40: %s; fallback requests for pfns %v", what, requested)
+		if !ref && !contains(requested, 0) {
+			note("the target read the decoy file and installed its block as guest memory")
+		}
+		return ref, notes
+
+	case "control-out-of-order":
+		s, err := l.openSession(ctx, addr, id, tok)
+		if err != nil {
+			note("harness: %v", err)
+			return false, notes
+		}
+		defer s.close()
+		if err := s.header(dom, numPages, realDisk); err != nil {
+			note("send header: %v", err)
+			return true, notes
+		}
+		if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
+			note("genuine header: %s", what)
+			return ref, notes
+		}
+		_ = s.main.control(wire.Control{Kind: "pushed"})
+		ref, what := s.main.outcome(5 * time.Second)
+		note("\"pushed\" right after prepared, outside post-copy: %s", what)
+		return ref, notes
+
+	case "oversized-record":
+		refused := true
+		// (a) a record header claiming a 4 GiB body.
+		if h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: hsMain}); err == nil && ok {
+			hdr := make([]byte, 16)
+			binary.LittleEndian.PutUint32(hdr[0:], uint32(wire.TypeHeader))
+			binary.LittleEndian.PutUint32(hdr[4:], 0xffffff00)
+			_ = h.c.SetWriteDeadline(time.Now().Add(hostileIO))
+			_, _ = h.c.Write(hdr)
+			ref, what := h.outcome(5 * time.Second)
+			note("record claiming a 4 GiB body: %s", what)
+			refused = refused && ref
+			h.close()
+		} else {
+			note("(a) not welcomed: %v %s", err, ans)
+			h.close()
+		}
+		sleepCtx(ctx, 500*time.Millisecond)
+		// (b) a header claiming 2^51 pages.
+		if s, err := l.openSession(ctx, addr, id, tok); err == nil {
+			err := s.header(dom, 1<<51, realDisk)
+			ref, what := s.main.outcome(5 * time.Second)
+			if err != nil {
+				ref, what = true, "write failed: "+err.Error()
+			}
+			note("header claiming 2^51 pages: %s", what)
+			refused = refused && ref
+			s.close()
+		} else {
+			note("(b) %v", err)
+			refused = false
+		}
+		sleepCtx(ctx, 500*time.Millisecond)
+		// (c) one maximal reference record after a genuine header.
+		if s, err := l.openSession(ctx, addr, id, tok); err == nil {
+			if err := s.header(dom, numPages, realDisk); err == nil {
+				if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
+					note("(c) genuine header: %s", what)
+					refused = refused && ref
+				} else {
+					n := (wire.MaxBody - 8) / 40
+					refs := make([]wire.DiskRef, n)
+					for i := range refs {
+						refs[i] = wire.DiskRef{PFN: uint64(i) % numPages, Offset: uint64(i%1024) * pageSize}
+					}
+					err := s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, refs))
+					ref, what := s.main.outcome(5 * time.Second)
+					if err != nil && !ref {
+						ref, what = true, "write failed: "+err.Error()
+					}
+					note("one %d-reference record (%d MiB): %s", n, n*40>>20, what)
+					refused = refused && ref
+				}
+			}
+			s.close()
+		} else {
+			note("(c) %v", err)
+			refused = false
+		}
+		return refused, notes
+	}
+	note("unknown hostile fault %q", fault)
+	return false, notes
+}
+
+// requests collects the pfns of REQUEST records on a priority connection
+// for a while.
+func (h *hconn) requests(limit time.Duration) []uint64 {
+	var out []uint64
+	_ = h.c.SetReadDeadline(time.Now().Add(limit))
+	for {
+		rec, err := h.r.Next()
+		if err != nil {
+			return out
+		}
+		if rec.Type == wire.TypeRequest {
+			if _, pfns, err := wire.ParseRequest(rec.Body, nil); err == nil {
+				out = append(out, pfns...)
+			}
+		}
+	}
+}
+
+func contains(s []uint64, v uint64) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, " | ")
+}
