@@ -55,12 +55,15 @@ type fakeSource struct {
 	calls []string
 }
 
-func (f *fakeSource) Info() xenmem.DomainInfo    { return xenmem.DomainInfo{Name: "vm-1"} }
-func (f *fakeSource) NumPages() uint64           { f.calls = append(f.calls, "NumPages"); return 8 }
-func (f *fakeSource) Pause() error               { f.calls = append(f.calls, "Pause"); return nil }
-func (f *fakeSource) SaveState() ([]byte, error) { f.calls = append(f.calls, "SaveState"); return nil, nil }
-func (f *fakeSource) Release() error             { f.calls = append(f.calls, "Release"); return nil }
-func (f *fakeSource) Resume() error              { f.calls = append(f.calls, "Resume"); return nil }
+func (f *fakeSource) Info() xenmem.DomainInfo { return xenmem.DomainInfo{Name: "vm-1"} }
+func (f *fakeSource) NumPages() uint64        { f.calls = append(f.calls, "NumPages"); return 8 }
+func (f *fakeSource) Pause() error            { f.calls = append(f.calls, "Pause"); return nil }
+func (f *fakeSource) SaveState() ([]byte, error) {
+	f.calls = append(f.calls, "SaveState")
+	return nil, nil
+}
+func (f *fakeSource) Release() error { f.calls = append(f.calls, "Release"); return nil }
+func (f *fakeSource) Resume() error  { f.calls = append(f.calls, "Resume"); return nil }
 
 func TestFailpointSourceIsTheHandleItselfWhenUnconfigured(t *testing.T) {
 	t.Setenv(envFailpoints, "")
