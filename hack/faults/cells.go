@@ -57,7 +57,7 @@ func strategyFor(phase string) (v1.MigrationStrategy, string) {
 	case "stopandcopy":
 		return v1.StrategyPreCopy, "savestate=sleep:" + holdPhase.String()
 	case "postcopy":
-		return v1.StrategyPostCopy, ""
+		return v1.StrategyHybrid, ""
 	case "release":
 		return v1.StrategyHybrid, "release=sleep:" + holdPhase.String()
 	}
@@ -166,9 +166,12 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 	if reached.Status.Phase.IsFinal() {
 		note("migration ended %s before the phase %s was seen", reached.Status.Phase, phase)
 		res.TerminalPhase = string(reached.Status.Phase)
-		return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, time.Time{})
+		return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, ctlView{})
 	}
 
+	// The source's pause word when the fault strikes: a copy paused for the
+	// switch-over that runs again at the end was resumed after the fault.
+	atInject, _ := readCtl(orig.pid)
 	tInject := time.Now()
 	if err := l.inject(ctx, fault, name, mem0, ctl, note); err != nil {
 		return fail("harness: inject %s: %v", fault, err)
@@ -191,7 +194,7 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 		res.DetectSeconds = round1(time.Since(tInject).Seconds())
 	}
 	_ = b
-	return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, tInject)
+	return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, atInject)
 }
 
 // inject applies a fault and, for the faults that end, ends it.
@@ -290,13 +293,14 @@ func staleBlocks(disk string, mem0 []byte, ctl ctlView) (int, error) {
 // verdict observes where the domain runs and whether the migration's final
 // word is true. Facts come from /proc (guest processes, their control
 // pages and memory); the API's claims are checked against them.
-func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig guest, ctl ctlView, mem0 []byte, nsA, nsB uint64, notes []string, tInject time.Time) cellResult {
+func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig guest, ctl ctlView, mem0 []byte, nsA, nsB uint64, notes []string, atInject ctlView) cellResult {
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
 	sleepCtx(ctx, settle)
 	type copyOf struct {
-		host string
-		g    guest
-		rs   runState
+		host  string
+		g     guest
+		rs    runState
+		fresh bool // booted afresh, not the original nor a migrated copy
 	}
 	var running, stopped []copyOf
 	for _, hc := range []struct {
@@ -308,27 +312,38 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 			if err != nil {
 				continue // exited meanwhile
 			}
-			c := copyOf{hc.host, g, rs}
+			c := copyOf{hc.host, g, rs, false}
 			if hc.host == hostA && g.id() != orig.id() {
-				// A new guest on the source is the agent's configuration
-				// booting the domain afresh after a restart: the migrated
-				// state is not in it.
-				note("%s: a fresh instance of the domain (guest %s, not the original %s) was booted from the host's configuration; the original's state is gone", hostA, g.id(), orig.id())
-				continue
+				// A new guest on the source is the restarted agent's sim
+				// configuration booting the domain afresh: same domain,
+				// same disk, but none of the state it had.
+				c.fresh = true
+				note("%s: a fresh instance of the domain (guest %s, not the original %s) was booted from the host's configuration", hostA, g.id(), orig.id())
+			}
+			if !c.fresh && hc.host == hostA && rs.running && atInject.paused && rs.ctl.pauseWord != atInject.pauseWord {
+				note("the source resumed the copy it had paused for the switch-over")
 			}
 			if rs.running {
+				if !rs.progressing {
+					note("the copy on %s runs but makes no progress (its vCPUs wait, e.g. for pages that never come)", hc.host)
+				}
 				running = append(running, c)
 			} else {
 				stopped = append(stopped, c)
 			}
 		}
 	}
+	// Every running instance counts, fresh boots included: two instances of
+	// one domain on one shared disk is the split brain the invariant forbids.
 	res.DomainHosts = len(running)
 	res.HalfCreated = 0
 	for _, c := range stopped {
-		if c.host == hostB {
+		switch {
+		case c.host == hostB:
 			res.HalfCreated++
-		} else {
+		case c.fresh:
+			note("the fresh instance on %s is paused", c.host)
+		default:
 			note("the source keeps a paused copy")
 		}
 	}
@@ -341,7 +356,12 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 		check = stopped
 	}
 	res.WrongPages = 0
+	stateful := 0
 	for _, c := range check {
+		if c.fresh {
+			continue
+		}
+		stateful++
 		mem, err := readMemory(c.g.pid)
 		if err != nil {
 			note("read memory of %s on %s: %v", name, c.host, err)
@@ -354,6 +374,11 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 		res.WrongPages = max(res.WrongPages, n)
 	}
 
+	if stateful == 0 && len(check) > 0 {
+		// Only a fresh boot is left: every page of the domain's state is gone.
+		res.WrongPages = len(mem0) / pageSize
+		note("the domain's state is lost: only a fresh boot runs (wrongPages counts every page)")
+	}
 	actual := ""
 	if len(running) == 1 {
 		actual = running[0].host
@@ -384,7 +409,10 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	truthful := claimed == actual
 	apiAgrees := xdHost == actual || (actual == "" && xdHost == "")
 	res.OK = final && withReason && truthful && apiAgrees
-	head := fmt.Sprintf("%s", phaseOf(m))
+	head := phaseOf(m)
+	if r := m.Status.Result; r != nil {
+		head += fmt.Sprintf(" (postCopy=%v verified=%v diskRefs=%d diskFallbacks=%d)", r.PostCopy, r.Verified, r.Pages.Disk, r.Pages.DiskFallback)
+	}
 	if m.Status.FailureReason != "" {
 		head += ": " + clip(m.Status.FailureReason, 220)
 	}

@@ -117,7 +117,13 @@ func (h *hconn) readControl() (wire.Control, error) {
 // the priority stream, as a source opens them.
 type hsession struct{ main, data, prio *hconn }
 
-func (s *hsession) close() { s.main.close(); s.data.close(); s.prio.close() }
+func (s *hsession) close() {
+	if s != nil {
+		s.main.close()
+		s.data.close()
+		s.prio.close()
+	}
+}
 
 func (l *lab) openSession(ctx context.Context, addr, id string, tok []byte) (*hsession, error) {
 	s := &hsession{}
@@ -185,19 +191,36 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
 	defer func() { res.Reason = strings.Join(notes, "; ") }()
 
-	victim, normal, first := fmt.Sprintf("vh-%02d", idx), fmt.Sprintf("vn-%02d", idx), fmt.Sprintf("vr-%02d", idx)
-	cellDir := filepath.Join(l.work, "cells", victim)
+	// Victims are migrations held before their source connects, so that
+	// this program can speak for them with their real token; each
+	// authorised probe spends one (a failed session fails its migration).
+	nVictims := 1
+	switch fault {
+	case "replayed-token":
+		nVictims = 0
+	case "reference-outside-disk", "oversized-record":
+		nVictims = 2
+	}
+	var victims []string
+	for i := range nVictims {
+		victims = append(victims, fmt.Sprintf("vh-%02d-%d", idx, i))
+	}
+	normal, first := fmt.Sprintf("vn-%02d", idx), fmt.Sprintf("vr-%02d", idx)
+	cellDir := filepath.Join(l.work, "cells", normal)
 	if err := os.MkdirAll(cellDir, 0o755); err != nil {
 		note("harness: %v", err)
 		return
 	}
 	defer func() {
-		for _, d := range []string{victim, normal, first} {
+		for _, d := range append([]string{normal, first}, victims...) {
 			os.Remove(filepath.Join(l.work, "disks", d+".img"))
 		}
 	}()
 	l.stopAgents()
-	doms := []domSpec{{name: victim, memMiB: hostileMemMiB, seed: 300 + idx, dirty: 1}, {name: normal, memMiB: hostileMemMiB, seed: 400 + idx, dirty: 1}}
+	doms := []domSpec{{name: normal, memMiB: hostileMemMiB, seed: 400 + idx, dirty: 1}}
+	for i, v := range victims {
+		doms = append(doms, domSpec{name: v, memMiB: hostileMemMiB, seed: 300 + 10*idx + i, dirty: 1})
+	}
 	if fault == "replayed-token" {
 		doms = append(doms, domSpec{name: first, memMiB: hostileMemMiB, seed: 500 + idx, dirty: 1})
 	}
@@ -226,54 +249,29 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 	addr := b.dataAddr
 	bPID := b.p.pid()
 
-	var id string
-	var tok []byte
+	var held []victim
 	if fault == "replayed-token" {
 		m, t, err := l.migrateNormally(ctx, first)
 		if err != nil {
 			note("harness: the first migration, whose token is replayed, did not succeed: %v", err)
 			return
 		}
-		id, tok = string(m.UID), t
+		held = append(held, victim{dom: first, id: string(m.UID), tok: t})
 	} else {
-		// Hold the victim's source before it connects.
-		if err := a.setFailpoints("start=sleep:100s"); err != nil {
+		var err error
+		if held, err = l.holdVictims(ctx, a, victims); err != nil {
 			note("harness: %v", err)
 			return
 		}
-		mig := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: victim},
-			Spec: v1.VMMigrationSpec{Domain: victim, TargetHost: hostB, Strategy: v1.StrategyPreCopy}}
-		if err := l.c.Create(ctx, mig); err != nil {
-			note("harness: create %s: %v", victim, err)
-			return
-		}
-		var m *v1.VMMigration
-		err := waitFor(ctx, 60*time.Second, 100*time.Millisecond, func() (bool, error) {
-			var err error
-			if m, err = l.getMig(ctx, victim); err != nil {
-				return false, err
-			}
-			return a.hit("start") && m.Status.Target != nil && m.Status.Target.Ready, nil
-		})
-		_ = a.setFailpoints("")
-		if err != nil {
-			note("harness: the victim migration was not held with a ready target: %v (phase %s)", err, phaseOf(m))
-			return
-		}
-		if tok, err = l.creds.migrationToken(ctx, m); err != nil {
-			note("harness: %v", err)
-			return
-		}
-		id = string(m.UID)
 	}
 
 	res.RSSBefore = agentRSS(bPID)
-	res.Refused, notes = l.attack(ctx, fault, addr, id, tok, victim, notes)
+	res.Refused, notes = l.attack(ctx, fault, addr, held, notes)
 	sleepCtx(ctx, time.Second)
 	res.RSSAfter = agentRSS(bPID)
 	alive := b.p.alive() && b.p.pid() == bPID
 	if !alive {
-		note("the target agent died: %s", clip(lastLines(b.p.tail(4000), 3), 300))
+		note("the target agent died: %s", crashLine(b.p.tail(64<<10)))
 	} else if res.RSSAfter-res.RSSBefore > 256 {
 		note("the target agent grew by %d MiB", res.RSSAfter-res.RSSBefore)
 	}
@@ -288,6 +286,52 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 	res.AgentAlive = alive && serves
 	res.OK = res.Refused && res.AgentAlive
 	return
+}
+
+// victim is a migration this program speaks for.
+type victim struct {
+	dom, id string
+	tok     []byte
+}
+
+// holdVictims starts a migration of each domain with the source agent held
+// at its "start" failpoint, and waits until each one's target is ready.
+func (l *lab) holdVictims(ctx context.Context, a *agent, doms []string) ([]victim, error) {
+	if err := a.setFailpoints("start=sleep:100s"); err != nil {
+		return nil, err
+	}
+	defer a.setFailpoints("")
+	for _, d := range doms {
+		mig := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: d},
+			Spec: v1.VMMigrationSpec{Domain: d, TargetHost: hostB, Strategy: v1.StrategyPreCopy}}
+		if err := l.c.Create(ctx, mig); err != nil {
+			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	var out []victim
+	for _, d := range doms {
+		var m *v1.VMMigration
+		err := waitFor(ctx, 60*time.Second, 100*time.Millisecond, func() (bool, error) {
+			var err error
+			if m, err = l.getMig(ctx, d); err != nil {
+				return false, err
+			}
+			return m.Status.Source != nil && m.Status.Source.StartTime != nil && m.Status.Target != nil && m.Status.Target.Ready, nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("victim %s was not held with a ready target: %w (phase %s)", d, err, phaseOf(m))
+		}
+		tok, err := l.creds.migrationToken(ctx, m)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, victim{dom: d, id: string(m.UID), tok: tok})
+	}
+	// Every source sits in the hold before the failpoint is cleared.
+	if err := waitFor(ctx, 30*time.Second, 100*time.Millisecond, func() (bool, error) { return a.hits("start") >= len(doms), nil }); err != nil {
+		return nil, fmt.Errorf("%d of %d sources reached the start failpoint: %w", a.hits("start"), len(doms), err)
+	}
+	return out, nil
 }
 
 // migrateNormally runs a plain migration of dom from A to B and returns it
@@ -323,13 +367,30 @@ func (l *lab) migrateNormally(ctx context.Context, dom string) (*v1.VMMigration,
 }
 
 // attack runs one hostile peer and says whether the agent refused it.
-func (l *lab) attack(ctx context.Context, fault, addr, id string, tok []byte, dom string, notes []string) (bool, []string) {
+func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, notes []string) (bool, []string) {
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
 	numPages := uint64(hostileMemMiB << 20 / pageSize)
-	realDisk := filepath.Join(l.work, "disks", dom+".img")
+	hello := func(v victim, role string, tok []byte) wire.Control {
+		return wire.Control{Kind: "hello", MigrationID: v.id, Token: tok, Streams: 1, Message: role}
+	}
+	// session opens an authorised session for v and sends a header whose
+	// disk is disk; ok means the agent prepared the domain.
+	session := func(v victim, pages uint64, disk string) (*hsession, bool) {
+		s, err := l.openSession(ctx, addr, v.id, v.tok)
+		if err != nil {
+			note("harness: %v", err)
+			return nil, false
+		}
+		if err := s.header(v.dom, pages, disk); err != nil {
+			note("header refused on write: %v", err)
+			return s, false
+		}
+		return s, true
+	}
 	switch fault {
 	case "plaintext-peer":
-		h, ok, ans, err := hopen(ctx, l.creds.dialPlain, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: hsMain})
+		v := held[0]
+		h, ok, ans, err := hopen(ctx, l.creds.dialPlain, addr, hello(v, hsMain, v.tok))
 		h.close()
 		if err != nil {
 			note("plaintext connection failed: %v", err)
@@ -339,9 +400,10 @@ func (l *lab) attack(ctx context.Context, fault, addr, id string, tok []byte, do
 		return !ok, notes
 
 	case "wrong-token":
-		bad := make([]byte, len(tok))
+		v := held[0]
+		bad := make([]byte, len(v.tok))
 		_, _ = rand.Read(bad)
-		h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: bad, Streams: 1, Message: hsMain})
+		h, ok, ans, err := hopen(ctx, l.creds.dial, addr, hello(v, hsMain, bad))
 		h.close()
 		if err != nil {
 			note("connection failed: %v", err)
@@ -351,9 +413,10 @@ func (l *lab) attack(ctx context.Context, fault, addr, id string, tok []byte, do
 		return !ok, notes
 
 	case "replayed-token":
+		v := held[0]
 		refused := true
 		for _, role := range []string{hsMain, hsRecover} {
-			h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: role})
+			h, ok, ans, err := hopen(ctx, l.creds.dial, addr, hello(v, role, v.tok))
 			h.close()
 			if err != nil {
 				ans = err.Error()
@@ -364,9 +427,9 @@ func (l *lab) attack(ctx context.Context, fault, addr, id string, tok []byte, do
 		return refused, notes
 
 	case "reference-outside-disk":
-		// A header whose disk is a file of the target host outside the
-		// domain's disks (a decoy with known content), then a reference to
-		// its first block with the right hash, and one beyond any disk's end.
+		// (a) A header naming a file of the target host outside the domain's
+		// disks (a decoy with known content) and a reference to its first
+		// block with the right hash: the target must not read it.
 		decoy := filepath.Join(l.work, "decoy.img")
 		block := make([]byte, 1<<20)
 		_, _ = rand.Read(block)
@@ -374,116 +437,133 @@ func (l *lab) attack(ctx context.Context, fault, addr, id string, tok []byte, do
 			note("harness: %v", err)
 			return false, notes
 		}
-		s, err := l.openSession(ctx, addr, id, tok)
-		if err != nil {
-			note("harness: %v", err)
-			return false, notes
+		refusedA := false
+		if s, ok := session(held[0], numPages, decoy); ok {
+			if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
+				note("(a) header naming a decoy file as the domain's disk: %s", what)
+				refusedA = ref
+			} else {
+				ref := []wire.DiskRef{{PFN: 0, Disk: 0, Offset: 0, Hash: dedup.HashPage(block[:pageSize])}}
+				_ = s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, ref))
+				_ = s.data.control(wire.Control{Kind: "flush", Stream: 0, Message: "drain"})
+				_ = s.main.control(wire.Control{Kind: "drain"})
+				got := make(chan []uint64, 1)
+				go func() { got <- s.prio.requests(4 * time.Second) }()
+				r, what := s.main.outcome(4 * time.Second)
+				req := <-got
+				switch {
+				case r:
+					refusedA = true
+				case contains(req, 0):
+					refusedA = true
+					what += ", the page was asked for instead"
+				case what == "drained":
+					what += ": the target read the decoy file and installed its block as guest memory"
+				}
+				note("(a) a reference into a decoy file outside the domain's disks: %s", what)
+			}
+			s.close()
+		} else {
+			refusedA = true
+			s.close()
 		}
-		defer s.close()
-		if err := s.header(dom, numPages, decoy); err != nil {
-			note("send header: %v", err)
-			return true, notes
+		// (b) A reference far past the end of the domain's real disk.
+		refusedB := false
+		if s, ok := session(held[1], numPages, filepath.Join(l.work, "disks", held[1].dom+".img")); ok {
+			if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
+				note("(b) genuine header: %s", what)
+				refusedB = ref
+			} else {
+				ref := []wire.DiskRef{{PFN: 1, Disk: 0, Offset: 1 << 40}}
+				_ = s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, ref))
+				_ = s.data.control(wire.Control{Kind: "flush", Stream: 0, Message: "drain"})
+				_ = s.main.control(wire.Control{Kind: "drain"})
+				r, what := s.main.outcome(4 * time.Second)
+				refusedB = r
+				note("(b) a reference at offset 2^40 of the domain's disk: %s", what)
+			}
+			s.close()
+		} else {
+			refusedB = true
+			s.close()
 		}
-		if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
-			note("header naming a disk outside the domain's: %s", what)
-			return ref, notes
-		}
-		refs := []wire.DiskRef{
-			{PFN: 0, Disk: 0, Offset: 0, Hash: dedup.HashPage(block[:pageSize])},
-			{PFN: 1, Disk: 0, Offset: 1 << 40, Hash: dedup.HashPage(block[pageSize : 2*pageSize])},
-		}
-		if err := s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, refs)); err != nil {
-			note("send references: %v", err)
-			return true, notes
-		}
-		_ = s.data.control(wire.Control{Kind: "flush", Stream: 0, Message: "drain"})
-		_ = s.main.control(wire.Control{Kind: "drain"})
-		requested := s.prio.requests(3 * time.Second)
-		ref, what := s.main.outcome(3 * time.Second)
-		note("a reference into a decoy file outside the domain's disks and one at offset 2^40: %s; fallback requests for pfns %v", what, requested)
-		if !ref && !contains(requested, 0) {
-			note("the target read the decoy file and installed its block as guest memory")
-		}
-		return ref, notes
+		return refusedA && refusedB, notes
 
 	case "control-out-of-order":
-		s, err := l.openSession(ctx, addr, id, tok)
-		if err != nil {
-			note("harness: %v", err)
-			return false, notes
-		}
+		s, ok := session(held[0], numPages, filepath.Join(l.work, "disks", held[0].dom+".img"))
 		defer s.close()
-		if err := s.header(dom, numPages, realDisk); err != nil {
-			note("send header: %v", err)
+		if !ok {
 			return true, notes
 		}
 		if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
 			note("genuine header: %s", what)
 			return ref, notes
 		}
+		// "pushed" belongs to post-copy; here the domain was only prepared.
 		_ = s.main.control(wire.Control{Kind: "pushed"})
+		_ = s.data.control(wire.Control{Kind: "flush", Stream: 0, Message: "pushed"})
+		go s.prio.requests(5 * time.Second) // keep the priority stream drained
 		ref, what := s.main.outcome(5 * time.Second)
-		note("\"pushed\" right after prepared, outside post-copy: %s", what)
+		note("\"pushed\" (and its flush marker) right after prepared, outside post-copy: %s", what)
 		return ref, notes
 
 	case "oversized-record":
 		refused := true
-		// (a) a record header claiming a 4 GiB body.
-		if h, ok, ans, err := hopen(ctx, l.creds.dial, addr, wire.Control{Kind: "hello", MigrationID: id, Token: tok, Streams: 1, Message: hsMain}); err == nil && ok {
+		// (a) Before any authentication: a first record claiming a 4 GiB body.
+		if c, err := l.creds.dial(ctx, addr); err == nil {
+			h := &hconn{c: c, r: wire.NewReader(c), w: wire.NewWriter(c)}
+			_ = c.SetDeadline(time.Now().Add(hostileIO))
+			_ = h.w.WriteStreamHeader()
+			_ = h.w.Flush()
 			hdr := make([]byte, 16)
-			binary.LittleEndian.PutUint32(hdr[0:], uint32(wire.TypeHeader))
+			binary.LittleEndian.PutUint32(hdr[0:], uint32(wire.TypeControl))
 			binary.LittleEndian.PutUint32(hdr[4:], 0xffffff00)
-			_ = h.c.SetWriteDeadline(time.Now().Add(hostileIO))
-			_, _ = h.c.Write(hdr)
-			ref, what := h.outcome(5 * time.Second)
-			note("record claiming a 4 GiB body: %s", what)
-			refused = refused && ref
+			_, _ = c.Write(hdr)
+			r, what := false, "no answer"
+			if err := h.r.ReadStreamHeader(); err != nil {
+				r, what = true, "closed: "+clip(err.Error(), 80)
+			} else {
+				r, what = h.outcome(5 * time.Second)
+			}
+			note("(a) unauthenticated first record claiming a 4 GiB body: %s", what)
+			refused = refused && r
 			h.close()
 		} else {
-			note("(a) not welcomed: %v %s", err, ans)
-			h.close()
+			note("(a) %v", err)
 		}
-		sleepCtx(ctx, 500*time.Millisecond)
-		// (b) a header claiming 2^51 pages.
-		if s, err := l.openSession(ctx, addr, id, tok); err == nil {
-			err := s.header(dom, 1<<51, realDisk)
-			ref, what := s.main.outcome(5 * time.Second)
-			if err != nil {
-				ref, what = true, "write failed: "+err.Error()
-			}
-			note("header claiming 2^51 pages: %s", what)
-			refused = refused && ref
+		// (b) A header claiming 2^51 pages.
+		if s, ok := session(held[0], 1<<51, filepath.Join(l.work, "disks", held[0].dom+".img")); ok {
+			r, what := s.main.outcome(5 * time.Second)
+			note("(b) header claiming 2^51 pages: %s", what)
+			refused = refused && r
 			s.close()
 		} else {
-			note("(b) %v", err)
-			refused = false
+			s.close()
 		}
 		sleepCtx(ctx, 500*time.Millisecond)
-		// (c) one maximal reference record after a genuine header.
-		if s, err := l.openSession(ctx, addr, id, tok); err == nil {
-			if err := s.header(dom, numPages, realDisk); err == nil {
-				if ref, what := s.main.outcome(hostileIO); ref || what != "prepared" {
-					note("(c) genuine header: %s", what)
-					refused = refused && ref
-				} else {
-					n := (wire.MaxBody - 8) / 40
-					refs := make([]wire.DiskRef, n)
-					for i := range refs {
-						refs[i] = wire.DiskRef{PFN: uint64(i) % numPages, Offset: uint64(i%1024) * pageSize}
-					}
-					err := s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, refs))
-					ref, what := s.main.outcome(5 * time.Second)
-					if err != nil && !ref {
-						ref, what = true, "write failed: "+err.Error()
-					}
-					note("one %d-reference record (%d MiB): %s", n, n*40>>20, what)
-					refused = refused && ref
+		// (c) One maximal reference record after a genuine header.
+		if s, ok := session(held[1], numPages, filepath.Join(l.work, "disks", held[1].dom+".img")); ok {
+			if r, what := s.main.outcome(hostileIO); r || what != "prepared" {
+				note("(c) genuine header: %s", what)
+				refused = refused && r
+			} else {
+				n := (wire.MaxBody - 8) / 40
+				refs := make([]wire.DiskRef, n)
+				for i := range refs {
+					refs[i] = wire.DiskRef{PFN: uint64(i) % numPages, Offset: uint64(i%1024) * pageSize}
 				}
+				err := s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, refs))
+				go s.prio.requests(5 * time.Second)
+				r, what := s.main.outcome(5 * time.Second)
+				if err != nil && !r {
+					r, what = true, "write failed: "+err.Error()
+				}
+				note("(c) one record of %d references (%d MiB): %s", n, n*40>>20, what)
+				refused = refused && r
 			}
 			s.close()
 		} else {
-			note("(c) %v", err)
-			refused = false
+			s.close()
 		}
 		return refused, notes
 	}
@@ -516,6 +596,18 @@ func contains(s []uint64, v uint64) bool {
 		}
 	}
 	return false
+}
+
+// crashLine finds why a Go process died in the tail of its log.
+func crashLine(log string) string {
+	for _, l := range strings.Split(log, "\n") {
+		for _, p := range []string{"panic:", "fatal error:", "runtime: out of memory"} {
+			if strings.HasPrefix(l, p) {
+				return clip(l, 200)
+			}
+		}
+	}
+	return clip(lastLines(log, 2), 200)
 }
 
 func lastLines(s string, n int) string {

@@ -149,7 +149,9 @@ func (l *lab) up(ctx context.Context) error {
 func (l *lab) startController() error {
 	p, err := l.ps.start("controller", "", cleanEnv(), filepath.Join(l.bin, "xenferry-controller"),
 		"--kubeconfig", l.rootKC, "--metrics-bind-address", "0", "--health-probe-bind-address", "0",
-		"--heartbeat-timeout", heartbeatTimeout.String(), "--abort-grace", abortGrace.String())
+		"--heartbeat-timeout", heartbeatTimeout.String(), "--abort-grace", abortGrace.String(),
+		// Hostile cells hold victim migrations open beside a normal one.
+		"--max-migrations", "16", "--max-outbound-per-host", "8", "--max-inbound-per-host", "8")
 	if err != nil {
 		return err
 	}
@@ -269,6 +271,15 @@ func (a *agent) setFailpoints(spec string) error {
 func (a *agent) hit(name string) bool {
 	_, err := os.Stat(filepath.Join(a.hitDir, name+".hit"))
 	return err == nil
+}
+
+// hits counts how often the agent reached failpoint name.
+func (a *agent) hits(name string) int {
+	b, err := os.ReadFile(filepath.Join(a.hitDir, name+".hit"))
+	if err != nil {
+		return 0
+	}
+	return strings.Count(string(b), "\n")
 }
 
 // waitDomain waits until the XenDomain of a domain is published by host.

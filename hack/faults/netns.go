@@ -47,16 +47,6 @@ func ipCmd(ctx context.Context, args ...string) error {
 	return nil
 }
 
-func tcCmd(ctx context.Context, ns string, args ...string) error {
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, "tc"}, args...)...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("tc %s in %s: %w: %s", strings.Join(args, " "), ns, err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
 // network is the set of namespaces of one run.
 type network struct {
 	hub   string
@@ -138,25 +128,17 @@ func (n *network) teardown(ctx context.Context) {
 	_ = ipCmd(ctx, "netns", "del", n.hub)
 }
 
-// partition drops every packet to and from host h (netem loss 100% on both
-// ends of its link): a silent partition, no resets, only timeouts.
+// partition cuts host h off: its veth's end on the bridge goes down, so
+// the bridge drops every frame to and from h (the kernel here has no netem
+// qdisc). Inside h the interface stays up with its routes, so h's sockets
+// see no error, only silence: a partition, not a reset.
 func (n *network) partition(ctx context.Context, h string) error {
-	nh := n.hosts[h]
-	if err := tcCmd(ctx, n.hub, "qdisc", "add", "dev", nh.hubVeth, "root", "netem", "loss", "100%"); err != nil {
-		return err
-	}
-	return tcCmd(ctx, nh.ns, "qdisc", "add", "dev", "eth0", "root", "netem", "loss", "100%")
+	return ipCmd(ctx, "-n", n.hub, "link", "set", n.hosts[h].hubVeth, "down")
 }
 
-// heal removes a partition; both deletions are tried.
+// heal ends a partition.
 func (n *network) heal(ctx context.Context, h string) error {
-	nh := n.hosts[h]
-	e1 := tcCmd(ctx, n.hub, "qdisc", "del", "dev", nh.hubVeth, "root")
-	e2 := tcCmd(ctx, nh.ns, "qdisc", "del", "dev", "eth0", "root")
-	if e1 != nil {
-		return e1
-	}
-	return e2
+	return ipCmd(ctx, "-n", n.hub, "link", "set", n.hosts[h].hubVeth, "up")
 }
 
 // netnsInode identifies a namespace (the inode /proc/PID/ns/net links to).

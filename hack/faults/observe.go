@@ -100,6 +100,7 @@ func findGuests(domain string, ns uint64) []guest {
 // ctlView is a snapshot of a guest's control page.
 type ctlView struct {
 	vcpus     int
+	pauseWord uint32 // bumped by every Pause and Resume
 	paused    bool
 	memBytes  uint64
 	writeRate float64
@@ -118,7 +119,7 @@ func readCtl(pid int) (ctlView, error) {
 	}
 	le := binary.LittleEndian
 	v := ctlView{
-		vcpus: int(le.Uint32(b[ctlOffVCPUs:])), paused: le.Uint32(b[ctlOffPause:])&1 == 1,
+		vcpus: int(le.Uint32(b[ctlOffVCPUs:])), pauseWord: le.Uint32(b[ctlOffPause:]), paused: le.Uint32(b[ctlOffPause:])&1 == 1,
 		memBytes: le.Uint64(b[ctlOffMemBytes:]), hotStart: le.Uint64(b[ctlOffHotStart:]), hotPages: le.Uint64(b[ctlOffHotPages:]),
 	}
 	v.writeRate = math.Float64frombits(le.Uint64(b[ctlOffWRate:]))
@@ -141,12 +142,15 @@ func readProcFD(pid, fd int, off int64, n int) ([]byte, error) {
 	return b, nil
 }
 
-// runState says whether a guest runs: its vCPUs are not parked and, when
-// its workload writes, its write counters advance over the interval.
+// runState says whether a guest runs (its vCPUs are not parked: it was
+// resumed and never paused again) and whether it makes progress (when its
+// workload writes, its write counters advance over the interval). A guest
+// that runs without progress is stalled, e.g. its vCPUs wait for pages a
+// post-copy never delivers.
 type runState struct {
-	running bool
-	paused  bool
-	ctl     ctlView
+	running     bool
+	progressing bool
+	ctl         ctlView
 }
 
 func observeRun(pid int, interval time.Duration) (runState, error) {
@@ -159,8 +163,8 @@ func observeRun(pid int, interval time.Duration) (runState, error) {
 	if err != nil {
 		return runState{}, err
 	}
-	rs := runState{ctl: b, paused: a.paused || b.paused}
-	rs.running = !a.paused && !b.paused && (b.writeRate == 0 || b.writes > a.writes)
+	rs := runState{ctl: b, running: !a.paused && !b.paused}
+	rs.progressing = rs.running && (b.writeRate == 0 || b.writes > a.writes)
 	return rs, nil
 }
 
