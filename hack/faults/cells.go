@@ -29,7 +29,8 @@ const (
 	cellMemMiB     = 48
 	cellBandwidth  = "6Mi"
 	holdPhase      = 5 * time.Second  // failpoint sleep in stopandcopy and release
-	partitionFor   = 8 * time.Second  // how long a partition lasts before it heals
+	partitionFor   = 12 * time.Second // how long a partition lasts: past the controller's heartbeat timeout
+	quiesceWait    = 30 * time.Second // after the final phase, for the agents' halves to end too
 	phaseWait      = 60 * time.Second // until the migration is in the cell's phase
 	terminalWait   = 150 * time.Second
 	settle         = 3 * time.Second // after the final phase: agents publish what they have
@@ -192,6 +193,19 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 	} else {
 		res.TerminalPhase = string(last.Status.Phase)
 		res.DetectSeconds = round1(time.Since(tInject).Seconds())
+		// A final phase is the controller's word; the agents may still be
+		// moving the domain (a post-copy recovering after a partition).
+		// Judge the state they leave, once both halves have ended.
+		if err := waitFor(ctx, quiesceWait, 250*time.Millisecond, func() (bool, error) {
+			m, err := l.getMig(ctx, name)
+			if err != nil {
+				return false, err
+			}
+			last = m
+			return halvesEnded(m), nil
+		}); err != nil {
+			note("the agents' halves had not ended %v after the final phase (source %s; target %s)", quiesceWait, halfText(last, true), halfText(last, false))
+		}
 	}
 	_ = b
 	return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, atInject)
@@ -379,11 +393,21 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 		res.WrongPages = len(mem0) / pageSize
 		note("the domain's state is lost: only a fresh boot runs (wrongPages counts every page)")
 	}
+	// Where the domain runs, for the claims below: a fresh boot is not the
+	// domain a migration could truthfully say "keeps running".
 	actual := ""
-	if len(running) == 1 {
-		actual = running[0].host
-	} else if len(running) > 1 {
+	var live []copyOf
+	for _, c := range running {
+		if !c.fresh {
+			live = append(live, c)
+		}
+	}
+	if len(live) == 1 {
+		actual = live[0].host
+	} else if len(live) > 1 {
 		actual = "both"
+	}
+	if len(running) > 1 {
 		note("the domain runs on both hosts")
 	}
 	m, err := l.getMig(ctx, name)
@@ -427,6 +451,14 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	}
 	res.Reason = strings.Join(append([]string{head}, notes...), "; ")
 	return res
+}
+
+// halvesEnded: each agent's half says it finished (or never started).
+func halvesEnded(m *v1.VMMigration) bool {
+	src, dst := m.Status.Source, m.Status.Target
+	srcDone := src == nil || src.StartTime == nil || src.Completed || src.Failed
+	dstDone := dst == nil || !dst.Prepared || dst.Completed || dst.Failed
+	return srcDone && dstDone
 }
 
 func phaseOf(m *v1.VMMigration) string {

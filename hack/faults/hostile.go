@@ -271,7 +271,7 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 	res.RSSAfter = agentRSS(bPID)
 	alive := b.p.alive() && b.p.pid() == bPID
 	if !alive {
-		note("the target agent died: %s", crashLine(b.p.tail(64<<10)))
+		note("the target agent died: %s", crashLine(b.p.tail(16<<20)))
 	} else if res.RSSAfter-res.RSSBefore > 256 {
 		note("the target agent grew by %d MiB", res.RSSAfter-res.RSSBefore)
 	}

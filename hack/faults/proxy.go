@@ -85,14 +85,14 @@ func (p *faultProxy) relay(a net.Conn) {
 }
 
 // copy relays src to dst; when a flip is pending it flips one byte in the
-// middle of the next chunk of at least 64 bytes.
+// middle of the next chunk of at least 8 bytes (an END record is 16).
 func (p *faultProxy) copy(dst, src net.Conn, done chan<- struct{}) {
 	defer func() { done <- struct{}{} }()
 	buf := make([]byte, 64<<10)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
-			if n >= 64 && p.flip.Load() > 0 && p.flip.Add(-1) >= 0 {
+			if n >= 8 && p.flip.Load() > 0 && p.flip.Add(-1) >= 0 {
 				buf[n/2] ^= 0x5a
 				select {
 				case p.flipped <- struct{}{}:
