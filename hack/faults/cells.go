@@ -174,25 +174,38 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 	// switch-over that runs again at the end was resumed after the fault.
 	atInject, _ := readCtl(orig.pid)
 	tInject := time.Now()
+	// Watch for the final phase from the injection on, while faults that
+	// last (a partition, a kill and restart) are still in progress.
+	type seen struct {
+		m   *v1.VMMigration
+		at  time.Time
+		err error
+	}
+	watch := make(chan seen, 1)
+	go func() {
+		var last *v1.VMMigration
+		err := waitFor(ctx, terminalWait, 200*time.Millisecond, func() (bool, error) {
+			m, err := l.getMig(ctx, name)
+			if err != nil {
+				return false, err
+			}
+			last = m
+			return m.Status.Phase.IsFinal(), nil
+		})
+		watch <- seen{last, time.Now(), err}
+	}()
 	if err := l.inject(ctx, fault, name, mem0, ctl, note); err != nil {
+		<-watch
 		return fail("harness: inject %s: %v", fault, err)
 	}
-	// The fault is over (healed, restarted); now the product must finish.
-	var last *v1.VMMigration
-	werr := waitFor(ctx, terminalWait, 200*time.Millisecond, func() (bool, error) {
-		m, err := l.getMig(ctx, name)
-		if err != nil {
-			return false, err
-		}
-		last = m
-		return m.Status.Phase.IsFinal(), nil
-	})
+	w := <-watch
+	last, werr := w.m, w.err
 	if werr != nil {
 		note("no final phase %v after the fault (phase %s, source %s, target %s)", terminalWait, phaseOf(last), halfText(last, true), halfText(last, false))
 		res.TerminalPhase = phaseOf(last)
 	} else {
 		res.TerminalPhase = string(last.Status.Phase)
-		res.DetectSeconds = round1(time.Since(tInject).Seconds())
+		res.DetectSeconds = round1(w.at.Sub(tInject).Seconds())
 		// A final phase is the controller's word; the agents may still be
 		// moving the domain (a post-copy recovering after a partition).
 		// Judge the state they leave, once both halves have ended.
@@ -202,7 +215,7 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 				return false, err
 			}
 			last = m
-			return halvesEnded(m), nil
+			return l.halvesEnded(m), nil
 		}); err != nil {
 			note("the agents' halves had not ended %v after the final phase (source %s; target %s)", quiesceWait, halfText(last, true), halfText(last, false))
 		}
@@ -453,11 +466,16 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	return res
 }
 
-// halvesEnded: each agent's half says it finished (or never started).
-func halvesEnded(m *v1.VMMigration) bool {
+// halvesEnded: each agent's half says it finished, never started, or was
+// written by an agent process that is gone (it moves nothing any more).
+func (l *lab) halvesEnded(m *v1.VMMigration) bool {
+	gone := func(host, id string) bool {
+		a := l.agents[host]
+		return a == nil || a.p == nil || !a.p.alive() || id != a.id
+	}
 	src, dst := m.Status.Source, m.Status.Target
-	srcDone := src == nil || src.StartTime == nil || src.Completed || src.Failed
-	dstDone := dst == nil || !dst.Prepared || dst.Completed || dst.Failed
+	srcDone := src == nil || src.StartTime == nil || src.Completed || src.Failed || gone(src.Host, src.AgentID)
+	dstDone := dst == nil || !dst.Prepared || dst.Completed || dst.Failed || gone(dst.Host, dst.AgentID)
 	return srcDone && dstDone
 }
 

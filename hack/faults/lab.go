@@ -171,6 +171,15 @@ func (l *lab) down() {
 		l.cancelFwd()
 	}
 	if l.net != nil {
+		// Guests die with their agent (Pdeathsig); any that did not are
+		// still ours: they live in our namespaces.
+		for _, h := range l.net.hosts {
+			if ino, err := netnsInode(h.ns); err == nil {
+				for _, g := range findGuests("", ino) {
+					killQuiet(g.pid)
+				}
+			}
+		}
 		l.net.teardown(context.Background())
 		l.net = nil
 	}
