@@ -38,6 +38,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/go-logr/logr"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
+
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -97,13 +100,13 @@ type failpoints struct {
 	static string // XENFERRY_FAILPOINTS
 	file   string // XENFERRY_FAILPOINTS_FILE
 	dir    string // XENFERRY_FAILPOINTS_DIR
-	logf   func(format string, args ...any)
+	log    logr.Logger
 }
 
 // failpointsFromEnv returns nil when no failpoint variable is set.
 func failpointsFromEnv() *failpoints {
 	fp := &failpoints{static: os.Getenv(envFailpoints), file: os.Getenv(envFailpointsFile), dir: os.Getenv(envFailpointsDir),
-		logf: func(format string, args ...any) { fmt.Fprintf(os.Stderr, "failpoint: "+format+"\n", args...) }}
+		log: ctrllog.Log.WithName("failpoint")}
 	if fp.static == "" && fp.file == "" && fp.dir == "" {
 		return nil
 	}
@@ -121,7 +124,7 @@ func (fp *failpoints) action(name string) (failpointAction, bool) {
 	}
 	acts, err := parseFailpoints(spec)
 	if err != nil {
-		fp.logf("ignoring the configuration: %v", err)
+		fp.log.Error(err, "Ignoring the failpoint configuration")
 		return failpointAction{}, false
 	}
 	a, ok := acts[name]
@@ -149,11 +152,11 @@ func (fp *failpoints) eval(name, dom string) {
 			}
 		}
 		if err != nil {
-			fp.logf("marker for %s: %v", name, err)
+			fp.log.Error(err, "Could not write the failpoint marker", "point", name)
 		}
 	}
 	if a.sleep > 0 {
-		fp.logf("%s: holding domain %s for %v", name, dom, a.sleep)
+		fp.log.Info("Holding the migration at a failpoint", "point", name, "domain", dom, "for", a.sleep)
 		time.Sleep(a.sleep)
 	}
 }

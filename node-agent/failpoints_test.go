@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr/funcr"
+
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -139,11 +141,11 @@ func TestFailpointBadConfigurationIsIgnored(t *testing.T) {
 	f := &fakeSource{}
 	sd := failpointSource(f)
 	var logged []string
-	sd.(*fpSource).fp.logf = func(format string, args ...any) { logged = append(logged, format) }
+	sd.(*fpSource).fp.log = funcr.New(func(prefix, args string) { logged = append(logged, args) }, funcr.Options{})
 	if err := sd.Pause(); err != nil {
 		t.Fatal(err)
 	}
-	if len(logged) != 1 || !strings.Contains(logged[0], "ignoring") {
+	if len(logged) != 1 || !strings.Contains(logged[0], "Ignoring the failpoint configuration") {
 		t.Fatalf("logged %q, want one line saying the configuration is ignored", logged)
 	}
 }

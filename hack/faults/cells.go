@@ -95,7 +95,7 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 	if fault == "corrupt-byte" || fault == "truncate" {
 		advertise = l.proxy.addr()
 	}
-	a, b := l.agents[hostA], l.agents[hostB]
+	a := l.agents[hostA]
 	if err := l.startAgent(ctx, hostA, cfgA, ""); err != nil {
 		return fail("harness: start %s: %v", hostA, err)
 	}
@@ -220,7 +220,6 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 			note("the agents' halves had not ended %v after the final phase (source %s; target %s)", quiesceWait, halfText(last, true), halfText(last, false))
 		}
 	}
-	_ = b
 	return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, atInject)
 }
 
