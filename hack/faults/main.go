@@ -120,6 +120,9 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 				logf("cell %s x %s", f, ph)
 				r = l.runFaultCell(ctx, idx, f, ph)
 			}
+			if ctx.Err() != nil {
+				return fmt.Errorf("interrupted during %s x %s: %w", f, ph, ctx.Err())
+			}
 			if !r.OK || r.DomainHosts != 1 || r.WrongPages != 0 || r.HalfCreated != 0 {
 				failed++
 			}
@@ -140,6 +143,9 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 		} else {
 			logf("hostile cell %s", f)
 			r = l.runHostileCell(ctx, idx, f)
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("interrupted during hostile %s: %w", f, ctx.Err())
 		}
 		if !r.OK || !r.Refused || !r.AgentAlive {
 			failed++
