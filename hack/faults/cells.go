@@ -432,6 +432,7 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	if claimed == "" && m.Status.Phase == v1.MigrationSucceeded {
 		claimed = m.Status.TargetHost
 	}
+	truthful := claimed == actual
 	xd := &v1.XenDomain{}
 	xdHost := ""
 	if err := l.c.Get(ctx, types.NamespacedName{Namespace: "default", Name: name}, xd); err == nil {
@@ -440,10 +441,28 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 			xdHost += "(" + xd.Status.State + ")"
 		}
 	}
+	apiAgrees := xdHost == actual
+	// Each agent's inventory must list at least the guests that run on its
+	// host (all domains: any other would be a leftover too).
+	for _, hc := range []struct {
+		host string
+		ns   uint64
+	}{{hostA, nsA}, {hostB, nsB}} {
+		n := 0
+		for _, g := range findGuests("", hc.ns) {
+			if rs, err := readCtl(g.pid); err == nil && !rs.paused {
+				n++
+			}
+		}
+		h := &v1.XenHost{}
+		if err := l.c.Get(ctx, types.NamespacedName{Name: hc.host}, h); err == nil && int(h.Status.Domains) < n {
+			apiAgrees = false
+			note("XenHost %s lists %d domains, %d guests run there", hc.host, h.Status.Domains, n)
+		}
+	}
 	final := m.Status.Phase.IsFinal()
 	withReason := m.Status.Phase == v1.MigrationSucceeded || m.Status.FailureReason != ""
-	truthful := claimed == actual
-	apiAgrees := xdHost == actual || (actual == "" && xdHost == "")
+
 	res.OK = final && withReason && truthful && apiAgrees
 	head := phaseOf(m)
 	if r := m.Status.Result; r != nil {
