@@ -12,7 +12,8 @@ import (
 )
 
 // peerCreds is everything about credentials in this program, in one place:
-// how agents are started, how this program reaches an agent's data port as
+// which API identity each agent has, how agents are started, how this
+// program reaches an agent's data port as
 // a peer, and where a migration's token is read. Today agents speak plain
 // TCP and tokens sit in a Secret named by the migration's status. When
 // mTLS lands, a tlsCreds implements the same interface: agentArgs adds the
@@ -22,6 +23,9 @@ import (
 // valid host identity, which is what the token cells need), and
 // migrationToken follows the sealed-token fields.
 type peerCreds interface {
+	// apiIdentity is the API user (and groups) host's agent runs as; the
+	// control plane gets a static token for it.
+	apiIdentity(host string) (user string, groups []string)
 	// agentArgs are extra node-agent flags for host.
 	agentArgs(host string) []string
 	// dial connects to an agent's data address from the hub namespace as a
@@ -35,6 +39,13 @@ type peerCreds interface {
 
 // plainCreds: agents without TLS (main today).
 type plainCreds struct{ l *lab }
+
+// apiIdentity: one user per agent, still in system:masters. When the
+// agents' least-privilege RBAC lands, this names the identity it binds
+// (and the groups it expects), so each agent runs with only its rights.
+func (plainCreds) apiIdentity(host string) (string, []string) {
+	return "xenferry-agent:" + host, []string{"system:masters"}
+}
 
 func (plainCreds) agentArgs(string) []string { return nil }
 

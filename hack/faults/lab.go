@@ -43,7 +43,8 @@ type lab struct {
 	net             *network
 	cp              *controlPlane
 	c               client.Client
-	agentKC, rootKC string
+	agentKC         map[string]string // kubeconfig of each host's agent
+	rootKC          string            // the controller's (admin)
 	controller      *proc
 	agents          map[string]*agent
 	proxy           *faultProxy
@@ -95,7 +96,12 @@ func (l *lab) up(ctx context.Context) error {
 		hostB, l.net.hosts[hostB].ns, l.net.hosts[hostB].addr)
 	binDir := filepath.Join(l.root, "bin")
 	t0 := time.Now()
-	if l.cp, err = startControlPlane(ctx, l.ps, binDir, filepath.Join(l.work, "controlplane")); err != nil {
+	var users []apiUser
+	for _, h := range []string{hostA, hostB} {
+		name, groups := l.creds.apiIdentity(h)
+		users = append(users, apiUser{name, groups})
+	}
+	if l.cp, err = startControlPlane(ctx, l.ps, binDir, filepath.Join(l.work, "controlplane"), users); err != nil {
 		return fmt.Errorf("control plane: %w", err)
 	}
 	l.log("control plane ready in %.1fs on 127.0.0.1:%d", time.Since(t0).Seconds(), l.cp.port)
@@ -123,13 +129,17 @@ func (l *lab) up(ctx context.Context) error {
 	fctx, cancel := context.WithCancel(context.Background())
 	l.cancelFwd = cancel
 	go forward(fctx, ln, fmt.Sprintf("127.0.0.1:%d", l.cp.port))
-	l.agentKC = filepath.Join(l.work, "agent.kubeconfig")
 	l.rootKC = filepath.Join(l.work, "root.kubeconfig")
-	if err := l.cp.kubeconfig(l.agentKC, "https://"+net.JoinHostPort(hubAddr, "6443")); err != nil {
+	if err := l.cp.kubeconfig(l.rootKC, fmt.Sprintf("https://127.0.0.1:%d", l.cp.port), ""); err != nil {
 		return err
 	}
-	if err := l.cp.kubeconfig(l.rootKC, fmt.Sprintf("https://127.0.0.1:%d", l.cp.port)); err != nil {
-		return err
+	l.agentKC = map[string]string{}
+	for _, h := range []string{hostA, hostB} {
+		name, _ := l.creds.apiIdentity(h)
+		l.agentKC[h] = filepath.Join(l.work, h+".kubeconfig")
+		if err := l.cp.kubeconfig(l.agentKC[h], "https://"+net.JoinHostPort(hubAddr, "6443"), name); err != nil {
+			return err
+		}
 	}
 	if err := l.startController(); err != nil {
 		return err
@@ -231,7 +241,7 @@ func (l *lab) startAgent(ctx context.Context, host, cfg, advertise string) error
 			return err
 		}
 	}
-	args := []string{"run", "--kubeconfig", l.agentKC, "--backend", "sim", "--sim-config", cfg,
+	args := []string{"run", "--kubeconfig", l.agentKC[host], "--backend", "sim", "--sim-config", cfg,
 		"--data-addr", a.dataAddr, "--state-dir", a.stateDir, "--heartbeat-interval", "1s", "--status-interval", "500ms"}
 	if advertise != "" {
 		args = append(args, "--advertise-addr", advertise)

@@ -153,7 +153,14 @@ func cleanEnv(extra ...string) []string {
 // namespace, as hack/controlplane.sh runs them for the demo.
 type controlPlane struct {
 	port  int
-	token string
+	token string            // the admin's
+	users map[string]string // token by user name, for the other identities
+}
+
+// apiUser is an identity the API server knows by a static token.
+type apiUser struct {
+	name   string
+	groups []string
 }
 
 func freePort() (int, error) {
@@ -165,7 +172,7 @@ func freePort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-func startControlPlane(ctx context.Context, ps *procs, binDir, dir string) (*controlPlane, error) {
+func startControlPlane(ctx context.Context, ps *procs, binDir, dir string, users []apiUser) (*controlPlane, error) {
 	for _, b := range []string{"etcd", "kube-apiserver"} {
 		if _, err := os.Stat(filepath.Join(binDir, b)); err != nil {
 			return nil, fmt.Errorf("%s/%s is missing: run hack/tools.sh (or make tools) first", binDir, b)
@@ -182,12 +189,26 @@ func startControlPlane(ctx context.Context, ps *procs, binDir, dir string) (*con
 		}
 		ports[i] = p
 	}
-	tb := make([]byte, 24)
-	if _, err := rand.Read(tb); err != nil {
+	newToken := func() (string, error) {
+		tb := make([]byte, 24)
+		_, err := rand.Read(tb)
+		return hex.EncodeToString(tb), err
+	}
+	cp := &controlPlane{port: ports[2], users: map[string]string{}}
+	var err error
+	if cp.token, err = newToken(); err != nil {
 		return nil, err
 	}
-	cp := &controlPlane{port: ports[2], token: hex.EncodeToString(tb)}
-	if err := os.WriteFile(filepath.Join(dir, "tokens.csv"), []byte(cp.token+",xenferry-admin,xenferry-admin,system:masters\n"), 0o600); err != nil {
+	csv := cp.token + ",xenferry-admin,xenferry-admin,system:masters\n"
+	for _, u := range users {
+		t, err := newToken()
+		if err != nil {
+			return nil, err
+		}
+		cp.users[u.name] = t
+		csv += fmt.Sprintf("%s,%s,%s,%q\n", t, u.name, u.name, strings.Join(u.groups, ","))
+	}
+	if err := os.WriteFile(filepath.Join(dir, "tokens.csv"), []byte(csv), 0o600); err != nil {
 		return nil, err
 	}
 	if err := writeSAKey(filepath.Join(dir, "sa.key"), filepath.Join(dir, "sa.pub")); err != nil {
@@ -256,8 +277,16 @@ func writeSAKey(privPath, pubPath string) error {
 	return os.WriteFile(pubPath, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644)
 }
 
-// kubeconfig writes a kubeconfig for server with the admin token.
-func (cp *controlPlane) kubeconfig(path, server string) error {
+// kubeconfig writes a kubeconfig for server with user's token ("" for
+// the admin).
+func (cp *controlPlane) kubeconfig(path, server, user string) error {
+	token := cp.token
+	if user != "" {
+		var ok bool
+		if token, ok = cp.users[user]; !ok {
+			return fmt.Errorf("no API token for user %q", user)
+		}
+	}
 	return os.WriteFile(path, []byte(fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters:
@@ -270,7 +299,7 @@ contexts:
 - name: xff
   context: {cluster: xff, user: admin, namespace: default}
 current-context: xff
-`, server, cp.token)), 0o600)
+`, server, token)), 0o600)
 }
 
 // forward relays connections accepted on ln to addr (dialed from this
