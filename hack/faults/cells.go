@@ -361,7 +361,11 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	}
 	// Every running instance counts, fresh boots included: two instances of
 	// one domain on one shared disk is the split brain the invariant forbids.
-	res.DomainHosts = len(running)
+	hosts := map[string]bool{}
+	for _, c := range running {
+		hosts[c.host] = true
+	}
+	res.DomainHosts = len(hosts)
 	res.HalfCreated = 0
 	for _, c := range stopped {
 		switch {
