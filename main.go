@@ -20,14 +20,28 @@ import (
 	"github.com/xenferry/xenferry/controllers"
 )
 
+// caNamespace and caSecret locate the agents' CA Secret.
+var caNamespace, caSecret string
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
 func main() {
 	var (
 		metricsAddr, probeAddr string
 		leaderElect            bool
+		metricsSecure          bool
+		metricsCertDir         string
 		lim                    = controllers.DefaultLimits
 		heartbeat, abortGrace  time.Duration
 	)
-	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "address of the Prometheus /metrics endpoint (0 disables)")
+	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8443", "address of the Prometheus /metrics endpoint (0 disables)")
+	flag.StringVar(&metricsCertDir, "metrics-cert-dir", "", "directory with tls.crt and tls.key for the metrics endpoint (empty: a self-signed certificate generated at start)")
+	flag.BoolVar(&metricsSecure, "metrics-secure", true, "serve /metrics over HTTPS to callers that authenticate with a bearer token and may GET /metrics (TokenReview, SubjectAccessReview); false serves plain HTTP to anyone, for a local control plane only")
 	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "address of /healthz and /readyz (0 disables)")
 	flag.BoolVar(&leaderElect, "leader-elect", false, "elect a leader so that only one replica acts")
 	flag.IntVar(&lim.Cluster, "max-migrations", lim.Cluster, "migrations running at once in the cluster")
@@ -35,19 +49,24 @@ func main() {
 	flag.IntVar(&lim.InboundPerHost, "max-inbound-per-host", lim.InboundPerHost, "migrations arriving at one host at once")
 	flag.DurationVar(&heartbeat, "heartbeat-timeout", 30*time.Second, "an agent whose XenHost heartbeat is older is considered gone")
 	flag.DurationVar(&abortGrace, "abort-grace", 60*time.Second, "how long to wait for agents to confirm an abort or a deletion")
+	flag.StringVar(&caNamespace, "ca-namespace", envOr("POD_NAMESPACE", "xenferry-system"), "namespace of the Secret holding the agents' CA (created if absent; may be a cert-manager CA)")
+	flag.StringVar(&caSecret, "ca-secret", controllers.DefaultCASecretName, "name of the CA Secret (the RBAC role grants this default name only)")
 	opts := zap.Options{Development: true}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts)))
 	log := ctrl.Log.WithName("setup")
 
-	if err := run(metricsAddr, probeAddr, leaderElect, lim, heartbeat, abortGrace); err != nil {
+	if !metricsSecure {
+		log.Info("Serving metrics over plain HTTP without authentication: for a local control plane only", "address", metricsAddr)
+	}
+	if err := run(controllers.MetricsOptions(metricsAddr, metricsCertDir, metricsSecure), probeAddr, leaderElect, lim, heartbeat, abortGrace); err != nil {
 		log.Error(err, "Controller manager stopped")
 		os.Exit(1)
 	}
 }
 
-func run(metricsAddr, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration) error {
+func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration) error {
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return fmt.Errorf("build scheme: %w", err)
@@ -61,10 +80,10 @@ func run(metricsAddr, probeAddr string, leaderElect bool, lim controllers.Limits
 	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 scheme,
-		Metrics:                metricsserver.Options{BindAddress: metricsAddr},
+		Metrics:                metricsOpts,
 		HealthProbeBindAddress: probeAddr,
 		LeaderElection:         leaderElect,
-		LeaderElectionID:       "xenferry-controller.migration.xenferry.io",
+		LeaderElectionID:       controllers.LeaderElectionID,
 	})
 	if err != nil {
 		return fmt.Errorf("create manager: %w", err)
@@ -74,6 +93,10 @@ func run(metricsAddr, probeAddr string, leaderElect bool, lim controllers.Limits
 		return fmt.Errorf("register metrics: %w", err)
 	}
 	r := &controllers.VMMigrationReconciler{Limits: lim, HeartbeatTimeout: heartbeat, AbortGrace: abortGrace, Metrics: metrics}
+	r.PKI = &controllers.PKIReconciler{Namespace: caNamespace, SecretName: caSecret}
+	if err := r.PKI.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("set up the agents' certificate authority: %w", err)
+	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up VMMigration controller: %w", err)
 	}

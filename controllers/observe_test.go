@@ -89,3 +89,62 @@ func TestCompletionBackstopLeavesTimeToSwitch(t *testing.T) {
 		})
 	}
 }
+
+// A source that committed the domain (go sent) and failed without a verdict
+// holds it paused: the controller neither reports it on the source nor lets
+// a cancel abort it, and a target that discarded its copy hands the domain
+// back to the source once the source reports that it resumed it.
+func TestObserveCommittedSourceAwaitsVerdict(t *testing.T) {
+	now := time.Date(2026, 12, 4, 9, 0, 0, 0, time.UTC)
+	r := &VMMigrationReconciler{HeartbeatTimeout: 30 * time.Second, AbortGrace: time.Minute}
+	fresh := func(name string) *v1.XenHost {
+		h := &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		h.Status.HeartbeatTime = &metav1.Time{Time: now}
+		return h
+	}
+	mig := func(mod func(*v1.SourceState, *v1.TargetState)) *v1.VMMigration {
+		m := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Name: "m", Namespace: "ns"}}
+		m.Status.Phase = v1.MigrationStopAndCopy
+		m.Status.SourceHost, m.Status.TargetHost = "a", "b"
+		m.Status.Source = &v1.SourceState{Host: "a", Phase: "StopAndCopy", Committed: true,
+			StartTime: &metav1.Time{Time: now.Add(-5 * time.Second)}, LastUpdateTime: &metav1.Time{Time: now}}
+		m.Status.Target = &v1.TargetState{Host: "b", Address: "127.0.0.1:1", Ready: true, Prepared: true,
+			LastUpdateTime: &metav1.Time{Time: now}}
+		mod(m.Status.Source, m.Status.Target)
+		return m
+	}
+	cases := []struct {
+		name     string
+		mig      *v1.VMMigration
+		want     v1.VMMigrationPhase
+		wantHost string
+	}{
+		{"a held source with a silent target is not aborted by a cancel", mig(func(_ *v1.SourceState, _ *v1.TargetState) {}), v1.MigrationStopAndCopy, ""},
+		{"a target that discarded its copy waits for the source to resume it", mig(func(_ *v1.SourceState, d *v1.TargetState) {
+			d.Resumed, d.Discarded, d.Failed, d.Message = true, true, true, "page 9 does not match"
+		}), v1.MigrationStopAndCopy, ""},
+		{"the source resumed the discarded domain: failed, on the source", mig(func(s *v1.SourceState, d *v1.TargetState) {
+			d.Resumed, d.Discarded, d.Failed = true, true, true
+			s.Failed, s.Message = true, "the target discarded the domain; it runs on the source again"
+		}), v1.MigrationFailed, "a"},
+		{"a target that failed without a verdict for the abort grace: failed, host unknown", mig(func(_ *v1.SourceState, d *v1.TargetState) {
+			d.Failed, d.Message, d.LastUpdateTime = true, "receiver crashed", &metav1.Time{Time: now.Add(-2 * time.Minute)}
+		}), v1.MigrationFailed, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			c.mig.Spec.Cancel = true
+			s := &scope{mig: c.mig, now: now, src: fresh("a"), dst: fresh("b")}
+			r.observe(s)
+			if got := c.mig.Status.Phase; got != c.want {
+				t.Fatalf("phase %s, want %s (failure reason %q)", got, c.want, c.mig.Status.FailureReason)
+			}
+			if c.mig.Status.AbortRequested && c.want != v1.MigrationFailed {
+				t.Errorf("a committed migration was aborted: %q", c.mig.Status.AbortReason)
+			}
+			if c.want.IsFinal() && c.mig.Status.DomainHost != c.wantHost {
+				t.Errorf("domainHost %q, want %q (%s)", c.mig.Status.DomainHost, c.wantHost, c.mig.Status.FailureReason)
+			}
+		})
+	}
+}

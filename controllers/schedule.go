@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -29,7 +30,7 @@ func (r *VMMigrationReconciler) invalid(s *scope, reason, msg string) {
 }
 
 // reconcileSchedule validates the migration (Pending), then waits for a
-// concurrency slot and a target (Scheduling), creates the token Secret and
+// concurrency slot and a target (Scheduling), seals the token to both agents and
 // hands over to the target agent (PreparingTarget).
 func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope) error {
 	m := s.mig
@@ -198,11 +199,15 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		}
 	}
 
-	name, err := r.ensureToken(ctx, m)
-	if err != nil {
+	if err := r.ensureToken(ctx, m, src, dst); err != nil {
+		if errors.Is(err, errNoCertificate) {
+			// Certificates arrive through XenHost status within moments of
+			// an agent's start: look again soon.
+			s.requeueAfter(time.Second)
+			return wait(v1.ReasonWaitingForCertificate, "Waiting for certificates: "+err.Error())
+		}
 		return err
 	}
-	m.Status.TokenSecret = name
 	m.Status.TargetHost = dst.Name
 	msg := fmt.Sprintf("Migrating %s from %s to %s (%s free)", dom.Name, src.Name, dst.Name, gib(dst.Status.FreeBytes-l.inboundMemory[dst.Name]))
 	if m.Spec.TargetHost == "" {

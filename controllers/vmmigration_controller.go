@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/pkg/pki"
 )
 
 // VMMigrationReconciler drives VMMigrations. Run it with one worker: the
@@ -46,6 +47,9 @@ type VMMigrationReconciler struct {
 	// after it the controller decides alone, so a finalizer never hangs.
 	AbortGrace time.Duration
 	Metrics    *Metrics
+	// PKI holds the hosts' certified keys that tokens are sealed to;
+	// without it no migration gets past scheduling.
+	PKI *PKIReconciler
 }
 
 // scope is everything one reconcile reads about one migration.
@@ -68,13 +72,7 @@ func (s *scope) requeueAfter(d time.Duration) {
 	}
 }
 
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations,verbs=get;list;watch;update;patch
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/status,verbs=get;update;patch
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/finalizers,verbs=update
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=xendomains;xenhosts;migrationpolicies,verbs=get;list;watch
-// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch;create;delete
-// +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
-// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+// The RBAC markers are in rbac.go.
 
 // Reconcile moves one VMMigration forward on the facts it finds.
 func (r *VMMigrationReconciler) Reconcile(ctx context.Context, req reconcile.Request) (res reconcile.Result, reterr error) {
@@ -220,10 +218,23 @@ func (r *VMMigrationReconciler) agentLost(s *scope, h *v1.XenHost, name, halfAge
 func (r *VMMigrationReconciler) observe(s *scope) {
 	m := s.mig
 	src, dst := sourceHalf(m), targetHalf(m)
-	past := resumed(m)
+	// A target that discarded the domain destroyed its copy after running
+	// it: the source's paused copy is the domain again.
+	discarded := dst != nil && dst.Discarded
+	past := resumed(m) && !discarded
+	// held: the source told the target to run the domain and failed
+	// without a verdict; it keeps the domain paused, never resumes it by
+	// itself, and resolves it only from the target's half.
+	held := src != nil && src.Committed && !src.Completed && !src.Failed
 	srcDesc := fmt.Sprintf("the domain stays on the source %s", m.Status.SourceHost)
-	if past {
+	switch {
+	case discarded:
+		srcDesc = fmt.Sprintf("the target %s discarded its copy; the domain runs again from its paused copy on the source %s", m.Status.TargetHost, m.Status.SourceHost)
+	case past:
 		srcDesc = fmt.Sprintf("the domain already runs on the target %s", m.Status.TargetHost)
+	case held:
+		srcDesc = fmt.Sprintf("the domain is paused on the source %s, committed to the target %s; it waits for the target's verdict "+
+			"(node-agent resolve --reclaim on %s once the target is known not to run it)", m.Status.SourceHost, m.Status.TargetHost, m.Status.SourceHost)
 	}
 
 	// Conditions that mirror what the agents reported.
@@ -270,7 +281,7 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 			fmt.Sprintf("The source agent on %s failed: %s; %s", src.Host, src.Message, srcDesc), domainHost(m, past))
 		return
 	}
-	if dst != nil && dst.Failed && !m.Status.AbortRequested && !r.awaitSourceVerdict(s, src, dst, past) {
+	if dst != nil && dst.Failed && !m.Status.AbortRequested && !r.awaitSourceVerdict(s, src, dst, past || held || discarded) {
 		m.Status.AbortRequested = true
 		r.finish(s, v1.MigrationFailed, v1.ReasonTargetFailed,
 			fmt.Sprintf("The target agent on %s failed: %s; %s", dst.Host, dst.Message, srcDesc), domainHost(m, past))
@@ -311,7 +322,7 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 	}
 
 	// 4. Cancel, timeouts, and the wait for agents to confirm an abort.
-	if !past {
+	if !past && !held {
 		if m.Spec.Cancel && !m.Status.AbortRequested {
 			r.startAbort(s, v1.ReasonCancelled, "Cancel requested by spec.cancel")
 		}
@@ -324,6 +335,9 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 		}
 	} else if m.Spec.Cancel && !meta.IsStatusConditionTrue(m.Status.Conditions, "CancelIgnored") {
 		msg := fmt.Sprintf("Cancel ignored: the domain already runs on %s and its memory is being completed there", m.Status.TargetHost)
+		if !past {
+			msg = fmt.Sprintf("Cancel ignored: the source %s committed the domain to %s; only the target's verdict resolves it", m.Status.SourceHost, m.Status.TargetHost)
+		}
 		setCondition(m, "CancelIgnored", metav1.ConditionTrue, v1.ReasonCancelIgnored, msg)
 		r.event(m, corev1.EventTypeWarning, v1.ReasonCancelIgnored, "Cancel", msg)
 	}
@@ -377,9 +391,15 @@ func (r *VMMigrationReconciler) awaitSourceVerdict(s *scope, src *v1.SourceState
 	return true
 }
 
+// domainHost is where the domain is known to run when the migration ends:
+// nowhere known ("") while the source holds a committed, paused copy
+// without the target's verdict.
 func domainHost(m *v1.VMMigration, past bool) string {
 	if past {
 		return m.Status.TargetHost
+	}
+	if src := sourceHalf(m); src != nil && src.Committed && !src.Completed && !src.Failed {
+		return ""
 	}
 	return m.Status.SourceHost
 }
@@ -656,62 +676,47 @@ func (r *VMMigrationReconciler) reconcileDelete(ctx context.Context, s *scope) e
 	return nil
 }
 
-// tokenSecretName is the Secret holding a migration's data-path token.
-func tokenSecretName(m *v1.VMMigration) string {
-	n := "xenferry-token-" + m.Name
-	if len(n) > 253 {
-		n = n[:253]
-	}
-	return n
-}
-
-// ensureToken creates the per-migration token Secret, owned by the migration.
-func (r *VMMigrationReconciler) ensureToken(ctx context.Context, m *v1.VMMigration) (string, error) {
-	name := tokenSecretName(m)
-	tok := make([]byte, 32)
-	if _, err := rand.Read(tok); err != nil {
-		return "", fmt.Errorf("generate token for VMMigration %s: %w", klog.KObj(m), err)
-	}
-	sec := &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{
-			Name: name, Namespace: m.Namespace,
-			Labels: map[string]string{v1.LabelMigration: m.Name},
-			OwnerReferences: []metav1.OwnerReference{{
-				APIVersion: v1.GroupVersion.String(), Kind: "VMMigration", Name: m.Name, UID: m.UID,
-				Controller: ptrTrue(), BlockOwnerDeletion: ptrTrue(),
-			}},
-		},
-		Type: corev1.SecretTypeOpaque,
-		Data: map[string][]byte{v1.TokenKey: tok},
-	}
-	err := r.Client.Create(ctx, sec)
-	if apierrors.IsAlreadyExists(err) {
-		old := &corev1.Secret{}
-		if err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: name}, old); err != nil {
-			return "", fmt.Errorf("get token Secret %s/%s: %w", m.Namespace, name, err)
-		}
-		if !metav1.IsControlledBy(old, m) {
-			return "", fmt.Errorf("token Secret %s/%s exists but is not owned by VMMigration %s: delete it or rename the migration", m.Namespace, name, m.Name)
-		}
-		return name, nil
-	}
-	if err != nil {
-		return "", fmt.Errorf("create token Secret %s/%s: %w", m.Namespace, name, err)
-	}
-	return name, nil
-}
-
-func ptrTrue() *bool { t := true; return &t }
-
-// deleteToken removes the token Secret so the token cannot be used again.
-func (r *VMMigrationReconciler) deleteToken(ctx context.Context, m *v1.VMMigration) error {
-	if m.Status.TokenSecret == "" {
+// ensureToken gives the migration its token: 32 random bytes sealed once to
+// the source's and once to the target's certified key, each bound to this
+// migration, its domain, both hosts and the recipient's role. The cleartext
+// lives only in this call; afterwards only the two agents can recover it.
+// An error wraps errNoCertificate while a host has no usable certificate.
+func (r *VMMigrationReconciler) ensureToken(ctx context.Context, m *v1.VMMigration, src, dst *v1.XenHost) error {
+	if m.Status.Tokens != nil {
 		return nil
 	}
-	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Status.TokenSecret}}
-	if err := r.Client.Delete(ctx, sec); err != nil && !apierrors.IsNotFound(err) {
-		return fmt.Errorf("delete token Secret %s/%s: %w", m.Namespace, m.Status.TokenSecret, err)
+	if r.PKI == nil {
+		return fmt.Errorf("%w: the controller has no certificate authority configured", errNoCertificate)
 	}
-	m.Status.TokenSecret = ""
+	srcKey, srcSerial, err := r.PKI.HostKey(ctx, src)
+	if err != nil {
+		return err
+	}
+	dstKey, dstSerial, err := r.PKI.HostKey(ctx, dst)
+	if err != nil {
+		return err
+	}
+	tok := make([]byte, 32)
+	defer clear(tok)
+	if _, err := rand.Read(tok); err != nil {
+		return fmt.Errorf("generate token for VMMigration %s: %w", klog.KObj(m), err)
+	}
+	uid := string(m.UID)
+	forSrc, err := pki.Seal(srcKey, tok, pki.Binding(uid, m.Spec.Domain, src.Name, dst.Name, v1.TokenRoleSource))
+	if err != nil {
+		return fmt.Errorf("seal token of VMMigration %s for %s: %w", klog.KObj(m), src.Name, err)
+	}
+	forDst, err := pki.Seal(dstKey, tok, pki.Binding(uid, m.Spec.Domain, src.Name, dst.Name, v1.TokenRoleTarget))
+	if err != nil {
+		return fmt.Errorf("seal token of VMMigration %s for %s: %w", klog.KObj(m), dst.Name, err)
+	}
+	m.Status.Tokens = &v1.SealedTokens{Source: forSrc, Target: forDst, SourceCertSerial: srcSerial, TargetCertSerial: dstSerial}
+	return nil
+}
+
+// deleteToken forgets the sealed token once the migration ended, so that
+// nothing can open it afterwards even with an agent's key.
+func (r *VMMigrationReconciler) deleteToken(_ context.Context, m *v1.VMMigration) error {
+	m.Status.Tokens = nil
 	return nil
 }

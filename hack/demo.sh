@@ -42,9 +42,16 @@ cleanup() {
 		info "stopping the tools build (rerun to continue; finished parts are cached)"
 		kill -- "-$TOOLS_PID" 2>/dev/null || kill "$TOOLS_PID" 2>/dev/null || true
 	fi
+	sim_destroy
 	"$ROOT/hack/controlplane.sh" down >/dev/null 2>&1 || true
 	info "cleaned up; logs in $DEMO"
 	exit "$rc"
+}
+# The simulated domains' guests outlive their agents, as domUs outlive a
+# dom0 agent: each demo starts from fresh simulated hosts and ends them.
+sim_destroy() {
+	[ -x "$BIN/node-agent" ] || return 0
+	for h in a b; do "$BIN/node-agent" sim-destroy --state-dir "$DEMO/agent-dom0-$h" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 on_signal() { exit 130; }
@@ -106,10 +113,11 @@ MPORT=$(free_port)
 # The controller and the agents run in sessions of their own (setsid execs
 # them, so $! is their pid): a Ctrl-C reaches this script alone, and the
 # clean-up stops them before the control plane they talk to.
-setsid "$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --metrics-bind-address "127.0.0.1:$MPORT" \
+setsid "$BIN/xenferry-controller" --kubeconfig "$KUBECONFIG" --ca-namespace default --metrics-bind-address "127.0.0.1:$MPORT" \
 	--health-probe-bind-address 0 >"$DEMO/controller.log" 2>&1 &
 PIDS+=($!)
-info "controller started (pid $!, metrics on 127.0.0.1:$MPORT, log $DEMO/controller.log)"
+info "controller started (pid $!, metrics on https://127.0.0.1:$MPORT, log $DEMO/controller.log)"
+sim_destroy
 for h in a b; do
 	setsid "$BIN/node-agent" run --kubeconfig "$KUBECONFIG" --backend sim --sim-config "config/samples/sim/sim-host-$h.yaml" \
 		--data-addr 127.0.0.1:0 --state-dir "$DEMO/agent-dom0-$h" >"$DEMO/agent-dom0-$h.log" 2>&1 &
@@ -212,7 +220,10 @@ kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"|"}{.status.
 	done
 echo
 k get xendomains -A | sed 's/^/            /'
-REC=$(curl -fs "http://127.0.0.1:$MPORT/metrics" | awk '/^xenferry_controller_reconciles_total/ {print $2}')
+# The metrics endpoint is HTTPS (a self-signed certificate) and admits a
+# caller whose bearer token the API server accepts and who may GET /metrics:
+# here the control plane's admin.
+REC=$(curl -fsk -H "Authorization: Bearer $(cat "$ROOT/.xenferry/controlplane/token")" "https://127.0.0.1:$MPORT/metrics" | awk '/^xenferry_controller_reconciles_total/ {print $2}')
 if [ -n "$REC" ] && [ "$N" -gt 0 ]; then
 	info "controller reconciles: $REC for $N migrations ($(awk -v r="$REC" -v n="$N" 'BEGIN{printf "%.1f", r/n}') per migration)"
 fi

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -30,6 +29,7 @@ import (
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -60,8 +60,19 @@ type AgentConfig struct {
 	// StatusInterval is the minimum time between two progress writes of one
 	// migration half (phase changes are written at once).
 	StatusInterval time.Duration
-	// StateDir holds the dedup indexes of disks.
+	// StateDir holds the dedup indexes of disks, the in-flight state of
+	// migrations (migrations/UID.json) and the agent's key.
 	StateDir string
+	// DurableDir is the directory on shared storage for durable post-copy
+	// mirrors, the same path on every host (see defaultDurableDir); "" off.
+	DurableDir string
+	// RecoveryTimeout bounds how long a post-copy whose link broke waits
+	// for the other side (both roles); 0: the engine's default.
+	RecoveryTimeout time.Duration
+	// DiskPath maps a disk of a XenDomain to this host's path of it, for
+	// the grant of an incoming migration; nil: shared storage is mounted
+	// at the same path on every host.
+	DiskPath func(v1.DomainDisk) (string, error)
 	Log      logr.Logger
 }
 
@@ -79,7 +90,9 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.Namespace, "namespace", "default", "namespace of XenDomains whose configuration names none")
 	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 5*time.Second, "XenHost heartbeat interval")
 	fs.DurationVar(&cfg.StatusInterval, "status-interval", time.Second, "minimum interval between progress writes per migration")
-	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes (default: $TMPDIR/xenferry-agent-HOST)")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes and in-flight migration state (default: $TMPDIR/xenferry-agent-HOST)")
+	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
+		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
 	zopts := zap.Options{Development: true}
 	zopts.BindFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -93,7 +106,18 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	host, err := openBackend(*backend, *simConfig, log)
+	// The state dir must be known before the backend opens: a sim host
+	// adopts the guests registered there.
+	if cfg.StateDir == "" && *backend == "sim" {
+		name := cfg.Host
+		if name == "" {
+			name = simHostName(*simConfig)
+		}
+		if name != "" {
+			cfg.StateDir = defaultStateDir(name)
+		}
+	}
+	host, err := openBackend(*backend, *simConfig, cfg.StateDir, log)
 	if err != nil {
 		return fmt.Errorf("open %s backend: %w", *backend, err)
 	}
@@ -106,7 +130,11 @@ func runK8sAgent(ctx context.Context, args []string) error {
 		cfg.Host = info.Name
 	}
 	if cfg.StateDir == "" {
-		cfg.StateDir = filepath.Join(os.TempDir(), "xenferry-agent-"+cfg.Host)
+		cfg.StateDir = defaultStateDir(cfg.Host)
+	}
+	cfg.DurableDir = *durableDir
+	if cfg.DurableDir == "auto" {
+		cfg.DurableDir = defaultDurableDir(host)
 	}
 	cfg.Log.Info("Backend ready", "backend", *backend, "host", cfg.Host)
 	a, err := NewAgent(restCfg, host, cfg)
@@ -114,6 +142,11 @@ func runK8sAgent(ctx context.Context, args []string) error {
 		return err
 	}
 	return a.Run(ctx)
+}
+
+// defaultStateDir is the agent's state dir when --state-dir is not given.
+func defaultStateDir(host string) string {
+	return filepath.Join(os.TempDir(), "xenferry-agent-"+host)
 }
 
 func loadRestConfig(kubeconfig string) (*rest.Config, error) {
@@ -144,6 +177,11 @@ type Agent struct {
 	api client.Reader
 	ln  net.Listener
 	rcv *engine.Receiver
+	// tls is the agent's key and, once the controller issued it, its
+	// certificate and CA bundle; read at every handshake.
+	tls *pki.Identity
+	// installedBundle is the CA bundle last installed (certLoop only).
+	installedBundle string
 
 	// runCtx lives as long as Run; outgoing transfers derive from it.
 	runCtx context.Context
@@ -160,6 +198,11 @@ type Agent struct {
 	// indexes caches dedup indexes by disk path (one per disk of the
 	// domains this host migrated out).
 	indexes map[string]*dedup.Index
+	// transfers counts running outgoing transfers; Run waits for them
+	// before it drops the handles of held committed domains.
+	transfers sync.WaitGroup
+	// tokens records the single use of incoming migrations' tokens.
+	tokens tokenUses
 }
 
 // NewAgent creates the agent's manager, listener and receiver.
@@ -203,12 +246,18 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		return nil, fmt.Errorf("agent %s: create manager: %w", cfg.Host, err)
 	}
 	a.mgr, a.c, a.api = mgr, mgr.GetClient(), mgr.GetAPIReader()
+	key, err := loadOrCreateKey(cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: %w", cfg.Host, err)
+	}
+	a.tls = pki.NewIdentity(key)
 	ln, err := net.Listen("tcp", cfg.DataAddr)
 	if err != nil {
 		return nil, fmt.Errorf("agent %s: listen on %s: %w", cfg.Host, cfg.DataAddr, err)
 	}
 	a.ln = ln
-	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver")}
+	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver"),
+		DurableDir: cfg.DurableDir, RecoveryTimeout: cfg.RecoveryTimeout}
 	if err := a.setupReconciler(mgr); err != nil {
 		ln.Close()
 		return nil, err
@@ -245,11 +294,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	a.mu.Unlock()
 	var wg sync.WaitGroup
-	errc := make(chan error, 3)
-	wg.Add(3)
-	go func() { defer wg.Done(); errc <- a.rcv.Serve(ctx, a.ln) }()
+	errc := make(chan error, 4)
+	wg.Add(4)
+	// Only mTLS peers with a certificate of the cluster's CA get past the
+	// handshake; the receiver bounds it with its handshake deadline.
+	go func() { defer wg.Done(); errc <- a.rcv.Serve(ctx, pki.Listener(a.ln, a.tls)) }()
 	go func() { defer wg.Done(); errc <- a.mgr.Start(ctx) }()
 	go func() { defer wg.Done(); a.publishLoop(ctx); errc <- nil }()
+	go func() { defer wg.Done(); a.certLoop(ctx); errc <- nil }()
 	a.log.Info("Agent started", "agentID", a.id, "dataAddress", a.DataAddress())
 	var err error
 	select {
@@ -262,6 +314,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	cancel()
 	a.stopRuns()
 	wg.Wait()
+	a.transfers.Wait()
+	a.closeHeld()
 	a.mu.Lock()
 	for _, ix := range a.indexes {
 		ix.Close()
@@ -269,27 +323,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.indexes = map[string]*dedup.Index{}
 	a.mu.Unlock()
 	return err
-}
-
-// authorize accepts a data connection only for a migration this agent
-// prepared as target, with that migration's token.
-func (a *Agent) authorize(migrationID string, token []byte) error {
-	a.mu.Lock()
-	r := a.runs[migrationID]
-	a.mu.Unlock()
-	if r == nil || r.role != roleTarget {
-		return fmt.Errorf("no migration %q is expected on %s", migrationID, a.cfg.Host)
-	}
-	r.mu.Lock()
-	want, aborted := r.token, r.aborted
-	r.mu.Unlock()
-	if aborted {
-		return fmt.Errorf("migration %q was aborted", migrationID)
-	}
-	if len(want) == 0 || subtle.ConstantTimeCompare(want, token) != 1 {
-		return fmt.Errorf("migration %q: wrong token", migrationID)
-	}
-	return nil
 }
 
 // onReceiverEvent records what the receiver reports and wakes the
@@ -317,6 +350,14 @@ func (a *Agent) onReceiverEvent(migrationID string, ev engine.Event) {
 			r.message = ev.Err.Error()
 		} else {
 			r.message = "the receiver aborted the migration"
+		}
+	case engine.EventDiscarded:
+		// The domain resumed here failed verification and was destroyed
+		// here; the source was told it may resume its copy.
+		r.discarded, r.failed = true, true
+		r.message = "discarded: the domain failed verification here and was destroyed; the source may resume it"
+		if ev.Err != nil {
+			r.message = "discarded: " + ev.Err.Error()
 		}
 	}
 	r.changed = true

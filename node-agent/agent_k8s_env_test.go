@@ -34,6 +34,7 @@ import (
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/controllers"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
@@ -117,20 +118,51 @@ func installRBAC() error {
 			if strings.TrimSpace(strings.Trim(doc, "-")) == "" {
 				continue
 			}
-			role := &rbacv1.ClusterRole{}
-			if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+			var kind struct{ Kind string }
+			if err := yaml.Unmarshal([]byte(doc), &kind); err != nil {
 				return fmt.Errorf("%s: %w", file, err)
 			}
-			if err := k8s.Create(ctx, role); err != nil {
-				return fmt.Errorf("create ClusterRole %s: %w", role.Name, err)
-			}
-			b := &rbacv1.ClusterRoleBinding{
-				ObjectMeta: metav1.ObjectMeta{Name: role.Name},
-				RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
-				Subjects:   []rbacv1.Subject{{APIGroup: "rbac.authorization.k8s.io", Kind: "User", Name: user}},
-			}
-			if err := k8s.Create(ctx, b); err != nil {
-				return fmt.Errorf("create ClusterRoleBinding %s: %w", b.Name, err)
+			subjects := []rbacv1.Subject{{APIGroup: "rbac.authorization.k8s.io", Kind: "User", Name: user}}
+			switch kind.Kind {
+			case "ClusterRole":
+				role := &rbacv1.ClusterRole{}
+				if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+					return fmt.Errorf("%s: %w", file, err)
+				}
+				if err := k8s.Create(ctx, role); err != nil {
+					return fmt.Errorf("create ClusterRole %s: %w", role.Name, err)
+				}
+				b := &rbacv1.ClusterRoleBinding{
+					ObjectMeta: metav1.ObjectMeta{Name: role.Name},
+					RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
+					Subjects:   subjects,
+				}
+				if err := k8s.Create(ctx, b); err != nil {
+					return fmt.Errorf("create ClusterRoleBinding %s: %w", b.Name, err)
+				}
+			case "Role":
+				// The controller's rules in the operator's namespace.
+				role := &rbacv1.Role{}
+				if err := yaml.Unmarshal([]byte(doc), role); err != nil {
+					return fmt.Errorf("%s: %w", file, err)
+				}
+				ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: role.Namespace}}
+				if err := k8s.Create(ctx, ns); err != nil && !apierrors.IsAlreadyExists(err) {
+					return fmt.Errorf("create Namespace %s: %w", ns.Name, err)
+				}
+				if err := k8s.Create(ctx, role); err != nil {
+					return fmt.Errorf("create Role %s/%s: %w", role.Namespace, role.Name, err)
+				}
+				b := &rbacv1.RoleBinding{
+					ObjectMeta: metav1.ObjectMeta{Namespace: role.Namespace, Name: role.Name},
+					RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: role.Name},
+					Subjects:   subjects,
+				}
+				if err := k8s.Create(ctx, b); err != nil {
+					return fmt.Errorf("create RoleBinding %s/%s: %w", b.Namespace, b.Name, err)
+				}
+			default:
+				return fmt.Errorf("%s: unexpected kind %q", file, kind.Kind)
 			}
 		}
 	}
@@ -180,6 +212,12 @@ func startController(t *testing.T, o ctrlOpts) *controllers.Metrics {
 		t.Fatalf("metrics: %v", err)
 	}
 	r := &controllers.VMMigrationReconciler{Limits: o.limits, Defaults: o.defaults, HeartbeatTimeout: o.heartbeat, AbortGrace: o.grace, Metrics: metrics}
+	// The agents' CA lives in "default" for every test (one CA, created by
+	// the first controller).
+	r.PKI = &controllers.PKIReconciler{Namespace: "xenferry-system"}
+	if err := r.PKI.SetupWithManager(mgr); err != nil {
+		t.Fatalf("setup PKI: %v", err)
+	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		t.Fatalf("setup controller: %v", err)
 	}
@@ -201,6 +239,14 @@ type testAgent struct {
 	host  *sim.Host
 	agent *Agent
 	stop  func()
+	// stateDir outlives agent restarts, as a host's disk does (the agent's key,
+	// and so the tokens sealed to it, survive a restart); advertise,
+	// if set, is published instead of the listener's address.
+	stateDir  string
+	advertise string
+	// durable and recovery set AgentConfig.DurableDir and RecoveryTimeout.
+	durable  string
+	recovery time.Duration
 }
 
 // simDomain is a small simulated domain with a disk on shared storage.
@@ -221,7 +267,7 @@ func startAgent(t *testing.T, name, memory string, doms ...sim.DomainSpec) *test
 	if err != nil {
 		t.Fatalf("sim host %s: %v", name, err)
 	}
-	ta := &testAgent{name: name, host: host}
+	ta := &testAgent{name: name, host: host, stateDir: t.TempDir()}
 	ta.start(t)
 	t.Cleanup(func() {
 		ta.stop()
@@ -245,10 +291,13 @@ func deleteHost(t *testing.T, name string) {
 // start runs a fresh agent process (new identity) on the same host.
 func (ta *testAgent) start(t *testing.T) {
 	t.Helper()
+	if ta.stateDir == "" {
+		ta.stateDir = t.TempDir()
+	}
 	a, err := NewAgent(as(agentUser), ta.host, AgentConfig{
-		Host: ta.name, DataAddr: "127.0.0.1:0", Namespace: "default",
+		Host: ta.name, DataAddr: "127.0.0.1:0", AdvertiseAddr: ta.advertise, Namespace: "default",
 		HeartbeatInterval: 300 * time.Millisecond, StatusInterval: 200 * time.Millisecond,
-		StateDir: t.TempDir(), Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
+		StateDir: ta.stateDir, DurableDir: ta.durable, RecoveryTimeout: ta.recovery, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
 	})
 	if err != nil {
 		t.Fatalf("agent %s: %v", ta.name, err)
@@ -277,10 +326,24 @@ func fakeHost(t *testing.T, name, backend string, capacity, free int64) (stop fu
 	if err := k8s.Create(ctx, h); err != nil {
 		t.Fatalf("create XenHost %s: %v", name, err)
 	}
+	// Like an agent, a fake host asks for a certificate, so that the
+	// controller can seal tokens to it.
+	key, err := pki.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := pki.CreateCSR(key, name)
+	if err != nil {
+		t.Fatal(err)
+	}
 	beat := func() error {
 		orig := h.DeepCopy()
 		now := metav1.Now()
-		h.Status = v1.XenHostStatus{Backend: backend, Version: sim.Version, AgentID: name + "-fake", CapacityBytes: capacity, FreeBytes: free, HeartbeatTime: &now}
+		tls := h.Status.TLS
+		if tls == nil {
+			tls = &v1.HostTLS{CSR: string(csr)}
+		}
+		h.Status = v1.XenHostStatus{Backend: backend, Version: sim.Version, AgentID: name + "-fake", CapacityBytes: capacity, FreeBytes: free, HeartbeatTime: &now, TLS: tls}
 		return k8s.Status().Patch(ctx, h, client.MergeFrom(orig))
 	}
 	if err := beat(); err != nil {

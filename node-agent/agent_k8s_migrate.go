@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -23,6 +23,7 @@ import (
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -38,6 +39,8 @@ type run struct {
 	key  types.NamespacedName
 	uid  string
 	role role
+	// domain is the backend's name of the domain on this host (source).
+	domain string
 
 	// mu protects the fields below.
 	mu sync.Mutex
@@ -45,8 +48,11 @@ type run struct {
 	token                   []byte
 	prepared, resumed, done bool
 	failed, aborted         bool
-	resumeTime              time.Time
-	message                 string
+	// discarded: the receiver destroyed the domain after it had resumed
+	// here, and told the source so.
+	discarded  bool
+	resumeTime time.Time
+	message    string
 	// source side
 	cancel   context.CancelFunc
 	start    time.Time
@@ -54,6 +60,20 @@ type run struct {
 	progress engine.Progress
 	result   *engine.Result
 	finished bool
+	// committed: the engine committed the domain to the target (go); from
+	// then on this agent never cancels the transfer nor resumes the domain
+	// without the target's verdict.
+	committed bool
+	// dom is the source handle of a transfer that failed after go without
+	// a verdict: the domain stays paused here, held, until the target's
+	// half says discarded (Reclaim) or that it runs the domain with
+	// verified memory (Release). nil otherwise.
+	dom xenmem.SourceDomain
+	// verifiedBeforeGo: the target verified every page before go (a
+	// stop-and-copy), so its "resumed" alone proves it runs a good copy.
+	verifiedBeforeGo bool
+	// awaitLogged: the wait for a verdict was logged once.
+	awaitLogged bool
 	// changed is set when the half differs from what was last written.
 	changed   bool
 	lastWrite time.Time
@@ -76,6 +96,7 @@ func (a *Agent) setupReconciler(mgr ctrl.Manager) error {
 	if err != nil {
 		return fmt.Errorf("agent %s: set up migration reconciler: %w", a.cfg.Host, err)
 	}
+	a.reportHeld()
 	return nil
 }
 
@@ -111,15 +132,25 @@ func (a *Agent) forget(key types.NamespacedName) {
 	a.mu.Unlock()
 	for _, r := range found {
 		r.mu.Lock()
-		past := r.resumed || r.phase == engine.PhasePostCopy || r.phase == engine.PhaseDone || r.phase == engine.PhaseRecovering
+		past := r.pastNoReturn()
 		r.aborted = true
 		if r.cancel != nil && !past && !r.finished {
 			r.cancel()
 		}
 		finished := r.finished || r.role == roleTarget
+		held := r.dom
+		r.dom = nil
 		r.mu.Unlock()
+		if held != nil {
+			// No verdict can come any more: the domain stays paused here
+			// (Close never resumes a committed domain) for an operator.
+			_ = held.Close()
+			a.log.Error(nil, "Migration deleted before the target's verdict; the committed domain stays paused on this host: "+
+				"resume it here only after checking that the target does not run it", "migration", key, "domain", held.Info().Name)
+		}
 		if finished {
 			a.dropRun(r.uid)
+			a.forgetState(r.uid)
 		}
 		a.log.Info("Migration deleted; dropped its half", "migration", key, "pastPointOfNoReturn", past)
 	}
@@ -160,20 +191,8 @@ func stopping(m *v1.VMMigration) string {
 	return ""
 }
 
-func (a *Agent) readToken(ctx context.Context, m *v1.VMMigration) ([]byte, error) {
-	if m.Status.TokenSecret == "" {
-		return nil, fmt.Errorf("VMMigration %s/%s names no token Secret", m.Namespace, m.Name)
-	}
-	sec := &corev1.Secret{}
-	// Uncached: the agent does not watch Secrets cluster-wide.
-	if err := a.api.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TokenSecret}, sec); err != nil {
-		return nil, fmt.Errorf("read token Secret %s/%s: %w", m.Namespace, m.Status.TokenSecret, err)
-	}
-	tok := sec.Data[v1.TokenKey]
-	if len(tok) < 16 {
-		return nil, fmt.Errorf("token Secret %s/%s: key %q is missing or shorter than 16 bytes", m.Namespace, m.Status.TokenSecret, v1.TokenKey)
-	}
-	return tok, nil
+func (a *Agent) readToken(_ context.Context, m *v1.VMMigration) ([]byte, error) {
+	return a.openToken(m)
 }
 
 // ---- target half ----
@@ -196,6 +215,21 @@ func (a *Agent) reconcileTarget(ctx context.Context, m *v1.VMMigration) (reconci
 					Message: "nothing to clean up on the target: " + stop})
 			}
 			return reconcile.Result{}, nil
+		}
+		if half != nil && half.Completed && !half.Failed {
+			// Every page arrived and was verified (before a restart of this
+			// agent, if the agent ID differs): that stays true, and the
+			// source may be waiting for it to release its paused copy.
+			if half.AgentID == a.id {
+				return reconcile.Result{}, nil
+			}
+			h := *half
+			h.AgentID = a.id
+			a.log.Info("Keeping a completed incoming migration of this agent's previous process", "migration", klogKey(m), "previousAgent", half.AgentID)
+			return reconcile.Result{}, a.writeTarget(ctx, m, h)
+		}
+		if half != nil && half.AgentID != a.id && half.Resumed && !half.Failed {
+			return reconcile.Result{}, a.adoptResumedTarget(ctx, m, half)
 		}
 		if half != nil && half.AgentID != a.id {
 			started := m.Status.Source != nil && m.Status.Source.StartTime != nil
@@ -245,7 +279,7 @@ func (a *Agent) targetHalf(r *run) v1.TargetState {
 	st := v1.TargetState{
 		Host: a.cfg.Host, AgentID: a.id, Address: a.DataAddress(),
 		Ready: !r.aborted && !r.failed, Prepared: r.prepared, Resumed: r.resumed,
-		Completed: r.done, Failed: r.failed, Message: r.message, LastUpdateTime: &now,
+		Completed: r.done, Failed: r.failed, Discarded: r.discarded, Message: r.message, LastUpdateTime: &now,
 	}
 	if r.resumed {
 		st.ResumeTime = &metav1.Time{Time: r.resumeTime}
@@ -284,16 +318,42 @@ func (a *Agent) reconcileSource(ctx context.Context, m *v1.VMMigration) (reconci
 	}
 	stop := stopping(m)
 	if r == nil {
+		rec, err := readInflight(a.stateDir(), uid)
+		if err != nil {
+			a.log.Error(err, "Ignored this migration's persisted state", "migration", klogKey(m))
+			rec = nil
+		}
+		unresolved := rec != nil && rec.Role == roleSourceName && rec.Committed && rec.Phase != phaseReleased && rec.Phase != phaseReclaimed
+		if unresolved || half != nil && half.Committed && half.AgentID != a.id && !half.Failed && !half.Completed {
+			// A previous process of this agent committed the domain: resolve
+			// from facts, even if the migration is final by now.
+			return a.adoptCommitted(ctx, m, half, rec)
+		}
 		if m.Status.Phase.IsFinal() {
+			if rec != nil {
+				a.forgetState(uid)
+			}
 			return reconcile.Result{}, nil
 		}
 		if half != nil && half.StartTime != nil && half.AgentID != a.id && !half.Failed && !half.Completed {
-			// A previous process of this agent was sending: that stream is gone.
+			// A previous process of this agent was sending: that stream is
+			// gone, and it never sent go (it persists that before go).
 			a.log.Info("Failing a migration this agent's previous process was sending", "migration", klogKey(m), "previousAgent", half.AgentID)
 			h := *half
 			h.AgentID, h.Failed = a.id, true
 			h.Message = "the source agent restarted during the transfer; the stream was lost and the domain keeps running on the source"
-			return reconcile.Result{}, a.writeSource(ctx, m, h)
+			if rec != nil {
+				if err := a.resumeAbandoned(ctx, rec.Domain); err != nil {
+					h.Message = "the source agent restarted during the transfer, before go; resuming the domain here failed: " + err.Error()
+				}
+			} else {
+				h.Message += " (no persisted state: if the domain is paused here, check that the target does not run it before resuming it)"
+			}
+			if err := a.writeSource(ctx, m, h); err != nil {
+				return reconcile.Result{}, err
+			}
+			a.forgetState(uid)
+			return reconcile.Result{}, nil
 		}
 		if stop != "" || half != nil {
 			return reconcile.Result{}, nil
@@ -306,20 +366,95 @@ func (a *Agent) reconcileSource(ctx context.Context, m *v1.VMMigration) (reconci
 	}
 
 	r.mu.Lock()
-	past := r.phase == engine.PhasePostCopy || r.phase == engine.PhaseDone || r.phase == engine.PhaseRecovering ||
-		(m.Status.Target != nil && m.Status.Target.Resumed)
+	past := r.pastNoReturn() || (m.Status.Target != nil && m.Status.Target.Resumed)
 	if stop != "" && !past && !r.finished && !r.aborted {
 		r.aborted = true
 		a.log.Info("Aborting an outgoing migration", "migration", klogKey(m), "why", stop)
 		r.cancel()
 	}
-	finished := r.finished
+	r.mu.Unlock()
+	a.resolveCommitted(m, r)
+	r.mu.Lock()
+	held := r.dom != nil
+	finished := r.finished && !held
 	r.mu.Unlock()
 	res, err := a.flushSource(ctx, m, r)
 	if err == nil && finished && m.Status.Phase.IsFinal() {
 		a.dropRun(uid)
+		a.forgetState(uid)
+	}
+	if held && res.RequeueAfter == 0 {
+		// The target's half changing wakes this up; look again anyway.
+		res.RequeueAfter = 5 * a.cfg.StatusInterval
 	}
 	return res, err
+}
+
+// pastNoReturn reports whether the source half is past the point of no
+// return: the engine committed the domain (go sent), whatever its phase
+// (StopAndCopy included), or the domain already runs at the target.
+// Callers hold r.mu.
+func (r *run) pastNoReturn() bool {
+	return r.committed || r.resumed || r.phase == engine.PhasePostCopy || r.phase == engine.PhaseDone || r.phase == engine.PhaseRecovering
+}
+
+// resolveCommitted ends the wait of a transfer that failed after go, on
+// an explicit verdict in the target's half only: discarded (the target
+// destroyed its copy) resumes the domain here; completed (every page
+// verified there), or resumed after a verified stop-and-copy, releases it.
+// Anything else keeps the domain paused here.
+func (a *Agent) resolveCommitted(m *v1.VMMigration, r *run) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.dom == nil {
+		return
+	}
+	dst := m.Status.Target
+	if dst != nil && dst.Host != m.Status.TargetHost {
+		dst = nil
+	}
+	name := r.dom.Info().Name
+	switch {
+	case dst != nil && dst.Discarded:
+		if err := r.dom.Reclaim("the target " + dst.Host + " reported that it discarded the domain"); err != nil {
+			a.log.Error(err, "Could not resume the domain the target discarded; it stays paused here", "migration", r.key, "domain", name)
+			r.message = fmt.Sprintf("the target discarded the domain but resuming it here failed (%v); it stays paused on %s", err, a.cfg.Host)
+			r.changed = true
+			return
+		}
+		_ = r.dom.Close()
+		r.dom = nil
+		r.failed, r.changed = true, true
+		r.message = fmt.Sprintf("the target %s discarded the domain after it had resumed it (%s); the domain runs on the source %s again", dst.Host, dst.Message, a.cfg.Host)
+		a.log.Info("Target discarded the domain; resumed it here", "migration", r.key, "domain", name)
+	case dst != nil && (dst.Completed || dst.Resumed && r.verifiedBeforeGo):
+		if err := r.dom.Release(); err != nil {
+			a.log.Error(err, "Could not release the domain that runs on the target", "migration", r.key, "domain", name)
+			r.message = fmt.Sprintf("the domain runs verified on %s but releasing it here failed: %v", dst.Host, err)
+			r.changed = true
+			return
+		}
+		_ = r.dom.Close()
+		r.dom = nil
+		r.done, r.changed, r.phase = true, true, engine.PhaseDone
+		if r.result != nil {
+			r.result.Verified = true
+		}
+		r.message = fmt.Sprintf("the transfer failed after go, but the target %s runs the domain with verified memory; released it here", dst.Host)
+		a.log.Info("Target runs the domain with verified memory; released it here", "migration", r.key, "domain", name)
+	default:
+		if !r.awaitLogged {
+			r.awaitLogged = true
+			a.log.Info("Holding the committed domain paused until the target's verdict", "migration", r.key, "domain", name)
+		}
+		return
+	}
+	if a.cfg.DurableDir != "" {
+		// Either verdict means nobody reads this migration's mirror again.
+		postcopy.RemoveMirror(a.cfg.DurableDir, r.uid)
+	}
+	a.kickPublish()
+	a.saveStateLocked(r)
 }
 
 // startSource announces the transfer in status.source before starting it,
@@ -343,10 +478,12 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 	if err := a.c.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Domain}, dom); err != nil {
 		return reconcile.Result{}, fmt.Errorf("get XenDomain %s/%s: %w", m.Namespace, m.Spec.Domain, err)
 	}
+	r.domain = dom.Spec.DomainName
 	a.addRun(r)
 	r.mu.Lock()
 	st := a.sourceHalf(r)
 	r.changed = false
+	a.saveStateLocked(r)
 	r.mu.Unlock()
 	if err := a.writeSource(ctx, m, st); err != nil {
 		a.dropRun(r.uid)
@@ -374,6 +511,9 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		CompletionTimeout: p.SwitchToPostCopyAfter.Duration,
 		MigrationID:       string(m.UID),
 		Token:             tok,
+		DurableDir:        a.cfg.DurableDir,
+		RecoveryTimeout:   a.cfg.RecoveryTimeout,
+		Dial:              a.dialer(m.Status.TargetHost),
 	}
 	hooks := engine.Hooks{Log: a.log.WithName("source").WithValues("migration", klogKey(m))}
 	if hasDedup(opts.Strategy) {
@@ -386,12 +526,20 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 	}
 	hooks.Progress = func(pr engine.Progress) {
 		r.mu.Lock()
-		phaseChanged := pr.Phase != r.phase
+		phaseChanged := pr.Phase != r.phase || pr.Committed && !r.committed
 		r.progress, r.phase, r.changed = pr, pr.Phase, true
+		r.committed = r.committed || pr.Committed
 		r.mu.Unlock()
 		if phaseChanged {
 			a.wakeUp(r)
 		}
+	}
+	hooks.Committed = func() {
+		r.mu.Lock()
+		r.committed, r.changed = true, true
+		a.saveStateLocked(r)
+		r.mu.Unlock()
+		a.wakeUp(r)
 	}
 	rctx, cancel := context.WithCancel(a.baseCtx())
 	r.mu.Lock()
@@ -399,22 +547,40 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 	r.mu.Unlock()
 	addr := m.Status.Target.Address
 	a.log.Info("Starting outgoing migration", "migration", klogKey(m), "domain", dom.Spec.DomainName, "to", m.Status.TargetHost, "addr", addr, "strategy", opts.Strategy)
+	a.transfers.Add(1)
 	go func() {
+		defer a.transfers.Done()
 		defer cancel()
 		res, err := engine.Migrate(rctx, sd, addr, opts, hooks)
-		_ = sd.Close()
+		// After go without a verdict, hold the handle: the domain stays
+		// paused (Close would keep it paused too) and the verdict in the
+		// target's half decides between Reclaim and Release.
+		hold := errors.Is(err, engine.ErrCommittedFailure)
+		if !hold {
+			_ = sd.Close()
+		}
 		r.mu.Lock()
 		r.finished, r.changed = true, true
-		if err != nil {
-			r.failed, r.message = true, err.Error()
-		} else {
+		switch {
+		case err == nil:
 			r.done, r.result, r.phase = true, &res, engine.PhaseDone
+		case hold:
+			r.committed, r.dom, r.result = true, sd, &res
+			r.verifiedBeforeGo = res.Verified && !res.PostCopy
+			r.message = "waiting for the target's verdict, the domain paused here: " + err.Error()
+		default:
+			r.failed, r.message = true, err.Error()
+			r.committed = r.committed || errors.Is(err, engine.ErrDiscarded)
 		}
+		a.saveStateLocked(r)
 		r.mu.Unlock()
-		if err != nil {
-			a.log.Error(err, "Outgoing migration failed", "migration", r.key)
-		} else {
+		switch {
+		case err == nil:
 			a.log.Info("Outgoing migration done", "migration", r.key, "total", res.Total, "downtime", res.Downtime, "wireBytes", res.WireBytes)
+		case hold:
+			a.log.Error(err, "Outgoing migration failed after go; holding the domain paused for the target's verdict", "migration", r.key)
+		default:
+			a.log.Error(err, "Outgoing migration failed", "migration", r.key)
 		}
 		a.kickPublish()
 		a.wakeUp(r)
@@ -463,13 +629,13 @@ func (a *Agent) sourceHalf(r *run) v1.SourceState {
 	st := v1.SourceState{
 		Host: a.cfg.Host, AgentID: a.id, Phase: string(r.phase),
 		StartTime: &metav1.Time{Time: r.start}, Completed: r.done, Failed: r.failed,
-		Message: r.message, LastUpdateTime: &now,
+		Committed: r.committed, Message: r.message, LastUpdateTime: &now,
 	}
 	if r.progress.Phase != "" || r.progress.WireBytes > 0 {
 		p := progressOf(r.progress)
 		st.Progress = &p
 	}
-	if r.result != nil {
+	if r.result != nil && r.done {
 		res := resultOf(*r.result)
 		st.Result = &res
 		if st.Progress == nil {
@@ -562,3 +728,200 @@ func (a *Agent) writeTarget(ctx context.Context, m *v1.VMMigration, st v1.Target
 }
 
 func klogKey(m *v1.VMMigration) string { return m.Namespace + "/" + m.Name }
+
+// adoptCommitted takes over a source half whose domain a previous process
+// of this agent committed to the target, from facts: the domain's state on
+// this host and the target's half. A paused domain is held (a handle that
+// never resumes it) until the target's verdict; an absent one was released
+// or lost; a running one is reported, never touched.
+func (a *Agent) adoptCommitted(ctx context.Context, m *v1.VMMigration, half *v1.SourceState, rec *inflight) (reconcile.Result, error) {
+	r := &run{key: client.ObjectKeyFromObject(m), uid: string(m.UID), role: roleSource, start: time.Now(),
+		committed: true, finished: true, changed: true}
+	if rec != nil {
+		r.domain, r.verifiedBeforeGo, r.phase = rec.Domain, rec.VerifiedBeforeGo, phaseOf(rec)
+	}
+	if half != nil {
+		if half.StartTime != nil {
+			r.start = half.StartTime.Time
+		}
+		if r.phase == "" || r.phase == engine.PhaseConnecting {
+			r.phase = engine.Phase(half.Phase)
+		}
+		if half.Result != nil {
+			res := engine.Result{Verified: half.Result.Verified, PostCopy: half.Result.PostCopy}
+			r.result = &res
+		}
+	}
+	if r.domain == "" {
+		dom := &v1.XenDomain{}
+		if err := a.c.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Domain}, dom); err != nil {
+			return reconcile.Result{}, fmt.Errorf("adopt committed migration %s: get XenDomain %s/%s: %w", klogKey(m), m.Namespace, m.Spec.Domain, err)
+		}
+		r.domain = dom.Spec.DomainName
+	}
+	doms, err := a.host.Domains(ctx)
+	if err != nil {
+		return reconcile.Result{}, fmt.Errorf("adopt committed migration %s: list domains: %w", klogKey(m), err)
+	}
+	var info *xenmem.DomainInfo
+	for i := range doms {
+		if doms[i].Name == r.domain {
+			info = &doms[i]
+		}
+	}
+	dst := m.Status.Target
+	if dst != nil && dst.Host != m.Status.TargetHost {
+		dst = nil
+	}
+	switch {
+	case info == nil:
+		if dst != nil && (dst.Completed || dst.Resumed) && !dst.Discarded {
+			r.done, r.phase = true, engine.PhaseDone
+			r.message = fmt.Sprintf("the source agent restarted after go; the domain is no longer on %s and runs on the target %s", a.cfg.Host, dst.Host)
+		} else {
+			r.failed = true
+			r.message = fmt.Sprintf("the source agent restarted after go and the domain %s is no longer on %s, while the target does not report running it: check the target", r.domain, a.cfg.Host)
+		}
+	case info.State == xenmem.StateRunning:
+		r.failed = true
+		r.message = fmt.Sprintf("the source agent restarted after go and finds the domain %s running on %s: it was resumed outside xenferry; check that the target does not run it too", r.domain, a.cfg.Host)
+	default:
+		sd, err := a.host.OpenSource(ctx, r.domain)
+		if err != nil {
+			return reconcile.Result{}, fmt.Errorf("adopt committed migration %s: open domain %s: %w", klogKey(m), r.domain, err)
+		}
+		if err := sd.Pause(); err != nil {
+			_ = sd.Close()
+			return reconcile.Result{}, fmt.Errorf("adopt committed migration %s: pause domain %s: %w", klogKey(m), r.domain, err)
+		}
+		// A backend that remembers the commit refuses a second one; one
+		// that does not learns it here, so the handle never resumes it.
+		if err := sd.Commit(); err != nil && !errors.Is(err, xenmem.ErrCommitted) {
+			_ = sd.Close()
+			return reconcile.Result{}, fmt.Errorf("adopt committed migration %s: commit domain %s: %w", klogKey(m), r.domain, err)
+		}
+		r.dom = sd
+		r.message = "the source agent restarted after go; the domain is held paused here until the target's verdict"
+	}
+	a.log.Info("Adopted a migration this agent's previous process had committed", "migration", klogKey(m), "domain", r.domain,
+		"held", r.dom != nil, "done", r.done, "failed", r.failed)
+	a.addRun(r)
+	r.mu.Lock()
+	a.saveStateLocked(r)
+	r.mu.Unlock()
+	a.resolveCommitted(m, r)
+	res, err := a.flushSource(ctx, m, r)
+	r.mu.Lock()
+	settled := r.dom == nil
+	r.mu.Unlock()
+	if err == nil && settled && m.Status.Phase.IsFinal() {
+		a.dropRun(r.uid)
+		a.forgetState(r.uid)
+	}
+	return res, err
+}
+
+// resumeAbandoned resumes a domain that a previous process of this agent
+// paused for a switch-over it never committed (no go left): absent or
+// running domains are left alone.
+func (a *Agent) resumeAbandoned(ctx context.Context, name string) error {
+	if name == "" {
+		return nil
+	}
+	doms, err := a.host.Domains(ctx)
+	if err != nil {
+		return fmt.Errorf("list domains: %w", err)
+	}
+	for _, d := range doms {
+		if d.Name != name || d.State != xenmem.StatePaused {
+			continue
+		}
+		sd, err := a.host.OpenSource(ctx, name)
+		if err != nil {
+			return fmt.Errorf("open domain %s: %w", name, err)
+		}
+		defer sd.Close()
+		if err := sd.Resume(); err != nil {
+			return fmt.Errorf("resume domain %s: %w", name, err)
+		}
+		a.log.Info("Resumed a domain the previous agent process paused before go", "domain", name)
+	}
+	return nil
+}
+
+// closeHeld drops the handles of committed domains still waiting for a
+// verdict when the agent stops: the domains stay paused (Close never
+// resumes a committed domain) and the next agent process adopts them.
+func (a *Agent) closeHeld() {
+	a.mu.Lock()
+	runs := make([]*run, 0, len(a.runs))
+	for _, r := range a.runs {
+		runs = append(runs, r)
+	}
+	a.mu.Unlock()
+	for _, r := range runs {
+		r.mu.Lock()
+		held := r.dom
+		r.dom = nil
+		r.mu.Unlock()
+		if held != nil {
+			_ = held.Close()
+			a.log.Info("Agent stopping; the committed domain stays paused for the next agent process", "migration", r.key, "domain", held.Info().Name)
+		}
+	}
+}
+
+// adoptResumedTarget settles the target half of a migration whose domain
+// resumed here under a previous process of this agent, from facts: the
+// domain on this host, and whether its memory was complete when it resumed
+// (a stop-and-copy verifies every page before go). A complete domain that
+// runs here is the migration's result: the half says completed, and the
+// source releases its paused copy. A post-copy domain lost its page server
+// with the old process and can never complete: it is destroyed, and the
+// half says discarded, so the source resumes its copy. An absent domain
+// never runs here again: discarded too.
+func (a *Agent) adoptResumedTarget(ctx context.Context, m *v1.VMMigration, half *v1.TargetState) error {
+	xd := &v1.XenDomain{}
+	if err := a.c.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Domain}, xd); err != nil {
+		return fmt.Errorf("settle the resumed half of %s: get XenDomain %s/%s: %w", klogKey(m), m.Namespace, m.Spec.Domain, err)
+	}
+	name := xd.Spec.DomainName
+	doms, err := a.host.Domains(ctx)
+	if err != nil {
+		return fmt.Errorf("settle the resumed half of %s: list domains: %w", klogKey(m), err)
+	}
+	var info *xenmem.DomainInfo
+	for i := range doms {
+		if doms[i].Name == name {
+			info = &doms[i]
+		}
+	}
+	src := m.Status.Source
+	complete := src != nil && src.Host == m.Status.SourceHost && src.Phase == string(engine.PhaseStopAndCopy)
+	now := metav1.Now()
+	st := v1.TargetState{Host: a.cfg.Host, AgentID: a.id, Address: half.Address, Prepared: half.Prepared, Resumed: true,
+		ResumeTime: half.ResumeTime, LastUpdateTime: &now}
+	switch {
+	case info != nil && complete && info.State != xenmem.StateShutdown:
+		st.Completed = true
+		st.Message = "the target agent restarted; the domain runs here with the memory verified before it resumed"
+	case info != nil:
+		sd, err := a.host.OpenSource(ctx, name)
+		if err != nil {
+			return fmt.Errorf("settle the resumed half of %s: open the incomplete domain %s: %w", klogKey(m), name, err)
+		}
+		err = sd.Release()
+		_ = sd.Close()
+		if err != nil {
+			return fmt.Errorf("settle the resumed half of %s: destroy the incomplete domain %s: %w", klogKey(m), name, err)
+		}
+		st.Failed, st.Discarded = true, true
+		st.Message = "the target agent restarted during post-copy; the domain here could never get its missing pages and was destroyed: the source may resume its copy"
+	default:
+		st.Failed, st.Discarded = true, true
+		st.Message = "the target agent restarted after the domain resumed here, and the domain is gone from this host: the source may resume its copy"
+	}
+	a.log.Info("Settled the resumed half of this agent's previous process from facts", "migration", klogKey(m), "domain", name,
+		"present", info != nil, "complete", complete, "completed", st.Completed, "discarded", st.Discarded)
+	return a.writeTarget(ctx, m, st)
+}

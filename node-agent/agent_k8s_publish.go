@@ -89,6 +89,9 @@ func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xe
 		Reason: "Heartbeating", Message: "Agent " + a.id + " serves migrations at " + a.DataAddress()})
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostBackendReadyCondition, Status: metav1.ConditionTrue,
 		Reason: "BackendReachable", Message: fmt.Sprintf("%s backend %s, %d domains", info.Backend, info.Version, running)})
+	if _, err := a.tlsStatus(h); err != nil {
+		return fmt.Errorf("certificate request of XenHost %s: %w", a.cfg.Host, err)
+	}
 	if err := a.c.Status().Patch(ctx, h, client.MergeFrom(orig)); err != nil {
 		return fmt.Errorf("heartbeat XenHost %s: %w", a.cfg.Host, err)
 	}

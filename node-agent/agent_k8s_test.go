@@ -181,8 +181,8 @@ func TestControllerRejectsImpossibleMigrations(t *testing.T) {
 			if !strings.Contains(m.Status.FailureReason, c.msg) {
 				t.Fatalf("failureReason %q does not explain (%q)", m.Status.FailureReason, c.msg)
 			}
-			if m.Status.TargetHost != "" || m.Status.TokenSecret != "" {
-				t.Fatalf("a rejected migration chose target %q / token %q", m.Status.TargetHost, m.Status.TokenSecret)
+			if m.Status.TargetHost != "" || m.Status.Tokens != nil {
+				t.Fatalf("a rejected migration chose target %q / sealed tokens %+v", m.Status.TargetHost, m.Status.Tokens)
 			}
 			// kubectl describe shows the decision as an event too.
 			waitEvents(t, m, c.reason)

@@ -13,8 +13,12 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
 )
 
-// openBackend opens the hypervisor backend of this host.
-func openBackend(name, simConfig string, log logr.Logger) (xenmem.Host, error) {
+// openBackend opens the hypervisor backend of this host. stateDir is the
+// agent's state dir: a sim host keeps its domain registry there, its
+// guests outlive this process and the next agent adopts them, as a Xen
+// host's domUs outlive the toolstack (configured domains boot only on the
+// first start). "" (one-shot commands) makes guests die with the process.
+func openBackend(name, simConfig, stateDir string, log logr.Logger) (xenmem.Host, error) {
 	switch name {
 	case "sim":
 		if simConfig == "" {
@@ -24,11 +28,21 @@ func openBackend(name, simConfig string, log logr.Logger) (xenmem.Host, error) {
 		if err != nil {
 			return nil, err
 		}
-		return sim.NewHost(cfg, log.WithName("sim"))
+		return sim.OpenHost(cfg, sim.Options{StateDir: stateDir}, log.WithName("sim"))
 	case "xen":
 		return openXen(log)
 	}
 	return nil, fmt.Errorf("unknown backend %q (want sim or xen)", name)
+}
+
+// simHostName is the host name a sim host definition gives ("" if it
+// cannot be read; openBackend then reports why).
+func simHostName(simConfig string) string {
+	cfg, err := sim.LoadConfig(simConfig)
+	if err != nil {
+		return ""
+	}
+	return cfg.Name
 }
 
 // openXen is replaced by the Xen backend when it is built in.

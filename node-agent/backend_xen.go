@@ -39,7 +39,7 @@ func runInventory(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	host, err := openBackend(*backend, *simConfig, stderrLogger(0))
+	host, err := openBackend(*backend, *simConfig, "", stderrLogger(0))
 	if err != nil {
 		return fmt.Errorf("open %s backend: %w", *backend, err)
 	}

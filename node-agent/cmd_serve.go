@@ -18,12 +18,14 @@ import (
 	"github.com/go-logr/logr/funcr"
 
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
 func init() {
 	registerCommand(command{name: "serve", short: "serve migrations without Kubernetes (data port + local control socket)", run: runServe})
 	registerCommand(command{name: "migrate", short: "migrate a domain of the local agent to another agent", run: runMigrate})
+	registerCommand(command{name: "resolve", short: "resume (--reclaim) or destroy (--release) a domain a failed migration left paused after go", run: runResolve})
 }
 
 func stderrLogger(v int) logr.Logger {
@@ -47,25 +49,42 @@ func runServe(ctx context.Context, args []string) error {
 	listen := fs.String("listen", ":7070", "migration data port")
 	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "agent state: disk indexes, control socket")
 	control := fs.String("control", "", "control socket (default STATE-DIR/agent.sock)")
+	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
+		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
 	verbose := fs.Int("v", 0, "log verbosity")
+	var tf tlsFlags
+	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	log := stderrLogger(*verbose)
+	*listen = listenDefault(fs, *listen, tf.insecure, 7070)
+	tlsSrc, err := tf.source(log, "the data port "+*listen)
+	if err != nil {
+		return err
+	}
 	if *control == "" {
 		*control = defaultControl(*stateDir)
 	}
 	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
-	host, err := openBackend(*backend, *simConfig, log)
+	host, err := openBackend(*backend, *simConfig, *stateDir, log)
 	if err != nil {
 		return err
 	}
 	defer host.Close()
+	if *durableDir == "auto" {
+		*durableDir = defaultDurableDir(host)
+	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("listen on the data port %s: %w", *listen, err)
+	}
+	if tlsSrc != nil {
+		// Any peer with a certificate of --tls-ca is served; the receiver
+		// bounds the handshake with its handshake deadline.
+		ln = pki.Listener(ln, tlsSrc)
 	}
 	_ = os.Remove(*control)
 	cl, err := net.Listen("unix", *control)
@@ -75,10 +94,10 @@ func runServe(ctx context.Context, args []string) error {
 	defer os.Remove(*control)
 	ix := newDiskIndexes(*stateDir, log.WithName("dedup"))
 	defer ix.close()
-	rcv := &engine.Receiver{Host: host, Log: log.WithName("receiver"), Events: func(id string, ev engine.Event) {
+	rcv := &engine.Receiver{Host: host, Log: log.WithName("receiver"), DurableDir: *durableDir, Events: func(id string, ev engine.Event) {
 		log.Info("Incoming migration", "migration", id, "domain", ev.Domain, "event", string(ev.Kind), "error", errString(ev.Err))
 	}}
-	srv := &http.Server{Handler: controlMux(host, ix, log)}
+	srv := &http.Server{Handler: controlMux(host, ix, *durableDir, log, tlsSrc)}
 	go func() { <-ctx.Done(); srv.Close() }()
 	go func() { _ = srv.Serve(cl) }()
 	info, _ := host.Info(ctx)
@@ -95,8 +114,11 @@ func errString(err error) string {
 
 // migrateRequest is the body of POST /migrate on the control socket.
 type migrateRequest struct {
-	Domain   string `json:"domain"`
-	To       string `json:"to"`
+	Domain string `json:"domain"`
+	To     string `json:"to"`
+	// ToHost is the name the destination's certificate must carry
+	// (default: the host part of To).
+	ToHost   string `json:"toHost,omitempty"`
 	Strategy string `json:"strategy"`
 	Link     int64  `json:"linkBytesPerSec"`
 	Streams  int    `json:"streams"`
@@ -114,7 +136,13 @@ type migrateEvent struct {
 	Error  string         `json:"error,omitempty"`
 }
 
-func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger) *http.ServeMux {
+// resolveRequest is the body of POST /resolve on the control socket.
+type resolveRequest struct {
+	Domain  string `json:"domain"`
+	Verdict string `json:"verdict"` // "reclaim" or "release"
+}
+
+func controlMux(host xenmem.Host, ix *diskIndexes, durableDir string, log logr.Logger, tlsSrc pki.Source) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /domains", func(w http.ResponseWriter, r *http.Request) {
 		ds, err := host.Domains(r.Context())
@@ -139,17 +167,63 @@ func controlMux(host xenmem.Host, ix *diskIndexes, log logr.Logger) *http.ServeM
 			}
 		}
 		w.Header().Set("Content-Type", "application/x-ndjson")
-		res, err := migrateLocal(r.Context(), host, ix, req, emit, log)
+		if req.ToHost == "" {
+			req.ToHost = serverNameOf(req.To)
+		}
+		res, err := migrateLocal(r.Context(), host, ix, req, durableDir, emit, log, dialFor(tlsSrc, req.ToHost))
 		if err != nil {
 			emit(migrateEvent{Error: err.Error()})
 			return
 		}
 		emit(migrateEvent{Result: &res})
 	})
+	mux.HandleFunc("POST /resolve", func(w http.ResponseWriter, r *http.Request) {
+		var req resolveRequest
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := resolveLocal(r.Context(), host, req, log); err != nil {
+			http.Error(w, err.Error(), http.StatusConflict)
+			return
+		}
+		_, _ = fmt.Fprintf(w, "%s: %s done\n", req.Domain, req.Verdict)
+	})
 	return mux
 }
 
-func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, emit func(migrateEvent), log logr.Logger) (engine.Result, error) {
+// resolveLocal applies an operator's verdict to a domain a migration left
+// paused after go: reclaim resumes it here (the destination does not and
+// never will run it), release destroys it (the destination runs it with
+// verified memory). The operator checks the destination first; nothing
+// here can.
+func resolveLocal(ctx context.Context, host xenmem.Host, req resolveRequest, log logr.Logger) error {
+	if req.Verdict != "reclaim" && req.Verdict != "release" {
+		return fmt.Errorf("verdict %q: want reclaim or release", req.Verdict)
+	}
+	dom, err := host.OpenSource(ctx, req.Domain)
+	if err != nil {
+		return fmt.Errorf("open domain %q: %w", req.Domain, err)
+	}
+	defer dom.Close()
+	if req.Verdict == "release" {
+		if err := dom.Release(); err != nil {
+			return fmt.Errorf("release %q: %w", req.Domain, err)
+		}
+		log.Info("Released a domain on the operator's verdict", "domain", req.Domain)
+		return nil
+	}
+	if err := dom.Reclaim("operator's verdict (node-agent resolve --reclaim)"); err != nil {
+		return fmt.Errorf("reclaim %q: %w", req.Domain, err)
+	}
+	log.Info("Reclaimed a domain on the operator's verdict", "domain", req.Domain)
+	return nil
+}
+
+// migrateLocal runs one outgoing migration. The handle's Close never
+// resumes a domain the engine committed (go sent): after a failure past
+// that point the domain stays paused here for `node-agent resolve`.
+func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req migrateRequest, durableDir string, emit func(migrateEvent), log logr.Logger, dial func(context.Context, string) (net.Conn, error)) (engine.Result, error) {
 	st := engine.Strategy(req.Strategy)
 	if !st.Valid() {
 		return engine.Result{}, fmt.Errorf("unknown strategy %q (want one of %v)", req.Strategy, engine.Strategies)
@@ -177,8 +251,53 @@ func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req mi
 		hooks.Disks = cat
 	}
 	id := fmt.Sprintf("%s-%d", req.Domain, time.Now().UnixNano())
-	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id}
-	return engine.Migrate(ctx, dom, req.To, opts, hooks)
+	opts := engine.Options{Strategy: st, LinkBytesPerSec: req.Link, Streams: req.Streams, Compress: req.Compress, MigrationID: id, DurableDir: durableDir, Dial: dial}
+	res, err := engine.Migrate(ctx, dom, req.To, opts, hooks)
+	if errors.Is(err, engine.ErrCommittedFailure) {
+		err = fmt.Errorf("%w (once you have checked the destination: `node-agent resolve --domain %s --release` or `--reclaim`)", err, req.Domain)
+	}
+	return res, err
+}
+
+// runResolve sends an operator's verdict on a paused, committed domain to
+// the local agent.
+func runResolve(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("resolve", flag.ContinueOnError)
+	domain := fs.String("domain", "", "domain a failed migration left paused after go (required)")
+	reclaim := fs.Bool("reclaim", false, "resume it here: the destination does not and never will run it")
+	release := fs.Bool("release", false, "destroy it here: the destination runs it with verified memory")
+	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "the local agent's state dir")
+	control := fs.String("control", "", "the local agent's control socket (default STATE-DIR/agent.sock)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *domain == "" || *reclaim == *release {
+		return errors.New("--domain and exactly one of --reclaim or --release are required")
+	}
+	if *control == "" {
+		*control = defaultControl(*stateDir)
+	}
+	verdict := "release"
+	if *reclaim {
+		verdict = "reclaim"
+	}
+	body, _ := json.Marshal(resolveRequest{Domain: *domain, Verdict: verdict})
+	cli := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", *control)
+	}}}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/resolve", strings.NewReader(string(body)))
+	resp, err := cli.Do(req)
+	if err != nil {
+		return fmt.Errorf("reach the local agent at %s (is `node-agent serve` running?): %w", *control, err)
+	}
+	defer resp.Body.Close()
+	msg, _ := bufio.NewReader(resp.Body).ReadString('\n')
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("agent refused: %s", strings.TrimSpace(msg))
+	}
+	fmt.Print(msg)
+	return nil
 }
 
 // runMigrate asks the local agent to migrate one of its domains and shows
@@ -187,6 +306,7 @@ func runMigrate(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
 	domain := fs.String("domain", "", "domain to migrate (required)")
 	to := fs.String("to", "", "destination agent's data address HOST:PORT (required)")
+	toHost := fs.String("to-host", "", "name the destination's certificate must carry (default: HOST of --to)")
 	stateDir := fs.String("state-dir", filepath.Join(os.TempDir(), "xenferry-agent"), "the local agent's state dir")
 	control := fs.String("control", "", "the local agent's control socket (default STATE-DIR/agent.sock)")
 	strategy := fs.String("strategy", string(engine.StrategyHybridDedup), "strategy: xen, precopy, precopy+dedup, postcopy, hybrid, hybrid+dedup")
@@ -203,7 +323,7 @@ func runMigrate(ctx context.Context, args []string) error {
 	if *control == "" {
 		*control = defaultControl(*stateDir)
 	}
-	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
+	body, _ := json.Marshal(migrateRequest{Domain: *domain, To: *to, ToHost: *toHost, Strategy: *strategy, Link: *link, Streams: *streams, Compress: *compress})
 	cli := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", *control)

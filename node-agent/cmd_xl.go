@@ -7,7 +7,9 @@ package main
 //	xl migrate -s "node-agent xl-send" DOMAIN HOST
 //
 // connects to `node-agent xl-recv --listen :7070` on HOST, which runs
-// `xl migrate-receive` there. The stream goes through pkg/xlstream: zero
+// `xl migrate-receive` there. Both ends authenticate each other with
+// mutual TLS (--tls-cert/--tls-key/--tls-ca; `node-agent pki` makes lab
+// certificates); --insecure-allow-anonymous opts out, loudly. The stream goes through pkg/xlstream: zero
 // pages and pages found on the domain's shared disks cross the link as
 // references, and the destination rebuilds the exact stream for its xl.
 
@@ -28,6 +30,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xlstream"
 )
 
@@ -64,6 +67,9 @@ func runXLSend(ctx context.Context, args []string) error {
 	noDedup := fs.Bool("no-dedup", false, "do not look pages up on the shared disks (zero pages are still elided)")
 	report := fs.String("report", "", "write a JSON summary to this file")
 	verbose := fs.Int("v", 0, "log verbosity")
+	serverName := fs.String("server-name", "", "name the receiver's certificate must carry (default: HOST)")
+	var tf tlsFlags
+	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -82,9 +88,22 @@ func runXLSend(ctx context.Context, args []string) error {
 		}
 	}()
 
+	src, err := tf.source(log, "the xl-recv port of "+host)
+	if err != nil {
+		rep.Error = err.Error()
+		return err
+	}
+	if *serverName == "" {
+		*serverName = host
+	}
 	addr := net.JoinHostPort(host, fmt.Sprint(*port))
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	var conn net.Conn
+	if dial := dialFor(src, *serverName); dial != nil {
+		conn, err = dial(ctx, addr)
+	} else {
+		d := net.Dialer{Timeout: dialTimeout}
+		conn, err = d.DialContext(ctx, "tcp", addr)
+	}
 	if err != nil {
 		rep.Error = err.Error()
 		return fmt.Errorf("connect to node-agent xl-recv at %s: %w (is `node-agent xl-recv` running on %s?)", addr, err, host)
@@ -163,21 +182,56 @@ func (ci catalogIndex) Lookup(page []byte) (xlstream.Ref, bool) {
 
 func runXLRecv(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("xl-recv", flag.ContinueOnError)
-	listen := fs.String("listen", fmt.Sprintf(":%d", defaultXLPort), "address to listen on")
+	listen := fs.String("listen", fmt.Sprintf(":%d", defaultXLPort), "address to listen on (default with --insecure-allow-anonymous: 127.0.0.1 only)")
 	xlPath := fs.String("xl", "xl", "the xl command")
 	once := fs.Bool("once", false, "serve one migration, then exit")
 	verbose := fs.Int("v", 0, "log verbosity")
+	maxConns := fs.Int("max-conns", 2, "connections served at once; more are closed at once")
+	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a peer has for the TLS handshake and its request")
+	var tf tlsFlags
+	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	log := stderrLogger(*verbose).WithName("xl-recv")
-	ln, err := net.Listen("tcp", *listen)
+	if *maxConns < 1 || *handshake <= 0 {
+		return errors.New("--max-conns must be at least 1 and --handshake-timeout positive")
+	}
+	addr := listenDefault(fs, *listen, tf.insecure, defaultXLPort)
+	src, err := tf.source(log, addr)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w", *listen, err)
+		return err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", addr, err)
 	}
 	defer ln.Close()
+	log.Info("Listening", "addr", ln.Addr().String(), "mTLS", src != nil, "maxConns", *maxConns)
+	srv := &xlRecvServer{src: src, maxConns: *maxConns, handshakeTimeout: *handshake, log: log,
+		handle: func(ctx context.Context, c net.Conn, l logr.Logger) error { return serveXLRecv(ctx, c, *xlPath, l) }}
+	return srv.serve(ctx, ln, *once)
+}
+
+// xlRecvServer accepts xl-send connections: at most maxConns at once (one
+// over is closed at once, before any work), each with handshakeTimeout to
+// complete the TLS handshake and send its request. Every xl-recv
+// connection may start a root `xl migrate-receive`; the bound is what a
+// stranger could otherwise multiply.
+type xlRecvServer struct {
+	// src is nil in anonymous mode.
+	src              pki.Source
+	maxConns         int
+	handshakeTimeout time.Duration
+	log              logr.Logger
+	// handle serves an admitted connection; its deadline still bounds the
+	// request, which handle reads and then clears the deadline.
+	handle func(ctx context.Context, c net.Conn, log logr.Logger) error
+}
+
+func (s *xlRecvServer) serve(ctx context.Context, ln net.Listener, once bool) error {
 	go func() { <-ctx.Done(); ln.Close() }()
-	log.Info("Listening", "addr", ln.Addr().String())
+	sem := make(chan struct{}, s.maxConns)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -186,21 +240,47 @@ func runXLRecv(ctx context.Context, args []string) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("accept on %s: %w", *listen, err)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			s.log.Info("Refused a connection: too many at once", "peer", c.RemoteAddr().String(), "maxConns", s.maxConns)
+			c.Close()
+			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func() { <-sem }()
 			defer c.Close()
-			l := log.WithValues("peer", c.RemoteAddr().String())
-			if err := serveXLRecv(ctx, c, *xlPath, l); err != nil {
-				l.Error(err, "Migration receive failed")
-			}
+			s.serveConn(ctx, c)
 		}()
-		if *once {
+		if once {
 			wg.Wait()
 			return nil
 		}
+	}
+}
+
+func (s *xlRecvServer) serveConn(ctx context.Context, c net.Conn) {
+	l := s.log.WithValues("peer", c.RemoteAddr().String())
+	_ = c.SetDeadline(time.Now().Add(s.handshakeTimeout))
+	if s.src != nil {
+		tc, host, err := acceptTLS(ctx, c, s.src, s.handshakeTimeout)
+		if err != nil {
+			l.Info("Refused a connection", "reason", err.Error())
+			return
+		}
+		defer tc.Close()
+		c, l = tc, l.WithValues("peerHost", host)
+	}
+	if err := s.handle(ctx, c, l); err != nil {
+		l.Error(err, "Migration receive failed")
 	}
 }
 
@@ -234,6 +314,8 @@ func serveXLRecv(ctx context.Context, c net.Conn, xlPath string, log logr.Logger
 	if err := checkRemoteArgv(argv); err != nil {
 		return err
 	}
+	// The request is in: the pre-authentication deadline ends here.
+	_ = c.SetDeadline(time.Time{})
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, xlPath, argv[1:]...)
 	cmd.Stderr = os.Stderr

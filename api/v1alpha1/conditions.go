@@ -32,6 +32,9 @@ const (
 	ReasonWaitingForSlot = "WaitingForSlot"
 	// ReasonNoTargetAvailable: no host fits; retried.
 	ReasonNoTargetAvailable = "NoTargetAvailable"
+	// ReasonWaitingForCertificate: the source or target agent has no
+	// certificate to seal the migration's token to yet; retried.
+	ReasonWaitingForCertificate = "WaitingForCertificate"
 	// ReasonTargetSelected: a target host was chosen or confirmed.
 	ReasonTargetSelected = "TargetSelected"
 
@@ -89,11 +92,14 @@ const (
 )
 
 // Finalizer is held by the controller on every VMMigration until both
-// agents let go of it (or are gone) and its token Secret is deleted.
+// agents let go of it (or are gone) and its sealed tokens are cleared.
 const Finalizer = "migration.xenferry.io/finalizer"
 
-// LabelMigration marks objects (the token Secret) that belong to a migration.
+// LabelMigration marks objects that belong to a migration.
 const LabelMigration = "migration.xenferry.io/migration"
 
-// TokenKey is the key of the token in the token Secret.
-const TokenKey = "token"
+// Token roles: the role part of a sealed token's binding.
+const (
+	TokenRoleSource = "source"
+	TokenRoleTarget = "target"
+)

@@ -284,6 +284,13 @@ type SourceState struct {
 	// unless the target reported it resumed.
 	// +optional
 	Failed bool `json:"failed,omitempty"`
+	// committed is true once the source told the target to run the domain
+	// ("go"): from then on the source never resumes it by itself. A failed,
+	// committed source keeps the domain paused until the target's half
+	// gives a verdict (discarded: the source resumes it; resumed with
+	// verified memory, or completed: the source releases it).
+	// +optional
+	Committed bool `json:"committed,omitempty"`
 	// message explains a failure or the last notable event.
 	// +optional
 	Message string `json:"message,omitempty"`
@@ -324,6 +331,11 @@ type TargetState struct {
 	// failed is true when the target gave up and removed the receiving domain.
 	// +optional
 	Failed bool `json:"failed,omitempty"`
+	// discarded is true when the target destroyed the domain after it had
+	// been told to run it (post-copy memory that failed verification): it
+	// never runs there again, and the source may resume its paused copy.
+	// +optional
+	Discarded bool `json:"discarded,omitempty"`
 	// message explains a failure or the last notable event.
 	// +optional
 	Message string `json:"message,omitempty"`
@@ -358,10 +370,13 @@ type VMMigrationStatus struct {
 	// domainMemoryBytes of the domain, used for capacity and timeouts.
 	// +optional
 	DomainMemoryBytes int64 `json:"domainMemoryBytes,omitempty"`
-	// tokenSecret names the Secret (same namespace) holding the per-migration
-	// token that authenticates the data connection.
+	// tokens holds the per-migration token that authenticates the data
+	// connection, sealed separately to the source's and the target's
+	// certified keys; each box opens only with that agent's private key and
+	// this migration's binding (UID, domain, hosts, role). Cleared when the
+	// migration ends.
 	// +optional
-	TokenSecret string `json:"tokenSecret,omitempty"`
+	Tokens *SealedTokens `json:"tokens,omitempty"`
 	// parameters in force.
 	// +optional
 	Parameters *ResolvedParameters `json:"parameters,omitempty"`
@@ -440,4 +455,21 @@ type VMMigrationList struct {
 	metav1.TypeMeta `json:",inline"`
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []VMMigration `json:"items"`
+}
+
+// SealedTokens is one random token, sealed once per agent (pkg/pki.Seal).
+// The controller keeps no cleartext copy.
+type SealedTokens struct {
+	// source is the token sealed to the source host's certificate key.
+	// +kubebuilder:validation:MaxLength=4096
+	Source []byte `json:"source"`
+	// target is the token sealed to the target host's certificate key.
+	// +kubebuilder:validation:MaxLength=4096
+	Target []byte `json:"target"`
+	// sourceCertSerial and targetCertSerial name the certificates whose
+	// keys the token was sealed to (hex serial numbers), for diagnosis.
+	// +optional
+	SourceCertSerial string `json:"sourceCertSerial,omitempty"`
+	// +optional
+	TargetCertSerial string `json:"targetCertSerial,omitempty"`
 }

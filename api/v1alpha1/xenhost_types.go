@@ -49,6 +49,10 @@ type XenHostStatus struct {
 	// dataAddress is the agent's migration endpoint (host:port).
 	// +optional
 	DataAddress string `json:"dataAddress,omitempty"`
+	// tls is the host's certificate exchange: the agent publishes a CSR,
+	// the controller answers with a certificate and the CA bundle.
+	// +optional
+	TLS *HostTLS `json:"tls,omitempty"`
 	// heartbeatTime is refreshed by the agent; a stale heartbeat means the
 	// agent is gone and its migrations fail safe.
 	// +optional
@@ -58,6 +62,29 @@ type XenHostStatus struct {
 	// +listType=map
 	// +listMapKey=type
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// HostTLS carries an agent's certificate request and the controller's
+// answer. The agent writes csr only; the controller writes the rest.
+type HostTLS struct {
+	// csr is the agent's PEM certificate request: CommonName = this
+	// XenHost's name, an ECDSA P-256 key the agent keeps on its host.
+	// +optional
+	// +kubebuilder:validation:MaxLength=8192
+	CSR string `json:"csr,omitempty"`
+	// certificate is the PEM certificate the controller issued for csr.
+	// +optional
+	// +kubebuilder:validation:MaxLength=16384
+	Certificate string `json:"certificate,omitempty"`
+	// caBundle is the PEM bundle of CAs agents trust for their peers (the
+	// current CA, and the previous one while certificates move over).
+	// +optional
+	// +kubebuilder:validation:MaxLength=65536
+	CABundle string `json:"caBundle,omitempty"`
+	// notAfter is when certificate expires; the controller renews it at
+	// two thirds of its lifetime.
+	// +optional
+	NotAfter *metav1.Time `json:"notAfter,omitempty"`
 }
 
 // XenHost is one dom0 running a node agent. Cluster-scoped, named after the

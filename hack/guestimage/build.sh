@@ -46,13 +46,9 @@ die() { log "ERROR: $*"; exit 1; }
 
 mkdir -p "$W"
 
-mirror() {
-	if [[ -n ${DEBIAN_MIRROR:-} ]]; then echo "$DEBIAN_MIRROR"; return; fi
-	local m
-	m=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list 2>/dev/null |
-		grep -v security | grep -oE 'https?://[^ ]+/debian/?' | head -n1 || true)
-	echo "${m:-http://deb.debian.org/debian}"
-}
+# shellcheck source=../debian-mirror.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../debian-mirror.sh"
+mirror() { debian_mirror; }
 
 # stamp NAME VALUE: true when .work/NAME.stamp holds VALUE (stage up to date).
 stage_order() { case $1 in rootfs) echo 1 ;; image) echo 2 ;; run) echo 3 ;; 1 | all) echo 0 ;; *) echo 9 ;; esac; }

@@ -214,6 +214,9 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 	if err != nil {
 		return Line{}, err
 	}
+	// Close never resumes a domain the engine committed (go sent): after a
+	// failure past that point it stays paused on the source host, and the
+	// run's error says so (engine.ErrCommittedFailure).
 	defer dom.Close()
 	// The workload's rate before the migration, for the slowdown during
 	// post-copy. Only strategies that may end in post-copy report it: the

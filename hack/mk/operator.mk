@@ -8,11 +8,15 @@ CONTROLLER_GEN ?= $(OPERATOR_BIN)/controller-gen
 tools:
 	hack/tools.sh
 
-## manifests: regenerate CRDs and RBAC from the kubebuilder markers
+## manifests: regenerate CRDs and RBAC from the kubebuilder markers: the
+## controller's roles (controllers/rbac.go) into config/rbac/role.yaml, the
+## node agent's (node-agent/rbac.go) into config/rbac/node_agent_role.yaml
 manifests:
 	hack/tools.sh controller-gen
 	$(CONTROLLER_GEN) rbac:roleName=xenferry-controller crd paths=./api/... paths=./controllers/... \
 		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=xenferry-node-agent,fileName=node_agent_role.yaml paths=./node-agent/ \
+		output:rbac:artifacts:config=config/rbac
 
 ## generate: regenerate deepcopy functions
 generate:
@@ -23,9 +27,10 @@ operator-build:
 	$(GO) build -o bin/xenferry-controller .
 	$(GO) build -o bin/node-agent ./node-agent
 
-## test-operator: the envtest suite against the built kube-apiserver and etcd
+## test-operator: the envtest suites against the built kube-apiserver and etcd
+## (controller and agents; RBAC, admission policies and metrics in test/rbac)
 test-operator: tools
-	KUBEBUILDER_ASSETS=$(OPERATOR_BIN) $(GO) test -count=1 -timeout 20m ./controllers/... ./node-agent/...
+	KUBEBUILDER_ASSETS=$(OPERATOR_BIN) $(GO) test -count=1 -timeout 20m ./controllers/... ./node-agent/... ./test/...
 
 ## demo: the first command of the README: local control plane, controller, two sim agents, sample migrations
 demo:

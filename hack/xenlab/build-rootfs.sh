@@ -10,6 +10,7 @@ PKGS=xen-hypervisor-4.17-amd64,xen-utils-4.17,xen-utils-common,xenstore-utils,li
 if [[ ! -e $WORK/.rootfs-debootstrap.done ]]; then
 	log "debootstrap $SUITE into $ROOTFS (takes a few minutes)"
 	rm -rf "$ROOTFS"
+	MIRROR=$(lab_mirror) || die "no Debian mirror to bootstrap from"
 	debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$ROOTFS" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
 		die "debootstrap failed; see $WORK/debootstrap.log (is the Debian mirror reachable? re-run to retry)"
 	touch "$WORK/.rootfs-debootstrap.done"

@@ -5,7 +5,10 @@ REPO_DIR="$(cd "$XENLAB_DIR/../.." && pwd)"
 WORK="${XENLAB_WORK:-$XENLAB_DIR/.work}"
 mkdir -p "$WORK"
 SUITE=bookworm
-MIRROR="${XENLAB_MIRROR:-http://deb.debian.org/debian}"
+# shellcheck source=../debian-mirror.sh
+. "$REPO_DIR/hack/debian-mirror.sh"
+# The mirror is looked up only by the stages that download (debootstrap).
+lab_mirror() { if [[ -n ${XENLAB_MIRROR:-} ]]; then echo "$XENLAB_MIRROR"; else debian_mirror; fi; }
 log() { printf '%s xenlab: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 

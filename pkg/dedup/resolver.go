@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"slices"
 	"sync"
+	"sync/atomic"
 )
 
 // Sentinel errors of ResolveBatch; the errors passed to its fail callback
@@ -208,11 +210,25 @@ func (r *Resolver) ResolveBatch(ctx context.Context, refs []Ref, dst func(i int)
 	}
 	work := make(chan *run)
 	var wg sync.WaitGroup
+	// A panic on a worker (in a callback, say) is raised again on the
+	// caller's goroutine once every worker is done, where the caller's own
+	// recovery sees it; a worker goroutine has none.
+	var panicked atomic.Pointer[workerPanic]
 	for range min(r.workers, len(runs)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			var buf []byte
+			defer func() {
+				if p := recover(); p != nil {
+					panicked.CompareAndSwap(nil, &workerPanic{value: p, stack: debug.Stack()})
+					if buf != nil {
+						r.bufs <- buf
+					}
+					for range work { // let the feeder finish
+					}
+				}
+			}()
 			for ru := range work {
 				if buf == nil {
 					select {
@@ -243,7 +259,16 @@ feed:
 	}
 	close(work)
 	wg.Wait()
+	if p := panicked.Load(); p != nil {
+		panic(fmt.Sprintf("dedup: resolver worker: %v\n%s", p.value, p.stack))
+	}
 	return err
+}
+
+// workerPanic is a panic caught on a ResolveBatch worker.
+type workerPanic struct {
+	value any
+	stack []byte
 }
 
 // resolveRun reads one run and settles each of its refs.

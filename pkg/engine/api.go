@@ -1,10 +1,8 @@
-// Package engine is xenferry's migration data path: the source streams a
-// domain's memory to a destination agent over TCP, with pre-copy rounds,
-// stop-and-copy or early resume (post-copy), disk-dedup references and a
-// per-page hash manifest checked at the destination before it resumes.
 package engine
 
 import (
+	"context"
+	"net"
 	"time"
 )
 
@@ -56,6 +54,10 @@ type Options struct {
 	// DemandPath is where the answers to post-copy demand requests travel
 	// ("" = DemandPriorityConn).
 	DemandPath DemandPath
+	// Dial opens every connection to the destination (main, data,
+	// priority, recovery); nil dials plain TCP. The engine is otherwise
+	// transport-agnostic: a TLS dialer goes here.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // DemandPath selects how post-copy demand answers get ahead of the push.
@@ -106,7 +108,11 @@ type PageCounts struct {
 // Progress is a snapshot reported while a migration runs. Percent never
 // decreases within one migration.
 type Progress struct {
-	Phase                Phase      `json:"phase"`
+	Phase Phase `json:"phase"`
+	// Committed: the destination was told to run the domain ("go"); from
+	// here on the source never resumes it without the destination's
+	// verdict. Callers treat it as the point of no return.
+	Committed            bool       `json:"committed,omitempty"`
 	Round                int        `json:"round"`
 	WireBytes            int64      `json:"wireBytes"`
 	RemainingBytes       int64      `json:"remainingBytes"`

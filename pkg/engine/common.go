@@ -42,6 +42,10 @@ const (
 	ctlError     = "error"     // either side: aborting, Message says why
 	ctlState     = "state"     // dst during recovery: what it knows
 	ctlRecovered = "recovered" // src: recovery connection set up
+	// ctlDiscarded (dst, main connection): the domain, resumed here, is
+	// destroyed here and will never run here again; the source may resume
+	// its copy (contract C2).
+	ctlDiscarded = "discarded"
 )
 
 // partitionShift: pages travel in chunks of 256 (1 MiB); chunk c always goes
@@ -112,6 +116,12 @@ type conn struct {
 	w    *wire.Writer
 	lim  *limiter
 	prio bool
+	// wto, if set, bounds each record written (the destination's write
+	// deadline): a peer that stops reading fails the write.
+	wto time.Duration
+	// busy: the connection's reader is working on what it read (the
+	// destination's watchdog counts it as active).
+	busy atomic.Bool
 }
 
 func newConn(c net.Conn, lim *limiter, prio bool) *conn {
@@ -123,21 +133,26 @@ func newConn(c net.Conn, lim *limiter, prio bool) *conn {
 		}
 	}
 	cc := &countingReader{r: c}
+	cc.last.Store(time.Now().UnixNano())
 	// The writer gets the bare connection, so large parts go out in one
 	// vectored write; it counts its own bytes.
 	return &conn{c: c, cc: cc, r: wire.NewReader(cc), w: wire.NewWriter(c), lim: lim, prio: prio}
 }
 
-// countingReader counts the bytes read from a connection, readable from
-// any goroutine.
+// countingReader counts the bytes read from a connection and notes when
+// the last ones came, readable from any goroutine.
 type countingReader struct {
-	r io.Reader
-	n atomic.Int64
+	r    io.Reader
+	n    atomic.Int64
+	last atomic.Int64 // unix nanoseconds of the last byte (or of creation)
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
-	c.n.Add(int64(n))
+	if n > 0 {
+		c.n.Add(int64(n))
+		c.last.Store(time.Now().UnixNano())
+	}
 	return n, err
 }
 
@@ -163,6 +178,9 @@ func (c *conn) sendAs(ctx context.Context, prio bool, t wire.Type, parts ...[]by
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := c.setWriteDeadline(); err != nil {
+		return fmt.Errorf("%w: %w", errConnLost, err)
+	}
 	err := c.w.Write(t, parts...)
 	if err == nil {
 		err = c.w.Flush()
@@ -171,6 +189,15 @@ func (c *conn) sendAs(ctx context.Context, prio bool, t wire.Type, parts ...[]by
 		return fmt.Errorf("%w: %w", errConnLost, err)
 	}
 	return nil
+}
+
+// setWriteDeadline renews the write deadline before a record, when the
+// connection has one. c.mu is held.
+func (c *conn) setWriteDeadline() error {
+	if c.wto <= 0 {
+		return nil
+	}
+	return c.c.SetWriteDeadline(time.Now().Add(c.wto))
 }
 
 func (c *conn) sendControl(ctx context.Context, m *wire.Control) error {
@@ -191,10 +218,9 @@ func (c *conn) bytes() int64 {
 
 func (c *conn) close() { _ = c.c.Close() }
 
-// dialStream opens one connection and sends its hello.
-func dialStream(ctx context.Context, addr string, lim *limiter, hello wire.Control) (*conn, error) {
-	d := net.Dialer{Timeout: 10 * time.Second}
-	nc, err := d.DialContext(ctx, "tcp", addr)
+// dialStream opens one connection with dial and sends its hello.
+func dialStream(ctx context.Context, dial func(context.Context, string) (net.Conn, error), addr string, lim *limiter, hello wire.Control) (*conn, error) {
+	nc, err := dial(ctx, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s (%s stream): %w", addr, hello.Message, err)
 	}
@@ -244,6 +270,21 @@ var errConnLost = errors.New("connection lost")
 
 // ErrRemote is wrapped by errors the other side reported.
 var ErrRemote = errors.New("engine: remote side failed")
+
+// ErrProtocol is wrapped by errors about a message that the protocol does
+// not allow where it came (a record or control kind out of order, a count
+// or range beyond what was announced or authorised). It fails that
+// migration only.
+var ErrProtocol = errors.New("engine: protocol violation")
+
+// ErrInternal is wrapped by a panic recovered at a connection's boundary:
+// it fails that migration only.
+var ErrInternal = errors.New("engine: internal error")
+
+// ErrDiscarded: the destination destroyed the domain it had resumed,
+// because its memory failed verification, and will never run it; the
+// source may resume its copy (contract C2).
+var ErrDiscarded = errors.New("engine: the destination discarded the domain")
 
 // remoteError turns an error control message into an error.
 func remoteError(m wire.Control) error {

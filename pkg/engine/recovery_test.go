@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -133,11 +134,18 @@ func TestPostCopyRecoveryTimesOut(t *testing.T) {
 		t.Fatal("migration succeeded with the destination gone")
 	}
 	t.Logf("failed as expected: %v", err)
+	if !errors.Is(err, engine.ErrCommittedFailure) {
+		t.Errorf("the error does not say the domain is committed: %v", err)
+	}
+	// Every caller closes the handle next; that must not resume it either.
+	if err := dom.Close(); err != nil {
+		t.Fatal(err)
+	}
 	d, ok := e.src.Domain("gone")
 	if !ok {
 		t.Fatal("the source lost the domain")
 	}
-	if !d.Paused() {
+	if !d.Paused() || runningAt(t, e.src, "gone") {
 		t.Fatal("the source resumed a domain that runs at the destination")
 	}
 }
@@ -190,7 +198,10 @@ func TestDurablePostCopyFinishesWithoutSource(t *testing.T) {
 	if !runningAt(t, e.dst, "durable") {
 		t.Fatal("the domain does not run at the destination")
 	}
-	if d, ok := e.src.Domain("durable"); ok && !d.Paused() {
+	if err := dom.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := e.src.Domain("durable"); ok && (!d.Paused() || runningAt(t, e.src, "durable")) {
 		t.Fatal("the source resumed the domain")
 	}
 }

@@ -17,6 +17,254 @@ import (
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
+// state is where an incoming migration is in the protocol; doc.go gives
+// the message sequence. The main loop moves it; anything a connection
+// carries that its state does not allow is a protocol error that fails
+// this migration only.
+type state int32
+
+const (
+	stAwaitHeader state = iota // main welcomed; the header comes first
+	stPreparing                // creating the target domain
+	stReceiving                // pre-copy: streams carry pages; main waits for a switch
+	stDraining                 // drain: waiting for every stream's drain marker
+	stVerifying                // complete: waiting for the markers, then checking
+	stVerified                 // stop-and-copy verified, "ready" sent; waits for "go"
+	stArming                   // postcopy: waiting for the markers, then arming
+	stArmed                    // lazy loading armed, "ready" sent; waits for "go"
+	stResumed                  // runs here after a stop-and-copy; waits for the end
+	stPostCopy                 // runs here on lazy memory; receives the push
+	stRecovering               // post-copy link broke; waits for the source
+	stCompleting               // pushed: fetching stragglers, checking
+	stFinished                 // post-copy verified, "done" sent; waits for the end
+	stDone                     // ended well
+	stFailed                   // ended badly
+)
+
+var stateNames = [...]string{"awaitHeader", "preparing", "receiving", "draining", "verifying", "verified",
+	"arming", "armed", "resumed", "postCopy", "recovering", "completing", "finished", "done", "failed"}
+
+func (st state) String() string {
+	if st >= 0 && int(st) < len(stateNames) {
+		return stateNames[st]
+	}
+	return fmt.Sprintf("state(%d)", int32(st))
+}
+
+// allowed is what the main connection may carry in one state.
+type allowed struct {
+	types []wire.Type
+	kinds []string // control kinds; ctlError is allowed everywhere
+}
+
+func (a allowed) typ(t wire.Type) bool {
+	for _, x := range a.types {
+		if x == t {
+			return true
+		}
+	}
+	return false
+}
+
+func (a allowed) kind(k string) bool {
+	if k == ctlError {
+		return true
+	}
+	for _, x := range a.kinds {
+		if x == k {
+			return true
+		}
+	}
+	return false
+}
+
+// mainAllowed is the destination's table of the main connection: the
+// record types and control kinds each state accepts. States missing here
+// (preparing, draining, verifying, arming, recovering, completing, done,
+// failed) do not read the main connection.
+var mainAllowed = map[state]allowed{
+	stAwaitHeader: {types: []wire.Type{wire.TypeHeader}},
+	stReceiving: {types: []wire.Type{wire.TypeState, wire.TypeManifest, wire.TypeBitmap, wire.TypeControl},
+		kinds: []string{ctlDrain, ctlComplete, ctlPostCopy}},
+	stVerified: {types: []wire.Type{wire.TypeControl}, kinds: []string{ctlGo}},
+	stArmed:    {types: []wire.Type{wire.TypeControl}, kinds: []string{ctlGo}},
+	stResumed:  {types: []wire.Type{wire.TypeControl, wire.TypeEnd}},
+	stPostCopy: {types: []wire.Type{wire.TypeManifest, wire.TypeControl}, kinds: []string{ctlPushed}},
+	stFinished: {types: []wire.Type{wire.TypeControl, wire.TypeEnd}},
+}
+
+// dataState reports whether the data and priority streams may carry
+// pages in state st.
+func dataState(st state) bool {
+	switch st {
+	case stReceiving, stDraining, stVerifying, stArming, stPostCopy, stRecovering, stCompleting:
+		return true
+	}
+	return false
+}
+
+// watched reports whether in state st the destination waits for the
+// source, so that the source's silence means it is gone. In the other
+// states the destination works (preparing, verifying) or the domain runs
+// here and nothing is at stake on the source's side (resumed, finished),
+// or recovery has its own timeout.
+func watched(st state) bool {
+	switch st {
+	case stAwaitHeader, stReceiving, stDraining, stVerifying, stVerified, stArming, stArmed, stPostCopy, stCompleting:
+		return true
+	}
+	return false
+}
+
+func (s *session) setState(st state) { s.st.Store(int32(st)) }
+func (s *session) current() state    { return state(s.st.Load()) }
+
+// allowedOnMain checks a main-connection record against the state table.
+func (s *session) allowedOnMain(rec wire.Record) error {
+	st := s.current()
+	if !mainAllowed[st].typ(rec.Type) {
+		return protocolError("%v record on the main connection in state %s", rec.Type, st)
+	}
+	return nil
+}
+
+// watch fails the session when the source has sent nothing, on any of its
+// connections, for the idle timeout while the destination waits for it.
+// A connection whose reader is busy with what it received (disk reads,
+// installs) counts as active: the silence is then the destination's own.
+func (s *session) watch(ctx context.Context) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.fail(s.r.recovered(p, "watch the source", s.log()...))
+		}
+	}()
+	idle := s.r.idleTimeout()
+	t := time.NewTicker(max(idle/4, 10*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+		if !watched(s.current()) || s.own.Load() > 0 {
+			continue
+		}
+		conns := s.conns()
+		last := int64(0)
+		for _, c := range conns {
+			if c.busy.Load() {
+				last = time.Now().UnixNano()
+				break
+			}
+			last = max(last, c.cc.last.Load())
+		}
+		if silent := time.Since(time.Unix(0, last)); silent > idle {
+			fired := s.current()
+			s.fail(fmt.Errorf("%w: the source sent nothing for %v in state %s", errConnLost, silent.Round(time.Millisecond), fired))
+			// Wake every reader; the connections stay open for the
+			// error sent back on main.
+			for _, c := range conns {
+				_ = c.c.SetReadDeadline(time.Now())
+			}
+			// Post-copy goes on with a recovery (its own timeout), which
+			// moves the state; else the session fails.
+			for s.current() == fired {
+				select {
+				case <-ctx.Done():
+					return
+				case <-s.stop:
+					return
+				case <-t.C:
+				}
+			}
+		}
+	}
+}
+
+// conns lists the session's current connections.
+func (s *session) conns() []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*conn, 0, len(s.data)+2)
+	if s.main != nil {
+		out = append(out, s.main)
+	}
+	for _, c := range s.data {
+		if c != nil {
+			out = append(out, c)
+		}
+	}
+	if s.prio != nil {
+		out = append(out, s.prio)
+	}
+	return out
+}
+
+// targetInfo checks the header against the limits and the grant, before
+// anything is allocated for it, and returns the sender's description of
+// the domain and the one to create here: the grant's, or in anonymous
+// mode the sender's.
+func targetInfo(h wire.Header, grant *Grant, maxPages uint64) (sender, target xenmem.DomainInfo, err error) {
+	if h.NumPages == 0 || h.NumPages > maxPages {
+		return sender, target, protocolError("header claims %d pages; this receiver takes 1..%d", h.NumPages, maxPages)
+	}
+	if grant != nil && h.NumPages*xenmem.PageSize != grant.Domain.MemoryBytes {
+		return sender, target, protocolError("header claims %d pages (%d bytes), the migration was authorised for %d bytes", h.NumPages, h.NumPages*xenmem.PageSize, grant.Domain.MemoryBytes)
+	}
+	if sender, err = decodeInfo(h); err != nil {
+		return sender, target, err
+	}
+	if grant == nil {
+		return sender, sender, nil
+	}
+	if sender.Name != grant.Domain.Name {
+		return sender, target, protocolError("the sender names domain %q, the migration was authorised for %q", sender.Name, grant.Domain.Name)
+	}
+	target = grant.Domain
+	target.Disks = append([]xenmem.Disk(nil), grant.Domain.Disks...)
+	if len(target.Config) == 0 {
+		// The backend's opaque configuration (the sim's workload); the
+		// backend takes disks, memory and vCPUs from target, not from it.
+		target.Config = sender.Config
+	}
+	return sender, target, nil
+}
+
+// diskPaths returns, in the sender's disk order (which references index),
+// this host's path of each disk and whether references may name it. With
+// a grant a disk is the grant's disk of the same ID, and a disk the grant
+// lacks may not be named (its path is never opened); in anonymous mode it
+// is the sender's path, mapped by DiskPath.
+func (s *session) diskPaths(sender xenmem.DomainInfo) ([]string, []bool) {
+	paths := make([]string, len(sender.Disks))
+	ok := make([]bool, len(sender.Disks))
+	for i, d := range sender.Disks {
+		if s.grant == nil {
+			paths[i], ok[i] = d.Path, true
+			if s.r.DiskPath != nil {
+				paths[i] = s.r.DiskPath(sender.Name, d)
+			}
+			continue
+		}
+		for _, g := range s.grant.Domain.Disks {
+			if g.ID != "" && g.ID == d.ID {
+				paths[i], ok[i] = g.Path, true
+				break
+			}
+		}
+	}
+	return paths, ok
+}
+
+// protocolError is a message the protocol does not allow where it came:
+// it fails this migration only.
+func protocolError(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrProtocol, fmt.Sprintf(format, args...))
+}
+
 // flush is a flush marker seen on a data stream of a generation.
 type flush struct {
 	gen   int32
@@ -28,6 +276,21 @@ type session struct {
 	r       *Receiver
 	id      string
 	streams int
+	grant   *Grant // nil in anonymous mode
+
+	// st is the protocol state (see doc.go and mainAllowed); written by
+	// the main loop only, read by the stream readers and the watchdog.
+	st atomic.Int32
+	// own counts the main loop's own work in progress (creating, checking,
+	// resuming the domain): the source is silent then by design.
+	own atomic.Int32
+	// stop is closed when the session ends: readers blocked on the session
+	// give up.
+	stop     chan struct{}
+	stopOnce sync.Once
+	// diskIDs maps the index a reference names (the sender's disk order)
+	// to whether that disk is one the migration may read here.
+	diskOK []bool
 
 	main     *conn
 	mu       sync.Mutex
@@ -64,8 +327,8 @@ type session struct {
 	resumeAt                                       time.Time
 }
 
-func newSession(r *Receiver, hello wire.Control) *session {
-	return &session{r: r, id: hello.MigrationID, streams: hello.Streams,
+func newSession(r *Receiver, hello wire.Control, grant *Grant) *session {
+	return &session{r: r, id: hello.MigrationID, streams: hello.Streams, grant: grant, stop: make(chan struct{}),
 		data: make([]*conn, hello.Streams), attached: make(chan struct{}),
 		flushes: make(chan flush, 4*hello.Streams), errs: make(chan error, 8), recoverCh: make(chan *conn, 1)}
 }
@@ -106,11 +369,20 @@ func (s *session) fail(err error) {
 	}
 }
 
-// run is the destination's phase list for one migration.
+// run is the destination's phase list for one migration. A panic
+// anywhere in it fails this migration only.
 func (s *session) run(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	err := s.receive(ctx)
+	go s.watch(ctx)
+	err := func() (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				err = s.r.recovered(p, "receive a migration", s.log()...)
+			}
+		}()
+		return s.receive(ctx)
+	}()
 	s.cleanup(ctx, err)
 }
 
@@ -118,10 +390,17 @@ func (s *session) run(ctx context.Context) {
 // destroys everything created for it (the source keeps running it); after,
 // the domain stays here and the failure is reported.
 func (s *session) cleanup(ctx context.Context, err error) {
+	discarded := errors.Is(err, ErrDiscarded) // told and reported already
 	if err != nil {
-		_ = s.main.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
+		s.setState(stFailed)
+		if !discarded {
+			_ = s.main.sendControl(ctx, &wire.Control{Kind: ctlError, Message: err.Error()})
+		}
+	} else {
+		s.setState(stDone)
 	}
 	// Stop the readers before the memory they write goes away.
+	s.stopOnce.Do(func() { close(s.stop) })
 	s.closeStreams()
 	s.readers.Wait()
 	if s.lazy != nil && (err == nil || !s.resumed.Load()) {
@@ -136,8 +415,10 @@ func (s *session) cleanup(ctx context.Context, err error) {
 				err = errors.Join(err, fmt.Errorf("destroy the half-received domain: %w", derr))
 			}
 		}
-		s.r.Log.Error(err, "Incoming migration failed", s.log()...)
-		s.r.emit(s.id, Event{Kind: EventFailed, Domain: s.info.Name, Err: err, Stats: s.stats()})
+		if !discarded {
+			s.r.Log.Error(err, "Incoming migration failed", s.log()...)
+			s.r.emit(s.id, Event{Kind: EventFailed, Domain: s.info.Name, Err: err, Stats: s.stats()})
+		}
 	} else {
 		s.r.emit(s.id, Event{Kind: EventDone, Domain: s.info.Name, Stats: s.stats()})
 	}
@@ -174,9 +455,8 @@ func (s *session) sendPrio(ctx context.Context, body []byte) error {
 	return err
 }
 
-// closeStreams closes every connection of the session.
-func (s *session) closeStreams() {
-	s.main.close()
+// closeData closes the data and priority connections.
+func (s *session) closeData() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, c := range s.data {
@@ -189,24 +469,41 @@ func (s *session) closeStreams() {
 	}
 }
 
+// closeStreams closes every connection of the session.
+func (s *session) closeStreams() {
+	s.main.close()
+	s.closeData()
+}
+
 func (s *session) receive(ctx context.Context) error {
 	rec, err := s.main.r.Next()
 	if err != nil {
+		select {
+		case why := <-s.errs: // the watchdog woke the read
+			return why
+		default:
+		}
 		return fmt.Errorf("read header: %w", err)
 	}
-	if rec.Type != wire.TypeHeader {
-		return fmt.Errorf("first record is %v, not a header: %w", rec.Type, wire.ErrMalformed)
+	if err := s.allowedOnMain(rec); err != nil {
+		return err
 	}
 	h, err := wire.ParseHeader(rec.Body)
 	if err != nil {
 		return err
 	}
-	if s.info, err = decodeInfo(h); err != nil {
+	// Every check on what the header claims comes before anything is
+	// allocated for it.
+	sender, info, err := targetInfo(h, s.grant, s.r.maxPages())
+	if err != nil {
 		return err
 	}
-	if err := s.prepare(ctx, h); err != nil {
+	s.info = info
+	s.setState(stPreparing)
+	if err := s.prepare(ctx, h, sender); err != nil {
 		return err
 	}
+	s.setState(stReceiving)
 	select {
 	case <-s.attached:
 	case <-time.After(handshakeTimeout):
@@ -218,22 +515,20 @@ func (s *session) receive(ctx context.Context) error {
 	return s.readMain(ctx)
 }
 
-// prepare creates the paused target domain and the per-page state.
-func (s *session) prepare(ctx context.Context, h wire.Header) error {
+// prepare creates the paused target domain and the per-page state. sender
+// is the domain as the sender's header describes it: its disk order is
+// what references index.
+func (s *session) prepare(ctx context.Context, h wire.Header, sender xenmem.DomainInfo) error {
 	n := h.NumPages
 	s.numPages = n
 	s.have, s.pendFB = xenmem.NewBitmap(n), xenmem.NewBitmap(n)
 	s.hashes, s.manifest = make([]dedup.Hash, n), make([]dedup.Hash, n)
-	if len(s.info.Disks) > 0 {
-		paths := make([]string, len(s.info.Disks))
-		for i, d := range s.info.Disks {
-			paths[i] = d.Path
-			if s.r.DiskPath != nil {
-				paths[i] = s.r.DiskPath(s.info.Name, d)
-			}
-		}
+	if paths, ok := s.diskPaths(sender); len(paths) > 0 {
+		s.diskOK = ok
 		s.resolver = dedup.OpenResolver(paths, 4)
 	}
+	s.own.Add(1)
+	defer s.own.Add(-1)
 	dom, err := s.r.Host.CreateTarget(ctx, s.info)
 	if err != nil {
 		return fmt.Errorf("create target domain %s: %w", s.info.Name, err)
@@ -254,6 +549,7 @@ func (s *session) readMain(ctx context.Context) error {
 		// Post-copy and the link broke: the domain runs here, vCPUs that
 		// touch missing pages wait; the source reconnects and resumes the
 		// push from what we have.
+		s.setState(stRecovering)
 		s.r.Log.Info("Lost the source during post-copy; waiting for it to reconnect", append(s.log(), "error", err.Error(), "timeout", s.r.recoveryTimeout())...)
 		s.r.emit(s.id, Event{Kind: EventRecovering, Domain: s.info.Name, Err: err})
 		if rerr := s.awaitRecovery(ctx); rerr != nil {
@@ -261,12 +557,17 @@ func (s *session) readMain(ctx context.Context) error {
 				return fmt.Errorf("post-copy recovery failed: %w (connection lost: %v)", rerr, err)
 			}
 			// The source is gone: finish from its mirror on shared storage.
-			if derr := s.finishFromMirror(); derr != nil {
+			s.own.Add(1)
+			derr := s.finishFromMirror()
+			s.own.Add(-1)
+			if derr != nil {
 				return fmt.Errorf("post-copy recovery failed: %w; durable mirror: %w (connection lost: %v)", rerr, derr, err)
 			}
 			return nil
 		}
 		s.r.Log.Info("Source reconnected; post-copy continues", s.log()...)
+		// The reconnected source pushes what is missing and sends the
+		// manifest and "pushed" again, whatever it had sent before.
 	}
 }
 
@@ -278,6 +579,11 @@ func (s *session) followMain(ctx context.Context, main *conn) error {
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				rerr <- s.r.recovered(p, "read the main connection", s.log()...)
+			}
+		}()
 		for {
 			rec, err := main.r.Next()
 			if err != nil {
@@ -301,6 +607,11 @@ func (s *session) followMain(ctx context.Context, main *conn) error {
 		select {
 		case rec = <-recs:
 		case err := <-rerr:
+			select {
+			case why := <-s.errs: // e.g. the watchdog, which closed it
+				return why
+			default:
+			}
 			return fmt.Errorf("main connection: %w: %w", errConnLost, err)
 		case err := <-s.errs:
 			return err
@@ -311,7 +622,11 @@ func (s *session) followMain(ctx context.Context, main *conn) error {
 		if err != nil || done {
 			return err
 		}
-		next <- struct{}{}
+		select {
+		case next <- struct{}{}:
+		case err := <-rerr:
+			return fmt.Errorf("main connection: %w: %w", errConnLost, err)
+		}
 	}
 }
 
@@ -412,7 +727,9 @@ func (s *session) awaitRecovery(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+	s.mu.Lock()
 	s.main = c
+	s.mu.Unlock()
 	// Drop errors of the broken generation.
 	for len(s.errs) > 0 {
 		<-s.errs
@@ -434,6 +751,7 @@ func (s *session) awaitRecovery(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+	s.setState(stPostCopy)
 	s.startReaders(ctx)
 	// Demand requests in flight died with the old priority connection.
 	if again := s.tracker.Rerequest(nil); len(again) > 0 {
@@ -448,32 +766,44 @@ func (s *session) awaitRecovery(ctx context.Context) error {
 }
 
 func (s *session) onMain(ctx context.Context, rec wire.Record) (done bool, err error) {
+	if err := s.allowedOnMain(rec); err != nil {
+		return false, err
+	}
 	switch rec.Type {
 	case wire.TypeState:
 		s.state = append(s.state[:0], rec.Body...)
 	case wire.TypeManifest:
-		first, hs, err := wire.ParseManifestInto(rec.Body, s.mbuf[:0])
+		first, count, err := wire.ManifestRange(rec.Body)
+		if err != nil {
+			return false, err
+		}
+		if first > s.numPages || uint64(count) > s.numPages-first {
+			return false, protocolError("manifest for pfns %d+%d beyond %d pages", first, count, s.numPages)
+		}
+		_, hs, err := wire.ParseManifestInto(rec.Body, s.mbuf[:0])
 		if err != nil {
 			return false, err
 		}
 		s.mbuf = hs
-		if first+uint64(len(hs)) > s.numPages {
-			return false, fmt.Errorf("manifest for pfns %d+%d beyond %d pages: %w", first, len(hs), s.numPages, wire.ErrMalformed)
-		}
 		for i, h := range hs {
 			s.manifest[first+uint64(i)] = h
 		}
 	case wire.TypeBitmap:
-		first, nbits, words, err := wire.ParseBitmap(rec.Body)
+		// The missing-page bitmap covers the whole domain: its size is
+		// known before it is parsed.
+		if want := wire.BitmapSize(s.numPages); len(rec.Body) != want {
+			return false, protocolError("missing-page bitmap of %d bytes, want %d for %d pages", len(rec.Body), want, s.numPages)
+		}
+		first, nbits, words, err := wire.ParseBitmapInto(rec.Body, s.missing[:0])
 		if err != nil {
 			return false, err
 		}
 		if first != 0 || nbits != s.numPages {
-			return false, fmt.Errorf("missing-page bitmap covers %d+%d, want 0+%d: %w", first, nbits, s.numPages, wire.ErrMalformed)
+			return false, protocolError("missing-page bitmap covers %d+%d, want 0+%d", first, nbits, s.numPages)
 		}
 		// Pages to come after the switch; applied once every data stream
 		// has delivered what it carried before the switch.
-		s.missing = append(s.missing[:0], words...)
+		s.missing = words
 	case wire.TypeControl:
 		m, err := wire.ParseControl(rec.Body)
 		if err != nil {
@@ -482,13 +812,15 @@ func (s *session) onMain(ctx context.Context, rec wire.Record) (done bool, err e
 		return s.onControl(ctx, m)
 	case wire.TypeEnd:
 		return true, nil
-	default:
-		return false, fmt.Errorf("unexpected %v record on the main connection: %w", rec.Type, wire.ErrMalformed)
 	}
 	return false, nil
 }
 
 func (s *session) onControl(ctx context.Context, m wire.Control) (bool, error) {
+	st := s.current()
+	if !mainAllowed[st].kind(m.Kind) {
+		return false, protocolError("control %q on the main connection in state %s", m.Kind, st)
+	}
 	switch m.Kind {
 	case ctlError:
 		return false, remoteError(m)
@@ -496,20 +828,37 @@ func (s *session) onControl(ctx context.Context, m wire.Control) (bool, error) {
 		// Everything the source sent so far (pages, references to resolve
 		// from disk, fallbacks) is installed before the source pauses the
 		// domain, so the downtime does not wait for that backlog.
+		s.setState(stDraining)
 		if err := s.waitFlushes(ctx, ctlDrain, 5*time.Minute); err != nil {
 			return false, err
 		}
+		s.setState(stReceiving)
 		return false, s.main.sendControl(ctx, &wire.Control{Kind: ctlDrained})
 	case ctlComplete:
-		return false, s.finishStopAndCopy(ctx)
+		s.setState(stVerifying)
+		if err := s.finishStopAndCopy(ctx); err != nil {
+			return false, err
+		}
+		s.setState(stVerified)
+		return false, nil
 	case ctlPostCopy:
-		return false, s.startPostCopy(ctx)
+		s.setState(stArming)
+		if err := s.startPostCopy(ctx); err != nil {
+			return false, err
+		}
+		s.setState(stArmed)
+		return false, nil
 	case ctlGo:
-		return false, s.resume(ctx)
+		return false, s.resume(ctx, st == stArmed)
 	case ctlPushed:
-		return false, s.finishPostCopy(ctx)
+		s.setState(stCompleting)
+		if err := s.finishPostCopy(ctx); err != nil {
+			return false, err
+		}
+		s.setState(stFinished)
+		return false, nil
 	}
-	return false, fmt.Errorf("unexpected control %q: %w", m.Kind, wire.ErrMalformed)
+	return false, protocolError("control %q on the main connection in state %s", m.Kind, st)
 }
 
 // waitFlushes waits for the flush marker of a phase on every data stream,
@@ -570,6 +919,8 @@ func (s *session) finishStopAndCopy(ctx context.Context) error {
 	if err := s.waitFlushes(ctx, ctlComplete, 5*time.Minute); err != nil {
 		return err
 	}
+	s.own.Add(1)
+	defer s.own.Add(-1)
 	if err := s.verify(); err != nil {
 		return err
 	}
@@ -588,8 +939,10 @@ func (s *session) startPostCopy(ctx context.Context) error {
 	}
 	tFlushed := time.Now()
 	if uint64(len(s.missing)) != (s.numPages+63)/64 {
-		return fmt.Errorf("post-copy without the missing-page bitmap: %w", wire.ErrMalformed)
+		return protocolError("post-copy without the missing-page bitmap")
 	}
+	s.own.Add(1)
+	defer s.own.Add(-1)
 	// Pages to come after the switch: drop what we have of them (a stale copy).
 	for w, word := range s.missing {
 		atomicAndNot(&s.have.Words()[w], word)
@@ -608,6 +961,11 @@ func (s *session) startPostCopy(ctx context.Context) error {
 	}
 	s.r.Log.V(2).Info("Post-copy armed", append(s.log(), "flushMs", tFlushed.Sub(t0).Milliseconds(), "armMs", time.Since(tFlushed).Milliseconds())...)
 	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				s.fail(s.r.recovered(p, "serve post-copy faults", s.log()...))
+			}
+		}()
 		var buf []byte
 		err := s.tracker.Serve(ctx, lazy.Faults(), func(pfns []uint64) error {
 			buf = wire.MarshalRequest(buf[:0], wire.ReasonDemand, pfns)
@@ -621,8 +979,18 @@ func (s *session) startPostCopy(ctx context.Context) error {
 }
 
 // resume runs the domain here. After this the source never resumes it.
-func (s *session) resume(ctx context.Context) error {
-	if err := s.dom.Resume(); err != nil {
+// The state moves first: the push and the demand answers that follow the
+// resume are welcome from its first fault on.
+func (s *session) resume(ctx context.Context, postCopy bool) error {
+	if postCopy {
+		s.setState(stPostCopy)
+	} else {
+		s.setState(stResumed)
+	}
+	s.own.Add(1)
+	err := s.dom.Resume()
+	s.own.Add(-1)
+	if err != nil {
 		return fmt.Errorf("resume the domain: %w", err)
 	}
 	s.resumed.Store(true)
@@ -667,15 +1035,50 @@ func (s *session) finishPostCopy(ctx context.Context) error {
 		}
 	}
 	verr := s.verify()
-	st := s.wireStats(verr == nil)
+	if verr != nil {
+		return s.discard(ctx, verr)
+	}
+	st := s.wireStats(true)
 	if d := time.Since(s.resumeAt).Seconds(); d > 0 {
 		st.OpsPerSec = float64(s.dom.Ops()-s.resumeOps) / d
 	}
 	_ = s.lazy.Close()
-	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlDone, Data: mustJSON(st)}); err != nil {
-		return err
+	return s.main.sendControl(ctx, &wire.Control{Kind: ctlDone, Data: mustJSON(st)})
+}
+
+// discard destroys a domain that resumed here but whose memory is not the
+// source's (contract C2): it never runs here again, and the source, told
+// "discarded", may resume its paused copy. The session then ends as failed
+// with nothing left here.
+func (s *session) discard(ctx context.Context, why error) error {
+	s.own.Add(1)
+	defer s.own.Add(-1)
+	s.setState(stFailed)
+	// Destroying stops the vCPUs (a paused domain is destroyed the same
+	// way); the readers stop before the lazy memory they install into
+	// goes away.
+	derr := s.dom.Destroy()
+	if derr != nil {
+		// Not destroyed: it may still run here, so the source must not
+		// resume its copy. Report the failure without the verdict.
+		return fmt.Errorf("%w; destroying the domain here failed, so the source must keep its copy paused: %w", why, derr)
 	}
-	return verr
+	s.resumed.Store(false) // nothing runs here any more: cleanup destroys what is left
+	s.stopOnce.Do(func() { close(s.stop) })
+	s.closeData()
+	s.readers.Wait()
+	if s.lazy != nil {
+		_ = s.lazy.Close()
+		s.lazy = nil
+	}
+	err := fmt.Errorf("%w: %w; the domain was destroyed here and the source was told it may resume its copy", ErrDiscarded, why)
+	s.r.Log.Error(err, "Discarded an incoming domain that resumed here", s.log()...)
+	s.r.emit(s.id, Event{Kind: EventDiscarded, Domain: s.info.Name, Err: err, Stats: s.stats()})
+	st := s.wireStats(false)
+	if serr := s.main.sendControl(ctx, &wire.Control{Kind: ctlDiscarded, Message: why.Error(), Data: mustJSON(st)}); serr != nil {
+		return fmt.Errorf("%w (telling the source failed: %w)", err, serr)
+	}
+	return err
 }
 
 func (s *session) wireStats(verified bool) dstStats {
@@ -713,7 +1116,15 @@ func (s *session) startReaders(ctx context.Context) {
 // stream) carries, in stream order.
 func (s *session) readData(ctx context.Context, idx int, c *conn, gen int32) {
 	rd := &installer{s: s, c: c, prio: idx < 0, gen: gen}
-	if err := rd.loop(ctx); err != nil && ctx.Err() == nil && s.gen.Load() == gen {
+	err := func() (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				err = s.r.recovered(p, "read a data stream", append(s.log(), "stream", idx)...)
+			}
+		}()
+		return rd.loop(ctx)
+	}()
+	if err != nil && ctx.Err() == nil && s.gen.Load() == gen {
 		s.fail(fmt.Errorf("stream %d: %w", idx, err))
 	}
 }
@@ -734,14 +1145,52 @@ type installer struct {
 	req    []byte
 	rr     *refResolver // data streams during post-copy
 	exists []bool
+	// marker is the last flush marker this stream carried: after
+	// "complete", and after "postcopy" until the domain runs here, a
+	// stream may carry only the pages the destination asked for (answers
+	// to fallback requests: restrict).
+	marker   string
+	restrict bool
+}
+
+// dataAllowed checks a page-carrying record against the session's state
+// and the stream's last marker, and sets in.restrict for the record.
+func (in *installer) dataAllowed(t wire.Type) error {
+	st := in.s.current()
+	if !dataState(st) {
+		return protocolError("%v record on a data stream in state %s", t, st)
+	}
+	in.restrict = in.marker == ctlComplete ||
+		in.marker == ctlPostCopy && st != stPostCopy && st != stCompleting && st != stRecovering
+	return nil
+}
+
+// asked checks, for a record after a restricting marker, that the
+// destination asked for pfn.
+func (in *installer) asked(pfn uint64) error {
+	if in.restrict && (pfn >= in.s.numPages || !atest(in.s.pendFB, pfn)) {
+		return protocolError("page %d on a data stream after its %q marker, not asked for", pfn, in.marker)
+	}
+	return nil
 }
 
 func (in *installer) loop(ctx context.Context) error {
 	defer in.stopResolver()
+	defer in.c.busy.Store(false)
 	for {
+		in.c.busy.Store(false)
 		rec, err := in.c.r.Next()
 		if err != nil {
 			return fmt.Errorf("%w: %w", errConnLost, err)
+		}
+		in.c.busy.Store(true)
+		switch rec.Type {
+		case wire.TypePages, wire.TypeZeroPages, wire.TypeDiskRefs:
+			if err := in.dataAllowed(rec.Type); err != nil {
+				return err
+			}
+		default:
+			in.restrict = false
 		}
 		switch rec.Type {
 		case wire.TypePages:
@@ -763,17 +1212,37 @@ func (in *installer) loop(ctx context.Context) error {
 			var m wire.Control
 			if m, err = wire.ParseControl(rec.Body); err == nil {
 				if m.Kind != ctlFlush {
-					return fmt.Errorf("unexpected control %q on a data stream: %w", m.Kind, wire.ErrMalformed)
+					return protocolError("control %q on a data stream", m.Kind)
+				}
+				switch m.Message {
+				case ctlDrain, ctlComplete, ctlPostCopy, ctlPushed:
+				default:
+					return protocolError("flush marker for unknown phase %q", m.Message)
+				}
+				if in.marker == ctlComplete {
+					return protocolError("flush marker %q after the stream's %q marker", m.Message, in.marker)
 				}
 				if err = in.settle(); err != nil {
 					break
 				}
-				in.s.flushes <- flush{gen: in.gen, phase: m.Message}
+				in.marker = m.Message
+				// The main loop takes markers only while it waits for
+				// them: a source that sends more blocks here, until the
+				// session ends. Blocked here the reader waits on the
+				// source, not on its own work (the watchdog's view).
+				in.c.busy.Store(false)
+				select {
+				case in.s.flushes <- flush{gen: in.gen, phase: m.Message}:
+				case <-in.s.stop:
+					return nil
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 			}
 		case wire.TypeEnd:
 			return in.settle()
 		default:
-			return fmt.Errorf("unexpected %v record on a data stream: %w", rec.Type, wire.ErrMalformed)
+			return protocolError("%v record on a data stream", rec.Type)
 		}
 		if err != nil {
 			return err
@@ -813,7 +1282,10 @@ func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Has
 	s := in.s
 	for _, p := range pfns {
 		if p >= s.numPages {
-			return fmt.Errorf("page %d beyond %d pages: %w", p, s.numPages, wire.ErrMalformed)
+			return protocolError("page %d beyond %d pages", p, s.numPages)
+		}
+		if err := in.asked(p); err != nil {
+			return err
 		}
 	}
 	lazy := s.lazyOn.Load()
@@ -865,7 +1337,10 @@ func (in *installer) installBatch(pfns []uint64, data []byte, hashes []dedup.Has
 func (in *installer) writeZero(pfn uint64) error {
 	s := in.s
 	if pfn >= s.numPages {
-		return fmt.Errorf("zero page %d beyond %d pages: %w", pfn, s.numPages, wire.ErrMalformed)
+		return protocolError("zero page %d beyond %d pages", pfn, s.numPages)
+	}
+	if err := in.asked(pfn); err != nil {
+		return err
 	}
 	if s.hashes[pfn] != zeroHash && s.hashes[pfn] != (dedup.Hash{}) {
 		if err := s.dom.WritePages([]uint64{pfn}, zeroPage); err != nil {
@@ -910,7 +1385,16 @@ func (in *installer) diskRefs(ctx context.Context, body []byte) error {
 	}
 	for _, r := range refs {
 		if r.PFN >= s.numPages {
-			return fmt.Errorf("disk reference for page %d beyond %d pages: %w", r.PFN, s.numPages, wire.ErrMalformed)
+			return protocolError("disk reference for page %d beyond %d pages", r.PFN, s.numPages)
+		}
+		if err := in.asked(r.PFN); err != nil {
+			return err
+		}
+		// Only the domain's own disks may be read, and only those the
+		// grant gives: a reference to any other is refused before any
+		// disk is touched.
+		if int(r.Disk) >= len(s.diskOK) || !s.diskOK[r.Disk] {
+			return fmt.Errorf("%w: %w", protocolError("disk reference for page %d names disk %d, not one of the domain's %d granted disks", r.PFN, r.Disk, countTrue(s.diskOK)), dedup.ErrOutOfBounds)
 		}
 	}
 	if !in.prio && s.lazyOn.Load() && !in.awaited(refs) {
@@ -989,13 +1473,23 @@ func (rr *refResolver) run(ctx context.Context) {
 	defer close(rr.done)
 	for refs := range rr.jobs {
 		if rr.failed() == nil {
-			if err := rr.in.resolveRefs(ctx, refs); err != nil {
+			if err := rr.resolve(ctx, refs); err != nil {
 				rr.err.Store(&err)
 			}
 		}
 		rr.free <- refs
 		rr.busy.Done()
 	}
+}
+
+// resolve resolves one batch; a panic fails the stream, not the agent.
+func (rr *refResolver) resolve(ctx context.Context, refs []wire.DiskRef) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = rr.in.s.r.recovered(p, "resolve disk references", rr.in.s.log()...)
+		}
+	}()
+	return rr.in.resolveRefs(ctx, refs)
 }
 
 // settle waits until every queued batch is resolved (before a flush marker
@@ -1050,7 +1544,7 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 		}
 	}
 	if protoErr != nil && !s.resumed.Load() {
-		return protoErr
+		return fmt.Errorf("%w: %w", ErrProtocol, protoErr)
 	}
 	// The resolved pages go in as one batch: compact them to the front of
 	// tmp (in place; nothing moves unless a ref failed).
@@ -1096,3 +1590,13 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 }
 
 func atomicAndNot(w *uint64, mask uint64) { atomic.AndUint64(w, ^mask) }
+
+func countTrue(b []bool) int {
+	n := 0
+	for _, x := range b {
+		if x {
+			n++
+		}
+	}
+	return n
+}

@@ -26,6 +26,11 @@ type Hooks struct {
 	// Disks are the indexes of the domain's disks for +dedup strategies
 	// (nil: no dedup even if the strategy asks for it).
 	Disks *dedup.Catalog
+	// Committed, if set, is called once, synchronously, when the domain
+	// was committed (dom.Commit) and just before "go" is sent: from then on
+	// cancelling the migration no longer brings the domain back here. It
+	// must return quickly (the domain is paused meanwhile).
+	Committed func()
 }
 
 // Defaults.
@@ -86,9 +91,16 @@ type source struct {
 	frozen atomic.Bool
 	// batchMax caps the full pages of a background batch (wire.MaxBatchPages
 	// but during an inline-demand post-copy).
-	batchMax   atomic.Int64
-	prepared   bool // the destination created the target domain
-	committed  bool // "go" sent: the source must never resume the domain
+	batchMax atomic.Int64
+	prepared bool // the destination created the target domain
+	// committed: dom.Commit succeeded and "go" may have left: the source
+	// must never resume the domain but on the destination's "discarded".
+	committed atomic.Bool
+	// discarded: the destination said it destroyed its copy after go.
+	discarded atomic.Bool
+	// verified: the destination's statistics said every page matched the
+	// manifest (stop-and-copy "ready", post-copy "done"); release needs it.
+	verified   bool
 	pausedAt   time.Time
 	resumedAt  time.Time
 	history    []RoundStats
@@ -98,10 +110,22 @@ type source struct {
 	dst        dstStats
 }
 
+// ErrCommittedFailure is wrapped by the error of a migration that failed
+// after the point of no return without a verdict from the destination:
+// the domain stays paused on the source, never resumed by the engine, and
+// it is not released.
+var ErrCommittedFailure = errors.New("engine: failed after the destination was told to run the domain")
+
 // Migrate moves dom to the receiver at addr. It owns dom's life cycle for
 // the migration: on success the source domain is released; on any failure
-// before the destination runs the domain, the domain keeps (or resumes)
-// running here. The caller closes dom afterwards.
+// before the destination is told to run the domain ("go", preceded by
+// dom.Commit), the domain keeps (or resumes) running here. After that
+// point a failure leaves it paused here and returns an error wrapping
+// ErrCommittedFailure, unless the destination discarded its copy (then
+// the domain is reclaimed here and the error wraps ErrDiscarded). The
+// source releases the domain only when the destination verified every
+// page. The caller closes dom afterwards; Close never resumes a committed
+// domain.
 func Migrate(ctx context.Context, dom xenmem.SourceDomain, addr string, opts Options, hooks Hooks) (res Result, err error) {
 	s, err := newSource(dom, addr, opts, hooks)
 	if err != nil {
@@ -176,8 +200,31 @@ func (s *source) cleanup(errp *error) {
 	if *errp == nil {
 		return
 	}
-	if s.committed {
-		s.log.Error(*errp, "Migration failed after the switch-over; the source keeps the domain paused and never resumes it", "domain", s.dom.Info().Name)
+	if s.committed.Load() {
+		name := s.dom.Info().Name
+		if s.discarded.Load() || errors.Is(*errp, ErrDiscarded) {
+			// The destination destroyed its copy and says it never runs
+			// it: the paused domain here is the only one.
+			if err := s.dom.Reclaim("the destination discarded the domain after go: " + (*errp).Error()); err != nil {
+				*errp = fmt.Errorf("%w; reclaiming it here failed, it stays paused on the source: %w", *errp, err)
+				return
+			}
+			s.paused = false
+			if !errors.Is(*errp, ErrDiscarded) {
+				*errp = fmt.Errorf("%w: %w", ErrDiscarded, *errp)
+			}
+			s.log.Info("The destination discarded the domain; it runs on the source again", "domain", name, "error", (*errp).Error())
+			return
+		}
+		if errors.Is(*errp, errUnverified) {
+			*errp = fmt.Errorf("%w: %w; the domain %s stays paused on the source, the only verified copy: do not release it",
+				ErrCommittedFailure, *errp, name)
+		} else {
+			*errp = fmt.Errorf("%w: %w; the domain %s stays paused on the source and is not released: "+
+				"if it runs at the destination with verified memory, release it here; if the destination destroyed it or never resumed it, reclaim it here",
+				ErrCommittedFailure, *errp, name)
+		}
+		s.log.Error(*errp, "Migration failed after the switch-over; the source keeps the domain paused and never resumes it", "domain", name)
 		if s.mirrorDone != nil {
 			if err := <-s.mirrorDone; err != nil {
 				s.log.Error(err, "Durable post-copy mirror failed", "domain", s.dom.Info().Name)
@@ -227,13 +274,13 @@ func (s *source) connect(ctx context.Context) error {
 		f()
 		s.connMu.Unlock()
 	}
-	main, err := dialStream(ctx, s.addr, s.lim, hello(roleMain, 0))
+	main, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(roleMain, 0))
 	if err != nil {
 		return err
 	}
 	add(func() { s.main = main })
 	for i := range s.streams {
-		c, err := dialStream(ctx, s.addr, s.lim, hello(roleData, i))
+		c, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(roleData, i))
 		if err != nil {
 			return err
 		}
@@ -244,7 +291,7 @@ func (s *source) connect(ctx context.Context) error {
 		}
 		add(func() { s.senders = append(s.senders, sd) })
 	}
-	prio, err := dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0))
+	prio, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(rolePrio, 0))
 	if err != nil {
 		return err
 	}
@@ -303,6 +350,9 @@ func (s *source) waitControl(ctx context.Context, kind string, timeout time.Dura
 			if m.Kind == ctlError {
 				return m, remoteError(m)
 			}
+			if m.Kind == ctlDiscarded {
+				return m, discardedError(m)
+			}
 			if m.Kind == kind {
 				return m, nil
 			}
@@ -339,8 +389,16 @@ func (s *source) readMain(main *conn, gen int32) {
 				fail(err)
 				return
 			}
-			if m.Kind == ctlError {
+			switch m.Kind {
+			case ctlError:
 				s.remoteErr.Store(remoteError(m))
+			case ctlDiscarded:
+				// Kept apart from the queue too: whichever step fails
+				// next (a push, a reconnect) must not outlive it.
+				if s.committed.Load() {
+					s.discarded.Store(true)
+				}
+				s.remoteErr.Store(discardedError(m))
 			}
 			s.ctl <- m
 		case wire.TypeRequest:
@@ -654,15 +712,30 @@ func (s *source) stopAndCopy(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("destination did not confirm the memory: %w", err)
 	}
-	s.readStats(m)
+	// Not committed yet: a destination that did not verify every page
+	// is never told to run the domain, which resumes here.
+	if err := s.readVerified(m); err != nil {
+		return fmt.Errorf("destination answered ready without verified memory, so it was not told to run the domain: %w", err)
+	}
 	return s.commit(ctx)
 }
 
 // commit tells the destination to run the domain and waits until it does.
-// From the "go" on the source never resumes the domain: if the answer is
-// lost it stays paused for an operator to decide, never runs twice.
+// dom.Commit comes first: from the "go" on the source never resumes the
+// domain, whatever path closes it; if the answer is lost it stays paused
+// for a verdict (the destination's "discarded", or an operator's from
+// observed facts), never runs twice.
 func (s *source) commit(ctx context.Context) error {
-	s.committed = true
+	if err := ctx.Err(); err != nil {
+		return err // cancelled before the point of no return: resume here
+	}
+	if err := s.dom.Commit(); err != nil {
+		return fmt.Errorf("commit the domain before go: %w", err)
+	}
+	s.committed.Store(true)
+	if s.hooks.Committed != nil {
+		s.hooks.Committed()
+	}
 	if err := s.main.sendControl(ctx, &wire.Control{Kind: ctlGo}); err != nil {
 		return err
 	}
@@ -681,6 +754,48 @@ func (s *source) readStats(m wire.Control) {
 			s.log.Error(err, "Ignored malformed destination statistics")
 		}
 	}
+}
+
+// readVerified reads the statistics of a stop-and-copy "ready" or a
+// post-copy "done" and fails unless they say that every page matched the
+// manifest: only such an answer lets the source release the domain.
+func (s *source) readVerified(m wire.Control) error {
+	var st dstStats
+	if len(m.Data) == 0 {
+		return fmt.Errorf("%q carried no statistics", m.Kind)
+	}
+	if err := json.Unmarshal(m.Data, &st); err != nil {
+		return fmt.Errorf("%q statistics: %w: %w", m.Kind, err, wire.ErrMalformed)
+	}
+	s.dst = st
+	if !st.Verified {
+		if st.Mismatches > 0 {
+			return fmt.Errorf("%w: %q says %d pages do not match the manifest", errUnverified, m.Kind, st.Mismatches)
+		}
+		return fmt.Errorf("%w: %q does not say that every page matched the manifest", errUnverified, m.Kind)
+	}
+	s.verified = true
+	return nil
+}
+
+// errUnverified marks a destination answer that did not verify the memory.
+var errUnverified = errors.New("memory not verified at the destination")
+
+// discardedError is the error of a "discarded" from the destination.
+func discardedError(m wire.Control) error {
+	if m.Message == "" {
+		return fmt.Errorf("%w: %w", ErrRemote, ErrDiscarded)
+	}
+	return fmt.Errorf("%w: %w: %s", ErrRemote, ErrDiscarded, m.Message)
+}
+
+// dial opens one connection to the destination: Options.Dial, or plain TCP.
+func (s *source) dial(ctx context.Context, addr string) (net.Conn, error) {
+	if s.opts.Dial != nil {
+		return s.opts.Dial(ctx, addr)
+	}
+	d := net.Dialer{Timeout: 10 * time.Second}
+	return d.DialContext(ctx, "tcp", addr)
 }
 
 func (s *source) sendState(ctx context.Context) error {
@@ -750,6 +865,11 @@ func (s *source) postcopy(ctx context.Context) error {
 		if ctx.Err() != nil || !errors.Is(err, errConnLost) || errors.Is(err, ErrRemote) {
 			return err
 		}
+		if s.discarded.Load() {
+			// The destination destroyed its copy and closed the link:
+			// nothing to reconnect to.
+			return fmt.Errorf("%w: %w", ErrDiscarded, err)
+		}
 		if deadline.IsZero() {
 			deadline = time.Now().Add(s.recoveryTimeout())
 		}
@@ -811,9 +931,22 @@ func (s *source) pushRest(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("post-copy did not complete: %w", err)
 	}
-	s.readStats(m)
+	if err := s.readVerified(m); err != nil {
+		// The destination runs a copy that does not match: the paused one
+		// here is the only good copy. A destination that destroys its
+		// copy says so next ("discarded"); wait a moment for it.
+		if _, werr := s.waitControl(ctx, ctlDiscarded, discardGrace); errors.Is(werr, ErrDiscarded) {
+			return werr
+		}
+		return fmt.Errorf("%w: the destination runs a copy whose memory does not match the source's: "+
+			"stop and destroy it there, then reclaim the paused domain here", err)
+	}
 	return nil
 }
+
+// discardGrace is how long a source that got an unverified "done" waits
+// for the destination's "discarded" before it gives up on a verdict.
+const discardGrace = 5 * time.Second
 
 // servePrio answers demand and fallback requests on the priority
 // connection, ahead of every background page.
@@ -1006,7 +1139,7 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 			return fmt.Errorf("the destination stayed unreachable for %v", s.recoveryTimeout())
 		}
 		err := func() error {
-			main, err := dialStream(ctx, s.addr, s.lim, hello(roleRecover, 0))
+			main, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(roleRecover, 0))
 			if err != nil {
 				return err
 			}
@@ -1037,12 +1170,12 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 			}
 			data := make([]*conn, s.streams)
 			for i := range s.streams {
-				if data[i], err = dialStream(ctx, s.addr, s.lim, hello(roleData, i)); err != nil {
+				if data[i], err = dialStream(ctx, s.dial, s.addr, s.lim, hello(roleData, i)); err != nil {
 					return err
 				}
 				conns = append(conns, data[i])
 			}
-			prio, err := dialStream(ctx, s.addr, s.lim, hello(rolePrio, 0))
+			prio, err := dialStream(ctx, s.dial, s.addr, s.lim, hello(rolePrio, 0))
 			if err != nil {
 				return err
 			}
@@ -1089,6 +1222,9 @@ func (s *source) reconnect(ctx context.Context, deadline time.Time) error {
 // release destroys the source domain once the destination runs it and, for
 // post-copy, has every page.
 func (s *source) release(ctx context.Context) error {
+	if !s.verified {
+		return errors.New("the destination never said that every page matched the manifest; the source does not release the domain")
+	}
 	s.finishMirror()
 	if err := s.dom.Release(); err != nil {
 		return fmt.Errorf("release the source domain: %w", err)
@@ -1186,7 +1322,7 @@ func (s *source) progress(rate float64) Progress {
 			s.percent = p
 		}
 	}
-	return Progress{Phase: ph, Round: int(s.round.Load()), WireBytes: s.wireBytes(), RemainingBytes: int64(rem) * xenmem.PageSize,
+	return Progress{Phase: ph, Committed: s.committed.Load(), Round: int(s.round.Load()), WireBytes: s.wireBytes(), RemainingBytes: int64(rem) * xenmem.PageSize,
 		DirtyRateBytesPerSec: float64(s.dirtyRate.Load()), WireBytesPerSec: rate, Percent: s.percent,
 		Pages: PageCounts{Total: s.numPages, Full: s.cnt.full.Load(), Zero: s.cnt.zero.Load(), Disk: s.cnt.disk.Load(), Resent: s.cnt.resent.Load(), Demand: s.cnt.demand.Load()}}
 }

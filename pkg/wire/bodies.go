@@ -159,6 +159,9 @@ func ParsePFNs(b []byte, pfns []uint64) ([]uint64, error) {
 	if res := le.Uint32(b[4:]); res != 0 {
 		return pfns[:0], fmt.Errorf("pfn list reserved field %#x: %w", res, ErrMalformed)
 	}
+	if count > MaxBatchPages {
+		return pfns[:0], fmt.Errorf("pfn list of %d entries (max %d): %w", count, MaxBatchPages, ErrMalformed)
+	}
 	if uint64(len(b)-8) != 8*uint64(count) {
 		return pfns[:0], fmt.Errorf("pfn list of %d entries in a %d-byte body: %w", count, len(b), ErrMalformed)
 	}
@@ -202,6 +205,9 @@ func ParseDiskRefs(b []byte, refs []DiskRef) ([]DiskRef, error) {
 	if res := le.Uint32(b[4:]); res != 0 {
 		return refs, fmt.Errorf("disk refs reserved field %#x: %w", res, ErrMalformed)
 	}
+	if count > MaxBatchPages {
+		return refs, fmt.Errorf("%d disk refs in one record (max %d): %w", count, MaxBatchPages, ErrMalformed)
+	}
 	if uint64(len(b)-8) != diskRefSize*uint64(count) {
 		return refs, fmt.Errorf("%d disk refs in a %d-byte body: %w", count, len(b), ErrMalformed)
 	}
@@ -214,6 +220,23 @@ func ParseDiskRefs(b []byte, refs []DiskRef) ([]DiskRef, error) {
 		refs = append(refs, r)
 	}
 	return refs, nil
+}
+
+// MaxManifestHashes is the most hashes one MANIFEST record may carry.
+const MaxManifestHashes = 1 << 16
+
+// ManifestRange returns the pfn range a MANIFEST body covers without
+// decoding (or allocating for) its hashes, so that a receiver can check
+// the range first. ParseManifestInto checks the rest.
+func ManifestRange(b []byte) (first uint64, count uint32, err error) {
+	if len(b) < 16 {
+		return 0, 0, fmt.Errorf("manifest body of %d bytes: %w", len(b), ErrMalformed)
+	}
+	first, count = le.Uint64(b[0:]), le.Uint32(b[8:])
+	if count > MaxManifestHashes {
+		return 0, 0, fmt.Errorf("manifest of %d hashes (max %d): %w", count, MaxManifestHashes, ErrMalformed)
+	}
+	return first, count, nil
 }
 
 // MarshalManifest appends a MANIFEST body (hashes of pages first,
@@ -244,6 +267,9 @@ func ParseManifestInto(b []byte, hashes [][16]byte) (first uint64, out [][16]byt
 	count := le.Uint32(b[8:])
 	if res := le.Uint32(b[12:]); res != 0 {
 		return 0, out, fmt.Errorf("manifest reserved field %#x: %w", res, ErrMalformed)
+	}
+	if count > MaxManifestHashes {
+		return 0, out, fmt.Errorf("manifest of %d hashes (max %d): %w", count, MaxManifestHashes, ErrMalformed)
 	}
 	if uint64(len(b)-16) != 16*uint64(count) {
 		return 0, out, fmt.Errorf("manifest of %d hashes in a %d-byte body: %w", count, len(b), ErrMalformed)
@@ -288,6 +314,9 @@ func ParseRequest(b []byte, pfns []uint64) (reason uint32, out []uint64, err err
 	if reason < ReasonFallback || reason > ReasonRecover {
 		return 0, out, fmt.Errorf("request reason %d: %w", reason, ErrMalformed)
 	}
+	if count > MaxBatchPages {
+		return 0, out, fmt.Errorf("request of %d pfns (max %d): %w", count, MaxBatchPages, ErrMalformed)
+	}
 	if uint64(len(b)-8) != 8*uint64(count) {
 		return 0, out, fmt.Errorf("request of %d pfns in a %d-byte body: %w", count, len(b), ErrMalformed)
 	}
@@ -313,6 +342,10 @@ func MarshalBitmap(dst []byte, first uint64, nbits uint64, words []uint64) []byt
 	}
 	return dst
 }
+
+// BitmapSize is the size of a BITMAP body of nbits bits, so that a
+// receiver that knows nbits can check a body before parsing it.
+func BitmapSize(nbits uint64) int { return 16 + 8*int(bitmapWords(nbits)) }
 
 func bitmapWords(nbits uint64) uint64 {
 	n := nbits / 64

@@ -2,6 +2,8 @@ package wire
 
 import (
 	"bytes"
+	"errors"
+	"io"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -88,8 +90,10 @@ func parseEverything(t *testing.T, b []byte) {
 }
 
 // FuzzReader feeds arbitrary bytes through the Reader and every Parse
-// function: nothing may panic, memory stays bounded by the input, and every
-// accepted body is canonical. Run: go test -fuzz=FuzzReader ./pkg/wire
+// function: nothing may panic, memory stays bounded by the input, every
+// accepted body is canonical, every error wraps a sentinel (or
+// io.ErrUnexpectedEOF), and a clean end consumed the whole input.
+// Run: go test -run '^$' -fuzz '^FuzzReader$' ./pkg/wire
 func FuzzReader(f *testing.F) {
 	f.Add(smallStream(f))
 	rng := rand.New(rand.NewPCG(9, 9))
@@ -114,11 +118,20 @@ func FuzzReader(f *testing.F) {
 		src.Reset(data)
 		r.Reset(src)
 		if err := r.ReadStreamHeader(); err != nil {
+			if !wrapsSentinel(err) && !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Fatalf("stream header error %q wraps no sentinel", err)
+			}
 			return
 		}
 		for {
 			rec, err := r.Next()
 			if err != nil {
+				if err != io.EOF && !wrapsSentinel(err) && !errors.Is(err, io.ErrUnexpectedEOF) {
+					t.Fatalf("Next error %q wraps no sentinel", err)
+				}
+				if err == io.EOF && r.Bytes() != int64(len(data)) {
+					t.Fatalf("clean end after %d of %d bytes", r.Bytes(), len(data))
+				}
 				break
 			}
 			if len(rec.Body) > len(data) {

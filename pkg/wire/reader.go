@@ -29,17 +29,27 @@ type Record struct {
 // forged length costs no more memory than the bytes behind it. A Reader is
 // not safe for concurrent use. After an error, further calls return it.
 type Reader struct {
-	br   *bufio.Reader
-	n    int64
-	body []byte
-	hdr  [RecordHeaderSize]byte // scratch; fields keep them off the per-call heap
-	pad  [Align]byte
-	err  error
+	br      *bufio.Reader
+	n       int64
+	maxBody uint32 // 0: MaxBody
+	body    []byte
+	hdr     [RecordHeaderSize]byte // scratch; fields keep them off the per-call heap
+	pad     [Align]byte
+	err     error
 }
 
 // NewReader returns a buffered Reader on r.
 func NewReader(r io.Reader) *Reader {
 	return &Reader{br: bufio.NewReaderSize(r, ReaderBufferSize)}
+}
+
+// SetMaxBody lowers the longest body Next accepts (0 or more than
+// MaxBody: MaxBody), e.g. while a connection is not authorised yet.
+func (r *Reader) SetMaxBody(n uint32) {
+	if n > MaxBody {
+		n = 0
+	}
+	r.maxBody = n
 }
 
 // Reset makes the Reader read from src, keeping its buffers.
@@ -115,8 +125,12 @@ func (r *Reader) Next() (Record, error) {
 		if res := binary.LittleEndian.Uint32(r.hdr[12:]); res != 0 {
 			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: reserved field %#x: %w", t, off, res, ErrMalformed))
 		}
-		if bodyLen > MaxBody {
-			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: length %d > %d: %w", t, off, bodyLen, MaxBody, ErrTooLong))
+		limit := uint32(MaxBody)
+		if r.maxBody > 0 {
+			limit = r.maxBody
+		}
+		if bodyLen > limit {
+			return Record{}, r.fail(fmt.Errorf("record %s at offset %d: length %d > %d: %w", t, off, bodyLen, limit, ErrTooLong))
 		}
 		body, crc, err := r.readBody(int(bodyLen), headerCRC(t, bodyLen))
 		if err != nil {

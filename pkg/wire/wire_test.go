@@ -1153,3 +1153,71 @@ func TestReadDeadlineAtRecordBoundaryIsRetryable(t *testing.T) {
 		t.Fatal("reader resumed in the middle of a record")
 	}
 }
+
+// TestEntryLimitsRefuseBeforeAllocating: a list record may carry at most
+// MaxBatchPages entries (MaxManifestHashes hashes), whatever fits in
+// MaxBody: a receiver sizes per-entry work (a page buffer per reference)
+// from the count, so the count is refused before anything is decoded.
+func TestEntryLimitsRefuseBeforeAllocating(t *testing.T) {
+	over := make([]uint64, MaxBatchPages+1)
+	refs := make([]DiskRef, MaxBatchPages+1)
+	hashes := make([][16]byte, MaxManifestHashes+1)
+	for name, parse := range map[string]func() error{
+		"pfns":     func() error { _, err := ParsePFNs(MarshalPFNs(nil, over), nil); return err },
+		"refs":     func() error { _, err := ParseDiskRefs(MarshalDiskRefs(nil, refs), nil); return err },
+		"request":  func() error { _, _, err := ParseRequest(MarshalRequest(nil, ReasonDemand, over), nil); return err },
+		"manifest": func() error { _, _, err := ParseManifest(MarshalManifest(nil, 0, hashes)); return err },
+		"range":    func() error { _, _, err := ManifestRange(MarshalManifest(nil, 0, hashes)); return err },
+	} {
+		if err := parse(); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("%s: over the limit: %v, want ErrMalformed", name, err)
+		}
+	}
+	// At the limit they parse.
+	if got, err := ParseDiskRefs(MarshalDiskRefs(nil, refs[:MaxBatchPages]), nil); err != nil || len(got) != MaxBatchPages {
+		t.Fatalf("%d refs: %d, %v", MaxBatchPages, len(got), err)
+	}
+	// The refusal of an 8 MiB reference record allocates only its error.
+	body := MarshalDiskRefs(nil, make([]DiskRef, (8<<20)/diskRefSize))
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := ParseDiskRefs(body, nil)
+	runtime.ReadMemStats(&after)
+	if grew := after.TotalAlloc - before.TotalAlloc; err == nil || grew > 4<<10 {
+		t.Fatalf("refusing an 8 MiB reference record: %v, %d bytes allocated", err, grew)
+	}
+	if first, count, err := ManifestRange(MarshalManifest(nil, 7, hashes[:3])); err != nil || first != 7 || count != 3 {
+		t.Fatalf("ManifestRange: %d %d %v", first, count, err)
+	}
+	for _, n := range []uint64{0, 1, 63, 64, 65, 1 << 20} {
+		if got, want := BitmapSize(n), len(MarshalBitmap(nil, 0, n, nil)); got != want {
+			t.Fatalf("BitmapSize(%d) = %d, marshalled %d", n, got, want)
+		}
+	}
+}
+
+// TestReaderMaxBody: a Reader limited below MaxBody refuses a longer record
+// from its header, and SetMaxBody(0) restores MaxBody.
+func TestReaderMaxBody(t *testing.T) {
+	var buf bytes.Buffer
+	w := NewWriter(&buf)
+	_ = w.Write(TypeControl, make([]byte, 100))
+	_ = w.Write(TypeControl, make([]byte, 2000))
+	_ = w.Flush()
+	r := NewReader(bytes.NewReader(buf.Bytes()))
+	r.SetMaxBody(1024)
+	if _, err := r.Next(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Next(); !errors.Is(err, ErrTooLong) {
+		t.Fatalf("a 2000-byte body under a 1024-byte limit: %v", err)
+	}
+	r = NewReader(bytes.NewReader(buf.Bytes()))
+	r.SetMaxBody(1024)
+	r.SetMaxBody(0)
+	for range 2 {
+		if _, err := r.Next(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

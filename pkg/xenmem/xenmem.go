@@ -72,6 +72,9 @@ var (
 	ErrNotSupported  = errors.New("xenmem: not supported by this backend")
 	ErrPageExists    = errors.New("xenmem: page already present")
 	ErrBackendAbsent = errors.New("xenmem: backend not available on this host")
+	// ErrCommitted: the destination was told to run the domain (Commit), so
+	// this host must not run it again; only Reclaim or Release may follow.
+	ErrCommitted = errors.New("xenmem: domain committed to the destination")
 )
 
 // Host is one hypervisor host.
@@ -108,15 +111,31 @@ type SourceDomain interface {
 	DisableDirtyLog() error
 	// Pause stops every vCPU; when it returns no guest write is in flight.
 	Pause() error
+	// Resume restarts the vCPUs. After Commit it refuses with an error
+	// wrapping ErrCommitted.
 	Resume() error
 	// SaveState returns the vCPU and device state; the domain must be paused.
 	SaveState() ([]byte, error)
 	// Ops is the workload's progress counter (operations done), for slowdown.
 	Ops() uint64
+	// Commit marks the point of no return: the caller is about to tell the
+	// destination to run the domain. The domain must be paused. From then
+	// on the handle never resumes it: Resume returns an error wrapping
+	// ErrCommitted and Close leaves it paused (dirty logging off), whatever
+	// happens to the migration. A domain committed by an earlier handle
+	// cannot be committed again until Reclaim or Release resolves it.
+	Commit() error
+	// Reclaim resumes a committed, unreleased domain here. It is called
+	// only on an explicit verdict that the destination does not and never
+	// will run the domain (its "discarded", or an operator's decision from
+	// observed facts); reason is logged. It fails on a domain not
+	// committed or already released.
+	Reclaim(reason string) error
 	// Release destroys the domain after it runs elsewhere. Irreversible.
 	Release() error
-	// Close drops the handle; a domain not released keeps running (or is
-	// resumed if it was paused by this handle).
+	// Close drops the handle. A domain not released and not committed
+	// keeps running (or is resumed if this handle paused it); a committed
+	// one stays paused until Reclaim or Release.
 	Close() error
 }
 

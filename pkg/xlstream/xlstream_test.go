@@ -452,45 +452,6 @@ func TestDecodeRejectsCorruptPageFrames(t *testing.T) {
 	}
 }
 
-func FuzzReader(f *testing.F) {
-	for _, fx := range fixtures {
-		in := loadFixture(f, fx.file)
-		f.Add(in[:4096])
-		f.Add(in[:min(len(in), 200000)])
-	}
-	f.Add([]byte{})
-	f.Add(bytes.Repeat([]byte{0xff}, 64))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		r := NewReader(bytes.NewReader(b))
-		var out bytes.Buffer
-		for {
-			tok, err := r.Next()
-			if err != nil {
-				if errors.Is(err, io.EOF) && !bytes.Equal(out.Bytes(), b) {
-					t.Fatalf("clean end after %d of %d bytes, output differs", out.Len(), len(b))
-				}
-				return
-			}
-			out.Write(tok.Raw)
-		}
-	})
-}
-
-func FuzzDecode(f *testing.F) {
-	in := loadFixture(f, fixtures[0].file)
-	var frames bytes.Buffer
-	if _, _, err := Encode(bytes.NewReader(in[:300000]), &frames, nil); err == nil {
-		f.Add(frames.Bytes())
-	}
-	frames.Reset()
-	writeFrame(&frames, FrameRaw, []byte("abc"))
-	writeFrame(&frames, FrameEnd)
-	f.Add(frames.Bytes())
-	f.Fuzz(func(t *testing.T, b []byte) {
-		_, _ = Decode(bytes.NewReader(b), io.Discard, nil)
-	})
-}
-
 func TestXLHeaderListsTheDomainDisks(t *testing.T) {
 	h := &XLHeader{Config: []byte(`{"c_info":{"name":"d"},"disks":[{"pdev_path":"/dev/vdb","vdev":"xvda","backend":"phy"}]}`)}
 	d, err := h.Disks()

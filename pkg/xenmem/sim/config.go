@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -115,7 +116,13 @@ func (c Config) Validate() error {
 		}
 		seen[d.Name] = true
 		m, _ := ParseBytes(d.Memory)
-		total += m
+		// Saturate: domains of 2^63 bytes each must not wrap to a total
+		// that fits.
+		if sum, carry := bits.Add64(total, m, 0); carry != 0 {
+			total = math.MaxUint64
+		} else {
+			total = sum
+		}
 	}
 	if err == nil && total > capacity {
 		errs = append(errs, fmt.Errorf("domains need %d bytes of memory, host memory is %d (%s)", total, capacity, c.Memory))

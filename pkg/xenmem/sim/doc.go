@@ -9,10 +9,69 @@
 // imports sim (tests, hack/migbench, node-agent) can host guests. The guest
 // maps the same memfd and a 4 KiB control memfd (workload parameters, pause
 // word, per-vCPU RNG state and operation counters, all atomics), runs one
-// locked OS thread per vCPU, and exits when the agent's end of its socket
-// closes and, should the agent die, by Pdeathsig=SIGKILL (guests are forked
-// from one locked thread that lives as long as the agent, because Pdeathsig
-// follows the forking thread).
+// locked OS thread per vCPU. A host without a state dir (NewHost: unit
+// tests, migbench) keeps its guests from outliving it: a guest exits when
+// the agent's end of its socket closes and, should the agent die, by
+// Pdeathsig=SIGKILL (guests are forked from one locked thread that lives as
+// long as the agent, because Pdeathsig follows the forking thread). A host
+// with a state dir lets them outlive it (next section).
+//
+// # Surviving the agent (Options.StateDir)
+//
+// On a Xen dom0 the death of the toolstack or of an agent never kills a
+// domU, and a restarted agent finds its domains in the hypervisor's state.
+// OpenHost with Options.StateDir (the node-agent passes its --state-dir)
+// does the same:
+//
+//   - Guests run without Pdeathsig, in their own session, stderr to
+//     STATE/sim/guests/NAME.log. Before its hello a guest listens on
+//     STATE/sim/guests/NAME.sock (mode 0600, bound under umask 0177). When
+//     the agent's socket closes it does not exit: it accepts one agent at a
+//     time (same uid or root, by SO_PEERCRED) and sends it the hello again
+//     with the memory memfd, the control memfd and the userfaultfd (if any)
+//     as SCM_RIGHTS; that agent owns the guest until its connection closes.
+//     A guest exits only when killed (destroy: SIGKILL, through a pidfd for
+//     an adopted guest, so a reused pid is never signalled).
+//   - The guest keeps its own reference to the userfaultfd. A vCPU waiting
+//     in a missing-page fault therefore stays blocked while no agent runs:
+//     the kernel would zero-fill the page only once every reference to the
+//     fd is closed (TestAgentDeathKeepsGuestsForTheNextAgent: 0 operations
+//     without an agent; with the guest closing its copy the same check saw
+//     the vCPU run on zero pages).
+//   - Pause state lives in the control page, so a paused domain stays
+//     paused across the agent's death and is reported paused after.
+//   - The host keeps STATE/sim/host.json: per domain name, uuid, memory,
+//     vCPUs, disks, spec, guest pid and the pid's start time (field 22 of
+//     /proc/PID/stat), state, committed, and whether post-copy pages are
+//     missing. It is replaced atomically (temp file, fsync, rename, fsync
+//     of the directory) on every life-cycle change: create, open/close of a
+//     source handle, Commit (before it returns, so before "go"; a failed
+//     write fails the Commit), Reclaim, Release/Destroy, target creation,
+//     target Resume (written as paused before the vCPUs run, so a crash
+//     never leaves a resumed domain registered as incoming), StartLazy
+//     (before any page can be missing in a running guest) and the end of a
+//     post-copy. Plain Pause/Resume are not written: the control page has
+//     them.
+//   - OpenHost on a state dir with a registry adopts every registered
+//     guest whose pid is alive with the registered start time: it opens a
+//     pidfd, reconnects, maps memory and control page again (checked
+//     against the registry) and restores the domain with its uuid and its
+//     committed flag. A stale dirty log is switched off. A target never
+//     resumed (incoming) is destroyed. A post-copy target with pages
+//     missing keeps its missing-page registration, is paused as far as its
+//     vCPUs can park (those blocked in a fault stay blocked) and is
+//     reported Paused: the agent's restart logic destroys it through
+//     OpenSource+Release and reports the half discarded. Entries whose
+//     guest is gone are dropped. A guest that is alive but gives no hello
+//     within 5 s (another agent serves it) fails OpenHost: forgetting it
+//     would lose it.
+//   - Configured domains boot only on the host's first start (no registry
+//     yet), never again: not one that migrated away, nor one released.
+//   - Close detaches (the guests keep running, registered) instead of
+//     destroying them. Whoever needs them gone destroys them.
+//
+// Socket paths must fit sun_path (108 bytes): a long state dir fails guest
+// creation with a clear error.
 //
 // A separate process is closer to a real VM, and it keeps page faults on
 // guest memory away from the agent's Go runtime: vCPU threads that block in

@@ -54,6 +54,14 @@ type Domain struct {
 	paused    bool
 	lazy      *lazy
 	destroyed bool
+	// committed: a source handle told the destination to run this domain
+	// (SourceDomain.Commit); it must not run here again until a Reclaim.
+	// It outlives the handle, so no later handle or Resume can undo it.
+	committed bool
+	// lazyPending: pages were missing when the domain resumed (post-copy)
+	// and not all have arrived yet; persisted, since only the agent
+	// process that started the post-copy can ever serve them.
+	lazyPending bool
 	// finalWrites/finalReads hold the counters once the control page is gone.
 	finalWrites, finalReads uint64
 }
@@ -192,6 +200,9 @@ func (d *Domain) resumeLocked() error {
 	if d.destroyed {
 		return fmt.Errorf("resume %s: %w", d.spec.Name, xenmem.ErrNoDomain)
 	}
+	if d.committed {
+		return fmt.Errorf("resume %s: the destination was told to run it; only a Reclaim resumes it here: %w", d.spec.Name, xenmem.ErrCommitted)
+	}
 	if !d.guest.alive() {
 		return fmt.Errorf("resume %s: %w", d.spec.Name, d.guest.deadError())
 	}
@@ -211,6 +222,14 @@ func (d *Domain) isDestroyed() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.destroyed
+}
+
+// Committed reports whether a migration committed the domain to its
+// destination and nothing has resolved that yet (Reclaim or Release).
+func (d *Domain) Committed() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.committed
 }
 
 // Paused reports whether the vCPUs are parked.
@@ -343,5 +362,9 @@ func (d *Domain) destroy() {
 	}
 	d.memFile.Close()
 	d.ctlFile.Close()
+	if d.host != nil && d.host.stateDir != "" {
+		_ = os.Remove(d.host.guestSock(d.spec.Name))
+		_ = os.Remove(d.host.guestLog(d.spec.Name))
+	}
 	d.log.Info("Destroyed domain", "domain", d.spec.Name, "id", d.id)
 }

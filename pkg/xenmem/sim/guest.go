@@ -16,6 +16,10 @@ import (
 // guestEnv marks a re-executed binary as a simulated guest process.
 const guestEnv = "XENFERRY_SIM_GUEST"
 
+// guestSockEnv, when set, is the path of the unix socket on which a guest
+// that outlives its agent serves the next agent (see serveAgents).
+const guestSockEnv = "XENFERRY_SIM_GUEST_SOCK"
+
 // File descriptors the agent passes to the guest (cmd.ExtraFiles).
 const (
 	guestMemFD  = 3 // guest memory memfd
@@ -79,6 +83,15 @@ func runGuest() error {
 	// others and for the liveness reader.
 	runtime.GOMAXPROCS(vcpus + 2)
 
+	// A guest of a host with a state dir listens before the hello: once
+	// the agent has the hello, a successor can always reconnect.
+	lfd := -1
+	if p := os.Getenv(guestSockEnv); p != "" {
+		if lfd, err = listenGuestSock(p); err != nil {
+			return err
+		}
+	}
+
 	msg := make([]byte, 24, 256)
 	binary.LittleEndian.PutUint64(msg[0:], helloMagic)
 	binary.LittleEndian.PutUint64(msg[8:], sliceAddr(mem))
@@ -97,10 +110,13 @@ func runGuest() error {
 	if err := unix.Sendmsg(guestSockFD, msg, oob, nil, 0); err != nil {
 		return fmt.Errorf("send hello to agent: %w", err)
 	}
-	if uffd >= 0 {
+	if uffd >= 0 && lfd < 0 {
 		// The agent holds the only reference now; its lifetime is the agent's.
 		unix.Close(uffd)
 	}
+	// Otherwise the guest keeps its userfaultfd: while it is open a vCPU
+	// waiting in a missing-page fault stays blocked even with no agent
+	// serving it; the kernel zero-fills only once every reference closed.
 
 	for i := 0; i < vcpus; i++ {
 		go runVCPU(mem, ctl, i)
@@ -113,8 +129,79 @@ func runGuest() error {
 			continue
 		}
 		if n <= 0 || err != nil {
-			return nil
+			break
 		}
+	}
+	if lfd < 0 {
+		return nil
+	}
+	serveAgents(lfd, msg, uffd)
+	return nil
+}
+
+// listenGuestSock binds the guest's socket, mode 0600 (umask around bind,
+// so it is never reachable by others, not even briefly).
+func listenGuestSock(path string) (int, error) {
+	if err := unix.Unlink(path); err != nil && err != unix.ENOENT {
+		return -1, fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	old := unix.Umask(0o177)
+	err = unix.Bind(fd, &unix.SockaddrUnix{Name: path})
+	unix.Umask(old)
+	if err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("bind %s: %w", path, err)
+	}
+	if err := unix.Listen(fd, 4); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("listen %s: %w", path, err)
+	}
+	return fd, nil
+}
+
+// serveAgents hands the guest's descriptors to one agent at a time: each
+// accepted connection from the same user (or root) gets the hello with the
+// memory memfd, the control memfd and the userfaultfd (if any) as
+// SCM_RIGHTS, and owns the guest until it closes the connection; the next
+// connection waits in the backlog meanwhile, so two agents never serve one
+// guest at once. It never returns: the guest ends when an agent kills it.
+func serveAgents(lfd int, hello []byte, uffd int) {
+	fds := []int{guestMemFD, guestCtlFD}
+	if uffd >= 0 {
+		fds = append(fds, uffd)
+	}
+	oob := unix.UnixRights(fds...)
+	uid := os.Getuid()
+	var b [8]byte
+	for {
+		cfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		if err != nil {
+			if err != unix.EINTR && err != unix.ECONNABORTED {
+				time.Sleep(10 * time.Millisecond)
+			}
+			continue
+		}
+		cred, err := unix.GetsockoptUcred(cfd, unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if err != nil || (int(cred.Uid) != uid && cred.Uid != 0) {
+			unix.Close(cfd)
+			continue
+		}
+		if err := unix.Sendmsg(cfd, hello, oob, nil, 0); err == nil {
+			for {
+				n, err := unix.Read(cfd, b[:])
+				if err == unix.EINTR {
+					continue
+				}
+				if n <= 0 || err != nil {
+					break
+				}
+			}
+		}
+		unix.Close(cfd)
 	}
 }
 

@@ -11,6 +11,14 @@ import (
 // OpenSource takes a running domain for an outgoing migration. One handle
 // per domain at a time.
 func (h *Host) OpenSource(ctx context.Context, name string) (xenmem.SourceDomain, error) {
+	sd, err := h.openSource(name)
+	if err == nil {
+		h.persistLogged("open source " + name)
+	}
+	return sd, err
+}
+
+func (h *Host) openSource(name string) (xenmem.SourceDomain, error) {
 	d, ok := h.Domain(name)
 	if !ok {
 		return nil, fmt.Errorf("open source %s: %w", name, xenmem.ErrNoDomain)
@@ -52,6 +60,16 @@ func (h *Host) CreateTarget(ctx context.Context, info xenmem.DomainInfo) (_ xenm
 	}
 	var d *Domain
 	defer func() {
+		// Runs after the reservation became the domain (below): the
+		// registry knows the guest before anyone can resume it.
+		if retErr == nil {
+			if err := h.persist(); err != nil {
+				_ = (&target{d: d}).Destroy()
+				retErr = fmt.Errorf("create target %s: %w", spec.Name, err)
+			}
+		}
+	}()
+	defer func() {
 		if retErr != nil && d != nil {
 			d.destroy()
 			d = nil
@@ -82,8 +100,13 @@ type source struct {
 	// mu protects the fields below.
 	mu         sync.Mutex
 	pausedByMe bool
-	released   bool
-	closed     bool
+	// committed: this handle committed the domain (Commit); reclaimed: it
+	// then resumed it on a verdict (Reclaim). The domain's own committed
+	// flag is what forbids a resume; these say what this handle did.
+	committed bool
+	reclaimed bool
+	released  bool
+	closed    bool
 }
 
 var _ xenmem.SourceDomain = (*source)(nil)
@@ -142,14 +165,84 @@ func (s *source) Resume() error {
 	return nil
 }
 
+// Commit marks the domain as handed to the destination. It must be
+// paused; a domain that an earlier handle committed and nobody resolved
+// is refused, so a second migration can never send it to a second host.
+func (s *source) Commit() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released || s.closed {
+		return fmt.Errorf("commit %s: handle is closed", s.d.spec.Name)
+	}
+	if s.committed {
+		return nil
+	}
+	d := s.d
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case d.destroyed:
+		return fmt.Errorf("commit %s: %w", d.spec.Name, xenmem.ErrNoDomain)
+	case d.committed:
+		return fmt.Errorf("commit %s: an earlier migration committed it and nothing resolved that (Reclaim or Release first): %w", d.spec.Name, xenmem.ErrCommitted)
+	case !d.paused:
+		return fmt.Errorf("commit %s: the domain is running; pause it before the destination is told to run it", d.spec.Name)
+	}
+	d.committed = true
+	s.committed = true
+	d.log.Info("Committed domain to its destination; it stays paused here", "domain", d.spec.Name)
+	return nil
+}
+
+// Reclaim resumes a committed domain on a verdict that the destination
+// does not and never will run it.
+func (s *source) Reclaim(reason string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released {
+		return fmt.Errorf("reclaim %s: released: %w", s.d.spec.Name, xenmem.ErrNoDomain)
+	}
+	if s.closed {
+		return fmt.Errorf("reclaim %s: handle is closed", s.d.spec.Name)
+	}
+	d := s.d
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	committed := d.committed
+	d.mu.Unlock()
+	if !committed {
+		return fmt.Errorf("reclaim %s: the domain is not committed to a destination (nothing to reclaim; Resume resumes it)", d.spec.Name)
+	}
+	d.mu.Lock()
+	d.committed = false
+	d.mu.Unlock()
+	if err := d.resumeLocked(); err != nil {
+		d.mu.Lock()
+		d.committed = true
+		d.mu.Unlock()
+		return fmt.Errorf("reclaim %s: %w", d.spec.Name, err)
+	}
+	s.committed, s.reclaimed, s.pausedByMe = false, true, false
+	d.host.persistLogged("reclaim " + d.spec.Name)
+	d.log.Info("Reclaimed domain: it runs here again", "domain", d.spec.Name, "reason", reason)
+	return nil
+}
+
 func (s *source) SaveState() ([]byte, error) { return s.d.saveState() }
 
-// Release destroys the domain after it runs elsewhere.
+// Release destroys the domain after it runs elsewhere. A domain this
+// handle reclaimed runs here again and is not released.
 func (s *source) Release() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.released {
 		return nil
+	}
+	if s.reclaimed {
+		return fmt.Errorf("release %s: it was reclaimed and runs here", s.d.spec.Name)
 	}
 	s.released = true
 	s.d.destroy()
@@ -157,8 +250,10 @@ func (s *source) Release() error {
 	return nil
 }
 
-// Close drops the handle. A domain not released keeps running: dirty
-// logging is switched off and, if this handle paused it, it is resumed.
+// Close drops the handle. Dirty logging is switched off. A domain not
+// released and not committed keeps running: if this handle paused it, it
+// is resumed. A committed domain stays paused, whatever the migration's
+// outcome: the destination may run it.
 func (s *source) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -175,7 +270,7 @@ func (s *source) Close() error {
 	if e := d.disableDirtyLogLocked(); e != nil {
 		err = e
 	}
-	if s.pausedByMe {
+	if s.pausedByMe && !s.committed && !d.Committed() {
 		if e := d.resumeLocked(); e != nil && err == nil {
 			err = e
 		}
@@ -191,6 +286,7 @@ func (s *source) Close() error {
 		}
 	}
 	d.mu.Unlock()
+	d.host.persistLogged("close source " + d.spec.Name)
 	if err != nil {
 		return fmt.Errorf("close source %s: %w", d.spec.Name, err)
 	}
@@ -255,6 +351,17 @@ func (t *target) StartLazy(present *xenmem.Bitmap) (xenmem.Lazy, error) {
 	if t.resumed || t.destroyed || t.closed {
 		return nil, fmt.Errorf("start lazy %s: call it once, before Resume", t.d.spec.Name)
 	}
+	// Durable before any page can be missing in a running guest: a
+	// restarted agent must never drop the missing-page registration.
+	t.d.mu.Lock()
+	t.d.lazyPending = true
+	t.d.mu.Unlock()
+	if err := t.d.host.persist(); err != nil {
+		t.d.mu.Lock()
+		t.d.lazyPending = false
+		t.d.mu.Unlock()
+		return nil, fmt.Errorf("start lazy %s: %w", t.d.spec.Name, err)
+	}
 	t.d.opMu.Lock()
 	defer t.d.opMu.Unlock()
 	return t.d.startLazy(present)
@@ -265,6 +372,23 @@ func (t *target) Resume() error {
 	defer t.mu.Unlock()
 	if t.destroyed || t.closed {
 		return fmt.Errorf("resume %s: handle is closed", t.d.spec.Name)
+	}
+	// The registry stops calling it incoming (which adoption destroys)
+	// before its vCPUs run.
+	d := t.d
+	d.mu.Lock()
+	wasIncoming := d.state == xenmem.StateIncoming
+	if wasIncoming {
+		d.state = xenmem.StatePaused
+	}
+	d.mu.Unlock()
+	if wasIncoming {
+		if err := d.host.persist(); err != nil {
+			d.mu.Lock()
+			d.state = xenmem.StateIncoming
+			d.mu.Unlock()
+			return fmt.Errorf("resume %s: %w", d.spec.Name, err)
+		}
 	}
 	if err := t.d.Resume(); err != nil {
 		return err

@@ -27,7 +27,10 @@ const Version = "xenferry-sim/1"
 type Host struct {
 	cfg      Config
 	capacity uint64
+	stateDir string // Options.StateDir, absolute; "" = guests die with the agent
 	log      logr.Logger
+	// persistMu serialises registry writes.
+	persistMu sync.Mutex
 
 	// mu protects the fields below.
 	mu       sync.Mutex
@@ -39,31 +42,11 @@ type Host struct {
 
 var _ xenmem.Host = (*Host)(nil)
 
-// NewHost creates a host and starts the configured domains (running).
-func NewHost(cfg Config, log logr.Logger) (_ *Host, retErr error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, fmt.Errorf("sim host %s: %w", cfg.Name, err)
-	}
-	capacity, _ := ParseBytes(cfg.Memory)
-	h := &Host{
-		cfg:      cfg,
-		capacity: capacity,
-		log:      log.WithValues("host", cfg.Name),
-		domains:  map[string]*Domain{},
-		reserved: map[string]uint64{},
-		nextID:   1,
-	}
-	defer func() {
-		if retErr != nil {
-			h.Close()
-		}
-	}()
-	for _, spec := range cfg.Domains {
-		if _, err := h.CreateDomain(context.Background(), spec); err != nil {
-			return nil, fmt.Errorf("sim host %s: %w", cfg.Name, err)
-		}
-	}
-	return h, nil
+// NewHost creates a host and starts the configured domains (running);
+// its guests die with this process. OpenHost with a StateDir makes them
+// outlive it.
+func NewHost(cfg Config, log logr.Logger) (*Host, error) {
+	return OpenHost(cfg, Options{}, log)
 }
 
 // Config returns the host's configuration.
@@ -153,9 +136,13 @@ func (h *Host) commit(name string, d *Domain) {
 // remove forgets a destroyed domain.
 func (h *Host) remove(d *Domain) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.domains[d.spec.Name] == d {
+	removed := h.domains[d.spec.Name] == d
+	if removed {
 		delete(h.domains, d.spec.Name)
+	}
+	h.mu.Unlock()
+	if removed {
+		h.persistLogged("destroy " + d.spec.Name)
 	}
 }
 
@@ -170,6 +157,12 @@ func (h *Host) CreateDomain(ctx context.Context, spec DomainSpec) (_ xenmem.Doma
 		return xenmem.DomainInfo{}, fmt.Errorf("create domain: %w", err)
 	}
 	var d *Domain
+	defer func() {
+		// Runs after the reservation became the domain (below).
+		if retErr == nil {
+			h.persistLogged("create " + spec.Name)
+		}
+	}()
 	defer func() {
 		if retErr != nil && d != nil {
 			d.destroy()
@@ -223,10 +216,10 @@ func (h *Host) CreateDomain(ctx context.Context, spec DomainSpec) (_ xenmem.Doma
 		return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: %w", spec.Name, err)
 	}
 	d.state = xenmem.StatePaused
+	d.uuid = newUUID()
 	if err := d.Resume(); err != nil {
 		return xenmem.DomainInfo{}, fmt.Errorf("create domain %s: %w", spec.Name, err)
 	}
-	d.uuid = newUUID()
 	d.log.Info("Created domain", "domain", spec.Name, "memoryBytes", memBytes, "vcpus", spec.VCPUs,
 		"buildSeconds", time.Since(start).Seconds(), "guestPID", d.guest.pid)
 	return d.Info(), nil
@@ -294,7 +287,11 @@ func (d *Domain) initControl() {
 }
 
 func (d *Domain) startGuest() error {
-	g, err := startGuest(d.spec.Name, d.memFile, d.ctlFile)
+	sock, logPath := "", ""
+	if d.host.stateDir != "" {
+		sock, logPath = d.host.guestSock(d.spec.Name), d.host.guestLog(d.spec.Name)
+	}
+	g, err := startGuest(d.spec.Name, d.memFile, d.ctlFile, sock, logPath)
 	if err != nil {
 		return err
 	}
@@ -503,8 +500,10 @@ func isZero(b []byte) bool {
 	return true
 }
 
-// Close destroys every domain of the host: simulated guests cannot outlive
-// the process that created them.
+// Close destroys every domain of a host without a state dir: its guests
+// cannot outlive the process that created them. A host with a state dir
+// detaches instead: the guests keep running, as domUs do when dom0's
+// toolstack stops, and the next OpenHost on the same state dir adopts them.
 func (h *Host) Close() error {
 	h.mu.Lock()
 	h.closed = true
@@ -515,7 +514,11 @@ func (h *Host) Close() error {
 	h.domains = map[string]*Domain{}
 	h.mu.Unlock()
 	for _, d := range ds {
-		d.destroy()
+		if h.stateDir != "" {
+			d.detach()
+		} else {
+			d.destroy()
+		}
 	}
 	return nil
 }

@@ -425,7 +425,12 @@ func (l *lazy) Close() error {
 		}
 		if e := d.setRegistration(d.regMode &^ uffdRegisterModeMissing); e != nil {
 			err = fmt.Errorf("close lazy %s: %w", d.spec.Name, e)
+			return
 		}
+		d.mu.Lock()
+		d.lazyPending = false
+		d.mu.Unlock()
+		d.host.persistLogged("complete post-copy of " + d.spec.Name)
 	})
 	return err
 }

@@ -26,18 +26,30 @@ type guestProc struct {
 	uffdErr error
 	base    uint64 // address of guest memory in the guest process
 	pagemap *os.File
-	exited  chan struct{} // closed when the process has been reaped
+	exited  chan struct{} // closed when the process has exited
 	stderr  *boundedBuffer
 
-	killOnce sync.Once
+	// pidfd refers to the guest process when this agent adopted it (not
+	// its child): kill and exit detection go through it, so a reused pid
+	// is never signalled. -1 for a child of this agent.
+	pidfd int
+	start uint64 // start time of pid (procStartTime), for the registry
+	// quit stops the goroutine that watches pidfd (detach).
+	quit chan struct{}
+
+	killOnce   sync.Once
+	detachOnce sync.Once
 }
 
 // helloTimeout bounds how long a new guest may take to report in.
 const helloTimeout = 20 * time.Second
 
 // startGuest re-executes the current binary as a guest process sharing mem
-// and ctl, and waits for its hello.
-func startGuest(name string, mem, ctl *os.File) (_ *guestProc, retErr error) {
+// and ctl, and waits for its hello. With a sockPath (a host with a state
+// dir) the guest outlives this agent: no Pdeathsig, its own session, stderr
+// to logPath, and it serves sockPath for the next agent (see serveAgents).
+// Without one it dies with the agent.
+func startGuest(name string, mem, ctl *os.File, sockPath, logPath string) (_ *guestProc, retErr error) {
 	// /proc/self/exe works even when the binary was replaced or deleted
 	// since it started (upgrades, go run's temporary binaries).
 	exe := "/proc/self/exe"
@@ -46,13 +58,16 @@ func startGuest(name string, mem, ctl *os.File) (_ *guestProc, retErr error) {
 			return nil, fmt.Errorf("start guest: find own executable: %w", err)
 		}
 	}
+	if len(sockPath) >= len(unix.RawSockaddrUnix{}.Path) {
+		return nil, fmt.Errorf("start guest: socket path %s is longer than a unix socket allows (%d bytes): use a shorter state dir", sockPath, len(unix.RawSockaddrUnix{}.Path)-1)
+	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("start guest: socketpair: %w", err)
 	}
 	child := os.NewFile(uintptr(fds[1]), "guest-sock")
 	defer child.Close()
-	g := &guestProc{sock: fds[0], uffd: -1, exited: make(chan struct{}), stderr: &boundedBuffer{max: 4096}}
+	g := &guestProc{sock: fds[0], uffd: -1, pidfd: -1, exited: make(chan struct{}), stderr: &boundedBuffer{max: 4096}}
 	defer func() {
 		if retErr != nil {
 			g.kill()
@@ -65,15 +80,33 @@ func startGuest(name string, mem, ctl *os.File) (_ *guestProc, retErr error) {
 	g.cmd.Env = append(os.Environ(), guestEnv+"=1", "GODEBUG=asyncpreemptoff=1")
 	g.cmd.ExtraFiles = []*os.File{mem, ctl, child}
 	g.cmd.Stderr = g.stderr
-	// The guest never outlives the agent: SIGKILL when the agent dies, and
-	// the guest also exits on EOF of its socket.
-	g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if sockPath == "" {
+		// The guest never outlives the agent: SIGKILL when the agent dies,
+		// and the guest also exits on EOF of its socket.
+		g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	} else {
+		// The guest outlives the agent, as a domU outlives dom0's
+		// toolstack: its own session (no signal to the agent's process
+		// group reaches it) and stderr to a file, since a pipe to a dead
+		// agent would kill it with SIGPIPE on its first write.
+		lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			unix.Close(g.sock)
+			close(g.exited)
+			return nil, fmt.Errorf("start guest: log file: %w", err)
+		}
+		defer lf.Close()
+		g.cmd.Stderr = lf
+		g.cmd.Env = append(g.cmd.Env, guestSockEnv+"="+sockPath)
+		g.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
 	if err := spawn(g.cmd); err != nil {
 		unix.Close(g.sock)
 		close(g.exited)
 		return nil, fmt.Errorf("start guest %s: %w", exe, err)
 	}
 	g.pid = g.cmd.Process.Pid
+	g.start, _ = procStartTime(g.pid)
 	go func() {
 		_ = g.cmd.Wait()
 		close(g.exited)
@@ -107,7 +140,13 @@ func startGuest(name string, mem, ctl *os.File) (_ *guestProc, retErr error) {
 	if n < 24 || binary.LittleEndian.Uint64(buf) != helloMagic {
 		g.kill()
 		<-g.exited
-		return nil, fmt.Errorf("start guest pid %d: guest failed before reporting in: %s", g.pid, bytes.TrimSpace(g.stderr.Bytes()))
+		msg := g.stderr.Bytes()
+		if logPath != "" {
+			if raw, err := os.ReadFile(logPath); err == nil {
+				msg = raw[:min(len(raw), 4096)]
+			}
+		}
+		return nil, fmt.Errorf("start guest pid %d: guest failed before reporting in: %s", g.pid, bytes.TrimSpace(msg))
 	}
 	g.base = binary.LittleEndian.Uint64(buf[8:])
 	if errno := binary.LittleEndian.Uint64(buf[16:]); errno != 0 {
@@ -135,21 +174,44 @@ func startGuest(name string, mem, ctl *os.File) (_ *guestProc, retErr error) {
 // call more than once; waits for the process to be reaped.
 func (g *guestProc) kill() {
 	g.killOnce.Do(func() {
-		if g.cmd != nil && g.cmd.Process != nil {
+		switch {
+		case g.cmd != nil && g.cmd.Process != nil:
 			_ = g.cmd.Process.Kill()
+		case g.pidfd >= 0:
+			_ = unix.PidfdSendSignal(g.pidfd, unix.SIGKILL, nil, 0)
 		}
 		if g.sock >= 0 {
 			unix.Close(g.sock)
 		}
-		if g.cmd != nil && g.cmd.Process != nil {
+		if g.cmd != nil && g.cmd.Process != nil || g.pidfd >= 0 {
 			<-g.exited
 		}
+		g.release()
+	})
+}
+
+// detach releases the agent's descriptors and leaves the guest running
+// (a host with a state dir closing: the next agent adopts it).
+func (g *guestProc) detach() {
+	g.killOnce.Do(func() {
+		if g.sock >= 0 {
+			unix.Close(g.sock)
+		}
+		g.release()
+	})
+}
+
+func (g *guestProc) release() {
+	g.detachOnce.Do(func() {
 		if g.uffd >= 0 {
 			unix.Close(g.uffd)
 			g.uffd = -1
 		}
 		if g.pagemap != nil {
 			g.pagemap.Close()
+		}
+		if g.quit != nil {
+			close(g.quit)
 		}
 	})
 }
@@ -165,6 +227,9 @@ func (g *guestProc) alive() bool {
 }
 
 func (g *guestProc) deadError() error {
+	if g.cmd == nil {
+		return fmt.Errorf("guest process pid %d exited", g.pid)
+	}
 	return fmt.Errorf("guest process pid %d exited (%v): %s", g.pid, g.cmd.ProcessState, bytes.TrimSpace(g.stderr.Bytes()))
 }
 

@@ -14,7 +14,11 @@
 // The data path of a migration on Xen is `xl migrate -s "node-agent
 // xl-send"` (see node-agent's xl-send and package xlstream); this backend
 // therefore does not implement OpenSource or CreateTarget, which return
-// xenmem.ErrNotSupported.
+// xenmem.ErrNotSupported. With no SourceDomain handle there is nothing to
+// Commit or Reclaim here: on that path xl holds the point of no return
+// itself (the source domain, renamed NAME--migratedaway, is paused and
+// left so when the receiver does not confirm it runs; an operator resumes
+// or destroys it with xl after checking the destination).
 package xen
 
 import (
