@@ -83,7 +83,7 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 		return fail("harness: %v", err)
 	}
 	defer os.Remove(filepath.Join(l.work, "disks", name+".img"))
-	l.stopAgents()
+	l.resetHosts()
 	cfgA, cfgB := filepath.Join(cellDir, "a.yaml"), filepath.Join(cellDir, "b.yaml")
 	if err := l.writeSimConfig(cfgA, hostA, []domSpec{{name: name, memMiB: cellMemMiB, seed: 100 + idx, dirty: 2}}); err != nil {
 		return fail("harness: %v", err)

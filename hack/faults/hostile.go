@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -78,6 +79,39 @@ func hopen(ctx context.Context, dial func(context.Context, string) (net.Conn, er
 		return h, true, "welcomed", nil
 	}
 	return h, false, m.Kind + ": " + m.Message, nil
+}
+
+// plaintextHello writes a stream header and hello in the clear and reads
+// what comes back. refused: the agent answered with a TLS alert record or
+// closed the connection without a byte of the migration protocol.
+func plaintextHello(ctx context.Context, dial func(context.Context, string) (net.Conn, error), addr string, hello wire.Control) (refused bool, how string, err error) {
+	c, err := dial(ctx, addr)
+	if err != nil {
+		return true, "", fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(hostileIO))
+	w := wire.NewWriter(c)
+	b, err := wire.MarshalControl(nil, &hello)
+	if err != nil {
+		return true, "", err
+	}
+	if err := w.WriteStreamHeader(); err == nil {
+		if err = w.Write(wire.TypeControl, b); err == nil {
+			_ = w.Flush()
+		}
+	}
+	buf := make([]byte, 512)
+	n, rerr := io.ReadAtLeast(c, buf, 1)
+	switch {
+	case n > 0 && buf[0] == 0x15:
+		return true, fmt.Sprintf("refused at the TLS handshake: a TLS alert record (%d bytes), then %v", n, rerr), nil
+	case n == 0 && os.IsTimeout(rerr):
+		return false, fmt.Sprintf("no answer within %s: the connection stays open", hostileIO), nil
+	case n == 0:
+		return true, fmt.Sprintf("refused at the TLS handshake: closed without a reply (%v)", rerr), nil
+	}
+	return false, fmt.Sprintf("answered %d bytes that are not a TLS alert: %q", n, buf[:min(n, 32)]), nil
 }
 
 func (h *hconn) close() {
@@ -216,7 +250,7 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 			os.Remove(filepath.Join(l.work, "disks", d+".img"))
 		}
 	}()
-	l.stopAgents()
+	l.resetHosts()
 	doms := []domSpec{{name: normal, memMiB: hostileMemMiB, seed: 400 + idx, dirty: 1}}
 	for i, v := range victims {
 		doms = append(doms, domSpec{name: v, memMiB: hostileMemMiB, seed: 300 + 10*idx + i, dirty: 1})
@@ -349,7 +383,7 @@ func (l *lab) migrateNormally(ctx context.Context, dom string) (*v1.VMMigration,
 		if m, err = l.getMig(ctx, dom); err != nil {
 			return false, err
 		}
-		if tok == nil && m.Status.TokenSecret != "" {
+		if tok == nil && m.Status.Tokens != nil {
 			tok, _ = l.creds.migrationToken(ctx, m)
 		}
 		return m.Status.Phase.IsFinal(), nil
@@ -389,15 +423,17 @@ func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, not
 	}
 	switch fault {
 	case "plaintext-peer":
+		// A peer without TLS sends the migration's real token in the clear.
+		// The agent's listener is TLS-only: it must end the connection in
+		// the handshake, before any byte of the migration protocol.
 		v := held[0]
-		h, ok, ans, err := hopen(ctx, l.creds.dialPlain, addr, hello(v, hsMain, v.tok))
-		h.close()
+		refused, how, err := plaintextHello(ctx, l.creds.dialPlain, addr, hello(v, hsMain, v.tok))
 		if err != nil {
 			note("plaintext connection failed: %v", err)
 			return true, notes
 		}
-		note("plaintext hello with the migration's real token: %s", ans)
-		return !ok, notes
+		note("plaintext hello with the migration's real token: %s", how)
+		return refused, notes
 
 	case "wrong-token":
 		v := held[0]

@@ -157,11 +157,11 @@ func (l *lab) up(ctx context.Context) error {
 }
 
 func (l *lab) startController() error {
-	p, err := l.ps.start("controller", "", cleanEnv(), filepath.Join(l.bin, "xenferry-controller"),
-		"--kubeconfig", l.rootKC, "--metrics-bind-address", "0", "--health-probe-bind-address", "0",
+	args := append([]string{"--kubeconfig", l.rootKC, "--metrics-bind-address", "0", "--health-probe-bind-address", "0",
 		"--heartbeat-timeout", heartbeatTimeout.String(), "--abort-grace", abortGrace.String(),
 		// Hostile cells hold victim migrations open beside a normal one.
-		"--max-migrations", "16", "--max-outbound-per-host", "8", "--max-inbound-per-host", "8")
+		"--max-migrations", "16", "--max-outbound-per-host", "8", "--max-inbound-per-host", "8"}, l.creds.controllerArgs()...)
+	p, err := l.ps.start("controller", "", cleanEnv(), filepath.Join(l.bin, "xenferry-controller"), args...)
 	if err != nil {
 		return err
 	}
@@ -177,12 +177,13 @@ func (l *lab) down() {
 	if l.ps != nil {
 		l.ps.stopAll()
 	}
+	l.simDestroy()
 	if l.cancelFwd != nil {
 		l.cancelFwd()
 	}
 	if l.net != nil {
-		// Guests die with their agent (Pdeathsig); any that did not are
-		// still ours: they live in our namespaces.
+		// sim-destroy ended the registered guests; any left (a guest
+		// that never registered) is still ours: it lives in our namespaces.
 		for _, h := range l.net.hosts {
 			if ino, err := netnsInode(h.ns); err == nil {
 				for _, g := range findGuests("", ino) {
@@ -272,11 +273,32 @@ func (l *lab) startAgent(ctx context.Context, host, cfg, advertise string) error
 	})
 }
 
-// stopAgents stops both agents (their guests die with them).
+// stopAgents stops both agents; their guests live on (see resetHosts).
 func (l *lab) stopAgents() {
 	for _, a := range l.agents {
 		if a.p != nil {
 			a.p.stop(5 * time.Second)
+		}
+	}
+}
+
+// resetHosts stops both agents and ends the guests registered under their
+// state dirs: sim guests outlive their agent (as domUs outlive dom0's
+// agent), so a cell's guests are ended explicitly before the next cell.
+func (l *lab) resetHosts() {
+	l.stopAgents()
+	l.simDestroy()
+}
+
+// simDestroy runs `node-agent sim-destroy` on every agent's state dir.
+func (l *lab) simDestroy() {
+	for _, a := range l.agents {
+		if a.stateDir == "" {
+			continue
+		}
+		out, err := exec.Command(filepath.Join(l.bin, "node-agent"), "sim-destroy", "--state-dir", a.stateDir).CombinedOutput()
+		if err != nil {
+			l.log("sim-destroy %s: %v: %s", a.stateDir, err, strings.TrimSpace(string(out)))
 		}
 	}
 }

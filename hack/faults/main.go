@@ -72,7 +72,7 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 	}
 	l := &lab{root: root, work: work, bin: filepath.Join(base, "bin"), log: logf,
 		ps: &procs{logDir: filepath.Join(work, "logs")}, agents: map[string]*agent{}}
-	l.creds = plainCreds{l: l}
+	l.creds = &tlsCreds{l: l}
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("panic: %v\n%s", r, debug.Stack())
