@@ -330,6 +330,66 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	}
 }
 
+// The source agent dies after pausing its domain for the stop-and-copy but
+// before go, and the migration fails before a new agent process is up. The
+// domain, adopted paused and uncommitted, runs nowhere else: the restarted
+// agent resumes it instead of leaving it paused for ever.
+func TestRestartedAgentResumesUncommittedAfterFinal(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	disks := t.TempDir()
+	name := ns + "-a"
+	stateDir := t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { destroyAll(t, host) })
+	// The previous process paused the domain for the switch-over (no
+	// Commit: go was never sent) and died holding it.
+	sd, err := host.OpenSource(context.Background(), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sd.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir}
+	ghost := ns + "-ghost"
+	start := metav1.Now()
+	web := migration(ns, "web-away", "web", ghost)
+	create(t, web)
+	setHalves(t, web, v1.MigrationFailed, &v1.SourceState{Host: name, AgentID: "previous-process", Phase: "StopAndCopy", StartTime: &start},
+		&v1.TargetState{Host: ghost, AgentID: "ghost-agent", Failed: true, Message: "connection lost"})
+	if err := writeInflight(ta.stateDir+"/migrations", inflight{UID: string(web.UID), Namespace: ns, Name: web.Name,
+		Role: roleSourceName, Domain: "web", Phase: "StopAndCopy"}); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := host.Domain("web"); !ok || !d.Paused() || d.Committed() {
+		t.Fatalf("adopted domain: found=%v; want it paused and uncommitted", ok)
+	}
+	ta.start(t)
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
+	waitFor(t, "web resumed by the new agent", 15*time.Second, func() (bool, string) {
+		d, ok := host.Domain("web")
+		return ok && !d.Paused(), fmt.Sprintf("found=%v", ok)
+	})
+	domainRunning(t, ta, "web")
+	waitFor(t, "record forgotten", 5*time.Second, func() (bool, string) {
+		rec, err := readInflight(ta.stateDir+"/migrations", string(web.UID))
+		return rec == nil && err == nil, fmt.Sprintf("%+v %v", rec, err)
+	})
+}
+
 // destroyAll ends every domain of a host whose guests would outlive it.
 func destroyAll(t *testing.T, h *sim.Host) {
 	for _, info := range mustDomains(t, h) {

@@ -331,6 +331,16 @@ func (a *Agent) reconcileSource(ctx context.Context, m *v1.VMMigration) (reconci
 		}
 		if m.Status.Phase.IsFinal() {
 			if rec != nil {
+				if rec.Role == roleSourceName && !rec.Committed {
+					// The previous process died after pausing the domain for a
+					// switch-over it never committed (it persists the commit
+					// before go), and the migration ended before this process
+					// came up. The target never got go, so the domain runs
+					// nowhere else: nobody but this agent will resume it.
+					if err := a.resumeAbandoned(ctx, rec.Domain); err != nil {
+						return reconcile.Result{}, fmt.Errorf("migration %s ended while the previous agent process held domain %s paused before go: %w", klogKey(m), rec.Domain, err)
+					}
+				}
 				a.forgetState(uid)
 			}
 			return reconcile.Result{}, nil
