@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -327,6 +328,148 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	rec, err := readInflight(ta.stateDir+"/migrations", string(web.UID))
 	if err != nil || rec == nil || rec.Phase != phaseReclaimed {
 		t.Fatalf("persisted record after the reclaim: %+v, %v", rec, err)
+	}
+}
+
+// The source agent dies after pausing its domain for the stop-and-copy but
+// before go, and the migration fails before a new agent process is up. The
+// domain, adopted paused and uncommitted, runs nowhere else: the restarted
+// agent resumes it instead of leaving it paused for ever.
+func TestRestartedAgentResumesUncommittedAfterFinal(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	disks := t.TempDir()
+	name := ns + "-a"
+	stateDir := t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { destroyAll(t, host) })
+	// The previous process paused the domain for the switch-over (no
+	// Commit: go was never sent) and died holding it.
+	sd, err := host.OpenSource(context.Background(), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sd.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir}
+	ghost := ns + "-ghost"
+	start := metav1.Now()
+	web := migration(ns, "web-away", "web", ghost)
+	create(t, web)
+	setHalves(t, web, v1.MigrationFailed, &v1.SourceState{Host: name, AgentID: "previous-process", Phase: "StopAndCopy", StartTime: &start},
+		&v1.TargetState{Host: ghost, AgentID: "ghost-agent", Failed: true, Message: "connection lost"})
+	if err := writeInflight(ta.stateDir+"/migrations", inflight{UID: string(web.UID), Namespace: ns, Name: web.Name,
+		Role: roleSourceName, Domain: "web", Phase: "StopAndCopy"}); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := host.Domain("web"); !ok || !d.Paused() || d.Committed() {
+		t.Fatalf("adopted domain: found=%v; want it paused and uncommitted", ok)
+	}
+	ta.start(t)
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
+	waitFor(t, "web resumed by the new agent", 15*time.Second, func() (bool, string) {
+		d, ok := host.Domain("web")
+		return ok && !d.Paused(), fmt.Sprintf("found=%v", ok)
+	})
+	domainRunning(t, ta, "web")
+	waitFor(t, "record forgotten", 5*time.Second, func() (bool, string) {
+		rec, err := readInflight(ta.stateDir+"/migrations", string(web.UID))
+		return rec == nil && err == nil, fmt.Sprintf("%+v %v", rec, err)
+	})
+}
+
+// The source agent dies during a post-copy before its durable mirror is
+// complete. The restarted agent adopts the committed, paused domain and
+// writes the whole mirror from it, so the target, whose source never
+// reconnects, can finish from the mirror: every page of it equals the
+// domain's memory and opens against the manifest.
+func TestRestartedAgentRewritesDurableMirror(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	disks := t.TempDir()
+	name := ns + "-a"
+	stateDir, durable := t.TempDir(), t.TempDir()
+	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
+		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8)}}
+	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { destroyAll(t, host) })
+	sd, err := host.OpenSource(context.Background(), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sd.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if err := sd.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := host.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if host, err = sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog); err != nil {
+		t.Fatal(err)
+	}
+	ta := &testAgent{name: name, host: host, stateDir: stateDir, durable: durable}
+	ghost := ns + "-ghost"
+	start := metav1.Now()
+	web := migration(ns, "web-away", "web", ghost)
+	create(t, web)
+	setHalves(t, web, v1.MigrationPostCopy, &v1.SourceState{Host: name, AgentID: "previous-process", Phase: "PostCopy", StartTime: &start, Committed: true},
+		&v1.TargetState{Host: ghost, AgentID: "ghost-agent", Resumed: true})
+	if err := writeInflight(ta.stateDir+"/migrations", inflight{UID: string(web.UID), Namespace: ns, Name: web.Name,
+		Role: roleSourceName, Domain: "web", Committed: true, Phase: "PostCopy"}); err != nil {
+		t.Fatal(err)
+	}
+	// A partial mirror of the previous process: no done file.
+	pagesPath, _, _ := postcopy.MirrorPaths(durable, string(web.UID))
+	if err := os.WriteFile(pagesPath, []byte("partial"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ta.start(t)
+	t.Cleanup(func() { ta.stop(); destroyAll(t, host); host.Close(); deleteHost(t, name) })
+	d, ok := host.Domain("web")
+	if !ok {
+		t.Fatal("the restarted agent lost the committed domain")
+	}
+	var mir *postcopy.OpenedMirror
+	waitFor(t, "a complete mirror", 15*time.Second, func() (bool, string) {
+		var err error
+		mir, err = postcopy.OpenMirror(durable, string(web.UID), d.Info().MemoryBytes/xenmem.PageSize)
+		return err == nil, fmt.Sprint(err)
+	})
+	defer mir.Close()
+	if !d.Paused() || !d.Committed() {
+		t.Fatalf("the domain must stay paused and committed: paused=%v committed=%v", d.Paused(), d.Committed())
+	}
+	mem := d.Memory()
+	page := make([]byte, xenmem.PageSize)
+	for p := uint64(0); p < uint64(len(mem))/xenmem.PageSize; p++ {
+		if !mir.Has(p) {
+			t.Fatalf("page %d missing from the mirror", p)
+		}
+		if err := mir.ReadPage(p, page); err != nil {
+			t.Fatalf("page %d: %v", p, err)
+		}
+		if !bytes.Equal(page, mem[p*xenmem.PageSize:(p+1)*xenmem.PageSize]) {
+			t.Fatalf("page %d of the mirror differs from the paused domain", p)
+		}
 	}
 }
 

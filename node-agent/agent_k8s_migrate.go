@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -331,6 +332,16 @@ func (a *Agent) reconcileSource(ctx context.Context, m *v1.VMMigration) (reconci
 		}
 		if m.Status.Phase.IsFinal() {
 			if rec != nil {
+				if rec.Role == roleSourceName && !rec.Committed {
+					// The previous process died after pausing the domain for a
+					// switch-over it never committed (it persists the commit
+					// before go), and the migration ended before this process
+					// came up. The target never got go, so the domain runs
+					// nowhere else: nobody but this agent will resume it.
+					if err := a.resumeAbandoned(ctx, rec.Domain); err != nil {
+						return reconcile.Result{}, fmt.Errorf("migration %s ended while the previous agent process held domain %s paused before go: %w", klogKey(m), rec.Domain, err)
+					}
+				}
 				a.forgetState(uid)
 			}
 			return reconcile.Result{}, nil
@@ -503,6 +514,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 	if err != nil {
 		return fail(fmt.Errorf("open domain %s on %s: %w", dom.Spec.DomainName, a.cfg.Host, err))
 	}
+	sd = failpointSource(sd) // hack/faults: named hold points; a no-op unless XENFERRY_FAILPOINTS* is set
 	opts := engine.Options{
 		Strategy:          engine.Strategy(p.EngineStrategy),
 		LinkBytesPerSec:   p.BandwidthBytesPerSecond,
@@ -803,6 +815,13 @@ func (a *Agent) adoptCommitted(ctx context.Context, m *v1.VMMigration, half *v1.
 		}
 		r.dom = sd
 		r.message = "the source agent restarted after go; the domain is held paused here until the target's verdict"
+		if dst != nil && dst.Resumed && !dst.Completed && !dst.Discarded && !r.verifiedBeforeGo && a.cfg.DurableDir != "" {
+			// The target runs the domain in post-copy and waits for a source
+			// that will not reconnect (the stream died with the previous
+			// process), then finishes from the durable mirror, which the
+			// previous process may not have completed.
+			go a.rewriteMirror(r, sd)
+		}
 	}
 	a.log.Info("Adopted a migration this agent's previous process had committed", "migration", klogKey(m), "domain", r.domain,
 		"held", r.dom != nil, "done", r.done, "failed", r.failed)
@@ -820,6 +839,62 @@ func (a *Agent) adoptCommitted(ctx context.Context, m *v1.VMMigration, half *v1.
 		a.forgetState(r.uid)
 	}
 	return res, err
+}
+
+// rewriteMirror writes a whole durable post-copy mirror of a committed
+// domain this process adopted, unless a complete one exists. The domain is
+// committed and paused since go, so its memory is its content at the
+// switch-over: every page and its hash are what the target must end with.
+// It stops when the handle is no longer held (a verdict or the agent's
+// stop); pages are read under r.mu, which every path that closes the
+// handle holds.
+func (a *Agent) rewriteMirror(r *run, sd xenmem.SourceDomain) {
+	_, _, done := postcopy.MirrorPaths(a.cfg.DurableDir, r.uid)
+	if _, err := os.Stat(done); err == nil {
+		return
+	}
+	const chunk = 64
+	n := sd.NumPages()
+	err := func() error {
+		m, err := postcopy.CreateMirror(a.cfg.DurableDir, r.uid, n)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		hashes := make([]dedup.Hash, n)
+		buf := make([]byte, chunk*xenmem.PageSize)
+		for first := uint64(0); first < n; first += chunk {
+			cnt := min(chunk, n-first)
+			r.mu.Lock()
+			if r.dom != sd {
+				r.mu.Unlock()
+				return errors.New("the domain is no longer held here")
+			}
+			err := sd.ReadPages(first, buf[:cnt*xenmem.PageSize])
+			r.mu.Unlock()
+			if err != nil {
+				return fmt.Errorf("read pages from %d: %w", first, err)
+			}
+			for i := range cnt {
+				page := buf[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
+				hashes[first+i] = dedup.HashPage(page)
+				if err := m.WritePage(first+i, page); err != nil {
+					return err
+				}
+			}
+		}
+		if err := m.WriteHashes(0, hashes); err != nil {
+			return err
+		}
+		all := xenmem.NewBitmap(n)
+		all.SetAll()
+		return m.Commit(all)
+	}()
+	if err != nil {
+		a.log.Error(err, "Could not rewrite the durable post-copy mirror of an adopted committed domain", "migration", r.key, "dir", a.cfg.DurableDir)
+		return
+	}
+	a.log.Info("Rewrote the durable post-copy mirror from the adopted paused domain: the target can finish from it", "migration", r.key, "pages", n)
 }
 
 // resumeAbandoned resumes a domain that a previous process of this agent
