@@ -257,7 +257,7 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 	}
 	a.ln = ln
 	a.rcv = &engine.Receiver{Host: host, Authorize: a.authorize, Events: a.onReceiverEvent, Log: a.log.WithName("receiver"),
-		DurableDir: cfg.DurableDir, RecoveryTimeout: cfg.RecoveryTimeout}
+		Verified: a.recordVerified, DurableDir: cfg.DurableDir, RecoveryTimeout: cfg.RecoveryTimeout}
 	if err := a.setupReconciler(mgr); err != nil {
 		ln.Close()
 		return nil, err

@@ -973,7 +973,13 @@ func (a *Agent) adoptResumedTarget(ctx context.Context, m *v1.VMMigration, half 
 		}
 	}
 	src := m.Status.Source
+	// Complete: a stop-and-copy verified every page before go, or this
+	// host recorded, before it sent "done", that a post-copy verified
+	// every page (the source may have released its copy since).
 	complete := src != nil && src.Host == m.Status.SourceHost && src.Phase == string(engine.PhaseStopAndCopy)
+	if rec, err := readInflight(a.stateDir(), string(m.UID)); err == nil && rec != nil && rec.Role == roleTargetName && rec.Phase == phaseVerified {
+		complete = true
+	}
 	now := metav1.Now()
 	st := v1.TargetState{Host: a.cfg.Host, AgentID: a.id, Address: half.Address, Prepared: half.Prepared, Resumed: true,
 		ResumeTime: half.ResumeTime, LastUpdateTime: &now}

@@ -46,6 +46,9 @@ const (
 	// phaseReleased and phaseReclaimed close a committed record.
 	phaseReleased  = "Released"
 	phaseReclaimed = "Reclaimed"
+	// phaseVerified closes a target record: every page of the domain that
+	// resumed here matched the source's manifest, recorded before "done".
+	phaseVerified = "Verified"
 	// maxInflight bounds the records kept: migrations run a few at a time
 	// per host, so more are stale ones whose migration was never seen
 	// again; the oldest resolved ones go first.
@@ -83,6 +86,25 @@ func (a *Agent) saveStateLocked(r *run) {
 	if err := writeInflight(a.stateDir(), rec); err != nil {
 		a.log.Error(err, "Could not persist the migration's state; a restarted agent falls back to the API and the domain's state", "migration", r.key)
 	}
+}
+
+// recordVerified persists, before the receiver sends "done", that every
+// page of an incoming post-copy was verified here: once the source has
+// "done" it releases its copy, so a restarted agent must keep this domain.
+func (a *Agent) recordVerified(uid string) error {
+	if a.cfg.StateDir == "" {
+		return nil
+	}
+	r := a.lookup(uid)
+	if r == nil {
+		return fmt.Errorf("no incoming migration %s on this agent", uid)
+	}
+	rec := inflight{UID: uid, Namespace: r.key.Namespace, Name: r.key.Name, Role: roleTargetName,
+		Phase: phaseVerified, Updated: time.Now().UTC()}
+	if err := writeInflight(a.stateDir(), rec); err != nil {
+		return fmt.Errorf("persist the verified state of migration %s: %w", r.key, err)
+	}
+	return nil
 }
 
 // writeInflight writes rec atomically: a temporary file, fsync, rename,

@@ -116,6 +116,13 @@ type Receiver struct {
 	Authorize func(ctx context.Context, req AuthRequest) (*Grant, error)
 	// Events, if set, is told about every migration's progress.
 	Events func(migrationID string, ev Event)
+	// Verified, if set, is called once every page of a post-copy matched
+	// the manifest and before "done" tells the source it may release its
+	// copy: from then on this host's domain is the only one, so the agent
+	// records the fact durably here, where a restarted agent finds it.
+	// An error keeps "done" from being sent; the source then holds its
+	// paused copy until the target's half says completed.
+	Verified func(migrationID string) error
 	// DiskPath maps a domain's disk to this host's view of it in anonymous
 	// mode; nil uses the path from the sender's configuration. With a
 	// grant, disks are the grant's, resolved by ID.

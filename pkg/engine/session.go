@@ -1043,6 +1043,13 @@ func (s *session) finishPostCopy(ctx context.Context) error {
 		st.OpsPerSec = float64(s.dom.Ops()-s.resumeOps) / d
 	}
 	_ = s.lazy.Close()
+	if s.r.Verified != nil {
+		if err := s.r.Verified(s.id); err != nil {
+			// The domain runs here, complete and verified: the failure
+			// only withholds "done", and the source holds its copy.
+			return fmt.Errorf("record that every page was verified before telling the source: %w", err)
+		}
+	}
 	return s.main.sendControl(ctx, &wire.Control{Kind: ctlDone, Data: mustJSON(st)})
 }
 
