@@ -229,6 +229,12 @@ func (a *Agent) reconcileTarget(ctx context.Context, m *v1.VMMigration) (reconci
 			a.log.Info("Keeping a completed incoming migration of this agent's previous process", "migration", klogKey(m), "previousAgent", half.AgentID)
 			return reconcile.Result{}, a.writeTarget(ctx, m, h)
 		}
+		if half != nil && half.AgentID == a.id && half.Failed {
+			// This process ended the half (a settled restart says
+			// discarded): it is the target's verdict, which the source
+			// waits for; preparing again would erase it.
+			return reconcile.Result{}, nil
+		}
 		if half != nil && half.AgentID != a.id && half.Resumed && !half.Failed {
 			return reconcile.Result{}, a.adoptResumedTarget(ctx, m, half)
 		}
