@@ -342,18 +342,8 @@ func (g *guestProc) watchPidfd() {
 func (d *Domain) detach() {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	d.mu.Lock()
-	if d.destroyed {
-		d.mu.Unlock()
+	if !d.letGo(false) { // the uffd registration stays: the guest keeps it
 		return
-	}
-	d.finalWrites, d.finalReads = d.countersLocked()
-	d.destroyed = true
-	lz := d.lazy
-	d.lazy = nil
-	d.mu.Unlock()
-	if lz != nil {
-		lz.stop() // the registration stays: the guest keeps the uffd
 	}
 	if d.guest != nil {
 		d.guest.detach()

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"golang.org/x/sys/unix"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -331,37 +330,42 @@ func (d *Domain) loadState(b []byte) error {
 	return nil
 }
 
-// destroy kills the guest process and unmaps everything. Idempotent.
-func (d *Domain) destroy() {
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
+// letGo ends the agent's hold on d, once: the operation counters are
+// frozen and lazy loading stops serving faults (its registration is the
+// guest's to keep or lose). It reports false when d was let go already.
+// shutdown marks the domain as gone, as destroy does; detach leaves the
+// state the registry has. The caller holds opMu.
+func (d *Domain) letGo(shutdown bool) bool {
 	d.mu.Lock()
 	if d.destroyed {
 		d.mu.Unlock()
-		return
+		return false
 	}
 	d.finalWrites, d.finalReads = d.countersLocked()
 	d.destroyed = true
-	d.state = xenmem.StateShutdown
+	if shutdown {
+		d.state = xenmem.StateShutdown
+	}
 	lz := d.lazy
 	d.lazy = nil
 	d.mu.Unlock()
 	if lz != nil {
 		lz.stop()
 	}
+	return true
+}
+
+// destroy kills the guest process and unmaps everything. Idempotent.
+func (d *Domain) destroy() {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	if !d.letGo(true) {
+		return
+	}
 	if d.guest != nil {
 		d.guest.kill()
 	}
-	if d.mem != nil {
-		_ = unix.Munmap(d.mem)
-		d.mem = nil
-	}
-	if d.ctl != nil {
-		_ = unix.Munmap(d.ctl)
-		d.ctl = nil
-	}
-	d.memFile.Close()
-	d.ctlFile.Close()
+	d.unmapFiles()
 	if d.host != nil && d.host.stateDir != "" {
 		_ = os.Remove(d.host.guestSock(d.spec.Name))
 		_ = os.Remove(d.host.guestLog(d.spec.Name))
