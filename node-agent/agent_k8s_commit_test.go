@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -171,7 +171,7 @@ func TestLostResumedThroughAgents(t *testing.T) {
 	a := startAgent(t, ns+"-a", "1Gi", simDomain("web", ns, "32Mi", 4, sharedDisk(t, disks, "web"), 7))
 	px := newCutProxyTLS(t, "resumed", a.name, ns+"-b")
 	bHost, err := sim.NewHost(sim.Config{Name: ns + "-b", Memory: "1Gi", CPUs: 2, StateDir: t.TempDir()},
-		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b"))
+		testlog.New(t).WithName("sim-b"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +234,7 @@ func TestRestartedAgentResolvesCommittedHalf(t *testing.T) {
 	stateDir := t.TempDir()
 	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
 		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8), simDomain("db", ns, "16Mi", 4, sharedDisk(t, disks, "db"), 9)}}
-	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	simLog := testlog.New(t).WithName("sim-a")
 	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
@@ -343,7 +343,7 @@ func TestRestartedAgentResumesUncommittedAfterFinal(t *testing.T) {
 	stateDir := t.TempDir()
 	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
 		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8)}}
-	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	simLog := testlog.New(t).WithName("sim-a")
 	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
@@ -404,7 +404,7 @@ func TestRestartedAgentRewritesDurableMirror(t *testing.T) {
 	stateDir, durable := t.TempDir(), t.TempDir()
 	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
 		Domains: []sim.DomainSpec{simDomain("web", ns, "16Mi", 4, sharedDisk(t, disks, "web"), 8)}}
-	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-a")
+	simLog := testlog.New(t).WithName("sim-a")
 	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)
@@ -506,7 +506,7 @@ func TestDurablePostCopySurvivesSourceAgentDeath(t *testing.T) {
 	startController(t, ctrlOpts{heartbeat: 15 * time.Second, grace: 10 * time.Second})
 	newAgent := func(name string, doms ...sim.DomainSpec) *testAgent {
 		host, err := sim.NewHost(sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(), Domains: doms},
-			testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-"+name))
+			testlog.New(t).WithName("sim-"+name))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -562,7 +562,7 @@ func TestRestartedTargetAgentSettlesResumedHalf(t *testing.T) {
 	stateDir := t.TempDir()
 	hostCfg := sim.Config{Name: name, Memory: "1Gi", CPUs: 2, StateDir: t.TempDir(),
 		Domains: []sim.DomainSpec{simDomain("full", ns, "16Mi", 4, sharedDisk(t, disks, "full"), 11)}}
-	simLog := testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-b")
+	simLog := testlog.New(t).WithName("sim-b")
 	host, err := sim.OpenHost(hostCfg, sim.Options{StateDir: stateDir}, simLog)
 	if err != nil {
 		t.Fatal(err)

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/xenferry/xenferry/internal/testlog"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -201,7 +201,7 @@ func startController(t *testing.T, o ctrlOpts) *controllers.Metrics {
 		Scheme:                 testScheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		Logger:                 testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("controller"),
+		Logger:                 testlog.New(t).WithName("controller"),
 		Controller:             config.Controller{SkipNameValidation: &skip},
 	})
 	if err != nil {
@@ -263,7 +263,7 @@ func simDomain(name, ns, mem string, dirtyMiBps float64, disk string, seed int64
 func startAgent(t *testing.T, name, memory string, doms ...sim.DomainSpec) *testAgent {
 	t.Helper()
 	host, err := sim.NewHost(sim.Config{Name: name, Memory: memory, CPUs: 2, StateDir: t.TempDir(), Domains: doms},
-		testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("sim-"+name))
+		testlog.New(t).WithName("sim-"+name))
 	if err != nil {
 		t.Fatalf("sim host %s: %v", name, err)
 	}
@@ -297,7 +297,7 @@ func (ta *testAgent) start(t *testing.T) {
 	a, err := NewAgent(as(agentUser), ta.host, AgentConfig{
 		Host: ta.name, DataAddr: "127.0.0.1:0", AdvertiseAddr: ta.advertise, Namespace: "default",
 		HeartbeatInterval: 300 * time.Millisecond, StatusInterval: 200 * time.Millisecond,
-		StateDir: ta.stateDir, DurableDir: ta.durable, RecoveryTimeout: ta.recovery, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0}).WithName("agent-" + ta.name),
+		StateDir: ta.stateDir, DurableDir: ta.durable, RecoveryTimeout: ta.recovery, Log: testlog.New(t).WithName("agent-" + ta.name),
 	})
 	if err != nil {
 		t.Fatalf("agent %s: %v", ta.name, err)

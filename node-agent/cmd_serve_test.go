@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/xenferry/xenferry/pkg/engine"
@@ -21,7 +21,7 @@ import (
 // paused here, never running on both hosts, and an error that names the
 // resolve command; the operator's release then destroys the paused copy.
 func TestServeMigrateKeepsCommittedDomainPaused(t *testing.T) {
-	log := testr.NewWithOptions(t, testr.Options{Verbosity: 0})
+	log := testlog.New(t)
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "vm.img")
 	src, err := sim.NewHost(sim.Config{Name: "src", Memory: "1Gi", CPUs: 2, StateDir: filepath.Join(dir, "src"),
@@ -89,7 +89,7 @@ func TestForgetCancelsOnlyBeforeGo(t *testing.T) {
 		{engine.PhaseStopAndCopy, true, false},
 		{engine.PhasePostCopy, true, false},
 	} {
-		a := &Agent{runs: map[string]*run{}, log: testr.New(t)}
+		a := &Agent{runs: map[string]*run{}, log: testlog.New(t)}
 		cancelled := false
 		r := &run{key: types.NamespacedName{Namespace: "ns", Name: "m"}, uid: "u1", role: roleSource, phase: c.phase,
 			committed: c.committed, cancel: func() { cancelled = true }}

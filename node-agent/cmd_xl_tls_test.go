@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/pkg/pki"
 )
@@ -55,7 +55,7 @@ func TestXLRecvRequiresMutualTLS(t *testing.T) {
 	release := make(chan struct{})
 	srv := &xlRecvServer{
 		src: labSource(t, dir, "host-b"), maxConns: 1, handshakeTimeout: 700 * time.Millisecond,
-		log: testr.New(t),
+		log: testlog.New(t),
 		handle: func(ctx context.Context, c net.Conn, l logr.Logger) error {
 			got <- admitted{peer: peerOf(c)}
 			select {

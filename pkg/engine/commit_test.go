@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/wire"
@@ -193,7 +193,7 @@ func migrateThrough(t *testing.T, e *env, rw *rewriter, name string, opts engine
 	if opts.LinkBytesPerSec == 0 {
 		opts.LinkBytesPerSec = 64 << 20
 	}
-	res, err := engine.Migrate(ctx, dom, rw.addr(), opts, engine.Hooks{Log: testr.New(t)})
+	res, err := engine.Migrate(ctx, dom, rw.addr(), opts, engine.Hooks{Log: testlog.New(t)})
 	return res, err, dom
 }
 
@@ -213,7 +213,7 @@ func TestLostResumedReplyLeavesSourcePaused(t *testing.T) {
 	var committed atomic.Bool
 	_, dom := e.domain("lost", "16Mi", quietProfile)
 	_, err := engine.Migrate(context.Background(), dom, rw.addr(), engine.Options{Strategy: engine.StrategyPreCopy, LinkBytesPerSec: 64 << 20,
-		MigrationID: "lost", Streams: 2, Dial: dial}, engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+		MigrationID: "lost", Streams: 2, Dial: dial}, engine.Hooks{Log: testlog.New(t), Progress: func(p engine.Progress) {
 		if p.Committed {
 			committed.Store(true)
 		}

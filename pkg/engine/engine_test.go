@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
@@ -75,7 +75,7 @@ type env struct {
 func newEnv(t *testing.T, configure func(r *engine.Receiver)) *env {
 	requireRoot(t)
 	dir := t.TempDir()
-	log := testr.NewWithOptions(t, testr.Options{Verbosity: 0})
+	log := testlog.New(t)
 	src, err := sim.NewHost(sim.Config{Name: "src", Memory: "8Gi", CPUs: 2, StateDir: filepath.Join(dir, "src")}, log.WithName("src"))
 	if err != nil {
 		t.Fatal(err)
@@ -165,7 +165,7 @@ func TestMigrateEveryStrategy(t *testing.T) {
 		t.Run(string(st), func(t *testing.T) {
 			name := fmt.Sprintf("dom-%d", i)
 			disk, dom := e.domain(name, "32Mi", webProfile)
-			hooks := engine.Hooks{Log: testr.New(t)}
+			hooks := engine.Hooks{Log: testlog.New(t)}
 			if strings.HasSuffix(string(st), "+dedup") {
 				hooks.Disks = e.catalog(disk)
 			}
@@ -215,7 +215,7 @@ func TestMigrateEveryStrategy(t *testing.T) {
 func TestInlineDemandPath(t *testing.T) {
 	e := newEnv(t, nil)
 	disk, dom := e.domain("inline", "32Mi", webProfile)
-	hooks := engine.Hooks{Log: testr.New(t), Disks: e.catalog(disk)}
+	hooks := engine.Hooks{Log: testlog.New(t), Disks: e.catalog(disk)}
 	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPostCopy,
 		LinkBytesPerSec: 50 << 20, MigrationID: "inline", DemandPath: engine.DemandInline}, hooks)
 	if err != nil {
@@ -262,7 +262,7 @@ func TestDestinationKilledLeavesSourceRunning(t *testing.T) {
 	_, dom := e.domain("victim", "64Mi", webProfile)
 	// 64 MiB at 32 MiB/s: about two seconds of pre-copy.
 	var once sync.Once
-	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+	hooks := engine.Hooks{Log: testlog.New(t), Progress: func(p engine.Progress) {
 		if p.Phase == engine.PhasePreCopy && p.WireBytes > 8<<20 {
 			once.Do(func() { _ = cmd.Process.Signal(syscall.SIGKILL) })
 		}
@@ -276,7 +276,7 @@ func TestDestinationKilledLeavesSourceRunning(t *testing.T) {
 		t.Fatal("the domain does not run on the source after the destination died")
 	}
 	// Unharmed: it migrates fine to a live destination afterwards.
-	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopy, MigrationID: "victim-2"}, engine.Hooks{Log: testr.New(t)})
+	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopy, MigrationID: "victim-2"}, engine.Hooks{Log: testlog.New(t)})
 	if err != nil || !res.Verified {
 		t.Fatalf("second migration: verified=%v err=%v", res.Verified, err)
 	}
@@ -315,7 +315,7 @@ func TestStaleDiskBlocksFallBack(t *testing.T) {
 			}
 			scribble(0, 8<<20) // after the index was built
 			var once sync.Once
-			hooks := engine.Hooks{Log: testr.New(t), Disks: cat, Progress: func(p engine.Progress) {
+			hooks := engine.Hooks{Log: testlog.New(t), Disks: cat, Progress: func(p engine.Progress) {
 				if p.Pages.Disk > 0 {
 					once.Do(func() { scribble(8<<20, 32<<20) }) // after references were sent
 				}
@@ -345,7 +345,7 @@ func TestSharedDiskMissingAtDestination(t *testing.T) {
 		r.DiskPath = func(string, xenmem.Disk) string { return "/nonexistent/xenferry-test-disk.img" }
 	})
 	disk, dom := e.domain("nodisk", "32Mi", sim.Profile{Zero: 0.1, Disk: 0.5, DirtyMiBps: 2, Seed: 22})
-	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopyDedup, MigrationID: "nodisk"}, engine.Hooks{Log: testr.New(t), Disks: e.catalog(disk)})
+	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopyDedup, MigrationID: "nodisk"}, engine.Hooks{Log: testlog.New(t), Disks: e.catalog(disk)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -367,7 +367,7 @@ func TestReferenceOutsideDiskRejected(t *testing.T) {
 	if err := sim.GenerateDisk(short, 4096*16, 99); err != nil {
 		t.Fatal(err)
 	}
-	_, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopyDedup, MigrationID: "oob"}, engine.Hooks{Log: testr.New(t), Disks: e.catalog(disk)})
+	_, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopyDedup, MigrationID: "oob"}, engine.Hooks{Log: testlog.New(t), Disks: e.catalog(disk)})
 	if err == nil {
 		t.Fatal("a reference outside the disk was accepted")
 	}

@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/internal/fuzzseed"
 	"github.com/xenferry/xenferry/pkg/dedup"
@@ -360,7 +360,7 @@ func runScript(t *testing.T, disk string, chunks []chunk) {
 	defer cancel()
 	log := logr.Discard()
 	if os.Getenv("XENFERRY_FUZZ_LOG") != "" {
-		log = testr.New(t)
+		log = testlog.New(t)
 	}
 	r := &engine.Receiver{Host: host, Log: log, RecoveryTimeout: 100 * time.Millisecond,
 		// Never the sender's paths: a fuzzed header names any file.

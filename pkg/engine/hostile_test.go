@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
@@ -199,7 +199,7 @@ func waitGone(t *testing.T, h *sim.Host, name string) {
 func (e *env) migrateOne(name string) {
 	e.t.Helper()
 	_, dom := e.domain(name, "32Mi", sim.Profile{Seed: 5, Zero: 0.5})
-	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopy, MigrationID: name}, engine.Hooks{Log: testr.New(e.t)})
+	res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: engine.StrategyPreCopy, MigrationID: name}, engine.Hooks{Log: testlog.New(e.t)})
 	if err != nil || !res.Verified {
 		e.t.Fatalf("a migration after the hostile one: verified=%v err=%v", res.Verified, err)
 	}
@@ -630,7 +630,7 @@ func TestIdleTimeoutSparesLongPhases(t *testing.T) {
 		t.Run(string(st), func(t *testing.T) {
 			name := "long-" + strings.ReplaceAll(string(st), "+", "-")
 			disk, dom := e.domain(name, "64Mi", sim.Profile{Seed: 9, Zero: 0.3, Disk: 0.3, DirtyMiBps: 8, ReadMiBps: 8})
-			hooks := engine.Hooks{Log: testr.New(t)}
+			hooks := engine.Hooks{Log: testlog.New(t)}
 			if st == engine.StrategyHybridDedup {
 				hooks.Disks = e.catalog(disk)
 			}

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/postcopy"
@@ -88,7 +88,7 @@ func TestPostCopySurvivesLinkCut(t *testing.T) {
 	_, dom := e.domain("cut", "64Mi", sim.Profile{Zero: 0.1, Disk: 0.3, DirtyMiBps: 10, HotFraction: 0.1, HotWriteShare: 0.9, ReadMiBps: 50, Seed: 31})
 	var once sync.Once
 	var sawRecovering atomic.Bool
-	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+	hooks := engine.Hooks{Log: testlog.New(t), Progress: func(p engine.Progress) {
 		if p.Phase == engine.PhaseRecovering {
 			sawRecovering.Store(true)
 		}
@@ -124,7 +124,7 @@ func TestPostCopyRecoveryTimesOut(t *testing.T) {
 	px := newCutter(t, e.addr)
 	_, dom := e.domain("gone", "32Mi", sim.Profile{Zero: 0.1, Disk: 0.3, DirtyMiBps: 10, ReadMiBps: 50, Seed: 32})
 	var once sync.Once
-	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+	hooks := engine.Hooks{Log: testlog.New(t), Progress: func(p engine.Progress) {
 		if p.Phase == engine.PhasePostCopy && p.Percent > 20 {
 			once.Do(func() { px.ln.Close(); px.cut() }) // and no way back
 		}
@@ -172,7 +172,7 @@ func TestDurablePostCopyFinishesWithoutSource(t *testing.T) {
 	_, dom := e.domain("durable", "32Mi", sim.Profile{Zero: 0.1, Disk: 0.3, DirtyMiBps: 10, ReadMiBps: 50, Seed: 33})
 	_, _, doneFile := mirrorDoneFile(shared, "durable")
 	var once sync.Once
-	hooks := engine.Hooks{Log: testr.New(t), Progress: func(p engine.Progress) {
+	hooks := engine.Hooks{Log: testlog.New(t), Progress: func(p engine.Progress) {
 		if p.Phase == engine.PhasePostCopy && p.Percent > 20 {
 			if _, err := os.Stat(doneFile); err == nil {
 				once.Do(func() { px.ln.Close(); px.cut() }) // the source is gone for good

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/wire"
@@ -68,14 +68,14 @@ func (ca *testCA) leaf(host string) tls.Certificate {
 func TestTLSPeerHostReachesAuthorize(t *testing.T) {
 	requireRoot(t)
 	ca := newTestCA(t)
-	dst, err := sim.NewHost(sim.Config{Name: "dst", Memory: "1Gi", CPUs: 2, StateDir: t.TempDir()}, testr.New(t))
+	dst, err := sim.NewHost(sim.Config{Name: "dst", Memory: "1Gi", CPUs: 2, StateDir: t.TempDir()}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer dst.Close()
 	var mu sync.Mutex
 	var peers []string
-	r := &engine.Receiver{Host: dst, Log: testr.New(t), Authorize: func(_ context.Context, req engine.AuthRequest) (*engine.Grant, error) {
+	r := &engine.Receiver{Host: dst, Log: testlog.New(t), Authorize: func(_ context.Context, req engine.AuthRequest) (*engine.Grant, error) {
 		mu.Lock()
 		peers = append(peers, req.PeerHost)
 		mu.Unlock()

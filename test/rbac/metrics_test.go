@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -33,7 +33,7 @@ func TestMetricsOnlyForAuthorizedScrapers(t *testing.T) {
 		Scheme:                 scheme,
 		Metrics:                controllers.MetricsOptions(addr, "", true),
 		HealthProbeBindAddress: "0",
-		Logger:                 testr.New(t),
+		Logger:                 testlog.New(t),
 	})
 	if err != nil {
 		cancel()

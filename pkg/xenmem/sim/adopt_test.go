@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 	"golang.org/x/sys/unix"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -53,7 +53,7 @@ func TestHelperAdoptAgent(t *testing.T) {
 		t.Skip("helper process for TestAgentDeathKeepsGuestsForTheNextAgent")
 	}
 	ctx := ctxT(t)
-	h, err := OpenHost(adoptConfig(dir), Options{StateDir: dir}, testr.New(t))
+	h, err := OpenHost(adoptConfig(dir), Options{StateDir: dir}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +205,7 @@ func TestAgentDeathKeepsGuestsForTheNextAgent(t *testing.T) {
 	}
 
 	// The next agent adopts them.
-	h, err := OpenHost(adoptConfig(dir), Options{StateDir: dir}, testr.New(t))
+	h, err := OpenHost(adoptConfig(dir), Options{StateDir: dir}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +341,7 @@ func TestAgentDeathKeepsGuestsForTheNextAgent(t *testing.T) {
 	if processGone(pids["held"]) {
 		t.Fatal("closing a host with a state dir killed its guest")
 	}
-	h3, err := OpenHost(adoptConfig(dir), Options{StateDir: dir}, testr.New(t))
+	h3, err := OpenHost(adoptConfig(dir), Options{StateDir: dir}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -372,7 +372,7 @@ func TestStateDirHostDetachesAndDropsDeadGuests(t *testing.T) {
 	dir := t.TempDir()
 	cfg := Config{Name: "detach", Memory: "1Gi", CPUs: 2, StateDir: dir,
 		Domains: []DomainSpec{{Name: "vm", Memory: "4Mi", VCPUs: 1, Profile: Profile{DirtyMiBps: 1}}}}
-	h, err := OpenHost(cfg, Options{StateDir: dir}, testr.New(t))
+	h, err := OpenHost(cfg, Options{StateDir: dir}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -397,7 +397,7 @@ func TestStateDirHostDetachesAndDropsDeadGuests(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	h2, err := OpenHost(cfg, Options{StateDir: dir}, testr.New(t))
+	h2, err := OpenHost(cfg, Options{StateDir: dir}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -410,7 +410,7 @@ func TestStateDirHostDetachesAndDropsDeadGuests(t *testing.T) {
 		t.Fatalf("registry after dropping the dead guest: %+v %v %v", reg, ok, err)
 	}
 	// Without a state dir nothing is kept: the configured domain boots.
-	h3, err := NewHost(cfg, testr.New(t))
+	h3, err := NewHost(cfg, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -424,12 +424,12 @@ func TestStateDirHostDetachesAndDropsDeadGuests(t *testing.T) {
 // adopting (or killing) guests it does not own.
 func TestStateDirBelongsToOneHost(t *testing.T) {
 	dir := t.TempDir()
-	h, err := OpenHost(Config{Name: "one", Memory: "1Gi", CPUs: 2}, Options{StateDir: dir}, testr.New(t))
+	h, err := OpenHost(Config{Name: "one", Memory: "1Gi", CPUs: 2}, Options{StateDir: dir}, testlog.New(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.Close()
-	_, err = OpenHost(Config{Name: "two", Memory: "1Gi", CPUs: 2}, Options{StateDir: dir}, testr.New(t))
+	_, err = OpenHost(Config{Name: "two", Memory: "1Gi", CPUs: 2}, Options{StateDir: dir}, testlog.New(t))
 	if err == nil || !strings.Contains(err.Error(), `holds the domains of host "one"`) {
 		t.Fatalf("second host on the same state dir: %v, want a refusal", err)
 	}

@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/go-logr/logr"
-	"github.com/go-logr/logr/testr"
+	"github.com/xenferry/xenferry/internal/testlog"
 	"golang.org/x/sys/unix"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -32,7 +32,7 @@ func newTestHost(t testing.TB, domains ...DomainSpec) *Host {
 	dir := t.TempDir()
 	log := logr.Discard()
 	if tt, ok := t.(*testing.T); ok {
-		log = testr.New(tt)
+		log = testlog.New(tt)
 	}
 	h, err := NewHost(Config{Name: "test", Memory: "4Gi", CPUs: 2, StateDir: dir, Domains: domains}, log)
 	if err != nil {
