@@ -4,11 +4,11 @@
 # image with --help.
 #
 # No container registry is reachable here, so the base images the Dockerfile
-# names are created locally, under the same names, before the build:
-#   debian:bookworm-slim             debootstrap --variant=minbase of bookworm
-#   golang:1.26                      that root file system + this machine's Go
-#   gcr.io/distroless/static:nonroot CA certificates, tzdata, /etc/passwd with
-#                                    nonroot (65532), nothing else
+# names are created locally, under the same short names, before the build
+# (buildah finds a short name in local storage first, so the build pulls
+# nothing):
+#   debian:bookworm-slim  debootstrap --variant=minbase of bookworm
+#   golang:1.26           that root file system + this machine's Go
 # The root file system and the images are cached under .cache/image-smoke
 # (ignored by git and by the build context); a second run reuses them.
 #
@@ -80,40 +80,25 @@ if [ ! -f "$CACHE/rootfs.tar.done" ]; then
 fi
 
 # 2. The stand-in base images, under the names the Dockerfile uses.
-if ! have_image docker.io/library/debian:$SUITE-slim; then
+if ! have_image debian:$SUITE-slim; then
 	log "creating debian:$SUITE-slim"
 	c=$("${BUILDAH[@]}" from scratch)
 	"${BUILDAH[@]}" add "$c" "$CACHE/rootfs.tar" / >/dev/null
 	"${BUILDAH[@]}" config --cmd /bin/bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$c"
-	"${BUILDAH[@]}" commit -q --rm "$c" docker.io/library/debian:$SUITE-slim >/dev/null
+	"${BUILDAH[@]}" commit -q --rm "$c" debian:$SUITE-slim >/dev/null
 fi
 goroot=$(go env GOROOT)
 gover=$(go env GOVERSION)
-if ! have_image docker.io/library/golang:$GO_TAG ||
-	[ "$("${BUILDAH[@]}" inspect --type image --format '{{index .ImageAnnotations "org.xenferry.goversion"}}' docker.io/library/golang:$GO_TAG)" != "$gover" ]; then
+if ! have_image golang:$GO_TAG ||
+	[ "$("${BUILDAH[@]}" inspect --type image --format '{{index .ImageAnnotations "org.xenferry.goversion"}}' golang:$GO_TAG)" != "$gover" ]; then
 	log "creating golang:$GO_TAG from $goroot ($gover)"
-	c=$("${BUILDAH[@]}" from --pull=never docker.io/library/debian:$SUITE-slim)
+	c=$("${BUILDAH[@]}" from --pull=never debian:$SUITE-slim)
 	"${BUILDAH[@]}" copy "$c" "$goroot" /usr/local/go >/dev/null
 	"${BUILDAH[@]}" config --env PATH=/go/bin:/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 		--env GOLANG_VERSION="${gover#go}" --env GOPATH=/go --env GOTOOLCHAIN=local --workingdir /go \
 		--annotation org.xenferry.goversion="$gover" "$c"
 	"${BUILDAH[@]}" run "$c" -- mkdir -p /go/bin /go/src
-	"${BUILDAH[@]}" commit -q --rm "$c" docker.io/library/golang:$GO_TAG >/dev/null
-fi
-if ! have_image gcr.io/distroless/static:nonroot; then
-	log "creating gcr.io/distroless/static:nonroot"
-	d="$CACHE/distroless"
-	rm -rf "$d" && mkdir -p "$d/etc/ssl/certs" "$d/usr/share" "$d/tmp" "$d/home/nonroot"
-	cp "$CACHE/rootfs/etc/ssl/certs/ca-certificates.crt" "$d/etc/ssl/certs/"
-	cp -a "$CACHE/rootfs/usr/share/zoneinfo" "$d/usr/share/"
-	printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$d/etc/passwd"
-	printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$d/etc/group"
-	chmod 1777 "$d/tmp"
-	chown 65532:65532 "$d/home/nonroot"
-	c=$("${BUILDAH[@]}" from scratch)
-	"${BUILDAH[@]}" copy "$c" "$d" / >/dev/null
-	"${BUILDAH[@]}" config --user 65532:65532 --workingdir /home/nonroot --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$c"
-	"${BUILDAH[@]}" commit -q --rm "$c" gcr.io/distroless/static:nonroot >/dev/null
+	"${BUILDAH[@]}" commit -q --rm "$c" golang:$GO_TAG >/dev/null
 fi
 
 # 3. A loopback module proxy over this machine's module cache.
