@@ -146,10 +146,24 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		}
 	}
 	params := resolveParameters(&m.Spec, policy, mem, r.Defaults)
+	// What the hosts' data paths can carry narrows the strategy; a spec they
+	// cannot honour is refused now, never failed late.
+	capHosts := []*v1.XenHost{src}
+	if dst != nil {
+		capHosts = append(capHosts, dst)
+	}
+	capNote, refusal := resolveCapabilities(&params, m.Spec.Strategy, capHosts...)
+	if refusal != "" {
+		r.invalid(s, v1.ReasonUnsupportedStrategy, "The hosts cannot carry this migration: "+refusal)
+		return nil
+	}
 	m.Status.Parameters = &params
 
 	if m.Status.Phase == v1.MigrationPending {
 		msg := fmt.Sprintf("Domain %s (%s) runs on %s; strategy %s", dom.Name, gib(mem), src.Name, params.EngineStrategy)
+		if capNote != "" {
+			msg += " (" + capNote + ")"
+		}
 		if params.Policy != "" {
 			msg += ", policy " + params.Policy
 		}
@@ -197,6 +211,12 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		if dst, why = chooseTarget(hosts.Items, src, mem, l, r.Limits, s.now, r.HeartbeatTimeout); dst == nil {
 			return wait(v1.ReasonNoTargetAvailable, "Waiting for a target: "+why)
 		}
+		// chooseTarget keeps to the source's backend, so the target carries
+		// what the source does; checked all the same before the token binds it.
+		if _, refusal := resolveCapabilities(&params, m.Spec.Strategy, src, dst); refusal != "" {
+			return wait(v1.ReasonNoTargetAvailable, "Waiting for a target: "+refusal)
+		}
+		m.Status.Parameters = &params
 	}
 
 	if err := r.ensureToken(ctx, m, src, dst); err != nil {

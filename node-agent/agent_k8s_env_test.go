@@ -36,6 +36,7 @@ import (
 	"github.com/xenferry/xenferry/controllers"
 	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem/sim"
+	"github.com/xenferry/xenferry/pkg/xenmem/xen"
 )
 
 var (
@@ -343,7 +344,8 @@ func fakeHost(t *testing.T, name, backend string, capacity, free int64) (stop fu
 		if tls == nil {
 			tls = &v1.HostTLS{CSR: string(csr)}
 		}
-		h.Status = v1.XenHostStatus{Backend: backend, Version: sim.Version, AgentID: name + "-fake", CapacityBytes: capacity, FreeBytes: free, HeartbeatTime: &now, TLS: tls}
+		h.Status = v1.XenHostStatus{Backend: backend, Version: sim.Version, AgentID: name + "-fake", CapacityBytes: capacity, FreeBytes: free, HeartbeatTime: &now, TLS: tls,
+			Capabilities: fakeCapabilities(backend)}
 		return k8s.Status().Patch(ctx, h, client.MergeFrom(orig))
 	}
 	if err := beat(); err != nil {
@@ -372,6 +374,14 @@ func fakeHost(t *testing.T, name, backend string, capacity, free int64) (stop fu
 		deleteHost(t, name)
 	})
 	return stop
+}
+
+// fakeCapabilities are what a real agent of backend publishes.
+func fakeCapabilities(backend string) *v1.HostCapabilities {
+	if backend == "xen" {
+		return capabilitiesOf(xen.Capabilities)
+	}
+	return capabilitiesOf(sim.Capabilities)
 }
 
 // fakeDomain publishes a XenDomain running on host, without a real domain.

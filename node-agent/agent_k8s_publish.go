@@ -84,6 +84,7 @@ func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xe
 	h.Status.CapacityBytes, h.Status.FreeBytes = int64(info.TotalMemoryBytes), int64(info.FreeMemoryBytes)
 	h.Status.Domains = int32(running)
 	h.Status.DataAddress = a.DataAddress()
+	h.Status.Capabilities = capabilitiesOf(info.Capabilities)
 	h.Status.HeartbeatTime = &now
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostAgentReadyCondition, Status: metav1.ConditionTrue,
 		Reason: "Heartbeating", Message: "Agent " + a.id + " serves migrations at " + a.DataAddress()})
@@ -202,4 +203,20 @@ func equalSpec(a, b v1.XenDomainSpec) bool {
 		}
 	}
 	return true
+}
+
+// capabilitiesOf maps the backend's data-path capabilities onto the API's.
+func capabilitiesOf(c xenmem.Capabilities) *v1.HostCapabilities {
+	out := &v1.HostCapabilities{Transport: c.Transport, Dedup: c.Dedup, EarlyResume: c.EarlyResume}
+	for _, s := range c.Strategies {
+		switch s {
+		case "precopy":
+			out.Strategies = append(out.Strategies, v1.StrategyPreCopy)
+		case "postcopy":
+			out.Strategies = append(out.Strategies, v1.StrategyPostCopy)
+		case "hybrid":
+			out.Strategies = append(out.Strategies, v1.StrategyHybrid)
+		}
+	}
+	return out
 }

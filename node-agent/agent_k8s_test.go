@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -269,4 +270,53 @@ func TestRBACRolesAreEnforced(t *testing.T) {
 	if err := controller.Create(ctx, &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: ns + "-h"}}); !apierrors.IsForbidden(err) {
 		t.Fatalf("controller creating a XenHost: %v, want Forbidden", err)
 	}
+}
+
+// Between stock Xen hosts (pre-copy through xl, no early resume) the
+// controller narrows the default Hybrid to PreCopy with dedup and says so,
+// and refuses PostCopy at validation.
+func TestCapabilitiesResolveTheStrategy(t *testing.T) {
+	requireEnv(t)
+	ns := newNamespace(t)
+	startController(t, ctrlOpts{grace: 2 * time.Second})
+	a, b := ns+"-xa", ns+"-xb"
+	fakeHost(t, a, "xen", 8<<30, 8<<30)
+	fakeHost(t, b, "xen", 8<<30, 8<<30)
+	fakeDomain(t, ns, "vm", a, 256<<20)
+
+	t.Run("PostCopy between xen hosts is refused at validation", func(t *testing.T) {
+		create(t, migration(ns, "post", "vm", b, strategy(v1.StrategyPostCopy)))
+		m := waitPhase(t, ns, "post", 20*time.Second, v1.MigrationFailed)
+		cond := condition(m, v1.ValidCondition)
+		if cond == nil || cond.Status != metav1.ConditionFalse || cond.Reason != v1.ReasonUnsupportedStrategy || !strings.Contains(cond.Message, "needs early resume") {
+			t.Fatalf("Valid condition %+v; want False/%s explaining early resume", cond, v1.ReasonUnsupportedStrategy)
+		}
+		if m.Status.TargetHost != "" || m.Status.Tokens != nil {
+			t.Fatalf("a refused migration chose target %q / sealed tokens %+v", m.Status.TargetHost, m.Status.Tokens)
+		}
+		waitEvents(t, m, v1.ReasonUnsupportedStrategy)
+	})
+	t.Run("the default Hybrid runs as PreCopy with dedup", func(t *testing.T) {
+		create(t, migration(ns, "auto", "vm", ""))
+		m := waitPhase(t, ns, "auto", 20*time.Second, v1.MigrationPreparingTarget)
+		if p := m.Status.Parameters; p == nil || p.EngineStrategy != "precopy+dedup" || p.AllowPostCopy {
+			t.Fatalf("resolved parameters %+v; want precopy+dedup without post-copy", p)
+		}
+		cond := condition(m, v1.ValidCondition)
+		if cond == nil || cond.Status != metav1.ConditionTrue || !strings.Contains(cond.Message, "Hybrid runs as PreCopy") {
+			t.Fatalf("Valid condition %+v; want True saying Hybrid runs as PreCopy", cond)
+		}
+		if m.Status.TargetHost != b {
+			t.Fatalf("target %q, want %s", m.Status.TargetHost, b)
+		}
+		// The fake hosts never answer: the finalizer lets the object go after
+		// the grace period, so no slot stays taken for later tests.
+		if err := k8s.Delete(context.Background(), m); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "VMMigration auto deleted", 20*time.Second, func() (bool, string) {
+			err := k8s.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: "auto"}, &v1.VMMigration{})
+			return apierrors.IsNotFound(err), fmt.Sprint(err)
+		})
+	})
 }

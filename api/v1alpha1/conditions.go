@@ -21,6 +21,10 @@ const (
 	ReasonInsufficientCapacity = "InsufficientCapacity"
 	// ReasonIncompatibleHosts: backends or hypervisor versions differ.
 	ReasonIncompatibleHosts = "IncompatibleHosts"
+	// ReasonUnsupportedStrategy: the hosts' data paths cannot carry the
+	// strategy the spec demands (e.g. PostCopy between hosts without early
+	// resume).
+	ReasonUnsupportedStrategy = "UnsupportedStrategy"
 	// ReasonTargetUnschedulable: the target is cordoned.
 	ReasonTargetUnschedulable = "TargetUnschedulable"
 	// ReasonPolicyNotFound: spec.policyRef names no MigrationPolicy.

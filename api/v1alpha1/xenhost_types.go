@@ -53,6 +53,10 @@ type XenHostStatus struct {
 	// the controller answers with a certificate and the CA bundle.
 	// +optional
 	TLS *HostTLS `json:"tls,omitempty"`
+	// capabilities of this host's data path, from its backend; the
+	// controller runs between two hosts only what both can.
+	// +optional
+	Capabilities *HostCapabilities `json:"capabilities,omitempty"`
 	// heartbeatTime is refreshed by the agent; a stale heartbeat means the
 	// agent is gone and its migrations fail safe.
 	// +optional
@@ -119,4 +123,24 @@ type XenHostList struct {
 	metav1.TypeMeta `json:",inline"`
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []XenHost `json:"items"`
+}
+
+// HostCapabilities say which migrations a host's data path can carry.
+type HostCapabilities struct {
+	// transport moves the memory: "engine" (xenferry's engine: pre-copy,
+	// post-copy, hybrid) or "xl" (stock `xl migrate` through xenferry's
+	// transport, pre-copy only).
+	Transport string `json:"transport"`
+	// strategies the host can run.
+	// +optional
+	// +listType=set
+	Strategies []MigrationStrategy `json:"strategies,omitempty"`
+	// dedup: pages equal to blocks of the domain's shared disk can go as
+	// references.
+	// +optional
+	Dedup bool `json:"dedup,omitempty"`
+	// earlyResume: the domain can run on this host before all its memory
+	// arrived (PostCopy, and Hybrid's switch to post-copy).
+	// +optional
+	EarlyResume bool `json:"earlyResume,omitempty"`
 }

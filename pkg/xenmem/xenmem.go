@@ -62,6 +62,33 @@ type HostInfo struct {
 	TotalMemoryBytes uint64 `json:"totalMemoryBytes"`
 	FreeMemoryBytes  uint64 `json:"freeMemoryBytes"`
 	CPUs             int    `json:"cpus"`
+	// Capabilities say which migrations this host's data path can carry.
+	Capabilities Capabilities `json:"capabilities"`
+}
+
+// Transports: how a host's memory crosses to another host.
+const (
+	// TransportEngine is xenferry's own engine (pkg/engine): pre-copy,
+	// post-copy and hybrid, with disk dedup, on a backend that can map and
+	// lazily load guest memory.
+	TransportEngine = "engine"
+	// TransportXL is the stock toolstack: `xl migrate` with xenferry's xl
+	// transport (dedup of the libxc stream), pre-copy only.
+	TransportXL = "xl"
+)
+
+// Capabilities of a host's data path. Two hosts can run a strategy only
+// if both list it and share the transport.
+type Capabilities struct {
+	Transport string `json:"transport"`
+	// Strategies the host can run: "precopy", "postcopy", "hybrid".
+	Strategies []string `json:"strategies"`
+	// Dedup: pages equal to blocks of the domain's shared disk go as
+	// references.
+	Dedup bool `json:"dedup"`
+	// EarlyResume: the domain can run on the target before all its memory
+	// arrived (post-copy and hybrid).
+	EarlyResume bool `json:"earlyResume"`
 }
 
 // Errors shared by the backends.

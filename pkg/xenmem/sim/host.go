@@ -61,6 +61,11 @@ func (h *Host) Domain(name string) (*Domain, bool) {
 }
 
 // Info describes the host; free memory is capacity minus every domain.
+// Capabilities of a sim host: xenferry's engine with every strategy; the
+// guests' memory can be lazily loaded through userfaultfd.
+var Capabilities = xenmem.Capabilities{Transport: xenmem.TransportEngine,
+	Strategies: []string{"precopy", "postcopy", "hybrid"}, Dedup: true, EarlyResume: true}
+
 func (h *Host) Info(ctx context.Context) (xenmem.HostInfo, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -71,6 +76,7 @@ func (h *Host) Info(ctx context.Context) (xenmem.HostInfo, error) {
 		TotalMemoryBytes: h.capacity,
 		FreeMemoryBytes:  h.capacity - h.usedLocked(),
 		CPUs:             h.cfg.CPUs,
+		Capabilities:     Capabilities,
 	}, nil
 }
 

@@ -206,6 +206,11 @@ func (h *Host) CreateTarget(_ context.Context, info xenmem.DomainInfo) (xenmem.T
 func (h *Host) Close() error { return nil }
 
 // ParseInfo reads the "key : value" lines of `xl info`.
+// Capabilities of a stock Xen host: pre-copy only, since no released Xen
+// can run a domain whose memory has not all arrived (docs/xen-postcopy.md),
+// with dedup by xenferry's xl transport.
+var Capabilities = xenmem.Capabilities{Transport: xenmem.TransportXL, Strategies: []string{"precopy"}, Dedup: true}
+
 func ParseInfo(out []byte) (xenmem.HostInfo, error) {
 	kv := map[string]string{}
 	sc := bufio.NewScanner(bytes.NewReader(out))
@@ -220,7 +225,7 @@ func ParseInfo(out []byte) (xenmem.HostInfo, error) {
 	if err := sc.Err(); err != nil {
 		return xenmem.HostInfo{}, fmt.Errorf("xen: read xl info: %w", err)
 	}
-	info := xenmem.HostInfo{Name: kv["host"], Backend: "xen", Version: kv["xen_version"]}
+	info := xenmem.HostInfo{Name: kv["host"], Backend: "xen", Version: kv["xen_version"], Capabilities: Capabilities}
 	if info.Version == "" && kv["xen_major"] != "" {
 		info.Version = kv["xen_major"] + "." + kv["xen_minor"] + kv["xen_extra"]
 	}

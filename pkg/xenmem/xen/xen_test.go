@@ -180,7 +180,7 @@ func TestParseInfo(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ParseInfo: %v", err)
 	}
-	if want := (xenmem.HostInfo{Name: "h", Backend: "xen", Version: "4.17.5", TotalMemoryBytes: 1 << 30, FreeMemoryBytes: 100 << 20, CPUs: 2}); info != want {
+	if want := (xenmem.HostInfo{Name: "h", Backend: "xen", Version: "4.17.5", TotalMemoryBytes: 1 << 30, FreeMemoryBytes: 100 << 20, CPUs: 2, Capabilities: Capabilities}); !reflect.DeepEqual(info, want) {
 		t.Errorf("got %+v, want %+v", info, want)
 	}
 }
