@@ -33,6 +33,11 @@ type SendOptions struct {
 	// stream without one) before the first PAGE_DATA record; the PageIndex
 	// it returns replaces idx. An error ends the session.
 	IndexFor func(*XLHeader) (PageIndex, error)
+	// BeforeTrailer, when set, is called once, before the first byte xl
+	// wrote after libxl's END is sent. After the stream xl sends only the
+	// permission to go, so this is the point of no return of an xl
+	// migration: an error ends the session without sending it.
+	BeforeTrailer func() error
 }
 
 // Send is the source side of a session: it reads xl's migration stream
@@ -115,6 +120,15 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			}
 			if err != nil {
 				return err
+			}
+			if opts.BeforeTrailer != nil && t.Layer == LayerTrailer {
+				if err := enc.Flush(); err != nil {
+					return err
+				}
+				if err := opts.BeforeTrailer(); err != nil {
+					return err
+				}
+				opts.BeforeTrailer = nil
 			}
 			if opts.IndexFor != nil && t.Kind == TokPages {
 				idx, err := opts.IndexFor(rd.XL())

@@ -477,3 +477,70 @@ func TestHelloCarriesTheRemoteCommand(t *testing.T) {
 		t.Fatalf("not a hello: %v", err)
 	}
 }
+
+// xl's permission to go (the bytes after libxl's END) crosses only after
+// BeforeTrailer said yes; refused, the destination never sees it.
+func TestBeforeTrailerGatesThePermissionToGo(t *testing.T) {
+	in := loadFixture(t, fixtures[0].file)
+	rd := NewReader(bytes.NewReader(in))
+	for {
+		tok, err := rd.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok.Layer == LayerTrailer {
+			t.Fatalf("fixture already has a trailer; the test needs one without")
+		}
+	}
+	goMsg := []byte("domain is yours, you are cleared to unpause")
+	stream := append(append([]byte{}, in...), goMsg...)
+	for _, refuse := range []bool{false, true} {
+		t.Run(fmt.Sprintf("refuse=%v", refuse), func(t *testing.T) {
+			a, b := net.Pipe()
+			var rebuilt bytes.Buffer
+			done := make(chan error, 1)
+			go func() {
+				defer b.Close()
+				cmdInR, cmdInW := io.Pipe()
+				cmdOutR, cmdOutW := io.Pipe()
+				go func() {
+					io.Copy(&rebuilt, cmdInR)
+					cmdOutW.Close()
+				}()
+				_, err := Receive(context.Background(), b, cmdInW, cmdOutR, nil, ReceiveOptions{Wait: func() int { return 0 }})
+				done <- err
+			}()
+			calls := 0
+			_, err := Send(context.Background(), a, bytes.NewReader(stream), io.Discard, nil, SendOptions{BeforeTrailer: func() error {
+				calls++
+				if refuse {
+					return errors.New("cancelled before go")
+				}
+				return nil
+			}})
+			a.Close()
+			<-done
+			if calls != 1 {
+				t.Fatalf("BeforeTrailer called %d times, want once", calls)
+			}
+			if refuse {
+				if err == nil {
+					t.Fatal("Send succeeded although BeforeTrailer refused")
+				}
+				if bytes.Contains(rebuilt.Bytes(), goMsg) {
+					t.Fatal("the permission to go reached the destination after a refusal")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Send: %v", err)
+			}
+			if !bytes.Equal(rebuilt.Bytes(), stream) {
+				t.Fatalf("rebuilt %d bytes, want %d (with the go message)", rebuilt.Len(), len(stream))
+			}
+		})
+	}
+}
