@@ -118,6 +118,9 @@ var (
 	ErrBadFrame       = errors.New("xlstream: invalid transport frame")
 	ErrChecksum       = errors.New("xlstream: rebuilt record does not match the source's checksum")
 	ErrFallbackFailed = errors.New("xlstream: page fallback from the source failed")
+	// ErrCommandEnded: the receiving command (xl migrate-receive) closed
+	// its output before the stream's end, i.e. it failed.
+	ErrCommandEnded = errors.New("xlstream: the receiving command ended before the stream did")
 )
 
 func align8(n uint64) uint64 { return (n + recAlign - 1) &^ (recAlign - 1) }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"reflect"
-	"strings"
 	"testing"
 	"time"
 
@@ -15,7 +14,7 @@ import (
 )
 
 // sentinels are the package's errors; every error it returns wraps one.
-var sentinels = []error{ErrBadMagic, ErrUnsupported, ErrBadHeader, ErrBadRecord, ErrRecordTooLong, ErrTruncated, ErrBadFrame, ErrChecksum, ErrFallbackFailed}
+var sentinels = []error{ErrBadMagic, ErrUnsupported, ErrBadHeader, ErrBadRecord, ErrRecordTooLong, ErrTruncated, ErrBadFrame, ErrChecksum, ErrFallbackFailed, ErrCommandEnded}
 
 func wrapsSentinel(err error) bool {
 	for _, s := range sentinels {
@@ -273,6 +272,20 @@ type nopCloser struct{ io.Writer }
 
 func (nopCloser) Close() error { return nil }
 
+// commandPipes stands in for a command whose output ends once its input is
+// closed (as xl migrate-receive's does when it succeeds).
+func commandPipes() (io.WriteCloser, io.Reader) {
+	pr, pw := io.Pipe()
+	return endsWith{io.Discard, pw}, pr
+}
+
+type endsWith struct {
+	io.Writer
+	out *io.PipeWriter
+}
+
+func (e endsWith) Close() error { return e.out.Close() }
+
 // FuzzReceive is the destination of an xl transport session fed arbitrary
 // bytes from the source, REFs resolved against a disk where every other
 // block is stale (so it asks for fallbacks): it returns, with an error
@@ -287,7 +300,8 @@ func FuzzReceive(f *testing.F) {
 		conn := &fuzzConn{Reader: bytes.NewReader(b)}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		_, err := Receive(ctx, conn, nopCloser{io.Discard}, strings.NewReader(""), d,
+		in, out := commandPipes()
+		_, err := Receive(ctx, conn, in, out, d,
 			ReceiveOptions{QueueBytes: 1 << 20, FallbackTimeout: 5 * time.Millisecond, Wait: func() int { return 0 }})
 		if err != nil && !wrapsSentinel(err) {
 			t.Fatalf("Receive error %q wraps no sentinel", err)

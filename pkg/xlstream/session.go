@@ -44,7 +44,8 @@ type SendOptions struct {
 // from xlIn and writes its frames to conn, relays the destination's bytes
 // for xl to xlOut, and answers the destination's NEED/ACK frames. It
 // returns when xlIn ended and the destination closed the connection (or
-// sent its EXIT frame). idx may be nil.
+// sent its EXIT frame). idx may be nil. xlOut is closed, when it is an
+// io.Closer, once the destination has ended.
 func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writer, idx PageIndex, opts SendOptions) (SendStats, error) {
 	enc := NewEncoder(conn, idx, opts.Window)
 	rd := NewReader(xlIn)
@@ -99,7 +100,25 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 				}
 			}
 		}()
+		// The destination has said all it will (its EXIT, or the end of
+		// the connection). xl may be waiting for a reply that cannot come
+		// (its target failed before "ready"): the end of its input tells
+		// it so, and it then ends its stream, which ends the loop below.
+		if c, ok := xlOut.(io.Closer); ok {
+			c.Close()
+		}
 	}()
+
+	// Cancelling ctx ends the session at once, even while xl is quiet
+	// (waiting for the destination): the connection is closed, so the
+	// destination's command sees a cut stream, fails, and xl here learns
+	// it through the end of its input.
+	stopWatch := context.AfterFunc(ctx, func() {
+		if c, ok := conn.(io.Closer); ok {
+			c.Close()
+		}
+	})
+	defer stopWatch()
 
 	sendErr := func() error {
 		last := time.Now()
@@ -151,6 +170,9 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			}
 		}
 	}()
+	if sendErr != nil && ctx.Err() != nil {
+		sendErr = context.Cause(ctx) // why it ended, not the closed connection
+	}
 	if sendErr != nil {
 		enc.Abort(sendErr)
 		if c, ok := conn.(io.Closer); ok {
@@ -265,6 +287,11 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 				if errors.Is(err, io.EOF) {
 					err = nil
 				}
+				// The command's output ends only after it has the whole
+				// stream (and its permission to go), unless it failed:
+				// then nothing more is read for it, and the source must
+				// learn so instead of waiting for a reply that cannot come.
+				q.fail(ErrCommandEnded)
 				backDone <- err
 				return
 			}
