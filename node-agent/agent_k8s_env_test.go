@@ -50,6 +50,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	testRole() // the stand-in xl and node-agent of the xl path tests
 	code := m.Run()
 	if testEnv != nil {
 		if err := testEnv.Stop(); err != nil {

@@ -29,6 +29,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/xenferry/xenferry/internal/xlpath"
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xlstream"
@@ -68,6 +69,8 @@ func runXLSend(ctx context.Context, args []string) error {
 	report := fs.String("report", "", "write a JSON summary to this file")
 	verbose := fs.Int("v", 0, "log verbosity")
 	serverName := fs.String("server-name", "", "name the receiver's certificate must carry (default: HOST)")
+	authFile := fs.String("auth-file", os.Getenv(xlAuthFileEnv), "agent mode: JSON {migration, token} sent before the stream (default $"+xlAuthFileEnv+")")
+	progressFile := fs.String("progress-file", os.Getenv(xlProgressFileEnv), "agent mode: where progress and the commit are reported (default $"+xlProgressFileEnv+")")
 	var tf tlsFlags
 	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
@@ -93,6 +96,27 @@ func runXLSend(ctx context.Context, args []string) error {
 		rep.Error = err.Error()
 		return err
 	}
+	// Agent mode: the agent that ran xl reads the progress file and may ask
+	// for an abort with SIGTERM, honoured only before the permission to go.
+	var prog xlProgress
+	if *progressFile != "" {
+		prog.path = *progressFile
+		prog.p.PID = os.Getpid()
+		if err := prog.write(false); err != nil {
+			return err
+		}
+	}
+	ctx, stopSignals := prog.abortable(ctx, log)
+	defer stopSignals()
+	var auth *xlpath.Auth
+	if *authFile != "" {
+		a, err := readAuthFile(*authFile)
+		if err != nil {
+			rep.Error = err.Error()
+			return err
+		}
+		auth = &a
+	}
 	if *serverName == "" {
 		*serverName = host
 	}
@@ -109,6 +133,12 @@ func runXLSend(ctx context.Context, args []string) error {
 		return fmt.Errorf("connect to node-agent xl-recv at %s: %w (is `node-agent xl-recv` running on %s?)", addr, err, host)
 	}
 	defer conn.Close()
+	if auth != nil {
+		if err := xlpath.WriteAuth(conn, *auth); err != nil {
+			rep.Error = err.Error()
+			return fmt.Errorf("authenticate to %s: %w", addr, err)
+		}
+	}
 	if err := xlstream.WriteHello(conn, remote); err != nil {
 		rep.Error = err.Error()
 		return fmt.Errorf("send hello to %s: %w", addr, err)
@@ -122,9 +152,18 @@ func runXLSend(ctx context.Context, args []string) error {
 		}
 	}()
 	opts := xlstream.SendOptions{ProgressEvery: 10 * time.Second}
+	lastLog := time.Now()
 	opts.Progress = func(s xlstream.SendStats) {
-		log.Info("Sending", "streamMiB", s.Reader.Bytes>>20, "linkMiB", s.Encode.OutBytes>>20,
-			"zero", s.Encode.ZeroPages, "ref", s.Encode.RefPages, "data", s.Encode.DataPages)
+		prog.update(s)
+		if time.Since(lastLog) >= 10*time.Second {
+			lastLog = time.Now()
+			log.Info("Sending", "streamMiB", s.Reader.Bytes>>20, "linkMiB", s.Encode.OutBytes>>20,
+				"zero", s.Encode.ZeroPages, "ref", s.Encode.RefPages, "data", s.Encode.DataPages)
+		}
+	}
+	if prog.path != "" {
+		opts.ProgressEvery = 500 * time.Millisecond
+		opts.BeforeTrailer = prog.commit
 	}
 	if !*noDedup {
 		opts.IndexFor = func(h *xlstream.XLHeader) (xlstream.PageIndex, error) {
@@ -153,6 +192,7 @@ func runXLSend(ctx context.Context, args []string) error {
 		}
 	}
 	st, err := xlstream.Send(ctx, conn, os.Stdin, os.Stdout, nil, opts)
+	prog.finish(st, err)
 	rep.StreamBytes, rep.LinkBytes = st.Reader.Bytes, st.Encode.OutBytes
 	rep.PageRecords, rep.ZeroPages, rep.RefPages = st.Encode.PageRecords, st.Encode.ZeroPages, st.Encode.RefPages
 	rep.DataPages, rep.FallbackPages, rep.ExitStatus = st.Encode.DataPages, st.Encode.FallbackPages, st.ExitStatus
