@@ -72,7 +72,13 @@ type AgentConfig struct {
 	// the grant of an incoming migration; nil: shared storage is mounted
 	// at the same path on every host.
 	DiskPath func(v1.DomainDisk) (string, error)
-	Log      logr.Logger
+	// XL is the xl command of a host whose data path is the stock
+	// toolstack (default "xl").
+	XL string
+	// NodeAgent is this program, run by xl as its transport (default: the
+	// running executable).
+	NodeAgent string
+	Log       logr.Logger
 }
 
 func runK8sAgent(ctx context.Context, args []string) error {
@@ -87,6 +93,7 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.DataAddr, "data-addr", "127.0.0.1:0", "listen address of the migration data path")
 	fs.StringVar(&cfg.AdvertiseAddr, "advertise-addr", "", "data address published to peers (default: the listener's)")
 	fs.StringVar(&cfg.Namespace, "namespace", "default", "namespace of XenDomains whose configuration names none")
+	fs.StringVar(&cfg.XL, "xl", "xl", "xen backend: the xl command (migrations run `xl migrate` with this program as its transport)")
 	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 5*time.Second, "XenHost heartbeat interval")
 	fs.DurationVar(&cfg.StatusInterval, "status-interval", time.Second, "minimum interval between progress writes per migration")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes and in-flight migration state (default: $TMPDIR/xenferry-agent-HOST)")
@@ -177,6 +184,10 @@ type Agent struct {
 	api client.Reader
 	ln  net.Listener
 	rcv *engine.Receiver
+	// transport is the backend's data path (xenmem.TransportEngine or
+	// TransportXL): which receiver serves the data port and how the
+	// source half runs.
+	transport string
 	// tls is the agent's key and, once the controller issued it, its
 	// certificate and CA bundle; read at every handshake.
 	tls *pki.Identity
@@ -219,6 +230,9 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 	if cfg.Namespace == "" {
 		cfg.Namespace = "default"
 	}
+	if cfg.XL == "" {
+		cfg.XL = "xl"
+	}
 	idb := make([]byte, 6)
 	if _, err := rand.Read(idb); err != nil {
 		return nil, fmt.Errorf("agent id: %w", err)
@@ -251,6 +265,13 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		return nil, fmt.Errorf("agent %s: %w", cfg.Host, err)
 	}
 	a.tls = pki.NewIdentity(key)
+	ictx, icancel := context.WithTimeout(context.Background(), 30*time.Second)
+	info, err := host.Info(ictx)
+	icancel()
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: host info: %w", cfg.Host, err)
+	}
+	a.transport = info.Capabilities.Transport
 	ln, err := net.Listen("tcp", cfg.DataAddr)
 	if err != nil {
 		return nil, fmt.Errorf("agent %s: listen on %s: %w", cfg.Host, cfg.DataAddr, err)
@@ -298,7 +319,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Add(4)
 	// Only mTLS peers with a certificate of the cluster's CA get past the
 	// handshake; the receiver bounds it with its handshake deadline.
-	go func() { defer wg.Done(); errc <- a.rcv.Serve(ctx, pki.Listener(a.ln, a.tls)) }()
+	go func() {
+		defer wg.Done()
+		if a.usesXL() {
+			errc <- a.serveXL(ctx)
+			return
+		}
+		errc <- a.rcv.Serve(ctx, pki.Listener(a.ln, a.tls))
+	}()
 	go func() { defer wg.Done(); errc <- a.mgr.Start(ctx) }()
 	go func() { defer wg.Done(); a.publishLoop(ctx); errc <- nil }()
 	go func() { defer wg.Done(); a.certLoop(ctx); errc <- nil }()

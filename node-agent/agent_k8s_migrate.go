@@ -69,7 +69,7 @@ type run struct {
 	// a verdict: the domain stays paused here, held, until the target's
 	// half says discarded (Reclaim) or that it runs the domain with
 	// verified memory (Release). nil otherwise.
-	dom xenmem.SourceDomain
+	dom heldDomain
 	// verifiedBeforeGo: the target verified every page before go (a
 	// stop-and-copy), so its "resumed" alone proves it runs a good copy.
 	verifiedBeforeGo bool
@@ -80,6 +80,15 @@ type run struct {
 	lastWrite time.Time
 	// lastPhase is the phase last written, so a phase change is written at once.
 	lastPhase string
+}
+
+// heldDomain is a committed domain held here until the target's verdict:
+// an engine source handle, or what xl left suspended (xlHeld).
+type heldDomain interface {
+	Info() xenmem.DomainInfo
+	Reclaim(reason string) error
+	Release() error
+	Close() error
 }
 
 func (a *Agent) setupReconciler(mgr ctrl.Manager) error {
@@ -234,6 +243,11 @@ func (a *Agent) reconcileTarget(ctx context.Context, m *v1.VMMigration) (reconci
 			// discarded): it is the target's verdict, which the source
 			// waits for; preparing again would erase it.
 			return reconcile.Result{}, nil
+		}
+		if half != nil && half.AgentID != a.id && a.usesXL() && !half.Failed && (half.Prepared || half.Resumed) {
+			// xl, not this process, creates and starts the domain here:
+			// what runs now is the verdict.
+			return a.adoptXLTarget(ctx, m, half)
 		}
 		if half != nil && half.AgentID != a.id && half.Resumed && !half.Failed {
 			return reconcile.Result{}, a.adoptResumedTarget(ctx, m, half)
@@ -515,6 +529,9 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 	p := m.Status.Parameters
 	if p == nil {
 		return fail(fmt.Errorf("VMMigration %s/%s has no resolved parameters", m.Namespace, m.Name))
+	}
+	if a.usesXL() {
+		return a.startSourceXL(ctx, m, r, dom.Spec.DomainName, tok)
 	}
 	sd, err := a.host.OpenSource(ctx, dom.Spec.DomainName)
 	if err != nil {
@@ -804,6 +821,11 @@ func (a *Agent) adoptCommitted(ctx context.Context, m *v1.VMMigration, half *v1.
 	case info.State == xenmem.StateRunning:
 		r.failed = true
 		r.message = fmt.Sprintf("the source agent restarted after go and finds the domain %s running on %s: it was resumed outside xenferry; check that the target does not run it too", r.domain, a.cfg.Host)
+	case a.usesXL():
+		// xl left it suspended as NAME--migratedaway: hold it for the
+		// target's verdict, as the process that ran xl would have.
+		r.dom = &xlHeld{a: a, name: r.domain}
+		r.message = "the source agent restarted after xl's permission to go; the domain is held suspended here until the target's verdict"
 	default:
 		sd, err := a.host.OpenSource(ctx, r.domain)
 		if err != nil {

@@ -14,6 +14,7 @@ package main
 // references, and the destination rebuilds the exact stream for its xl.
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -31,6 +32,7 @@ import (
 
 	"github.com/xenferry/xenferry/internal/xlpath"
 	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/pace"
 	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xlstream"
 )
@@ -69,6 +71,7 @@ func runXLSend(ctx context.Context, args []string) error {
 	report := fs.String("report", "", "write a JSON summary to this file")
 	verbose := fs.Int("v", 0, "log verbosity")
 	serverName := fs.String("server-name", "", "name the receiver's certificate must carry (default: HOST)")
+	rateCap := fs.Int64("rate", 0, "bandwidth cap on the link in bytes per second (0: none)")
 	authFile := fs.String("auth-file", os.Getenv(xlAuthFileEnv), "agent mode: JSON {migration, token} sent before the stream (default $"+xlAuthFileEnv+")")
 	progressFile := fs.String("progress-file", os.Getenv(xlProgressFileEnv), "agent mode: where progress and the commit are reported (default $"+xlProgressFileEnv+")")
 	var tf tlsFlags
@@ -191,7 +194,11 @@ func runXLSend(ctx context.Context, args []string) error {
 			return catalogIndex{dedup.NewCatalog(list...)}, nil
 		}
 	}
-	st, err := xlstream.Send(ctx, conn, os.Stdin, os.Stdout, nil, opts)
+	var link io.ReadWriter = conn
+	if b := pace.New(*rateCap, 256<<10, true, "xl-send link"); b != nil {
+		link = pacedConn{Conn: conn, ctx: ctx, b: b}
+	}
+	st, err := xlstream.Send(ctx, link, os.Stdin, os.Stdout, nil, opts)
 	prog.finish(st, err)
 	rep.StreamBytes, rep.LinkBytes = st.Reader.Bytes, st.Encode.OutBytes
 	rep.PageRecords, rep.ZeroPages, rep.RefPages = st.Encode.PageRecords, st.Encode.ZeroPages, st.Encode.RefPages
@@ -347,12 +354,21 @@ func checkRemoteArgv(argv []string) error {
 }
 
 func serveXLRecv(ctx context.Context, c net.Conn, xlPath string, log logr.Logger) error {
+	_, err := receiveXL(ctx, c, xlPath, log, nil)
+	return err
+}
+
+// receiveXL serves one xl-send connection: the request, then xl
+// migrate-receive fed with the rebuilt stream. check, when set, vets xl's
+// header (the domain's configuration) before xl reads a byte. It returns
+// xl migrate-receive's exit status (-1 if it did not end by itself).
+func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, check func(*xlstream.XLHeader) error) (int, error) {
 	argv, err := xlstream.ReadHello(c)
 	if err != nil {
-		return err
+		return -1, err
 	}
 	if err := checkRemoteArgv(argv); err != nil {
-		return err
+		return -1, err
 	}
 	// The request is in: the pre-authentication deadline ends here.
 	_ = c.SetDeadline(time.Time{})
@@ -361,18 +377,18 @@ func serveXLRecv(ctx context.Context, c net.Conn, xlPath string, log logr.Logger
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return err
+		return -1, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return err
+		return -1, err
 	}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", strings.Join(argv, " "), err)
+		return -1, fmt.Errorf("start %s: %w", strings.Join(argv, " "), err)
 	}
 	log.Info("Started", "cmd", strings.Join(argv, " "), "pid", cmd.Process.Pid)
 	res := &lazyResolver{ctx: ctx, log: log}
-	tee := &prefixTee{w: stdin, max: 1 << 20}
+	tee := &prefixTee{w: stdin, max: 1 << 20, check: check}
 	res.header = tee
 	status := -1
 	st, err := xlstream.Receive(ctx, c, tee, stdout, res, xlstream.ReceiveOptions{
@@ -397,21 +413,41 @@ func serveXLRecv(ctx context.Context, c net.Conn, xlPath string, log logr.Logger
 	log.Info("Migration received", "seconds", time.Since(start).Seconds(), "linkBytes", st.InBytes, "streamBytes", st.OutBytes,
 		"zero", st.ZeroPages, "ref", st.RefPages, "data", st.DataPages, "stale", st.StalePages, "xlStatus", status)
 	if err != nil {
-		return err
+		return status, err
 	}
 	if status != 0 {
-		return fmt.Errorf("xl migrate-receive exited with status %d", status)
+		return status, fmt.Errorf("xl migrate-receive exited with status %d", status)
 	}
-	return nil
+	return status, nil
+}
+
+// pacedConn paces what is written to the link; reads and Close pass.
+type pacedConn struct {
+	net.Conn
+	ctx context.Context
+	b   *pace.Bucket
+}
+
+func (p pacedConn) Write(b []byte) (int, error) {
+	if err := p.b.Wait(p.ctx, len(b)); err != nil {
+		return 0, err
+	}
+	return p.Conn.Write(b)
 }
 
 // prefixTee passes writes through and keeps the first max bytes, where
-// xl's header (and with it the domain's disk list) is.
+// xl's header (and with it the domain's disk list) is. With check set,
+// nothing reaches xl before the header has been read and check accepted
+// it: the configuration in it names what xl migrate-receive will attach.
 type prefixTee struct {
 	w   io.WriteCloser
 	mu  sync.Mutex
 	buf []byte
 	max int
+	// check, when set, vets xl's header before any byte is passed on.
+	check   func(*xlstream.XLHeader) error
+	checked bool
+	pending []byte // written before the check, at most about max bytes
 }
 
 func (t *prefixTee) Write(p []byte) (int, error) {
@@ -419,8 +455,48 @@ func (t *prefixTee) Write(p []byte) (int, error) {
 	if room := t.max - len(t.buf); room > 0 {
 		t.buf = append(t.buf, p[:min(room, len(p))]...)
 	}
+	if t.check == nil || t.checked {
+		t.mu.Unlock()
+		return t.w.Write(p)
+	}
+	t.pending = append(t.pending, p...)
+	h, err := parseXLHeader(t.pending)
+	if err == nil && h == nil {
+		if len(t.pending) < t.max {
+			t.mu.Unlock()
+			return len(p), nil // held back until the header is whole
+		}
+		err = fmt.Errorf("no xl header in the first %d bytes: %w", t.max, xlstream.ErrBadHeader)
+	}
+	if err == nil {
+		err = t.check(h)
+	}
+	if err != nil {
+		t.mu.Unlock()
+		return 0, fmt.Errorf("refused the incoming domain: %w", err)
+	}
+	held := t.pending
+	t.checked, t.pending = true, nil
 	t.mu.Unlock()
-	return t.w.Write(p)
+	if _, err := t.w.Write(held); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// parseXLHeader reads xl's header from the start of a stream: nil, nil
+// while more bytes are needed.
+func parseXLHeader(b []byte) (*xlstream.XLHeader, error) {
+	rd := xlstream.NewReader(bytes.NewReader(b))
+	for rd.XL() == nil {
+		if _, err := rd.Next(); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, xlstream.ErrTruncated) {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("parse xl header: %w", err)
+		}
+	}
+	return rd.XL(), nil
 }
 
 func (t *prefixTee) Close() error { return t.w.Close() }

@@ -74,6 +74,8 @@ func fakeXL(args []string) int {
 		return fakeMigrate(args[1:])
 	case "migrate-receive":
 		return fakeReceive()
+	case "info", "list", "destroy", "rename", "unpause":
+		return fakeToolstack(args)
 	}
 	fmt.Fprintf(os.Stderr, "fake xl: unsupported command %q\n", args[0])
 	return 2
@@ -162,7 +164,11 @@ func fakeReceive() int {
 	}
 	rd := xlstream.NewReader(os.Stdin)
 	for !rd.Complete() {
-		if _, err := rd.Next(); err != nil {
+		_, err := rd.Next()
+		if h := rd.XL(); dom == "" && h != nil {
+			dom = fakeConfigName(h.Config)
+		}
+		if err != nil {
 			fmt.Fprintf(os.Stderr, "migration target: Domain creation failed (code -3): %v\n", err)
 			fakeSetDomain(dom+"--incoming", "")
 			return 1
@@ -185,6 +191,9 @@ func fakeReceive() int {
 	fmt.Fprintln(os.Stderr, "migration target: Got permission, starting domain.")
 	fakeSetDomain(dom+"--incoming", "")
 	fakeSetDomain(dom, "running")
+	if h := rd.XL(); h != nil {
+		fakeSetConfig(dom, h.Config)
+	}
 	if fail == "no-report" {
 		return 0
 	}
@@ -210,7 +219,7 @@ func fakeStream() ([]byte, error) {
 // fakeXLHost is one host of the stand-in: its domains directory and the
 // wrapper scripts that run the test binary as xl and as node-agent there.
 type fakeXLHost struct {
-	dir, xl, agent string
+	dir, xl, agent, stream string
 }
 
 func newFakeXLHost(t *testing.T, env ...string) fakeXLHost {
@@ -223,7 +232,7 @@ func newFakeXLHost(t *testing.T, env ...string) fakeXLHost {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := fakeXLHost{dir: t.TempDir()}
+	h := fakeXLHost{dir: t.TempDir(), stream: stream}
 	bin := t.TempDir()
 	vars := append([]string{"FAKE_XL_DIR=" + h.dir, "FAKE_XL_STREAM=" + stream}, env...)
 	script := func(name, role string) string {
@@ -246,6 +255,9 @@ func (h fakeXLHost) state(t *testing.T) map[string]string {
 		t.Fatal(err)
 	}
 	for _, e := range ents {
+		if e.IsDir() {
+			continue // configurations
+		}
 		b, err := os.ReadFile(filepath.Join(h.dir, e.Name()))
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			t.Fatal(err)

@@ -37,6 +37,9 @@ type Identity struct {
 	mu  sync.RWMutex
 	key *ecdsa.PrivateKey
 	m   *Material
+	// certPEM and caPEM are what Set installed, for helper processes that
+	// take files (node-agent xl-send under xl migrate).
+	certPEM, caPEM []byte
 }
 
 // NewIdentity returns an Identity for key, without a certificate yet.
@@ -62,8 +65,22 @@ func (id *Identity) Set(certPEM, caBundlePEM []byte) error {
 	m := &Material{Cert: tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: id.key, Leaf: leaf}, Leaf: leaf, Roots: roots}
 	id.mu.Lock()
 	id.m = m
+	id.certPEM, id.caPEM = append([]byte(nil), certPEM...), append([]byte(nil), caBundlePEM...)
 	id.mu.Unlock()
 	return nil
+}
+
+// PEM returns the installed certificate, the key and the CA bundle in PEM,
+// or ErrNoCertificate before Set.
+func (id *Identity) PEM() (certPEM, keyPEM, caPEM []byte, err error) {
+	id.mu.RLock()
+	certPEM, caPEM = id.certPEM, id.caPEM
+	id.mu.RUnlock()
+	if certPEM == nil {
+		return nil, nil, nil, ErrNoCertificate
+	}
+	keyPEM, err = MarshalKeyPEM(id.key)
+	return certPEM, keyPEM, caPEM, err
 }
 
 // Current implements Source.
