@@ -54,28 +54,6 @@ step() {
 	log "== $*"
 }
 
-# status prints the workload's status block on the shared disk as
-# "BOOT COUNTER CHECKS BAD", or nothing when there is none.
-status() {
-	dd if="$WORK/shared.raw" bs=4096 count=1 iflag=direct status=none 2>/dev/null | tr -d '\0' |
-		sed -n 's/^XENLAB-STATUS boot=\([0-9a-f]*\) counter=\([0-9]*\) checks=\([0-9]*\) bad=\([0-9]*\).*/\1 \2 \3 \4/p' | head -1
-}
-
-# link_bytes HOST prints rx+tx bytes of HOST's private-link NIC.
-link_bytes() {
-	local mac
-	mac="52:54:00:77:$(host_idx "$1"):02"
-	rsh "$1" <<EOF
-for n in /sys/class/net/*; do
-	if [ "\$(cat \$n/address)" = "$mac" ] && [ ! -e \$n/bridge ]; then
-		echo \$(( \$(cat \$n/statistics/rx_bytes) + \$(cat \$n/statistics/tx_bytes) ))
-		exit 0
-	fi
-done
-echo "no NIC with MAC $mac" >&2; exit 1
-EOF
-}
-
 # create_domu HOST: (re)creates the domU on HOST and waits until its
 # workload reports from a new boot with at least two memory checks done.
 create_domu() {

@@ -36,7 +36,7 @@ start_host() {
 		-initrd "$WORK/boot/vmlinuz root=/dev/vda rw console=hvc0 init=/sbin/xenlab-init xenlab.host=$h xenlab.ip=$(host_ip "$h") xenlab.ctlmac=52:54:00:77:$idx:01 xenlab.linkmac=52:54:00:77:$idx:02,$WORK/boot/initrd.img" \
 		-drive "file=$WORK/host-$h.qcow2,if=virtio,format=qcow2,cache=unsafe" \
 		-drive "file=$WORK/shared.raw,if=virtio,format=raw,cache=none,file.locking=off" \
-		-netdev "user,id=ctl,restrict=on,net=198.19.0.0/24,hostfwd=tcp:127.0.0.1:$(ctl_port "$h")-198.19.0.15:2222" \
+		-netdev "user,id=ctl,restrict=on,net=198.19.0.0/24,hostfwd=tcp:127.0.0.1:$(ctl_port "$h")-198.19.0.15:2222,guestfwd=tcp:$LAB_API_IP:6443-cmd:$XENLAB_DIR/apifwd.sh" \
 		-device "virtio-net-pci,netdev=ctl,mac=52:54:00:77:$idx:01" \
 		-netdev "$linknet" -device "virtio-net-pci,netdev=link,mac=52:54:00:77:$idx:02,host_mtu=9000" \
 		-virtfs "local,path=$SHARE,mount_tag=xenlab,security_model=none,id=share" \

@@ -23,6 +23,9 @@ SHARE="$WORK/share"
 ctl_port() { case $1 in a) echo $((PORT_BASE + 1)) ;; b) echo $((PORT_BASE + 2)) ;; esac; }
 link_port() { echo $((PORT_BASE + 10)); }
 host_ip() { case $1 in a) echo 198.18.77.1 ;; b) echo 198.18.77.2 ;; esac; }
+# The dom0s reach the host's local control plane (hack/controlplane.sh) at
+# this address of their control network (QEMU guestfwd, apifwd.sh).
+LAB_API_IP=198.19.0.100
 host_idx() { case $1 in a) echo 0a ;; b) echo 0b ;; esac; }
 
 # rsh HOST: runs the script on stdin in dom0 of HOST, prints its output and
@@ -34,4 +37,26 @@ rsh() {
 	printf '%s\n' "$out" | grep -v '^__XENLAB_RC=' || true
 	[[ -n $rc ]] || { log "rsh $h: no exit status (control channel down?)"; return 255; }
 	return "$rc"
+}
+
+# status prints the workload's status block on the shared disk as
+# "BOOT COUNTER CHECKS BAD", or nothing when there is none.
+status() {
+	dd if="$WORK/shared.raw" bs=4096 count=1 iflag=direct status=none 2>/dev/null | tr -d '\0' |
+		sed -n 's/^XENLAB-STATUS boot=\([0-9a-f]*\) counter=\([0-9]*\) checks=\([0-9]*\) bad=\([0-9]*\).*/\1 \2 \3 \4/p' | head -1
+}
+
+# link_bytes HOST prints rx+tx bytes of HOST's private-link NIC.
+link_bytes() {
+	local mac
+	mac="52:54:00:77:$(host_idx "$1"):02"
+	rsh "$1" <<EOF
+for n in /sys/class/net/*; do
+	if [ "\$(cat \$n/address)" = "$mac" ] && [ ! -e \$n/bridge ]; then
+		echo \$(( \$(cat \$n/statistics/rx_bytes) + \$(cat \$n/statistics/tx_bytes) ))
+		exit 0
+	fi
+done
+echo "no NIC with MAC $mac" >&2; exit 1
+EOF
 }

@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# operator-e2e.sh: the operator on real Xen (make xenlab-operator-e2e).
+#
+# The local control plane (hack/controlplane.sh) and the controller run on
+# this machine; a node agent runs in each lab dom0 (--backend xen) and
+# reaches the API server through QEMU's guestfwd (apifwd.sh). VMMigrations
+# then move the lab's PV domU between the two real Xen hosts through the
+# agents' xl data path (xl migrate + node-agent xl-send, mTLS between the
+# agents with certificates the controller issued):
+#
+#   apply             a->b, must end Succeeded with dedup and live progress
+#   cancel            b->a, cancelled once bytes flow: the domU stays on b
+#   kill-target-agent b->a, the agent on a killed once bytes flow: the domU
+#                     ends on exactly one host, intact
+#
+# After each step: the domU runs on one host only, kept its boot id, its
+# counter goes on and its memory check found no bad page (the workload of
+# e2e.sh). One JSON line per step on stdout:
+# {"step","ok","phase","source","target","domainHosts","stateIntact",
+#  "seconds","progressSamples","dedupSavedBytes","linkBytes","memoryBytes"}.
+source "$(dirname "$0")/lib.sh"
+
+DOMU=xlab
+NS=default
+CP="$REPO_DIR/.xenferry/controlplane"
+LOGS="$WORK/operator"
+STEP_TIMEOUT=${XENLAB_STEP_TIMEOUT:-1500}
+started_hosts=0
+controller_pid=
+fail=0
+mkdir -p "$LOGS"
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	for h in "${HOSTS[@]}"; do
+		timeout 60 rsh "$h" <<<'[ -e /run/xenlab-agent.pid ] && kill "$(cat /run/xenlab-agent.pid)" 2>/dev/null; rm -f /run/xenlab-agent.pid; true' >/dev/null 2>&1 || true
+	done
+	[[ -n $controller_pid ]] && kill "$controller_pid" 2>/dev/null
+	if ((started_hosts)); then
+		"$XENLAB_DIR/hosts.sh" down || true
+	fi
+	"$REPO_DIR/hack/controlplane.sh" down >/dev/null 2>&1 || true
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step() { log "== $*"; }
+k() { kubectl --kubeconfig "$CP/kubeconfig" --request-timeout=30s "$@"; }
+
+# status and link_bytes (lib.sh) read the workload's status block and
+# the private link's counters, as e2e.sh does.
+
+# domain_hosts prints the lab hosts (xenlab-a, xenlab-b) where the domU
+# exists under its own name or xl's migration names, as a JSON array.
+domain_hosts() {
+	local out=() h
+	for h in "${HOSTS[@]}"; do
+		if rsh "$h" <<<"xl list | awk '{print \$1}' | grep -Eq '^$DOMU(--incoming|--migratedaway)?\$'" >/dev/null 2>&1; then
+			out+=("\"xenlab-$h\"")
+		fi
+	done
+	local IFS=,
+	echo "[${out[*]}]"
+}
+
+# intact BOOT COUNTER CHECKS: the status block shows the same boot, a
+# counter past COUNTER, two more memory checks than CHECKS, no bad page.
+intact() {
+	local boot=$1 counter=$2 checks=$3 t0=$SECONDS s b n c bad
+	while ((SECONDS - t0 < 180)); do
+		s=$(status)
+		read -r b n c bad <<<"${s:-x 0 0 0}"
+		[[ $b == "$boot" ]] || { log "state: boot id changed ($boot -> $b)"; return 1; }
+		((bad == 0)) || { log "state: $bad bad pages"; return 1; }
+		if ((n > counter && c >= checks + 2)); then
+			log "state: intact (was counter=$counter checks=$checks, now $s)"
+			return 0
+		fi
+		sleep 3
+	done
+	log "state: counter/checks did not advance within 180s ($s)"
+	return 1
+}
+
+start_agent() { # HOST
+	local h=$1
+	rsh "$h" <<EOF >&2
+set -e
+[ -e /run/xenlab-agent.pid ] && kill "\$(cat /run/xenlab-agent.pid)" 2>/dev/null || true
+install -m 0755 /xenlab/share/node-agent /usr/local/bin/
+mkdir -p /var/lib/xenferry /var/log/xenlab
+setsid node-agent run --backend xen --kubeconfig /xenlab/share/kubeconfig-lab --host xenlab-$h \
+	--data-addr $(host_ip "$h"):7080 --namespace $NS --state-dir /var/lib/xenferry \
+	--heartbeat-interval 5s --status-interval 2s </dev/null >>/var/log/xenlab/agent.log 2>&1 &
+echo \$! >/run/xenlab-agent.pid
+echo "agent on xenlab-$h: pid \$(cat /run/xenlab-agent.pid)"
+EOF
+}
+
+kill_agent() { # HOST
+	rsh "$1" <<<'kill -9 "$(cat /run/xenlab-agent.pid)"; rm -f /run/xenlab-agent.pid; echo "agent killed"' >&2
+}
+
+jq_m() { k get vmmigration "$1" -n "$NS" -o json 2>/dev/null | jq -r "$2" 2>/dev/null; }
+
+# run_step NAME MIGRATION TARGET ACTION: applies the migration, does ACTION
+# (none, cancel, kill-target-agent) once bytes flow, waits for a final
+# phase and prints the step's JSON line.
+run_step() {
+	local name=$1 mig=$2 target=$3 action=$4 s boot counter checks b0 b1 t0 phase="" samples=0 last="" sent acted=0 src
+	s=$(status)
+	read -r boot counter checks _ <<<"$s"
+	src=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.host}')
+	b0=$(link_bytes "${src#xenlab-}") || b0=0
+	step "$name: $DOMU from $src to $target ($action); status $s"
+	k apply -f - >&2 <<EOF
+apiVersion: migration.xenferry.io/v1alpha1
+kind: VMMigration
+metadata: {name: $mig, namespace: $NS}
+spec: {domain: $DOMU, targetHost: $target}
+EOF
+	t0=$SECONDS
+	while ((SECONDS - t0 < STEP_TIMEOUT)); do
+		phase=$(jq_m "$mig" '.status.phase // ""')
+		sent=$(jq_m "$mig" '.status.source.progress.bytesSent // 0')
+		if [[ $sent != 0 && $sent != "$last" ]]; then
+			samples=$((samples + 1))
+			last=$sent
+			log "$name: $phase, $(jq_m "$mig" '.status.progressText // ""') $sent bytes sent"
+		fi
+		if ((!acted)) && [[ $action != none && $sent != 0 ]]; then
+			acted=1
+			case $action in
+			cancel) k patch vmmigration "$mig" -n "$NS" --type merge -p '{"spec":{"cancel":true}}' >&2 ;;
+			kill-target-agent) kill_agent "${target#xenlab-}" ;;
+			esac
+		fi
+		case $phase in Succeeded | Failed | Cancelled) break ;; esac
+		sleep 2
+	done
+	local secs=$((SECONDS - t0))
+	b1=$(link_bytes "${src#xenlab-}") || b1=$b0
+	log "$name: phase $phase after ${secs}s: $(jq_m "$mig" '.status.conditions[-1].message // ""')"
+	k get vmmigration "$mig" -n "$NS" -o yaml >"$LOGS/$mig.yaml" 2>&1 || true
+	if [[ $action == kill-target-agent ]]; then
+		start_agent "${target#xenlab-}"
+	fi
+	local hosts ok=false st=false saved mem
+	hosts=$(domain_hosts)
+	if intact "$boot" "$counter" "$checks"; then st=true; fi
+	saved=$(jq_m "$mig" '.status.result.dedupSavedBytes // 0')
+	mem=$(jq_m "$mig" '.status.result.memoryBytes // 0')
+	[[ $mem == 0 ]] && mem=$((DOMU_MEM_MB << 20))
+	[[ -n $phase ]] && [[ $st == true ]] && ok=true
+	printf '{"step":"%s","ok":%s,"phase":"%s","source":"%s","target":"%s","domainHosts":%s,"stateIntact":%s,"seconds":%d,"progressSamples":%d,"dedupSavedBytes":%s,"linkBytes":%d,"memoryBytes":%s}\n' \
+		"$name" "$ok" "$phase" "$src" "$target" "$hosts" "$st" "$secs" "$samples" "$saved" "$((b1 - b0))" "$mem"
+}
+
+# ---------------------------------------------------------------- build
+step "build"
+command -v jq >/dev/null || die "jq is needed (apt-get install jq)"
+command -v kubectl >/dev/null || die "kubectl is needed"
+nice -n 10 "$XENLAB_DIR/deps.sh"
+nice -n 10 "$XENLAB_DIR/build-rootfs.sh"
+nice -n 10 "$XENLAB_DIR/build-domu.sh"
+(cd "$REPO_DIR" && CGO_ENABLED=0 go build -o "$SHARE/node-agent" ./node-agent && go build -o bin/xenferry-controller .)
+[[ -x $REPO_DIR/bin/kube-apiserver ]] || (cd "$REPO_DIR" && hack/tools.sh etcd kube-apiserver >&2)
+
+step "control plane and controller on this machine"
+"$REPO_DIR/hack/controlplane.sh" up >&2
+k apply -f "$REPO_DIR/config/crd/bases" >&2
+k wait --for condition=established --timeout 60s crd --all >&2
+setsid "$REPO_DIR/bin/xenferry-controller" --kubeconfig "$CP/kubeconfig" --ca-namespace "$NS" \
+	--metrics-bind-address 0 --health-probe-bind-address 0 >"$LOGS/controller.log" 2>&1 &
+controller_pid=$!
+# The dom0s' kubeconfig: the API server through guestfwd (lab only: the
+# admin token, the server's self-signed certificate not verified).
+sed -e "s#server: https://127.0.0.1:[0-9]*#server: https://$LAB_API_IP:6443#" "$CP/kubeconfig" >"$SHARE/kubeconfig-lab"
+chmod 600 "$SHARE/kubeconfig-lab"
+
+step "hosts"
+host_status=$("$XENLAB_DIR/hosts.sh" status)
+if grep -q stopped <<<"$host_status"; then
+	started_hosts=1
+	"$XENLAB_DIR/hosts.sh" down
+	"$XENLAB_DIR/hosts.sh" up || { "$XENLAB_DIR/hosts.sh" down; "$XENLAB_DIR/hosts.sh" up; }
+else
+	# Running hosts may predate the guestfwd to the API server.
+	log "reusing running hosts"
+	"$XENLAB_DIR/hosts.sh" wait
+fi
+for h in "${HOSTS[@]}"; do
+	rsh "$h" <<<"xl destroy $DOMU 2>/dev/null; node-agent xl-index --state-dir /var/lib/xenferry /dev/vdb >/dev/null 2>&1; true" >&2 || true
+	start_agent "$h"
+done
+for i in $(seq 120); do
+	n=$(k get xenhosts -o name 2>/dev/null | wc -l)
+	((n >= 2)) && break
+	sleep 5
+done
+k get xenhosts >&2 || true
+((n >= 2)) || die "the agents did not register their XenHosts (see /var/log/xenlab/agent.log in the dom0s)"
+
+step "domU on a"
+t0=$SECONDS
+rsh a <<<"xl create -q -e /xenlab/share/domu.cfg" >&2
+while ((SECONDS - t0 < 400)); do
+	s=$(status)
+	read -r _ _ c _ <<<"${s:-x 0 0 0}"
+	h=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.host}' 2>/dev/null || true)
+	[[ $h == xenlab-a ]] && ((c >= 2)) && break
+	sleep 3
+done
+[[ $h == xenlab-a ]] || die "XenDomain $DOMU not published on xenlab-a (status: ${s:-none})"
+
+results=()
+results+=("$(run_step apply xlab-apply xenlab-b none)")
+results+=("$(run_step cancel xlab-cancel xenlab-a cancel)")
+results+=("$(run_step kill-target-agent xlab-kill xenlab-a kill-target-agent)")
+
+for r in "${results[@]}"; do
+	printf '%s\n' "$r"
+	jq -e '.ok' <<<"$r" >/dev/null || fail=1
+done
+if ((fail)); then
+	for h in "${HOSTS[@]}"; do
+		log "agent log of $h:"
+		rsh "$h" <<<"tail -n 40 /var/log/xenlab/agent.log" >&2 || true
+	done
+	tail -n 40 "$LOGS/controller.log" >&2 || true
+fi
+exit "$fail"
