@@ -142,46 +142,40 @@ func checkXLConfig(h *xlstream.XLHeader, want xenmem.DomainInfo) error {
 	return nil
 }
 
-// xlDomainHere reports whether name runs on this host, and whether xl's
-// incoming copy of it (NAME--incoming) exists.
-func (a *Agent) xlDomainHere(ctx context.Context, name string) (runs, incoming bool, err error) {
+// xlStates returns the states in which this host holds domain name, under
+// its own name or one of xl's migration names (the Xen backend maps
+// NAME--incoming to StateIncoming and NAME--migratedaway to
+// StateMigrating). Running and Paused both count as running.
+func (a *Agent) xlStates(ctx context.Context, name string) (map[xenmem.State]bool, error) {
 	doms, err := a.host.Domains(ctx)
 	if err != nil {
-		return false, false, err
+		return nil, err
 	}
+	st := map[xenmem.State]bool{}
 	for _, d := range doms {
 		if d.Name != name {
 			continue
 		}
-		switch d.State {
-		case xenmem.StateIncoming:
-			incoming = true
-		case xenmem.StateRunning, xenmem.StatePaused:
-			runs = true
+		if d.State == xenmem.StatePaused {
+			d.State = xenmem.StateRunning
 		}
+		st[d.State] = true
 	}
-	return runs, incoming, nil
+	return st, nil
+}
+
+// xlDomainHere reports whether name runs on this host, and whether xl's
+// incoming copy of it (NAME--incoming) exists.
+func (a *Agent) xlDomainHere(ctx context.Context, name string) (runs, incoming bool, err error) {
+	st, err := a.xlStates(ctx, name)
+	return st[xenmem.StateRunning], st[xenmem.StateIncoming], err
 }
 
 // xlMigratingHere reports whether xl left name suspended here as
 // NAME--migratedaway, and whether it runs here under its own name.
 func (a *Agent) xlMigratingHere(ctx context.Context, name string) (away, runs bool, err error) {
-	doms, err := a.host.Domains(ctx)
-	if err != nil {
-		return false, false, err
-	}
-	for _, d := range doms {
-		if d.Name != name {
-			continue
-		}
-		switch d.State {
-		case xenmem.StateMigrating:
-			away = true
-		case xenmem.StateRunning, xenmem.StatePaused:
-			runs = true
-		}
-	}
-	return away, runs, nil
+	st, err := a.xlStates(ctx, name)
+	return st[xenmem.StateMigrating], st[xenmem.StateRunning], err
 }
 
 func (a *Agent) xlCommand(ctx context.Context, args ...string) error {

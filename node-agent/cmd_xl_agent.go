@@ -74,9 +74,14 @@ func (x *xlProgress) update(s xlstream.SendStats) {
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	x.take(s)
+	_ = x.write(false)
+}
+
+// take copies the session's figures; callers hold x.mu.
+func (x *xlProgress) take(s xlstream.SendStats) {
 	x.p.StreamBytes, x.p.LinkBytes = s.Reader.Bytes, s.Encode.OutBytes
 	x.p.ZeroPages, x.p.RefPages, x.p.DataPages, x.p.FallbackPages = s.Encode.ZeroPages, s.Encode.RefPages, s.Encode.DataPages, s.Encode.FallbackPages
-	_ = x.write(false)
 }
 
 // commit runs before the permission to go leaves: it records the commit
@@ -105,8 +110,7 @@ func (x *xlProgress) finish(st xlstream.SendStats, err error) {
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.p.StreamBytes, x.p.LinkBytes = st.Reader.Bytes, st.Encode.OutBytes
-	x.p.ZeroPages, x.p.RefPages, x.p.DataPages, x.p.FallbackPages = st.Encode.ZeroPages, st.Encode.RefPages, st.Encode.DataPages, st.Encode.FallbackPages
+	x.take(st)
 	if err != nil {
 		x.p.Error = err.Error()
 	}
