@@ -92,7 +92,7 @@ set -e
 [ -e /run/xenlab-agent.pid ] && kill "\$(cat /run/xenlab-agent.pid)" 2>/dev/null || true
 install -m 0755 /xenlab/share/node-agent /usr/local/bin/
 mkdir -p /var/lib/xenferry /var/log/xenlab
-setsid node-agent run --backend xen --kubeconfig /xenlab/share/kubeconfig-lab --host xenlab-$h \
+setsid nice -n -10 node-agent run --backend xen --kubeconfig /xenlab/share/kubeconfig-lab --host xenlab-$h \
 	--data-addr $(host_ip "$h"):7080 --namespace $NS --state-dir /var/lib/xenferry \
 	--heartbeat-interval 5s --status-interval 2s </dev/null >>/var/log/xenlab/agent.log 2>&1 &
 echo \$! >/run/xenlab-agent.pid
@@ -184,7 +184,9 @@ step "control plane and controller on this machine"
 "$REPO_DIR/hack/controlplane.sh" up >&2
 k apply -f "$REPO_DIR/config/crd/bases" >&2
 k wait --for condition=established --timeout 60s crd --all >&2
-setsid "$REPO_DIR/bin/xenferry-controller" --kubeconfig "$CP/kubeconfig" --ca-namespace "$NS" \
+# An emulated dom0 with one vCPU running xl's save helper can starve its
+# agent for tens of seconds: the heartbeat timeout is widened for the lab.
+setsid "$REPO_DIR/bin/xenferry-controller" --kubeconfig "$CP/kubeconfig" --ca-namespace "$NS" --heartbeat-timeout 180s \
 	--metrics-bind-address 0 --health-probe-bind-address 0 >"$LOGS/controller.log" 2>&1 &
 controller_pid=$!
 # The dom0s' kubeconfig: the API server through guestfwd (lab only: the
