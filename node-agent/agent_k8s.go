@@ -214,6 +214,9 @@ type Agent struct {
 	transfers sync.WaitGroup
 	// tokens records the single use of incoming migrations' tokens.
 	tokens tokenUses
+	// indexer builds the dedup indexes of this host's domains' disks
+	// ahead of migrations.
+	indexer *diskIndexer
 }
 
 // NewAgent creates the agent's manager, listener and receiver.
@@ -241,7 +244,7 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		cfg: cfg, host: host, log: cfg.Log.WithValues("host", cfg.Host),
 		id:   cfg.Host + "-" + hex.EncodeToString(idb),
 		kick: make(chan struct{}, 1), wake: make(chan event.GenericEvent, 64),
-		runs: map[string]*run{}, indexes: map[string]*dedup.Index{},
+		runs: map[string]*run{}, indexes: map[string]*dedup.Index{}, indexer: newDiskIndexer(),
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -315,8 +318,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	a.mu.Unlock()
 	var wg sync.WaitGroup
-	errc := make(chan error, 4)
-	wg.Add(4)
+	errc := make(chan error, 5)
+	wg.Add(5)
+	go func() { defer wg.Done(); a.indexLoop(ctx); errc <- nil }()
 	// Only mTLS peers with a certificate of the cluster's CA get past the
 	// handshake; the receiver bounds it with its handshake deadline.
 	go func() {

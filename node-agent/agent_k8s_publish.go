@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -105,11 +106,16 @@ func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xe
 // arrived); one that is being migrated out keeps naming this host until the
 // target takes it over.
 func (a *Agent) publishDomains(ctx context.Context, doms []xenmem.DomainInfo) error {
-	here := map[string]bool{} // bounded by the domains of this host
+	here := map[string]bool{}  // bounded by the domains of this host
+	disks := map[string]bool{} // their disks
 	var errs []error
 	for _, d := range doms {
 		if d.State == xenmem.StateIncoming || d.State == xenmem.StateShutdown {
 			continue
+		}
+		for _, disk := range d.Disks {
+			disks[disk.Path] = true
+			a.indexer.want(disk.Path)
 		}
 		ns := d.Namespace
 		if ns == "" {
@@ -121,6 +127,7 @@ func (a *Agent) publishDomains(ctx context.Context, doms []xenmem.DomainInfo) er
 			errs = append(errs, err)
 		}
 	}
+	a.indexer.keep(disks)
 	var list v1.XenDomainList
 	if err := a.c.List(ctx, &list); err != nil {
 		return fmt.Errorf("list XenDomains: %w", err)
@@ -179,14 +186,16 @@ func (a *Agent) publishDomain(ctx context.Context, ns, name string, d xenmem.Dom
 	}
 	orig := xd.DeepCopy()
 	now := metav1.Now()
+	indexes := a.indexer.status(d.Disks)
 	if xd.Status.Host == a.cfg.Host && xd.Status.State == string(d.State) && xd.Status.DomID == int32(d.ID) &&
+		equality.Semantic.DeepEqual(xd.Status.DiskIndexes, indexes) &&
 		xd.Status.LastUpdateTime != nil && now.Sub(xd.Status.LastUpdateTime.Time) < time.Minute {
 		return nil // unchanged; refresh at most once a minute
 	}
 	if xd.Status.Host != a.cfg.Host && xd.Status.Host != "" {
 		a.log.Info("Took over XenDomain: the domain runs here now", "xendomain", ns+"/"+name, "previousHost", xd.Status.Host)
 	}
-	xd.Status = v1.XenDomainStatus{Host: a.cfg.Host, DomID: int32(d.ID), State: string(d.State), LastUpdateTime: &now}
+	xd.Status = v1.XenDomainStatus{Host: a.cfg.Host, DomID: int32(d.ID), State: string(d.State), LastUpdateTime: &now, DiskIndexes: indexes}
 	if err := a.c.Status().Patch(ctx, xd, client.MergeFrom(orig)); err != nil {
 		return fmt.Errorf("update status of XenDomain %s/%s: %w", ns, name, err)
 	}

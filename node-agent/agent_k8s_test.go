@@ -29,6 +29,16 @@ func TestFullMigrationThroughControllerAndAgents(t *testing.T) {
 	a := startAgent(t, ns+"-a", "1Gi", simDomain("web", ns, "64Mi", 4, sharedDisk(t, disks, "web"), 1))
 	startAgent(t, ns+"-b", "1Gi")
 	waitDomainOn(t, ns, "web", a.name, 10*time.Second)
+	// The agent indexes the domain's disk when it finds the domain, ahead
+	// of any migration, and says so in the XenDomain's status.
+	waitFor(t, "web's disk indexed ahead of the migration", 30*time.Second, func() (bool, string) {
+		d := &v1.XenDomain{}
+		if err := k8s.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: "web"}, d); err != nil {
+			return false, err.Error()
+		}
+		ix := d.Status.DiskIndexes
+		return len(ix) == 1 && ix[0].Disk == "xvda" && ix[0].Ready && ix[0].Percent == 100, fmt.Sprintf("%+v", ix)
+	})
 
 	start := time.Now()
 	create(t, migration(ns, "move-web", "web", ""))

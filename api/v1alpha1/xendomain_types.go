@@ -53,6 +53,32 @@ type XenDomainStatus struct {
 	// lastUpdateTime by the agent.
 	// +optional
 	LastUpdateTime *metav1.Time `json:"lastUpdateTime,omitempty"`
+	// diskIndexes is the progress of the dedup index of each of the
+	// domain's disks on its host: the agent builds them when it finds the
+	// domain, ahead of any migration.
+	// +optional
+	// +listType=map
+	// +listMapKey=disk
+	// +kubebuilder:validation:MaxItems=64
+	DiskIndexes []DiskIndexStatus `json:"diskIndexes,omitempty"`
+}
+
+// DiskIndexStatus is the dedup index of one disk of a domain.
+type DiskIndexStatus struct {
+	// disk is the disk's id in the domain (its virtual device).
+	// +kubebuilder:validation:MaxLength=64
+	Disk string `json:"disk"`
+	// percent of the disk read into the index.
+	// +optional
+	Percent int32 `json:"percent,omitempty"`
+	// ready: the index is built and persisted; migrations use it.
+	// +optional
+	Ready bool `json:"ready,omitempty"`
+	// message says why the disk could not be indexed (its pages then
+	// cross in full).
+	// +optional
+	// +kubebuilder:validation:MaxLength=1024
+	Message string `json:"message,omitempty"`
 }
 
 // XenDomain is one Xen domain, published by the agent of the host it runs
