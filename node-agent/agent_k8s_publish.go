@@ -137,6 +137,11 @@ func (a *Agent) publishDomains(ctx context.Context, doms []xenmem.DomainInfo) er
 		if xd.Status.Host != a.cfg.Host || here[xd.Namespace+"/"+xd.Name] {
 			continue
 		}
+		if a.migratingOut(xd.Spec.DomainName) {
+			// The target takes this object over (namespace, labels and
+			// all); deleting it first would lose them.
+			continue
+		}
 		// The resourceVersion precondition keeps a target's fresh takeover.
 		err := a.c.Delete(ctx, xd, client.Preconditions{UID: &xd.UID, ResourceVersion: &xd.ResourceVersion})
 		if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
@@ -228,4 +233,17 @@ func capabilitiesOf(c xenmem.Capabilities) *v1.HostCapabilities {
 		}
 	}
 	return out
+}
+
+// migratingOut reports whether an outgoing migration of this agent holds
+// the domain (running, or done but not yet dropped).
+func (a *Agent) migratingOut(domain string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range a.runs {
+		if r.role == roleSource && r.domain == domain {
+			return true
+		}
+	}
+	return false
 }

@@ -115,6 +115,10 @@ func TestXLMigrationThroughTheOperator(t *testing.T) {
 				return err == nil && h.Status.Capabilities != nil, fmt.Sprint(err)
 			})
 
+			before := &v1.XenDomain{}
+			if err := k8s.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: dom}, before); err != nil {
+				t.Fatal(err)
+			}
 			create(t, migration(ns, "move", dom, b))
 			m := waitPhase(t, ns, "move", 60*time.Second, v1.MigrationSucceeded, v1.MigrationFailed)
 			t.Logf("%s: %s", c.name, describe(m))
@@ -147,6 +151,12 @@ func TestXLMigrationThroughTheOperator(t *testing.T) {
 					t.Errorf("progress %+v, want 100%%", m.Status.Progress)
 				}
 				waitDomainOn(t, ns, dom, b, 20*time.Second)
+				// The target took the same object over: its namespace and
+				// labels live on it and follow the domain.
+				after := &v1.XenDomain{}
+				if err := k8s.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: dom}, after); err != nil || after.UID != before.UID {
+					t.Errorf("XenDomain after the move: %v, UID %s (was %s): it was recreated, not taken over", err, after.UID, before.UID)
+				}
 			}
 			// Nothing of the migration is left on the source's disk.
 			left, _ := filepath.Glob(filepath.Join(os.TempDir(), "*", "xl", string(m.UID), "auth.json"))

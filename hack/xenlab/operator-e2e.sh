@@ -18,7 +18,8 @@
 # counter goes on and its memory check found no bad page (the workload of
 # e2e.sh). One JSON line per step on stdout:
 # {"step","ok","phase","source","target","domainHosts","stateIntact",
-#  "seconds","progressSamples","dedupSavedBytes","linkBytes","memoryBytes"}.
+#  "seconds","progressSamples","dedupSavedBytes","linkBytes","memoryBytes"};
+# progressSamples counts the distinct percents seen in status while it ran.
 source "$(dirname "$0")/lib.sh"
 
 DOMU=xlab
@@ -106,12 +107,13 @@ kill_agent() { # HOST
 
 jq_m() { k get vmmigration "$1" -n "$NS" -o json 2>/dev/null | jq -r "$2" 2>/dev/null; }
 
-# run_step NAME MIGRATION ACTION: migrates the domU to the other host,
+# run_step NAME MIGRATION ACTION: migrates the domU (no target named: the
+# controller picks the other host, the only one),
 # does ACTION (none, cancel, kill-target-agent) once bytes flow, waits for a
 # final phase and prints the step's JSON line; ok says whether the step
 # ended as it must (see the header).
 run_step() {
-	local name=$1 mig=$2 action=$3 s boot counter checks b0 b1 t0 phase="" samples=0 last="" sent acted=0 src target
+	local name=$1 mig=$2 action=$3 s boot counter checks b0 b1 t0 phase="" samples=0 last="" sent pct acted=0 src target
 	s=$(status)
 	read -r boot counter checks _ <<<"$s"
 	src=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.host}')
@@ -125,16 +127,17 @@ run_step() {
 apiVersion: migration.xenferry.io/v1alpha1
 kind: VMMigration
 metadata: {name: $mig, namespace: $NS}
-spec: {domain: $DOMU, targetHost: $target, completionTimeoutPerGiB: 3h, progressTimeout: 10m}
+spec: {domain: $DOMU, completionTimeoutPerGiB: 3h, progressTimeout: 10m}
 EOF
 	t0=$SECONDS
 	while ((SECONDS - t0 < STEP_TIMEOUT)); do
 		phase=$(jq_m "$mig" '.status.phase // ""')
 		sent=$(jq_m "$mig" '.status.source.progress.bytesSent // 0')
-		if [[ $sent != 0 && $sent != "$last" ]]; then
+		pct=$(jq_m "$mig" '.status.source.progress.percent // 0')
+		if [[ $sent != 0 && $pct != "$last" ]]; then
 			samples=$((samples + 1))
-			last=$sent
-			log "$name: $phase, $(jq_m "$mig" '.status.progressText // ""') $sent bytes sent"
+			last=$pct
+			log "$name: $phase, $pct%, $sent bytes sent"
 		fi
 		if ((!acted)) && [[ $action != none && $sent != 0 ]]; then
 			acted=1
@@ -149,6 +152,7 @@ EOF
 	local secs=$((SECONDS - t0))
 	b1=$(link_bytes "${src#xenlab-}") || b1=$b0
 	log "$name: phase $phase after ${secs}s: $(jq_m "$mig" '.status.failureReason // .status.conditions[0].message // ""')"
+	[[ $(jq_m "$mig" '.status.targetHost // ""') == "$target" ]] || log "$name: the controller chose $(jq_m "$mig" '.status.targetHost // ""'), not $target"
 	k get vmmigration "$mig" -n "$NS" -o yaml >"$LOGS/$mig.yaml" 2>&1 || true
 	if [[ $action == kill-target-agent ]]; then
 		start_agent "${target#xenlab-}"
