@@ -3,7 +3,8 @@
 # Each is a QEMU (TCG) running Xen 4.17 with a Debian dom0 on a qcow2 overlay
 # of dom0.img, a control NIC (user-net restricted to a loopback port
 # forward), a private link NIC (QEMU socket netdev between the two QEMUs),
-# the shared raw disk as /dev/vdb and the 9p share at /xenlab/share.
+# the shared raw disks as /dev/vdb (PV domU) and /dev/vdc (PVH domU) and
+# the 9p share at /xenlab/share.
 source "$(dirname "$0")/lib.sh"
 QEMU=${XENLAB_QEMU:-qemu-system-x86_64}
 CPU=${XENLAB_CPU:-max,-smap,-xsave}
@@ -36,6 +37,7 @@ start_host() {
 		-initrd "$WORK/boot/vmlinuz root=/dev/vda rw console=hvc0 init=/sbin/xenlab-init xenlab.host=$h xenlab.ip=$(host_ip "$h") xenlab.ctlmac=52:54:00:77:$idx:01 xenlab.linkmac=52:54:00:77:$idx:02,$WORK/boot/initrd.img" \
 		-drive "file=$WORK/host-$h.qcow2,if=virtio,format=qcow2,cache=unsafe" \
 		-drive "file=$WORK/shared.raw,if=virtio,format=raw,cache=none,file.locking=off" \
+		-drive "file=$WORK/shared-pvh.raw,if=virtio,format=raw,cache=none,file.locking=off" \
 		-netdev "user,id=ctl,restrict=on,net=198.19.0.0/24,hostfwd=tcp:127.0.0.1:$(ctl_port "$h")-198.19.0.15:2222,guestfwd=tcp:$LAB_API_IP:6443-cmd:$XENLAB_DIR/apifwd.sh" \
 		-device "virtio-net-pci,netdev=ctl,mac=52:54:00:77:$idx:01" \
 		-netdev "$linknet" -device "virtio-net-pci,netdev=link,mac=52:54:00:77:$idx:02,host_mtu=9000" \

@@ -18,6 +18,7 @@ HOST_MEM_MB=${XENLAB_HOST_MEM_MB:-1536}
 DOM0_MEM=${XENLAB_DOM0_MEM:-512M}
 DOMU_MEM_MB=${XENLAB_DOMU_MEM_MB:-128}
 SHARED_MB=${XENLAB_SHARED_MB:-256}
+SHARED_PVH_MB=${XENLAB_SHARED_PVH_MB:-64}
 PORT_BASE=${XENLAB_PORT_BASE:-22220}
 SHARE="$WORK/share"
 ctl_port() { case $1 in a) echo $((PORT_BASE + 1)) ;; b) echo $((PORT_BASE + 2)) ;; esac; }
@@ -39,10 +40,11 @@ rsh() {
 	return "$rc"
 }
 
-# status prints the workload's status block on the shared disk as
-# "BOOT COUNTER CHECKS BAD", or nothing when there is none.
+# status [DISK] prints the workload's status block on a shared disk (the
+# PV domU's by default) as "BOOT COUNTER CHECKS BAD", or nothing when there
+# is none.
 status() {
-	dd if="$WORK/shared.raw" bs=4096 count=1 iflag=direct status=none 2>/dev/null | tr -d '\0' |
+	dd if="${1:-$WORK/shared.raw}" bs=4096 count=1 iflag=direct status=none 2>/dev/null | tr -d '\0' |
 		sed -n 's/^XENLAB-STATUS boot=\([0-9a-f]*\) counter=\([0-9]*\) checks=\([0-9]*\) bad=\([0-9]*\).*/\1 \2 \3 \4/p' | head -1
 }
 

@@ -4,11 +4,13 @@
 # The local control plane (hack/controlplane.sh) and the controller run on
 # this machine; a node agent runs in each lab dom0 (--backend xen) and
 # reaches the API server through QEMU's guestfwd (apifwd.sh). VMMigrations
-# then move the lab's PV domU between the two real Xen hosts through the
+# then move the lab's domUs (PV xlab, PVH xlabh; each with its own shared
+# disk) between the two real Xen hosts through the
 # agents' xl data path (xl migrate + node-agent xl-send, mTLS between the
 # agents with certificates the controller issued):
 #
-#   apply             a->b, must end Succeeded with dedup and live progress
+#   apply, apply-pvh  a->b (PV, then PVH), must end Succeeded with dedup and
+#                     live progress
 #   cancel            to the other host, cancelled once bytes flow: must end
 #                     Cancelled with the domU where it was
 #   kill-target-agent to the other host, its agent killed once bytes flow:
@@ -22,7 +24,10 @@
 # progressSamples counts the distinct percents seen in status while it ran.
 source "$(dirname "$0")/lib.sh"
 
+# The domU a step works on and the shared disk its status block is on
+# (set before each step).
 DOMU=xlab
+DISK="$WORK/shared.raw"
 NS=default
 CP="$REPO_DIR/.xenferry/controlplane"
 LOGS="$WORK/operator"
@@ -72,7 +77,7 @@ domain_hosts() {
 intact() {
 	local boot=$1 counter=$2 checks=$3 t0=$SECONDS s b n c bad
 	while ((SECONDS - t0 < 180)); do
-		s=$(status)
+		s=$(status "$DISK")
 		read -r b n c bad <<<"${s:-x 0 0 0}"
 		[[ $b == "$boot" ]] || { log "state: boot id changed ($boot -> $b)"; return 1; }
 		((bad == 0)) || { log "state: $bad bad pages"; return 1; }
@@ -114,7 +119,7 @@ jq_m() { k get vmmigration "$1" -n "$NS" -o json 2>/dev/null | jq -r "$2" 2>/dev
 # ended as it must (see the header).
 run_step() {
 	local name=$1 mig=$2 action=$3 s boot counter checks b0 b1 t0 phase="" samples=0 last="" sent pct acted=0 src target
-	s=$(status)
+	s=$(status "$DISK")
 	read -r boot counter checks _ <<<"$s"
 	src=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.host}')
 	case $src in xenlab-a) target=xenlab-b ;; *) target=xenlab-a ;; esac
@@ -210,7 +215,7 @@ else
 	"$XENLAB_DIR/hosts.sh" wait
 fi
 for h in "${HOSTS[@]}"; do
-	rsh "$h" <<<"xl destroy $DOMU 2>/dev/null; node-agent xl-index --state-dir /var/lib/xenferry /dev/vdb >/dev/null 2>&1; true" >&2 || true
+	rsh "$h" <<<"xl destroy xlab 2>/dev/null; xl destroy xlabh 2>/dev/null; true" >&2 || true
 	start_agent "$h"
 done
 for i in $(seq 120); do
@@ -221,23 +226,38 @@ done
 k get xenhosts >&2 || true
 ((n >= 2)) || die "the agents did not register their XenHosts (see /var/log/xenlab/agent.log in the dom0s)"
 
-step "domU on a"
-t0=$SECONDS
-# The status block outlives the domU: wait for one from this boot.
-before=$(status | cut -d' ' -f1)
-rsh a <<<"xl create -q -e /xenlab/share/domu.cfg" >&2
-while ((SECONDS - t0 < 400)); do
-	s=$(status)
-	read -r b _ c _ <<<"${s:-x 0 0 0}"
-	h=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.host}' 2>/dev/null || true)
-	[[ $h == xenlab-a && $b != "$before" ]] && ((c >= 2)) && break
-	sleep 3
-done
-[[ $h == xenlab-a && $b != "$before" ]] || die "domU $DOMU not up on xenlab-a, or its XenDomain not published (status: ${s:-none})"
+# start_domu NAME CONFIG DISK: creates the domU on a and waits until its
+# workload reports from this boot and its XenDomain is published there
+# with its disk indexed ahead of any migration (the agent's work).
+start_domu() {
+	local s b c h ix t0=$SECONDS before
+	DOMU=$1 DISK=$3
+	step "domU $DOMU on a ($2)"
+	# The status block outlives the domU: wait for one from this boot.
+	before=$(status "$DISK" | cut -d' ' -f1)
+	rsh a <<<"xl create -q -e /xenlab/share/$2" >&2
+	while ((SECONDS - t0 < 600)); do
+		s=$(status "$DISK")
+		read -r b _ c _ <<<"${s:-x 0 0 0}"
+		h=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.host}' 2>/dev/null || true)
+		ix=$(k get xendomain "$DOMU" -n "$NS" -o jsonpath='{.status.diskIndexes[0].percent}/{.status.diskIndexes[0].ready}' 2>/dev/null || true)
+		[[ $h == xenlab-a && $b != "$before" && $ix == 100/true ]] && ((c >= 2)) && break
+		sleep 3
+	done
+	log "domU $DOMU: status ${s:-none}, XenDomain on ${h:-none}, disk index ${ix:-none} after $((SECONDS - t0))s"
+	[[ $h == xenlab-a && $b != "$before" && $ix == 100/true ]] || die "domU $DOMU not up on xenlab-a, not published, or its disk not indexed"
+}
+
+start_domu xlab domu.cfg "$WORK/shared.raw"
+start_domu xlabh domu-pvh.cfg "$WORK/shared-pvh.raw"
 
 results=()
-# Each step starts where the previous one left the domU.
+# Each step starts where the previous one left its domU.
+DOMU=xlab DISK="$WORK/shared.raw"
 results+=("$(run_step apply xlab-apply none)")
+DOMU=xlabh DISK="$WORK/shared-pvh.raw"
+results+=("$(run_step apply-pvh xlabh-apply none)")
+DOMU=xlab DISK="$WORK/shared.raw"
 results+=("$(run_step cancel xlab-cancel cancel)")
 results+=("$(run_step kill-target-agent xlab-kill kill-target-agent)")
 
