@@ -26,7 +26,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
-	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -206,9 +205,9 @@ type Agent struct {
 	// runs holds this agent's halves of migrations, by migration UID;
 	// bounded by the controller's concurrency limits plus recent ones.
 	runs map[string]*run
-	// indexes caches dedup indexes by disk path (one per disk of the
-	// domains this host migrated out).
-	indexes map[string]*dedup.Index
+	// indexes is the agent's dedup-index cache, persisted under
+	// STATEDIR/index (where xl-send loads it).
+	indexes *diskIndexes
 	// transfers counts running outgoing transfers; Run waits for them
 	// before it drops the handles of held committed domains.
 	transfers sync.WaitGroup
@@ -244,7 +243,7 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		cfg: cfg, host: host, log: cfg.Log.WithValues("host", cfg.Host),
 		id:   cfg.Host + "-" + hex.EncodeToString(idb),
 		kick: make(chan struct{}, 1), wake: make(chan event.GenericEvent, 64),
-		runs: map[string]*run{}, indexes: map[string]*dedup.Index{}, indexer: newDiskIndexer(),
+		runs: map[string]*run{}, indexer: newDiskIndexer(), indexes: newDiskIndexes(cfg.StateDir, cfg.Log.WithName("dedup")),
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -348,12 +347,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Wait()
 	a.transfers.Wait()
 	a.closeHeld()
-	a.mu.Lock()
-	for _, ix := range a.indexes {
-		ix.Close()
-	}
-	a.indexes = map[string]*dedup.Index{}
-	a.mu.Unlock()
+	a.indexes.close()
 	return err
 }
 

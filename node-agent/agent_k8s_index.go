@@ -8,11 +8,9 @@ package main
 
 import (
 	"context"
-	"path/filepath"
 	"sync"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
-	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -108,9 +106,9 @@ func (x *diskIndexer) finish(path string, err error) {
 	st.ready = true
 }
 
-// indexLoop builds the indexes publish asks for until ctx ends. On the
-// engine's path the open index joins the agent's cache (catalog); on the
-// xl path it is persisted where node-agent xl-send loads it.
+// indexLoop builds the indexes publish asks for until ctx ends, into the
+// agent's cache (persisted under STATEDIR/index, where xl-send loads it
+// on a Xen host).
 func (a *Agent) indexLoop(ctx context.Context) {
 	for {
 		select {
@@ -123,22 +121,13 @@ func (a *Agent) indexLoop(ctx context.Context) {
 }
 
 func (a *Agent) indexOne(ctx context.Context, path string) {
+	if a.indexes.cached(path) {
+		a.indexer.finish(path, nil)
+		return
+	}
 	metricsProgress := telemetry.indexProgress(path)
 	mine := a.indexer.progress(path)
-	opts := dedup.Options{StateDir: a.cfg.StateDir, Log: a.log.WithName("dedup"),
-		Progress: func(done, total int64) { metricsProgress(done, total); mine(done, total) }}
-	if a.usesXL() {
-		opts.StateDir = filepath.Join(a.cfg.StateDir, "index") // where xl-send --state-dir looks
-	} else {
-		a.mu.Lock()
-		cached := a.indexes[path] != nil
-		a.mu.Unlock()
-		if cached {
-			a.indexer.finish(path, nil)
-			return
-		}
-	}
-	ix, err := dedup.Open(ctx, path, opts)
+	ix, err := a.indexes.get(ctx, path, func(done, total int64) { metricsProgress(done, total); mine(done, total) })
 	a.indexer.finish(path, err)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -148,17 +137,4 @@ func (a *Agent) indexOne(ctx context.Context, path string) {
 	}
 	a.log.Info("Disk indexed ahead of migrations", "disk", path, "entries", ix.Entries())
 	a.kickPublish()
-	if a.usesXL() {
-		ix.Close()
-		return
-	}
-	a.mu.Lock()
-	if a.indexes[path] == nil {
-		a.indexes[path] = ix
-		ix = nil
-	}
-	a.mu.Unlock()
-	if ix != nil {
-		ix.Close()
-	}
 }

@@ -628,36 +628,13 @@ func hasDedup(s engine.Strategy) bool {
 	return s == engine.StrategyPreCopyDedup || s == engine.StrategyHybridDedup
 }
 
-// catalog opens (and caches) the dedup indexes of a domain's disks.
+// catalog returns the dedup catalog of a domain's disks from the agent's
+// index cache (built ahead of need by the indexer, else now).
 func (a *Agent) catalog(ctx context.Context, disks []xenmem.Disk) (*dedup.Catalog, error) {
-	var ixs []*dedup.Index
-	for _, d := range disks {
-		a.mu.Lock()
-		ix := a.indexes[d.Path]
-		a.mu.Unlock()
-		if ix == nil {
-			var err error
-			ix, err = dedup.Open(ctx, d.Path, dedup.Options{StateDir: a.cfg.StateDir, Log: a.log.WithName("dedup"), Progress: telemetry.indexProgress(d.Path)})
-			if err != nil {
-				return nil, fmt.Errorf("index disk %s: %w", d.Path, err)
-			}
-			a.mu.Lock()
-			if old := a.indexes[d.Path]; old != nil {
-				ix.Close()
-				ix = old
-			} else {
-				a.indexes[d.Path] = ix
-			}
-			a.mu.Unlock()
-		} else if err := ix.Refresh(ctx); err != nil {
-			return nil, fmt.Errorf("refresh index of disk %s: %w", d.Path, err)
-		}
-		ixs = append(ixs, ix)
-	}
-	if len(ixs) == 0 {
+	if len(disks) == 0 {
 		return nil, fmt.Errorf("the domain has no disk to deduplicate against")
 	}
-	return dedup.NewCatalog(ixs...), nil
+	return a.indexes.catalog(ctx, disks, telemetry.indexProgress)
 }
 
 func (a *Agent) sourceHalf(r *run) v1.SourceState {

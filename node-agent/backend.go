@@ -50,8 +50,10 @@ var openXen = func(logr.Logger) (xenmem.Host, error) {
 	return nil, fmt.Errorf("the xen backend is not built into this node-agent: %w", xenmem.ErrBackendAbsent)
 }
 
-// diskIndexes keeps the dedup index of every disk this agent migrates from,
-// built on first use and persisted under dir.
+// diskIndexes is the one dedup-index cache of a node agent, whichever
+// command runs (run, serve) and whichever data path: it keeps every disk's
+// index open, built on first use and persisted under DIR/index, where
+// node-agent xl-send --state-dir DIR loads it too.
 type diskIndexes struct {
 	dir string
 	log logr.Logger
@@ -59,33 +61,58 @@ type diskIndexes struct {
 	ix  map[string]*dedup.Index // by disk path; one per disk of this host
 }
 
+// newDiskIndexes persists under dir/index; dir "" persists nothing.
 func newDiskIndexes(dir string, log logr.Logger) *diskIndexes {
-	return &diskIndexes{dir: filepath.Join(dir, "index"), log: log, ix: map[string]*dedup.Index{}}
+	if dir != "" {
+		dir = filepath.Join(dir, "index")
+	}
+	return &diskIndexes{dir: dir, log: log, ix: map[string]*dedup.Index{}}
 }
 
-// catalog returns the catalog of a domain's disks, in the domain's order.
-func (d *diskIndexes) catalog(ctx context.Context, info xenmem.DomainInfo, progress func(path string, done, total int64)) (*dedup.Catalog, error) {
+// get returns the index of a disk: opened (loaded or built) on first use,
+// refreshed after.
+func (d *diskIndexes) get(ctx context.Context, path string, progress func(done, total int64)) (*dedup.Index, error) {
+	d.mu.Lock()
+	ix, ok := d.ix[path]
+	d.mu.Unlock()
+	if ok {
+		if err := ix.Refresh(ctx); err != nil {
+			return nil, fmt.Errorf("refresh index of %s: %w", path, err)
+		}
+		return ix, nil
+	}
+	ix, err := dedup.Open(ctx, path, dedup.Options{StateDir: d.dir, Log: d.log, Progress: progress})
+	if err != nil {
+		return nil, fmt.Errorf("index disk %s: %w", path, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if old := d.ix[path]; old != nil {
+		ix.Close() // opened twice at once: keep the first
+		return old, nil
+	}
+	d.ix[path] = ix
+	return ix, nil
+}
+
+// cached reports whether a disk's index is open.
+func (d *diskIndexes) cached(path string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ix[path] != nil
+}
+
+// catalog returns the catalog of disks, in the domain's order.
+func (d *diskIndexes) catalog(ctx context.Context, disks []xenmem.Disk, progress func(path string) func(done, total int64)) (*dedup.Catalog, error) {
 	var list []*dedup.Index
-	for _, disk := range info.Disks {
-		d.mu.Lock()
-		ix, ok := d.ix[disk.Path]
-		d.mu.Unlock()
-		if !ok {
-			var err error
-			ix, err = dedup.Open(ctx, disk.Path, dedup.Options{StateDir: d.dir, Log: d.log,
-				Progress: func(done, total int64) {
-					if progress != nil {
-						progress(disk.Path, done, total)
-					}
-				}})
-			if err != nil {
-				return nil, fmt.Errorf("index disk %s of %s: %w", disk.Path, info.Name, err)
-			}
-			d.mu.Lock()
-			d.ix[disk.Path] = ix
-			d.mu.Unlock()
-		} else if err := ix.Refresh(ctx); err != nil {
-			return nil, fmt.Errorf("refresh index of %s: %w", disk.Path, err)
+	for _, disk := range disks {
+		var p func(done, total int64)
+		if progress != nil {
+			p = progress(disk.Path)
+		}
+		ix, err := d.get(ctx, disk.Path, p)
+		if err != nil {
+			return nil, err
 		}
 		list = append(list, ix)
 	}
@@ -98,4 +125,5 @@ func (d *diskIndexes) close() {
 	for _, ix := range d.ix {
 		ix.Close()
 	}
+	d.ix = map[string]*dedup.Index{}
 }

@@ -236,13 +236,15 @@ func migrateLocal(ctx context.Context, host xenmem.Host, ix *diskIndexes, req mi
 	hooks := engine.Hooks{Log: log.WithName("source"), Progress: func(p engine.Progress) { emit(migrateEvent{Progress: &p}) }}
 	if strings.HasSuffix(req.Strategy, "+dedup") {
 		last := time.Time{}
-		cat, err := ix.catalog(ctx, dom.Info(), func(path string, done, total int64) {
-			if time.Since(last) > 500*time.Millisecond || done == total {
-				last = time.Now()
-				emit(migrateEvent{Indexing: &struct {
-					Path        string `json:"path"`
-					Done, Total int64
-				}{path, done, total}})
+		cat, err := ix.catalog(ctx, dom.Info().Disks, func(path string) func(done, total int64) {
+			return func(done, total int64) {
+				if time.Since(last) > 500*time.Millisecond || done == total {
+					last = time.Now()
+					emit(migrateEvent{Indexing: &struct {
+						Path        string `json:"path"`
+						Done, Total int64
+					}{path, done, total}})
+				}
 			}
 		})
 		if err != nil {
