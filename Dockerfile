@@ -33,6 +33,7 @@ COPY main.go ./
 COPY api/ api/
 COPY controllers/ controllers/
 COPY pkg/ pkg/
+COPY internal/ internal/
 COPY node-agent/ node-agent/
 RUN GOOS=${TARGETOS:-linux} GOARCH=${TARGETARCH} go build -trimpath -tags timetzdata -ldflags=-s -o /out/xenferry-controller . && \
     GOOS=${TARGETOS:-linux} GOARCH=${TARGETARCH} go build -trimpath -ldflags=-s -o /out/node-agent ./node-agent
