@@ -369,7 +369,7 @@ func (a *Agent) startSourceXL(ctx context.Context, m *v1.VMMigration, r *run, do
 			}
 		}
 		result := &engine.Result{Strategy: engine.Strategy(p.EngineStrategy), MemoryBytes: mem,
-			Total: time.Duration(res.Seconds * float64(time.Second)), WireBytes: res.Last.LinkBytes, Iterations: 0,
+			Total: time.Duration(res.Seconds * float64(time.Second)), WireBytes: res.Last.LinkBytes,
 			Pages: r.progressPages(), DedupSavedBytes: (res.Last.ZeroPages + res.Last.RefPages) * xenmem.PageSize,
 			Verified: outcome == xlpath.Migrated, StopReason: "xl"}
 		r.mu.Lock()
@@ -379,7 +379,6 @@ func (a *Agent) startSourceXL(ctx context.Context, m *v1.VMMigration, r *run, do
 			r.done, r.result, r.phase, r.committed = true, result, engine.PhaseDone, true
 		case held != nil:
 			r.committed, r.dom, r.result = true, held, result
-			r.verifiedBeforeGo = false
 			r.message = "xl failed after the permission to go; waiting for the target's verdict, the domain suspended here: " + xlErrString(err)
 		default:
 			r.failed = true

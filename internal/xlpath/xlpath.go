@@ -20,7 +20,7 @@
 package xlpath
 
 import (
-	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -152,10 +152,9 @@ const (
 // missing it decides between ResumedHere and Undecided.
 func Classify(exit int, messages string, committed bool) Outcome {
 	switch {
-	case exit == 0 && strings.Contains(messages, "Migration successful"):
-		return Migrated
 	case exit == 0:
-		// xl exits 0 only after the target reported a successful start.
+		// xl exits 0 only after the target reported a successful start
+		// ("Migration successful").
 		return Migrated
 	case strings.Contains(messages, "Migration failed during final handshake"):
 		return Undecided
@@ -294,21 +293,18 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 		t.b = append(t.b[:0], t.b[len(t.b)-t.max:]...)
 	}
 	t.part = append(t.part, p...)
-	sc := bufio.NewScanner(strings.NewReader(string(t.part)))
-	consumed := 0
-	for sc.Scan() {
-		line := sc.Text()
-		if consumed+len(line)+1 > len(t.part) || t.part[consumed+len(line)] != '\n' {
+	for {
+		i := bytes.IndexByte(t.part, '\n')
+		if i < 0 {
 			break
 		}
-		consumed += len(line) + 1
-		if strings.TrimSpace(line) != "" {
+		if line := strings.TrimSpace(string(t.part[:i])); line != "" {
 			t.log.Info(line)
 		}
+		t.part = t.part[i+1:]
 	}
-	t.part = append(t.part[:0], t.part[consumed:]...)
 	if len(t.part) > t.max {
-		t.part = t.part[:0]
+		t.part = nil // a line this long is not a message of xl's
 	}
 	return len(p), nil
 }
