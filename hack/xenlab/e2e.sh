@@ -85,7 +85,7 @@ EOF
 # block shows the same boot, a counter past COUNTER, two more memory checks
 # than CHECKS, and no bad page.
 check_state() {
-	local boot=$1 counter=$2 checks=$3 t0=$SECONDS s b n c bad
+	local boot=$1 counter=$2 checks=$3
 	if ! rsh b <<<"xl domid $DOMU >/dev/null" >/dev/null 2>&1; then
 		log "state: $DOMU is not on b"
 		return 1
@@ -94,25 +94,7 @@ check_state() {
 		log "state: $DOMU is still on a"
 		return 1
 	fi
-	while ((SECONDS - t0 < 120)); do
-		s=$(status)
-		read -r b n c bad <<<"${s:-x 0 0 0}"
-		if [[ $b != "$boot" ]]; then
-			log "state: boot id changed ($boot -> $b): the domU was restarted"
-			return 1
-		fi
-		if ((bad != 0)); then
-			log "state: memory check found $bad bad pages"
-			return 1
-		fi
-		if ((n > counter && c >= checks + 2)); then
-			log "state: intact on b (was counter=$counter checks=$checks, now $s)"
-			return 0
-		fi
-		sleep 2
-	done
-	log "state: counter/checks did not advance within 120s ($s)"
-	return 1
+	state_intact "$WORK/shared.raw" "$boot" "$counter" "$checks" 120
 }
 
 # migrate METHOD: migrates the domU a->b with METHOD (xl or xenferry),

@@ -62,3 +62,23 @@ done
 echo "no NIC with MAC $mac" >&2; exit 1
 EOF
 }
+
+# state_intact DISK BOOT COUNTER CHECKS SECONDS: within SECONDS the
+# workload's status block on DISK shows the same boot, a counter past
+# COUNTER, two more memory checks than CHECKS, and no bad page.
+state_intact() {
+	local disk=$1 boot=$2 counter=$3 checks=$4 limit=$5 t0=$SECONDS s b n c bad
+	while ((SECONDS - t0 < limit)); do
+		s=$(status "$disk")
+		read -r b n c bad <<<"${s:-x 0 0 0}"
+		[[ $b == "$boot" ]] || { log "state: boot id changed ($boot -> $b): the domU was restarted"; return 1; }
+		((bad == 0)) || { log "state: memory check found $bad bad pages"; return 1; }
+		if ((n > counter && c >= checks + 2)); then
+			log "state: intact (was counter=$counter checks=$checks, now $s)"
+			return 0
+		fi
+		sleep 2
+	done
+	log "state: counter/checks did not advance within ${limit}s ($s)"
+	return 1
+}

@@ -72,25 +72,6 @@ domain_hosts() {
 	echo "[${out[*]}]"
 }
 
-# intact BOOT COUNTER CHECKS: the status block shows the same boot, a
-# counter past COUNTER, two more memory checks than CHECKS, no bad page.
-intact() {
-	local boot=$1 counter=$2 checks=$3 t0=$SECONDS s b n c bad
-	while ((SECONDS - t0 < 180)); do
-		s=$(status "$DISK")
-		read -r b n c bad <<<"${s:-x 0 0 0}"
-		[[ $b == "$boot" ]] || { log "state: boot id changed ($boot -> $b)"; return 1; }
-		((bad == 0)) || { log "state: $bad bad pages"; return 1; }
-		if ((n > counter && c >= checks + 2)); then
-			log "state: intact (was counter=$counter checks=$checks, now $s)"
-			return 0
-		fi
-		sleep 3
-	done
-	log "state: counter/checks did not advance within 180s ($s)"
-	return 1
-}
-
 start_agent() { # HOST
 	local h=$1
 	rsh "$h" <<EOF >&2
@@ -164,7 +145,7 @@ EOF
 	fi
 	local hosts ok=false st=false saved mem
 	hosts=$(domain_hosts)
-	if intact "$boot" "$counter" "$checks"; then st=true; fi
+	if state_intact "$DISK" "$boot" "$counter" "$checks" 180; then st=true; fi
 	saved=$(jq_m "$mig" '.status.result.dedupSavedBytes // 0')
 	mem=$(jq_m "$mig" '.status.result.memoryBytes // 0')
 	[[ $mem == 0 ]] && mem=$((DOMU_MEM_MB << 20))
