@@ -28,6 +28,7 @@ func addKnownTypes(s *runtime.Scheme) error {
 		&XenDomain{}, &XenDomainList{},
 		&XenHost{}, &XenHostList{},
 		&MigrationPolicy{}, &MigrationPolicyList{},
+		&RebalancePolicy{}, &RebalancePolicyList{},
 	)
 	metav1.AddToGroupVersion(s, GroupVersion)
 	return nil

@@ -82,7 +82,49 @@ type VMMigrationSpec struct {
 	// domain has resumed on the target; it cannot be undone.
 	// +optional
 	Cancel bool `json:"cancel,omitempty"`
+	// priority orders the migrations waiting for a concurrency slot:
+	// Evacuation (drains) before User (the default) before Rebalance. A
+	// waiting Evacuation may cancel a Rebalance migration that holds a slot
+	// it needs and has not passed the point of no return.
+	// +optional
+	// +kubebuilder:default=User
+	Priority MigrationPriority `json:"priority,omitempty"`
 }
+
+// MigrationPriority is a VMMigration's class when slots are granted.
+// +kubebuilder:validation:Enum=Evacuation;User;Rebalance
+type MigrationPriority string
+
+const (
+	PriorityEvacuation MigrationPriority = "Evacuation"
+	PriorityUser       MigrationPriority = "User"
+	PriorityRebalance  MigrationPriority = "Rebalance"
+)
+
+// Rank orders priorities: higher first.
+func (p MigrationPriority) Rank() int {
+	switch p {
+	case PriorityEvacuation:
+		return 2
+	case PriorityRebalance:
+		return 0
+	}
+	return 1
+}
+
+// Labels the controller puts on the migrations it creates.
+const (
+	// ReasonLabel: why the migration exists: "drain", "rebalance"
+	// (absent on a user's).
+	ReasonLabel = "migration.xenferry.io/reason"
+	// DrainHostLabel: the host a drain migration evacuates.
+	DrainHostLabel = "migration.xenferry.io/drain-host"
+	// RebalancePolicyLabel: the RebalancePolicy that planned the migration.
+	RebalancePolicyLabel = "migration.xenferry.io/rebalance-policy"
+	// PreemptedByAnnotation names the migration that asked this one to
+	// give up its slot.
+	PreemptedByAnnotation = "migration.xenferry.io/preempted-by"
+)
 
 // VMMigrationPhase summarises where a migration is. Software should read the
 // conditions and the agents' halves of the status, not the phase.
@@ -422,6 +464,14 @@ type VMMigrationStatus struct {
 	// completionTime the migration reached a final phase.
 	// +optional
 	CompletionTime *metav1.Time `json:"completionTime,omitempty"`
+	// predicted is the domain's predicted cost when the migration was
+	// scheduled; compare with actual.
+	// +optional
+	Predicted *MigrationCost `json:"predicted,omitempty"`
+	// actual is the cost measured when the migration succeeded, in the
+	// same terms as predicted.
+	// +optional
+	Actual *MigrationCost `json:"actual,omitempty"`
 }
 
 // VMMigration moves a running XenDomain to another XenHost.
@@ -435,6 +485,7 @@ type VMMigrationStatus struct {
 // +kubebuilder:printcolumn:name="Target",type=string,JSONPath=`.status.targetHost`
 // +kubebuilder:printcolumn:name="Progress",type=string,JSONPath=`.status.progressText`
 // +kubebuilder:printcolumn:name="Reason",type=string,JSONPath=`.status.failureReason`,priority=1
+// +kubebuilder:printcolumn:name="Priority",type=string,JSONPath=`.spec.priority`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type VMMigration struct {
 	metav1.TypeMeta   `json:",inline"`

@@ -61,7 +61,62 @@ type XenDomainStatus struct {
 	// +listMapKey=disk
 	// +kubebuilder:validation:MaxItems=64
 	DiskIndexes []DiskIndexStatus `json:"diskIndexes,omitempty"`
+	// cpuMillis is the CPU the domain's vCPUs used, in thousandths of a
+	// CPU, averaged by the agent over about a minute (exponentially).
+	// +optional
+	CPUMillis int64 `json:"cpuMillis,omitempty"`
+	// predictedCost is what a live migration of this domain would cost
+	// now, from a scan of its memory against its disks' dedup indexes and
+	// its dirty rate; drains and rebalancing plan with it.
+	// +optional
+	PredictedCost *MigrationCost `json:"predictedCost,omitempty"`
 }
+
+// MigrationCost predicts (or records) what a migration puts on the link
+// and how long it takes.
+type MigrationCost struct {
+	// bytes on the link.
+	Bytes int64 `json:"bytes"`
+	// time from start to completion.
+	Time metav1.Duration `json:"time"`
+	// pages of the domain, and of those: zero pages (never sent) and pages
+	// equal to a block of the domain's disks (sent as references).
+	// +optional
+	Pages uint64 `json:"pages,omitempty"`
+	// +optional
+	ZeroPages uint64 `json:"zeroPages,omitempty"`
+	// +optional
+	DiskPages uint64 `json:"diskPages,omitempty"`
+	// dirtyRate is the guest's page-dirtying rate in bytes per second.
+	// +optional
+	DirtyRate int64 `json:"dirtyRate,omitempty"`
+	// linkRate is the throughput the prediction assumed, bytes per second.
+	// +optional
+	LinkRate int64 `json:"linkRate,omitempty"`
+	// scanTime is when memory was last scanned.
+	// +optional
+	ScanTime *metav1.Time `json:"scanTime,omitempty"`
+}
+
+// Evacuation strategies (label or annotation EvacuationStrategyKey on a
+// XenDomain), after KubeVirt's evictionStrategy.
+const (
+	// EvacuationStrategyKey selects what a drain does with the domain.
+	EvacuationStrategyKey = "migration.xenferry.io/evacuation-strategy"
+	// EvacuateLiveMigrate (the default): the domain must move; a drain
+	// waits for it and reports it blocked while it cannot.
+	EvacuateLiveMigrate = "LiveMigrate"
+	// EvacuateLiveMigrateIfPossible: the drain tries to move the domain;
+	// if no host can take it, the domain is left to be shut down with its
+	// host and does not hold the drain.
+	EvacuateLiveMigrateIfPossible = "LiveMigrateIfPossible"
+	// EvacuateNone: the domain is never moved by a drain; it is left to be
+	// shut down with its host.
+	EvacuateNone = "None"
+	// AntiAffinityKey: domains with the same value of this label are kept
+	// on different hosts by drains and rebalancing.
+	AntiAffinityKey = "migration.xenferry.io/anti-affinity"
+)
 
 // DiskIndexStatus is the dedup index of one disk of a domain.
 type DiskIndexStatus struct {

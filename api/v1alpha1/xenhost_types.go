@@ -10,6 +10,20 @@ const (
 	HostAgentReadyCondition = "AgentReady"
 	// HostBackendReadyCondition: the agent reached its hypervisor backend.
 	HostBackendReadyCondition = "BackendReady"
+	// HostDrainingCondition: the host is being evacuated (spec.drain, its
+	// Node cordoned, or its Cluster API Machine being deleted). The
+	// controller owns it.
+	HostDrainingCondition = "Draining"
+	// HostEvacuatedCondition: no domain that must move is left on the host;
+	// True only while a drain is requested.
+	HostEvacuatedCondition = "Evacuated"
+)
+
+// Why a host drains (XenHost status.drain.reason).
+const (
+	DrainReasonRequested      = "DrainRequested"  // spec.drain
+	DrainReasonNodeCordoned   = "NodeCordoned"    // the Node of its dom0 is unschedulable (kubectl cordon/drain)
+	DrainReasonMachineDeleted = "MachineDeleting" // its Cluster API Machine is being deleted
 )
 
 // XenHostSpec is what an administrator sets on a host.
@@ -18,6 +32,70 @@ type XenHostSpec struct {
 	// a target; an explicit spec.targetHost is refused too.
 	// +optional
 	Unschedulable bool `json:"unschedulable,omitempty"`
+	// drain asks the controller to evacuate the host: no new migrations
+	// arrive, and every domain is live-migrated away within the concurrency
+	// limits (maintenance mode). Setting it back to false undoes the drain:
+	// no new evacuation starts and those not past the point of no return
+	// are cancelled. Cordoning the host's Node has the same effect.
+	// +optional
+	Drain bool `json:"drain,omitempty"`
+}
+
+// HostLoad is what a host's domains use, measured by its agent.
+type HostLoad struct {
+	// memoryUsedBytes is the memory the host's domains hold.
+	// +optional
+	MemoryUsedBytes int64 `json:"memoryUsedBytes,omitempty"`
+	// cpuMillis is the CPU the domains' vCPUs used, in thousandths of a
+	// CPU, averaged by the agent over about a minute (exponentially).
+	// +optional
+	CPUMillis int64 `json:"cpuMillis,omitempty"`
+	// time the sample was taken.
+	// +optional
+	Time *metav1.Time `json:"time,omitempty"`
+}
+
+// BlockedDomain is a domain a drain cannot move, and why.
+type BlockedDomain struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// reason says why and what to do about it.
+	Reason string `json:"reason"`
+}
+
+// DrainStatus is the progress and result of a host's evacuation. The
+// controller owns it.
+type DrainStatus struct {
+	// reason the drain started: DrainRequested, NodeCordoned or
+	// MachineDeleting.
+	Reason string `json:"reason"`
+	// startTime of the drain.
+	// +optional
+	StartTime *metav1.Time `json:"startTime,omitempty"`
+	// completionTime is when the host was found empty of domains that must move.
+	// +optional
+	CompletionTime *metav1.Time `json:"completionTime,omitempty"`
+	// domains on the host when last counted (those left to move).
+	// +optional
+	Domains int32 `json:"domains,omitempty"`
+	// migrating: evacuation migrations in progress.
+	// +optional
+	Migrating int32 `json:"migrating,omitempty"`
+	// migrated: evacuation migrations that succeeded.
+	// +optional
+	Migrated int32 `json:"migrated,omitempty"`
+	// failed: evacuation migrations that failed (each is retried).
+	// +optional
+	Failed int32 `json:"failed,omitempty"`
+	// blocked lists the domains that cannot move now, with the reason.
+	// +optional
+	// +kubebuilder:validation:MaxItems=256
+	Blocked []BlockedDomain `json:"blocked,omitempty"`
+	// leftBehind lists domains whose evacuationStrategy lets them be shut
+	// down with the host instead of moving.
+	// +optional
+	// +kubebuilder:validation:MaxItems=256
+	LeftBehind []BlockedDomain `json:"leftBehind,omitempty"`
 }
 
 // XenHostStatus is published by the host's agent and kept fresh.
@@ -61,7 +139,14 @@ type XenHostStatus struct {
 	// agent is gone and its migrations fail safe.
 	// +optional
 	HeartbeatTime *metav1.Time `json:"heartbeatTime,omitempty"`
-	// conditions: AgentReady, BackendReady.
+	// load the host's domains put on it, from the agent.
+	// +optional
+	Load *HostLoad `json:"load,omitempty"`
+	// drain is the evacuation's progress, from the controller.
+	// +optional
+	Drain *DrainStatus `json:"drain,omitempty"`
+	// conditions: AgentReady, BackendReady (agent); Draining, Evacuated
+	// (controller).
 	// +optional
 	// +listType=map
 	// +listMapKey=type
@@ -103,6 +188,8 @@ type HostTLS struct {
 // +kubebuilder:printcolumn:name="Capacity",type=integer,JSONPath=`.status.capacityBytes`
 // +kubebuilder:printcolumn:name="Domains",type=integer,JSONPath=`.status.domains`
 // +kubebuilder:printcolumn:name="Cordoned",type=boolean,JSONPath=`.spec.unschedulable`
+// +kubebuilder:printcolumn:name="Draining",type=string,JSONPath=`.status.conditions[?(@.type=="Draining")].status`
+// +kubebuilder:printcolumn:name="CPU(m)",type=integer,JSONPath=`.status.load.cpuMillis`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type XenHost struct {
 	metav1.TypeMeta   `json:",inline"`
