@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -77,7 +78,15 @@ type AgentConfig struct {
 	// NodeAgent is this program, run by xl as its transport (default: the
 	// running executable).
 	NodeAgent string
-	Log       logr.Logger
+	// LinkRate is the link throughput (bytes/s) a predicted migration cost
+	// assumes until an outbound migration of this agent measured one.
+	LinkRate int64
+	// ScanInterval is the least time between two scans of a domain's
+	// memory for its predicted migration cost.
+	ScanInterval time.Duration
+	// ScanBytesPerSec bounds how fast such a scan reads memory.
+	ScanBytesPerSec int64
+	Log             logr.Logger
 }
 
 func runK8sAgent(ctx context.Context, args []string) error {
@@ -95,6 +104,9 @@ func runK8sAgent(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.XL, "xl", "xl", "xen backend: the xl command (migrations run `xl migrate` with this program as its transport)")
 	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 5*time.Second, "XenHost heartbeat interval")
 	fs.DurationVar(&cfg.StatusInterval, "status-interval", time.Second, "minimum interval between progress writes per migration")
+	fs.Int64Var(&cfg.LinkRate, "link-rate", defaultLinkRate, "link throughput in bytes/s that predicted migration costs assume until an outbound migration measured one")
+	fs.DurationVar(&cfg.ScanInterval, "scan-interval", defaultScanInterval, "least time between two scans of a domain's memory for its predicted migration cost")
+	fs.Int64Var(&cfg.ScanBytesPerSec, "scan-rate", defaultScanRate, "bytes/s a memory scan for the predicted migration cost reads at most")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes and in-flight migration state (default: $TMPDIR/xenferry-agent-HOST)")
 	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
 		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
@@ -216,6 +228,13 @@ type Agent struct {
 	// indexer builds the dedup indexes of this host's domains' disks
 	// ahead of migrations.
 	indexer *diskIndexer
+	// usage averages the domains' CPU and page writes (status.load,
+	// status.cpuMillis); costs holds their memory scans (predictedCost).
+	usage *usageMeter
+	costs *costPredictor
+	// linkRate is the throughput (bytes/s) of the last outbound migration
+	// that measured the link; 0: none yet.
+	linkRate atomic.Int64
 }
 
 // NewAgent creates the agent's manager, listener and receiver.
@@ -235,6 +254,15 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 	if cfg.XL == "" {
 		cfg.XL = "xl"
 	}
+	if cfg.LinkRate <= 0 {
+		cfg.LinkRate = defaultLinkRate
+	}
+	if cfg.ScanInterval <= 0 {
+		cfg.ScanInterval = defaultScanInterval
+	}
+	if cfg.ScanBytesPerSec <= 0 {
+		cfg.ScanBytesPerSec = defaultScanRate
+	}
 	idb := make([]byte, 6)
 	if _, err := rand.Read(idb); err != nil {
 		return nil, fmt.Errorf("agent id: %w", err)
@@ -244,6 +272,7 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		id:   cfg.Host + "-" + hex.EncodeToString(idb),
 		kick: make(chan struct{}, 1), wake: make(chan event.GenericEvent, 64),
 		runs: map[string]*run{}, indexer: newDiskIndexer(), indexes: newDiskIndexes(cfg.StateDir, cfg.Log.WithName("dedup")),
+		usage: newUsageMeter(), costs: newCostPredictor(),
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -317,9 +346,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	a.mu.Unlock()
 	var wg sync.WaitGroup
-	errc := make(chan error, 5)
-	wg.Add(5)
+	errc := make(chan error, 6)
+	wg.Add(6)
 	go func() { defer wg.Done(); a.indexLoop(ctx); errc <- nil }()
+	go func() { defer wg.Done(); a.predictLoop(ctx); errc <- nil }()
 	// Only mTLS peers with a certificate of the cluster's CA get past the
 	// handshake; the receiver bounds it with its handshake deadline.
 	go func() {

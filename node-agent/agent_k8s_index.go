@@ -82,6 +82,15 @@ func (x *diskIndexer) status(disks []xenmem.Disk) []v1.DiskIndexStatus {
 	return out
 }
 
+// failed reports whether indexing a disk failed (and will not be retried
+// while its domain stays here).
+func (x *diskIndexer) failed(path string) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	st := x.state[path]
+	return st != nil && st.err != ""
+}
+
 func (x *diskIndexer) progress(path string) func(done, total int64) {
 	return func(done, total int64) {
 		x.mu.Lock()

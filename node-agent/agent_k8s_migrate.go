@@ -613,6 +613,7 @@ func (a *Agent) startSource(ctx context.Context, m *v1.VMMigration) (reconcile.R
 		switch {
 		case err == nil:
 			a.log.Info("Outgoing migration done", "migration", r.key, "total", res.Total, "downtime", res.Downtime, "wireBytes", res.WireBytes)
+			a.recordLinkRate(res.WireBytes, res.Total)
 		case hold:
 			a.log.Error(err, "Outgoing migration failed after go; holding the domain paused for the target's verdict", "migration", r.key)
 		default:

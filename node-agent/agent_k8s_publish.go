@@ -54,15 +54,36 @@ func (a *Agent) publish(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("list domains: %w", err)
 	}
+	a.usage.observe(doms, time.Now())
+	a.costs.track(doms)
 	if err := a.publishHost(ctx, info, doms); err != nil {
 		return err
 	}
 	return a.publishDomains(ctx, doms)
 }
 
+// publishHost writes the agent's part of its XenHost's status: the
+// heartbeat, inventory, load, capabilities, its own conditions and the
+// certificate request. The rest (spec, status.drain, the Draining and
+// Evacuated conditions, the certificate) belongs to the controller and is
+// left as it is: the merge patch carries only what the agent changed, and
+// when that includes the conditions list (a list is replaced whole), the
+// patch is conditional on the resourceVersion read, retried on conflict,
+// so a controller's condition written meanwhile is never undone.
 func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
+	var err error
+	for range 3 {
+		if err = a.publishHostOnce(ctx, info, doms); !apierrors.IsConflict(err) {
+			return err
+		}
+	}
+	return err
+}
+
+func (a *Agent) publishHostOnce(ctx context.Context, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
 	h := &v1.XenHost{}
-	err := a.c.Get(ctx, types.NamespacedName{Name: a.cfg.Host}, h)
+	// The API server, not the cache: the conditions must be the latest.
+	err := a.api.Get(ctx, types.NamespacedName{Name: a.cfg.Host}, h)
 	if apierrors.IsNotFound(err) {
 		h = &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Host}}
 		if err := a.c.Create(ctx, h); err != nil && !apierrors.IsAlreadyExists(err) {
@@ -87,6 +108,7 @@ func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xe
 	h.Status.DataAddress = a.DataAddress()
 	h.Status.Capabilities = capabilitiesOf(info.Capabilities)
 	h.Status.HeartbeatTime = &now
+	h.Status.Load = a.usage.hostLoad(doms, now.Time)
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostAgentReadyCondition, Status: metav1.ConditionTrue,
 		Reason: "Heartbeating", Message: "Agent " + a.id + " serves migrations at " + a.DataAddress()})
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostBackendReadyCondition, Status: metav1.ConditionTrue,
@@ -94,7 +116,11 @@ func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xe
 	if _, err := a.tlsStatus(h); err != nil {
 		return fmt.Errorf("certificate request of XenHost %s: %w", a.cfg.Host, err)
 	}
-	if err := a.c.Status().Patch(ctx, h, client.MergeFrom(orig)); err != nil {
+	patch := client.MergeFrom(orig)
+	if !equality.Semantic.DeepEqual(orig.Status.Conditions, h.Status.Conditions) {
+		patch = client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
+	}
+	if err := a.c.Status().Patch(ctx, h, patch); err != nil {
 		return fmt.Errorf("heartbeat XenHost %s: %w", a.cfg.Host, err)
 	}
 	return nil
@@ -192,15 +218,18 @@ func (a *Agent) publishDomain(ctx context.Context, ns, name string, d xenmem.Dom
 	orig := xd.DeepCopy()
 	now := metav1.Now()
 	indexes := a.indexer.status(d.Disks)
+	cpu, cost := a.usage.cpuMillis(d.Name), a.predictedCost(d)
 	if xd.Status.Host == a.cfg.Host && xd.Status.State == string(d.State) && xd.Status.DomID == int32(d.ID) &&
 		equality.Semantic.DeepEqual(xd.Status.DiskIndexes, indexes) &&
+		!cpuChanged(xd.Status.CPUMillis, cpu) && !costChanged(xd.Status.PredictedCost, cost) &&
 		xd.Status.LastUpdateTime != nil && now.Sub(xd.Status.LastUpdateTime.Time) < time.Minute {
 		return nil // unchanged; refresh at most once a minute
 	}
 	if xd.Status.Host != a.cfg.Host && xd.Status.Host != "" {
 		a.log.Info("Took over XenDomain: the domain runs here now", "xendomain", ns+"/"+name, "previousHost", xd.Status.Host)
 	}
-	xd.Status = v1.XenDomainStatus{Host: a.cfg.Host, DomID: int32(d.ID), State: string(d.State), LastUpdateTime: &now, DiskIndexes: indexes}
+	xd.Status = v1.XenDomainStatus{Host: a.cfg.Host, DomID: int32(d.ID), State: string(d.State), LastUpdateTime: &now, DiskIndexes: indexes,
+		CPUMillis: cpu, PredictedCost: cost}
 	if err := a.c.Status().Patch(ctx, xd, client.MergeFrom(orig)); err != nil {
 		return fmt.Errorf("update status of XenDomain %s/%s: %w", ns, name, err)
 	}

@@ -389,6 +389,7 @@ func (a *Agent) startSourceXL(ctx context.Context, m *v1.VMMigration, r *run, do
 		switch {
 		case outcome == xlpath.Migrated:
 			a.log.Info("Outgoing xl migration done", "migration", r.key, "seconds", res.Seconds, "linkBytes", res.Last.LinkBytes, "streamBytes", res.Last.StreamBytes)
+			a.recordLinkRate(result.WireBytes, result.Total)
 			_ = os.RemoveAll(dir)
 		case held != nil:
 			a.log.Error(err, "Outgoing xl migration failed after go; holding the domain for the target's verdict", "migration", r.key, "outcome", res.Outcome)

@@ -95,6 +95,14 @@ func (d *diskIndexes) get(ctx context.Context, path string, progress func(done, 
 	return ix, nil
 }
 
+// peek returns a disk's index if it is open, nil if not; it neither
+// opens nor refreshes it.
+func (d *diskIndexes) peek(path string) *dedup.Index {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ix[path]
+}
+
 // cached reports whether a disk's index is open.
 func (d *diskIndexes) cached(path string) bool {
 	d.mu.Lock()

@@ -9,6 +9,7 @@ package xenmem
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // PageSize is the guest page size: 4 KiB, as on x86 Xen.
@@ -52,6 +53,16 @@ type DomainInfo struct {
 	// Config is the backend's opaque domain configuration; the destination
 	// re-creates the domain from it.
 	Config []byte `json:"config,omitempty"`
+	// CPUTime is the CPU time the domain's vCPUs used so far on this host,
+	// cumulative (sim: the guest process's user+system time; xen: xl
+	// list's Time(s)). It restarts from zero when the domain arrives on a
+	// host, so readers take differences and treat a decrease as a restart.
+	// Set by Host.Domains; 0 where the backend cannot tell.
+	CPUTime time.Duration `json:"cpuTime,omitempty"`
+	// PageWrites is the number of guest page writes so far, cumulative,
+	// where the backend counts them (sim: the workload's write counters);
+	// 0 where it cannot tell (xen). Set by Host.Domains.
+	PageWrites uint64 `json:"pageWrites,omitempty"`
 }
 
 // HostInfo describes the host.
@@ -114,6 +125,17 @@ type Host interface {
 	// Its memory reads as zero until pages are installed.
 	CreateTarget(ctx context.Context, info DomainInfo) (TargetDomain, error)
 	Close() error
+}
+
+// MemoryPeeker is implemented by a Host that can read a running domain's
+// memory without taking it for a migration (the agent's cost prediction
+// samples memory this way; a migration may start meanwhile).
+type MemoryPeeker interface {
+	// PeekPages copies the consecutive pages first, first+1, ... of the
+	// named domain into dst (len(dst)/PageSize of them), as the guest
+	// holds them now; the guest may write them meanwhile. It fails with an
+	// error wrapping ErrNoDomain once the domain is gone from this host.
+	PeekPages(ctx context.Context, name string, first uint64, dst []byte) error
 }
 
 // SourceDomain is the source half of a migration.

@@ -101,7 +101,10 @@ func (h *Host) Domains(ctx context.Context) ([]xenmem.DomainInfo, error) {
 	h.mu.Unlock()
 	out := make([]xenmem.DomainInfo, 0, len(ds))
 	for _, d := range ds {
-		out = append(out, d.Info())
+		info := d.Info()
+		info.CPUTime = d.cpuTime()
+		info.PageWrites, _ = d.Counters()
+		out = append(out, info)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil

@@ -33,6 +33,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/go-logr/logr"
 
@@ -161,6 +162,7 @@ func (h *Host) Domains(ctx context.Context) ([]xenmem.DomainInfo, error) {
 			continue
 		}
 		d.State = row.State
+		d.CPUTime = row.CPUTime
 		if d.Name == "" {
 			d.Name = row.Name
 		}
@@ -345,6 +347,9 @@ type listRow struct {
 	MemoryBytes uint64
 	VCPUs       int
 	State       xenmem.State
+	// CPUTime is the Time(s) column: the CPU seconds the domain's vCPUs
+	// used since it was created (on this host), to 0.1 s.
+	CPUTime time.Duration
 }
 
 // ParseList reads `xl list` (Name ID Mem VCPUs State Time(s)) into rows by
@@ -372,10 +377,15 @@ func ParseList(out []byte) (map[int]listRow, error) {
 		id, err1 := strconv.Atoi(f[n-5])
 		mem, err2 := strconv.ParseUint(f[n-4], 10, 64)
 		vcpus, err3 := strconv.Atoi(f[n-3])
-		if err := errors.Join(err1, err2, err3); err != nil {
+		secs, err4 := strconv.ParseFloat(f[n-1], 64)
+		if err4 == nil && (secs < 0 || secs > 1e12) {
+			err4 = fmt.Errorf("time %v out of range", secs)
+		}
+		if err := errors.Join(err1, err2, err3, err4); err != nil {
 			return nil, fmt.Errorf("xen: xl list line %q: %v: %w", sc.Text(), err, ErrBadOutput)
 		}
-		rows[id] = listRow{Name: strings.Join(f[:n-5], " "), MemoryBytes: mem << 20, VCPUs: vcpus, State: parseState(f[n-2])}
+		rows[id] = listRow{Name: strings.Join(f[:n-5], " "), MemoryBytes: mem << 20, VCPUs: vcpus, State: parseState(f[n-2]),
+			CPUTime: time.Duration(secs * float64(time.Second)).Round(time.Millisecond)}
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("xen: read xl list: %w", err)

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
@@ -43,6 +44,8 @@ func TestInventoryFromLabCaptures(t *testing.T) {
 			domains: []xenmem.DomainInfo{{
 				Name: "xlab", MemoryBytes: 128 << 20, VCPUs: 1, State: xenmem.StateRunning,
 				Disks: []xenmem.Disk{{ID: "xvda", Path: "/dev/vdb"}},
+				// xl list's Time(s) column of the captured output.
+				CPUTime: 10200 * time.Millisecond,
 			}},
 		},
 		{
@@ -157,13 +160,17 @@ old                                          5   128     1     ---s--       9.1
 	if len(rows) != 4 {
 		t.Errorf("got %d rows, want 4", len(rows))
 	}
-	if want := (listRow{Name: "my guest", MemoryBytes: 256 << 20, VCPUs: 2, State: xenmem.StateRunning}); rows[3] != want {
+	if want := (listRow{Name: "my guest", MemoryBytes: 256 << 20, VCPUs: 2, State: xenmem.StateRunning, CPUTime: 2 * time.Second}); rows[3] != want {
 		t.Errorf("a name with a space: got %+v, want %+v", rows[3], want)
 	}
 	if rows[4].State != xenmem.StatePaused || rows[5].State != xenmem.StateShutdown {
 		t.Errorf("states: got %s and %s, want Paused and Shutdown", rows[4].State, rows[5].State)
 	}
-	for _, bad := range []string{"xl: command not found\n", "Name ID Mem VCPUs State Time(s)\nbroken line\n", ""} {
+	if rows[0].CPUTime != 41300*time.Millisecond || rows[5].CPUTime != 9100*time.Millisecond {
+		t.Errorf("Time(s): got %v and %v, want 41.3s and 9.1s", rows[0].CPUTime, rows[5].CPUTime)
+	}
+	for _, bad := range []string{"xl: command not found\n", "Name ID Mem VCPUs State Time(s)\nbroken line\n", "",
+		"Name ID Mem VCPUs State Time(s)\nvm 3 256 2 -b---- soon\n", "Name ID Mem VCPUs State Time(s)\nvm 3 256 2 -b---- -1.0\n"} {
 		if _, err := ParseList([]byte(bad)); !errors.Is(err, ErrBadOutput) {
 			t.Errorf("ParseList(%q) err = %v, want ErrBadOutput", bad, err)
 		}
