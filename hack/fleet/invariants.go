@@ -239,3 +239,38 @@ func phaseOf(m *v1.VMMigration) string {
 	}
 	return string(m.Status.Phase)
 }
+
+// checkClaims compares, for each domain, what its last final migration
+// says about where the domain runs (status.domainHost; else the target of
+// a Succeeded one, the source of a Cancelled one) with where it runs.
+func (f *fleet) checkClaims(obs observation, recs []migRecord) (untruthful int, notes []string) {
+	last := map[string]migRecord{}
+	for _, r := range recs {
+		if r.finalRV == 0 || r.last == nil {
+			continue
+		}
+		if l, ok := last[r.domain]; !ok || r.finalRV > l.finalRV {
+			last[r.domain] = r
+		}
+	}
+	for d, r := range last {
+		claim := r.last.Status.DomainHost
+		if claim == "" {
+			switch r.phase {
+			case v1.MigrationSucceeded:
+				claim = r.target
+			case v1.MigrationCancelled:
+				claim = r.source
+			}
+		}
+		hosts := obs.runningOn(d)
+		if claim == "" || len(hosts) != 1 || claim == hosts[0] {
+			continue
+		}
+		untruthful++
+		notes = append(notes, fmt.Sprintf("migration %s ended %s saying %s runs on %s; it runs on %s (%s)",
+			r.name, r.phase, d, claim, hosts[0], clip(r.last.Status.FailureReason, 160)))
+	}
+	sort.Strings(notes)
+	return untruthful, notes
+}

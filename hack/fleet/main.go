@@ -137,7 +137,7 @@ func runScenario(ctx context.Context, name, root, dir, bin, disks string, nHosts
 	sc := scenarios[name]
 	hs, ds := hostNames(nHosts), domainNames(nDoms)
 	c := &common{Scenario: name, Hosts: nHosts, Domains: nDoms,
-		invariants: invariants{Lost: -1, RunningTwice: -1, WrongPages: -1, HalfCreated: -1}}
+		invariants: invariants{Lost: -1, RunningTwice: -1, WrongPages: -1, HalfCreated: -1}, Untruthful: -1}
 	s := &session{res: c}
 	res.v = c
 	f := &fleet{spec: fleetSpec{hosts: hs, placement: sc.placement(hs, ds), limits: sc.limits},
@@ -150,7 +150,7 @@ func runScenario(ctx context.Context, name, root, dir, bin, disks string, nHosts
 		}
 		f.log("stopping the fleet")
 		f.down()
-		c.OK = s.goal && c.clean() && ctx.Err() == nil
+		c.OK = s.goal && c.clean() && c.Untruthful == 0 && ctx.Err() == nil
 		c.Reason = strings.Join(s.notes, "; ")
 		res.ok = c.OK
 	}()
@@ -169,9 +169,14 @@ func runScenario(ctx context.Context, name, root, dir, bin, disks string, nHosts
 	if err := f.quiesce(ctx, quiesceWait); err != nil {
 		s.note("%v", err)
 	}
-	iv, _, notes := f.checkInvariants(ctx)
+	iv, obs, notes := f.checkInvariants(ctx)
 	c.invariants = iv
 	s.notes = append(s.notes, notes...)
+	c.Untruthful, notes = f.checkClaims(obs, s.mo.snapshot())
+	s.notes = append(s.notes, notes...)
+	if gaps := s.mo.heartbeatGaps(heartbeatTO / 2); len(gaps) > 0 {
+		s.note("heartbeat gaps (controller timeout %v): %s", heartbeatTO, strings.Join(gaps, ", "))
+	}
 	if len(s.mo.errs) > 0 {
 		s.note("monitor: %s", strings.Join(s.mo.errs, "; "))
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"sort"
 	"strconv"
 	"sync"
@@ -28,6 +29,11 @@ type monitor struct {
 	maxOut, maxIn, maxCluster int
 	maxOutHost, maxInHost     string
 	errs                      []string
+	// heartbeats: per host, the last heartbeat time seen and the longest
+	// gap between two (a controller fails migrations of a host whose
+	// heartbeat is older than its --heartbeat-timeout).
+	lastBeat map[string]time.Time
+	maxGap   map[string]time.Duration
 }
 
 // migRecord is what the monitor knows of one migration.
@@ -49,12 +55,15 @@ type migRecord struct {
 	last            *v1.VMMigration
 }
 
-func newMonitor() *monitor { return &monitor{migs: map[string]*migRecord{}} }
+func newMonitor() *monitor {
+	return &monitor{migs: map[string]*migRecord{}, lastBeat: map[string]time.Time{}, maxGap: map[string]time.Duration{}}
+}
 
 func rvOf(s string) int64 { n, _ := strconv.ParseInt(s, 10, 64); return n }
 
 // run watches until ctx ends, listing again whenever the watch breaks.
 func (mo *monitor) run(ctx context.Context, f *fleet) {
+	go mo.watchHosts(ctx, f)
 	for ctx.Err() == nil {
 		var list v1.VMMigrationList
 		if err := f.c.List(ctx, &list); err != nil {
@@ -176,4 +185,58 @@ func (mo *monitor) maxima() (out, in, cluster int, outHost, inHost string) {
 	mo.mu.Lock()
 	defer mo.mu.Unlock()
 	return mo.maxOut, mo.maxIn, mo.maxCluster, mo.maxOutHost, mo.maxInHost
+}
+
+// watchHosts follows the XenHosts' heartbeats.
+func (mo *monitor) watchHosts(ctx context.Context, f *fleet) {
+	for ctx.Err() == nil {
+		var list v1.XenHostList
+		if err := f.c.List(ctx, &list); err != nil {
+			sleepCtx(ctx, time.Second)
+			continue
+		}
+		for i := range list.Items {
+			mo.beat(&list.Items[i])
+		}
+		w, err := f.c.Watch(ctx, &v1.XenHostList{}, &client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: list.ResourceVersion}})
+		if err != nil {
+			sleepCtx(ctx, time.Second)
+			continue
+		}
+		for ev := range w.ResultChan() {
+			if h, ok := ev.Object.(*v1.XenHost); ok {
+				mo.beat(h)
+			}
+		}
+		w.Stop()
+	}
+}
+
+func (mo *monitor) beat(h *v1.XenHost) {
+	if h.Status.HeartbeatTime == nil {
+		return
+	}
+	t := h.Status.HeartbeatTime.Time
+	mo.mu.Lock()
+	defer mo.mu.Unlock()
+	if last, ok := mo.lastBeat[h.Name]; ok && t.After(last) {
+		mo.maxGap[h.Name] = max(mo.maxGap[h.Name], t.Sub(last))
+	}
+	if t.After(mo.lastBeat[h.Name]) {
+		mo.lastBeat[h.Name] = t
+	}
+}
+
+// heartbeatGaps lists hosts whose heartbeat paused longer than d.
+func (mo *monitor) heartbeatGaps(d time.Duration) []string {
+	mo.mu.Lock()
+	defer mo.mu.Unlock()
+	var out []string
+	for h, g := range mo.maxGap {
+		if g > d {
+			out = append(out, fmt.Sprintf("%s %.0fs", h, g.Seconds()))
+		}
+	}
+	sort.Strings(out)
+	return out
 }
