@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
@@ -76,6 +77,8 @@ func setDrain(ctx context.Context, o *options, host string, drain bool) error {
 	switch {
 	case drain && h.Status.Domains == 0:
 		fmt.Fprintf(o.streams.Out, "xenhost/%s drained: no new migration targets it; it runs no domains\n", host)
+	case drain && h.Status.Domains == 1:
+		fmt.Fprintf(o.streams.Out, "xenhost/%s drained: its domain will be live-migrated away\n", host)
 	case drain:
 		fmt.Fprintf(o.streams.Out, "xenhost/%s drained: its %d domains will be live-migrated away\n", host, h.Status.Domains)
 	default:
@@ -106,16 +109,20 @@ func (v *drainView) show(h *v1.XenHost) {
 		fmt.Fprintf(v.w, "%s %s %s\n", v.o.now().Format("15:04:05"), h.Name, text)
 		return
 	}
+	// On the bar's line, the blocked domains have lines of their own.
+	columns := v.o.width(v.w)
+	text = fit(strings.SplitN(text, partSep+"blocked: ", 2)[0], columns-barOverhead(columns)-1)
 	done, total := drainProgress(h)
 	if v.bar == nil {
 		fmt.Fprintf(v.w, "Draining %s:\n", h.Name)
-		v.bar = newBar(v.w, total, text)
+		v.bar = newBar(v.w, columns, total, text)
 	}
 	// Domains that cannot move get a line of their own, above the bar.
 	if d := h.Status.Drain; d != nil && !slices.Equal(d.Blocked, v.blocked) {
 		v.blocked = slices.Clone(d.Blocked)
+		fmt.Fprint(v.w, "\r\033[2K") // the bar's line, cleared; the bar comes back below
 		for _, b := range d.Blocked {
-			_, _ = progressbar.Bprintf(v.bar, "blocked: %s/%s: %s\n", b.Namespace, b.Name, b.Reason)
+			fmt.Fprintf(v.w, "blocked: %s/%s: %s\n", b.Namespace, b.Name, b.Reason)
 		}
 	}
 	v.bar.ChangeMax64(total)

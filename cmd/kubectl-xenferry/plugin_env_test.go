@@ -371,7 +371,7 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 
 		var out, errOut syncBuffer
 		wait := e.start(ctx, &out, &errOut, "drain", "host-a", "--watch")
-		e.waitFor(&out, "host-a Draining=- Evacuated=- · drain requested")
+		e.waitFor(&out, "host-a drain requested, waiting for the controller · Draining=- Evacuated=-")
 		if !drained() {
 			t.Fatal("drain --watch did not set spec.drain")
 		}
@@ -381,7 +381,7 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 			meta.SetStatusCondition(&h.Status.Conditions, cond(v1.HostDrainingCondition, metav1.ConditionTrue, v1.DrainReasonRequested))
 			meta.SetStatusCondition(&h.Status.Conditions, cond(v1.HostEvacuatedCondition, metav1.ConditionFalse, "DomainsLeft"))
 		})
-		e.waitFor(&out, "2 left · 1 migrating · 0 migrated · 0 failed · blocked: demo/db (no host has room)")
+		e.waitFor(&out, "host-a 2 left · 1 migrating · 0 migrated · 0 failed · Draining=True Evacuated=False · blocked: demo/db (no host has room)")
 		e.setHostStatus("host-a", func(h *v1.XenHost) {
 			start := metav1.NewTime(time.Now().Add(-5 * time.Second))
 			end := metav1.Now()

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -148,18 +149,19 @@ func waitingReason(m *v1.VMMigration) string {
 }
 
 // progressText is one migration's progress in a line, without its name:
-// "PreCopy 45% · sent 1.2GiB · 300MiB left · 120MiB/s · ETA 2.5s · dedup saved 40MiB".
+// "PreCopy 45% · 300MiB left · 120MiB/s · ETA 2.5s · dedup saved 40MiB · sent 1.2GiB · round 2".
 // It is the bar's description and the body of a plain line.
 func progressText(m *v1.VMMigration) string {
 	phase := phaseOf(m)
 	parts := []string{string(phase)}
 	p := m.Status.Progress
 	if p != nil && !phase.IsFinal() {
+		// Most telling first: a bar too narrow for the line drops parts
+		// from the end (fit).
 		parts[0] = fmt.Sprintf("%s %d%%", phase, p.Percent)
-		if p.Round > 0 && (phase == v1.MigrationPreCopy || phase == v1.MigrationStopAndCopy) {
-			parts = append(parts, fmt.Sprintf("round %d", p.Round))
+		if pastPointOfNoReturn(m) {
+			parts[0] += " (running on " + orText(m.Status.TargetHost, "the target") + ")"
 		}
-		parts = append(parts, "sent "+humanBytes(p.BytesSent))
 		parts = append(parts, humanBytes(p.RemainingBytes)+" left")
 		if p.TransferRate > 0 {
 			parts = append(parts, humanRate(p.TransferRate))
@@ -172,15 +174,16 @@ func progressText(m *v1.VMMigration) string {
 		if s := dedupSaved(m); s > 0 {
 			parts = append(parts, "dedup saved "+humanBytes(s))
 		}
-		if pastPointOfNoReturn(m) {
-			parts = append(parts, "running on "+m.Status.TargetHost)
+		parts = append(parts, "sent "+humanBytes(p.BytesSent))
+		if p.Round > 0 && (phase == v1.MigrationPreCopy || phase == v1.MigrationStopAndCopy) {
+			parts = append(parts, fmt.Sprintf("round %d", p.Round))
 		}
 	} else if !phase.IsFinal() {
 		if r := waitingReason(m); r != "" {
 			parts = append(parts, r)
 		}
 	}
-	return strings.Join(parts, " · ")
+	return strings.Join(parts, partSep)
 }
 
 // resultLine is the last line of a watch: how the migration ended.
@@ -240,6 +243,22 @@ func costComparison(pred, act *v1.MigrationCost) string {
 		parts = append(parts, fmt.Sprintf("actual %s in %s", humanBytes(act.Bytes), humanDuration(act.Time.Duration)))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// partSep separates the parts of a progress or drain text.
+const partSep = " · "
+
+// fit drops the last parts of text until it is at most width runes wide;
+// the first part always stays. width <= 0 means no limit.
+func fit(text string, width int) string {
+	if width <= 0 {
+		return text
+	}
+	parts := strings.Split(text, partSep)
+	for len(parts) > 1 && utf8.RuneCountInString(strings.Join(parts, partSep)) > width {
+		parts = parts[:len(parts)-1]
+	}
+	return strings.Join(parts, partSep)
 }
 
 func orDash(s string) string { return orText(s, "-") }
@@ -378,30 +397,32 @@ func freeText(h *v1.XenHost) string {
 }
 
 // drainText is one line of a host's evacuation, without a timestamp:
-// "Draining=True Evacuated=False · 3 left · 2 migrating · 5 migrated · 0 failed · blocked: ns/x (reason)".
+// "3 left · 2 migrating · 5 migrated · 0 failed · Draining=True Evacuated=False · blocked: ns/x (reason)".
 func drainText(h *v1.XenHost) string {
-	parts := []string{fmt.Sprintf("Draining=%s Evacuated=%s",
+	conds := fmt.Sprintf("Draining=%s Evacuated=%s",
 		conditionStatus(h.Status.Conditions, v1.HostDrainingCondition),
-		conditionStatus(h.Status.Conditions, v1.HostEvacuatedCondition))}
+		conditionStatus(h.Status.Conditions, v1.HostEvacuatedCondition))
 	d := h.Status.Drain
 	if d == nil {
 		if h.Spec.Drain {
-			parts = append(parts, "drain requested, waiting for the controller")
+			return "drain requested, waiting for the controller" + partSep + conds
 		}
-		return strings.Join(parts, " · ")
+		return conds
 	}
-	parts = append(parts,
+	parts := []string{
 		fmt.Sprintf("%d left", d.Domains),
 		fmt.Sprintf("%d migrating", d.Migrating),
 		fmt.Sprintf("%d migrated", d.Migrated),
-		fmt.Sprintf("%d failed", d.Failed))
+		fmt.Sprintf("%d failed", d.Failed),
+		conds,
+	}
 	if len(d.Blocked) > 0 {
 		parts = append(parts, "blocked: "+domainList(d.Blocked))
 	}
 	if len(d.LeftBehind) > 0 {
 		parts = append(parts, "left behind: "+domainList(d.LeftBehind))
 	}
-	return strings.Join(parts, " · ")
+	return strings.Join(parts, partSep)
 }
 
 // domainList is "ns/a (reason), ns/b (reason)".

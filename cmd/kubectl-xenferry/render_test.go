@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -85,7 +86,7 @@ func TestProgressText(t *testing.T) {
 	m := running()
 	got := progressText(m)
 	// 250MiB at 100MiB/s is 2.5s; (10240-240) verified disk pages of 4KiB saved 39MiB.
-	want := "PreCopy 45% · round 2 · sent 600MiB · 250MiB left · 100MiB/s · ETA 2.5s · dedup saved 39.1MiB"
+	want := "PreCopy 45% · 250MiB left · 100MiB/s · ETA 2.5s · dedup saved 39.1MiB · sent 600MiB · round 2"
 	if got != want {
 		t.Fatalf("progressText:\n got %q\nwant %q", got, want)
 	}
@@ -98,7 +99,7 @@ func TestProgressText(t *testing.T) {
 	m.Status.Phase = v1.MigrationPostCopy
 	m.Status.Progress.TransferRate = 100 * mib
 	meta.SetStatusCondition(&m.Status.Conditions, metav1.Condition{Type: v1.ResumedOnTargetCondition, Status: metav1.ConditionTrue, Reason: v1.ReasonResumed})
-	if got := progressText(m); !strings.HasPrefix(got, "PostCopy 45% · sent") || !strings.HasSuffix(got, "running on host-b") {
+	if got := progressText(m); !strings.HasPrefix(got, "PostCopy 45% (running on host-b) · 250MiB left") || strings.Contains(got, "round") {
 		t.Errorf("post-copy: %q", got)
 	}
 
@@ -156,7 +157,7 @@ func TestLineView(t *testing.T) {
 		t.Fatalf("want 3 lines (two changes and the result), got %d:\n%s", len(lines), out.String())
 	}
 	for i, want := range []string{
-		"03:04:05 web-x7k2p PreCopy 45% ·", "03:04:05 web-x7k2p PreCopy 90% · round 2 · sent 600MiB · 50.0MiB left · 100MiB/s · ETA 500ms",
+		"03:04:05 web-x7k2p PreCopy 45% ·", "03:04:05 web-x7k2p PreCopy 90% · 50.0MiB left · 100MiB/s · ETA 500ms · dedup saved 39.1MiB · sent 600MiB · round 2",
 		"03:04:05 web-x7k2p Succeeded: domain web moved host-a → host-b",
 	} {
 		if !strings.HasPrefix(lines[i], want) {
@@ -171,14 +172,27 @@ var ansi = regexp.MustCompile("\x1b\\[[0-9;]*[A-Za-z]")
 // after it, full only when the migration succeeded, then the result line.
 func TestBarView(t *testing.T) {
 	var out bytes.Buffer
-	o := &options{now: time.Now, terminal: func(io.Writer) bool { return true }}
+	o := &options{now: time.Now, terminal: func(io.Writer) bool { return true }, width: func(io.Writer) int { return 120 }}
 	o.streams.Out = &out
 	v := o.newMigrationView("web-x7k2p").(*barView)
 	m := running()
 	v.show(m)
 	bar := ansi.ReplaceAllString(v.bar.String(), "")
-	if !strings.Contains(bar, " 45% ") || !strings.Contains(bar, "█") || !strings.Contains(bar, progressText(m)) {
-		t.Fatalf("bar %q lacks the percent, the bar or %q", bar, progressText(m))
+	// 120 columns leave room for a 30-column bar and the text up to the
+	// dedup savings.
+	text := "PreCopy 45% · 250MiB left · 100MiB/s · ETA 2.5s · dedup saved 39.1MiB"
+	if !strings.Contains(bar, " 45% ") || !strings.Contains(bar, "█") || !strings.HasSuffix(strings.TrimSpace(bar), text) {
+		t.Fatalf("bar %q lacks the percent, the bar or ends otherwise than %q", bar, text)
+	}
+	if w := utf8.RuneCountInString(strings.TrimRight(bar, " \r")); w > 120 || barOf(bar) != 30 {
+		t.Errorf("the bar's line is %d columns wide (terminal: 120), or its bar is not 30 wide: %q", w, bar)
+	}
+	// 80 columns: a narrower bar, and the text still reaches the ETA.
+	narrow := &barView{w: io.Discard, width: 80}
+	narrow.show(m)
+	bar80 := ansi.ReplaceAllString(narrow.bar.String(), "")
+	if w := utf8.RuneCountInString(strings.TrimRight(bar80, " \r")); w > 80 || barOf(bar80) != 10 || !strings.HasSuffix(strings.TrimSpace(bar80), "ETA 2.5s") {
+		t.Errorf("on 80 columns the line is %d wide, or does not end with the ETA: %q", w, bar80)
 	}
 	m.Status.Progress.Percent = 100 // the source says all sent, the migration goes on
 	v.show(m)
@@ -187,12 +201,33 @@ func TestBarView(t *testing.T) {
 	}
 	m.Status.Phase = v1.MigrationSucceeded
 	v.end(m)
-	text := ansi.ReplaceAllString(out.String(), "")
-	if !strings.HasPrefix(text, "web-x7k2p: domain web, host-a → host-b\n") {
+	text = ansi.ReplaceAllString(out.String(), "")
+	if !strings.HasPrefix(text, "web-x7k2p: domain web from host-a to host-b\n") {
 		t.Errorf("no header line: %q", text)
 	}
 	if !strings.Contains(text, "100% ") || !strings.HasSuffix(text, resultLine(m)+"\n") {
 		t.Errorf("the end is not a full bar then the result line: %q", text)
+	}
+}
+
+// barOf is the width of the bar between its | ends.
+func barOf(line string) int {
+	parts := strings.Split(line, "|")
+	if len(parts) < 3 {
+		return -1
+	}
+	return utf8.RuneCountInString(parts[1])
+}
+
+func TestFit(t *testing.T) {
+	text := "PreCopy 45% · 250MiB left · 100MiB/s"
+	for width, want := range map[int]string{
+		0: text, 100: text, len([]rune(text)): text, len([]rune(text)) - 1: "PreCopy 45% · 250MiB left",
+		12: "PreCopy 45%", 3: "PreCopy 45%",
+	} {
+		if got := fit(text, width); got != want {
+			t.Errorf("fit(%d) = %q, want %q", width, got, want)
+		}
 	}
 }
 
@@ -249,14 +284,14 @@ func TestHostTable(t *testing.T) {
 
 func TestDrainText(t *testing.T) {
 	h := &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: "host-a", Generation: 2}, Spec: v1.XenHostSpec{Drain: true}}
-	if got, want := drainText(h), "Draining=- Evacuated=- · drain requested, waiting for the controller"; got != want {
+	if got, want := drainText(h), "drain requested, waiting for the controller · Draining=- Evacuated=-"; got != want {
 		t.Errorf("before the controller: %q, want %q", got, want)
 	}
 	h.Status.Drain = &v1.DrainStatus{Reason: v1.DrainReasonRequested, Domains: 3, Migrating: 2, Migrated: 5, Failed: 1,
 		Blocked: []v1.BlockedDomain{{Namespace: "demo", Name: "db", Reason: "no host has 16GiB free"}}}
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostDrainingCondition, Status: metav1.ConditionTrue, Reason: "DrainRequested"})
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostEvacuatedCondition, Status: metav1.ConditionFalse, Reason: "DomainsLeft"})
-	want := "Draining=True Evacuated=False · 3 left · 2 migrating · 5 migrated · 1 failed · blocked: demo/db (no host has 16GiB free)"
+	want := "3 left · 2 migrating · 5 migrated · 1 failed · Draining=True Evacuated=False · blocked: demo/db (no host has 16GiB free)"
 	if got := drainText(h); got != want {
 		t.Errorf("draining:\n got %q\nwant %q", got, want)
 	}
@@ -340,5 +375,37 @@ func TestExitCode(t *testing.T) {
 		if got := exitCode(tc.err, &stderr); got != tc.want || (stderr.Len() > 0) != tc.msg {
 			t.Errorf("exitCode(%v) = %d, printed %q; want %d, message %t", tc.err, got, stderr.String(), tc.want, tc.msg)
 		}
+	}
+}
+
+// TestDrainBar: on a terminal, a bar of migrated of all, each blocked domain
+// on a line of its own once, and the summary at the end.
+func TestDrainBar(t *testing.T) {
+	var out bytes.Buffer
+	o := &options{now: time.Now, terminal: func(io.Writer) bool { return true }, width: func(io.Writer) int { return 100 }}
+	v := &drainView{o: o, w: &out}
+	h := &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: "host-a"}, Spec: v1.XenHostSpec{Drain: true}}
+	h.Status.Drain = &v1.DrainStatus{Domains: 3, Migrating: 2, Migrated: 1,
+		Blocked: []v1.BlockedDomain{{Namespace: "demo", Name: "db", Reason: "no host has room"}}}
+	v.show(h)
+	bar := ansi.ReplaceAllString(v.bar.String(), "")
+	if !strings.Contains(bar, " 25% ") || !strings.Contains(bar, "3 left · 2 migrating · 1 migrated") || strings.Contains(bar, "blocked") {
+		t.Errorf("drain bar %q: want 1 of 4 (25%%), the counts, and no blocked list", bar)
+	}
+	h.Status.Drain.Migrating = 1 // blocked unchanged: not printed again
+	v.show(h)
+	h.Status.Drain = &v1.DrainStatus{Migrated: 4}
+	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostEvacuatedCondition, Status: metav1.ConditionTrue, Reason: "Empty"})
+	v.show(h)
+	if bar := ansi.ReplaceAllString(v.bar.String(), ""); strings.Contains(bar, "100%") {
+		t.Errorf("the drain bar is full before the end: %q", bar)
+	}
+	v.end(drainSummary(h), true)
+	text := ansi.ReplaceAllString(out.String(), "")
+	if n := strings.Count(text, "blocked: demo/db: no host has room\n"); n != 1 {
+		t.Errorf("the blocked domain was printed %d times, want once:\n%q", n, text)
+	}
+	if !strings.Contains(text, "100% ") || !strings.HasSuffix(text, "\nhost host-a evacuated: 4 migrated, 0 failed attempts\n") {
+		t.Errorf("the end is not a full bar then the summary:\n%q", text)
 	}
 }

@@ -28,6 +28,8 @@ type options struct {
 
 	// terminal reports whether w is a terminal (a bar) or not (plain lines).
 	terminal func(w io.Writer) bool
+	// width is the terminal's width in columns, 0 when unknown.
+	width func(w io.Writer) int
 	// now is the clock for ages and timestamps.
 	now func() time.Time
 	// pollInterval bounds the wait between reads when the API's watch is
@@ -42,6 +44,7 @@ func newRootCommand(streams genericiooptions.IOStreams) *cobra.Command {
 		flags:        genericclioptions.NewConfigFlags(true),
 		streams:      streams,
 		terminal:     isTerminal,
+		width:        terminalWidth,
 		now:          time.Now,
 		pollInterval: time.Second,
 	}
@@ -74,6 +77,15 @@ with their capacity and load, and show a RebalancePolicy's plan.`,
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
 	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+func terminalWidth(w io.Writer) int {
+	if f, ok := w.(*os.File); ok {
+		if cols, _, err := term.GetSize(int(f.Fd())); err == nil {
+			return cols
+		}
+	}
+	return 0
 }
 
 // client returns the API client, made on first use from the kubectl flags.

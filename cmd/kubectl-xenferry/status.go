@@ -102,7 +102,7 @@ type migrationView interface {
 
 func (o *options) newMigrationView(name string) migrationView {
 	if o.terminal(o.streams.Out) {
-		return &barView{w: o.streams.Out, name: name}
+		return &barView{w: o.streams.Out, name: name, width: o.width(o.streams.Out)}
 	}
 	return &lineView{o: o}
 }
@@ -131,15 +131,30 @@ func (v *lineView) interrupt() {}
 // barView draws a progress bar of the percent done; the phase, rate, bytes
 // left, ETA and dedup savings follow it on the same line.
 type barView struct {
-	w    io.Writer
-	name string
-	bar  *progressbar.ProgressBar
+	w     io.Writer
+	name  string
+	width int // of the terminal; 0 unknown
+	bar   *progressbar.ProgressBar
+	last  string
 }
 
-func newBar(w io.Writer, max int64, description string) *progressbar.ProgressBar {
+// barWidth is the bar's own width on a terminal that many columns wide
+// (0: unknown): 30, narrower down to 10 to leave about 72 columns to the
+// text after it. barOverhead is what the percent, the bar and the spaces
+// around it take before the text.
+func barWidth(columns int) int {
+	if columns <= 0 {
+		return 30
+	}
+	return min(30, max(10, columns-12-72))
+}
+
+func barOverhead(columns int) int { return barWidth(columns) + 12 }
+
+func newBar(w io.Writer, columns int, max int64, description string) *progressbar.ProgressBar {
 	return progressbar.NewOptions64(max,
 		progressbar.OptionSetWriter(w),
-		progressbar.OptionSetWidth(30),
+		progressbar.OptionSetWidth(barWidth(columns)),
 		progressbar.OptionThrottle(0),
 		progressbar.OptionUseANSICodes(true),
 		progressbar.OptionShowDescriptionAtLineEnd(),
@@ -150,19 +165,34 @@ func newBar(w io.Writer, max int64, description string) *progressbar.ProgressBar
 }
 
 func (v *barView) show(m *v1.VMMigration) {
-	text := progressText(m)
-	if v.bar == nil {
-		fmt.Fprintf(v.w, "%s: domain %s, %s → %s\n", m.Name, m.Spec.Domain, orDash(m.Status.SourceHost),
-			orDash(orText(m.Status.TargetHost, m.Spec.TargetHost)))
-		v.bar = newBar(v.w, 100, text)
-		_ = v.bar.RenderBlank()
-	}
+	text := fit(progressText(m), v.width-barOverhead(v.width)-1)
 	pct := int64(0)
 	if p := m.Status.Progress; p != nil {
 		pct = min(max(int64(p.Percent), 0), 99) // 100 only once it Succeeded
 	}
+	key := fmt.Sprintf("%d %s", pct, text)
+	if key == v.last {
+		return
+	}
+	v.last = key
+	if v.bar == nil {
+		fmt.Fprintln(v.w, migrationHeader(m))
+		v.bar = newBar(v.w, v.width, 100, text)
+	}
 	v.bar.Describe(text)
 	_ = v.bar.Set64(pct)
+}
+
+// migrationHeader is the line above the bar: "NAME: domain D from A to B".
+func migrationHeader(m *v1.VMMigration) string {
+	s := fmt.Sprintf("%s: domain %s", m.Name, m.Spec.Domain)
+	if m.Status.SourceHost != "" {
+		s += " from " + m.Status.SourceHost
+	}
+	if t := orText(m.Status.TargetHost, m.Spec.TargetHost); t != "" {
+		s += " to " + t
+	}
+	return s
 }
 
 func (v *barView) end(m *v1.VMMigration) {
