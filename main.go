@@ -8,9 +8,13 @@ import (
 	"os"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
@@ -38,6 +42,8 @@ func main() {
 		metricsCertDir         string
 		lim                    = controllers.DefaultLimits
 		heartbeat, abortGrace  time.Duration
+		guardImage             string
+		pause                  bool
 	)
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8443", "address of the Prometheus /metrics endpoint (0 disables)")
 	flag.StringVar(&metricsCertDir, "metrics-cert-dir", "", "directory with tls.crt and tls.key for the metrics endpoint (empty: a self-signed certificate generated at start)")
@@ -51,22 +57,28 @@ func main() {
 	flag.DurationVar(&abortGrace, "abort-grace", 60*time.Second, "how long to wait for agents to confirm an abort or a deletion")
 	flag.StringVar(&caNamespace, "ca-namespace", envOr("POD_NAMESPACE", "xenferry-system"), "namespace of the Secret holding the agents' CA (created if absent; may be a cert-manager CA)")
 	flag.StringVar(&caSecret, "ca-secret", controllers.DefaultCASecretName, "name of the CA Secret (the RBAC role grants this default name only)")
+	flag.StringVar(&guardImage, "guard-image", envOr("GUARD_IMAGE", "xenferry/controller:latest"), "image of the drain guard Pods (this controller's image: they run it with --pause)")
+	flag.BoolVar(&pause, "pause", false, "do nothing until terminated (the drain guard Pod's process)")
 	opts := zap.Options{Development: true}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
+	if pause {
+		<-ctrl.SetupSignalHandler().Done()
+		return
+	}
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts)))
 	log := ctrl.Log.WithName("setup")
 
 	if !metricsSecure {
 		log.Info("Serving metrics over plain HTTP without authentication: for a local control plane only", "address", metricsAddr)
 	}
-	if err := run(controllers.MetricsOptions(metricsAddr, metricsCertDir, metricsSecure), probeAddr, leaderElect, lim, heartbeat, abortGrace); err != nil {
+	if err := run(controllers.MetricsOptions(metricsAddr, metricsCertDir, metricsSecure), probeAddr, leaderElect, lim, heartbeat, abortGrace, guardImage); err != nil {
 		log.Error(err, "Controller manager stopped")
 		os.Exit(1)
 	}
 }
 
-func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration) error {
+func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration, guardImage string) error {
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return fmt.Errorf("build scheme: %w", err)
@@ -84,6 +96,12 @@ func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, 
 		HealthProbeBindAddress: probeAddr,
 		LeaderElection:         leaderElect,
 		LeaderElectionID:       controllers.LeaderElectionID,
+		// The drain guards live in the operator's namespace: cache them
+		// there only (and need no cluster-wide access to Pods).
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			&corev1.Pod{}:                   {Namespaces: map[string]cache.Config{caNamespace: {}}},
+			&policyv1.PodDisruptionBudget{}: {Namespaces: map[string]cache.Config{caNamespace: {}}},
+		}},
 	})
 	if err != nil {
 		return fmt.Errorf("create manager: %w", err)
@@ -99,6 +117,14 @@ func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, 
 	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up VMMigration controller: %w", err)
+	}
+	drain := &controllers.DrainReconciler{Namespace: caNamespace, GuardImage: guardImage, GuardCommand: []string{"/xenferry-controller", "--pause"}}
+	if err := drain.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("set up drain controller: %w", err)
+	}
+	rebalance := &controllers.RebalanceReconciler{HeartbeatTimeout: heartbeat}
+	if err := rebalance.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("set up rebalance controller: %w", err)
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return fmt.Errorf("add health check: %w", err)

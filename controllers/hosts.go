@@ -54,6 +54,57 @@ func computeLoad(migs []v1.VMMigration, selfUID string) load {
 	return l
 }
 
+// hostDraining reports whether the host is being evacuated: asked by its
+// spec, or by the controller's Draining condition (its Node cordoned, its
+// Machine deleted). Nothing is placed on a draining host.
+func hostDraining(h *v1.XenHost) bool {
+	if h.Spec.Drain {
+		return true
+	}
+	for _, c := range h.Status.Conditions {
+		if c.Type == v1.HostDrainingCondition {
+			return c.Status == "True"
+		}
+	}
+	return false
+}
+
+// antiAffinityValues returns the values of the anti-affinity label keys a
+// domain carries (keys: AntiAffinityKey and extra).
+func antiAffinityValues(labels map[string]string, extra []string) map[string]string {
+	var out map[string]string
+	for _, k := range append([]string{v1.AntiAffinityKey}, extra...) {
+		if v, ok := labels[k]; ok && v != "" {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// antiAffinityAvoid maps each host that runs another domain sharing one of
+// vals (key -> value) to why the domain must not go there.
+func antiAffinityAvoid(doms []v1.XenDomain, self *v1.XenDomain, vals map[string]string) map[string]string {
+	if len(vals) == 0 {
+		return nil
+	}
+	avoid := map[string]string{} // bounded by the hosts
+	for i := range doms {
+		d := &doms[i]
+		if d.Namespace == self.Namespace && d.Name == self.Name || d.Status.Host == "" {
+			continue
+		}
+		for k, v := range vals {
+			if d.Labels[k] == v {
+				avoid[d.Status.Host] = fmt.Sprintf("runs %s/%s with %s=%s (anti-affinity)", d.Namespace, d.Name, k, v)
+			}
+		}
+	}
+	return avoid
+}
+
 // hostFresh reports whether the host's agent heartbeat is recent.
 func hostFresh(h *v1.XenHost, now time.Time, timeout time.Duration) bool {
 	return h.Status.HeartbeatTime != nil && now.Sub(h.Status.HeartbeatTime.Time) <= timeout
@@ -96,7 +147,8 @@ func gib(b int64) string {
 // chooseTarget picks the host with the most free memory (after reservations)
 // among fresh, schedulable, compatible hosts other than the source that are
 // under the inbound limit. It returns why none fits otherwise.
-func chooseTarget(hosts []v1.XenHost, src *v1.XenHost, memBytes int64, l load, lim Limits, now time.Time, hb time.Duration) (*v1.XenHost, string) {
+// avoid names hosts excluded for this domain (anti-affinity), with why.
+func chooseTarget(hosts []v1.XenHost, src *v1.XenHost, memBytes int64, l load, lim Limits, now time.Time, hb time.Duration, avoid map[string]string) (*v1.XenHost, string) {
 	type cand struct {
 		h    *v1.XenHost
 		free int64
@@ -110,6 +162,10 @@ func chooseTarget(hosts []v1.XenHost, src *v1.XenHost, memBytes int64, l load, l
 			continue
 		case h.Spec.Unschedulable:
 			why = append(why, h.Name+": cordoned")
+		case hostDraining(h):
+			why = append(why, h.Name+": draining")
+		case avoid[h.Name] != "":
+			why = append(why, h.Name+": "+avoid[h.Name])
 		case !hostFresh(h, now, hb):
 			why = append(why, h.Name+": agent heartbeat stale")
 		case incompatibility(src, h) != "":

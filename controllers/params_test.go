@@ -161,7 +161,7 @@ func TestChooseTarget(t *testing.T) {
 			if c.load.inboundMemory == nil {
 				c.load.inboundMemory = map[string]int64{}
 			}
-			got, why := chooseTarget(c.hosts, &src, 512<<20, c.load, lim, now, time.Minute)
+			got, why := chooseTarget(c.hosts, &src, 512<<20, c.load, lim, now, time.Minute, nil)
 			name := ""
 			if got != nil {
 				name = got.Name

@@ -17,6 +17,9 @@ package controllers
 // first acquisition, for the same reason, and core events in the namespace
 // (the leader-election recorder writes v1 Events).
 //
+// Drain: the guard Pods and PodDisruptionBudgets live in the operator's
+// namespace only; Nodes are read to follow cordons.
+//
 // Metrics: the secure metrics endpoint authenticates each scraper with a
 // TokenReview and authorizes it with a SubjectAccessReview
 // (controller-runtime's filters.WithAuthenticationAndAuthorization).
@@ -32,7 +35,10 @@ const CASecretName = "xenferry-ca"
 // LeaderElectionID is the name of the controller's leader-election Lease.
 const LeaderElectionID = "xenferry-controller.migration.xenferry.io"
 
-// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations,verbs=get;list;watch;create;update;patch
+// +kubebuilder:rbac:groups=migration.xenferry.io,resources=xenhosts/status;rebalancepolicies/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=migration.xenferry.io,resources=rebalancepolicies,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/finalizers,verbs=update
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xendomains;xenhosts;migrationpolicies,verbs=get;list;watch
@@ -46,3 +52,5 @@ const LeaderElectionID = "xenferry-controller.migration.xenferry.io"
 // +kubebuilder:rbac:groups=coordination.k8s.io,namespace=xenferry-system,resources=leases,resourceNames=xenferry-controller.migration.xenferry.io,verbs=get;update;patch
 // +kubebuilder:rbac:groups=coordination.k8s.io,namespace=xenferry-system,resources=leases,verbs=create
 // +kubebuilder:rbac:groups="",namespace=xenferry-system,resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups="",namespace=xenferry-system,resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups=policy,namespace=xenferry-system,resources=poddisruptionbudgets,verbs=get;list;watch;create;delete

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -11,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/klog/v2"
+	ctrl "sigs.k8s.io/controller-runtime/pkg/client"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
@@ -64,6 +67,9 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 	m.Status.SourceHost = src.Name
 	mem := dom.Spec.MemoryBytes
 	m.Status.DomainMemoryBytes = mem
+	if dom.Status.PredictedCost != nil && m.Status.Predicted == nil {
+		m.Status.Predicted = dom.Status.PredictedCost.DeepCopy()
+	}
 
 	// Every migration, fresh from the API server: the slot decision must
 	// see the decisions made just before.
@@ -101,6 +107,10 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		}
 		if dst.Spec.Unschedulable {
 			r.invalid(s, v1.ReasonTargetUnschedulable, fmt.Sprintf("Target host %s is cordoned (spec.unschedulable); uncordon it or pick another host", t))
+			return nil
+		}
+		if hostDraining(dst) {
+			r.invalid(s, v1.ReasonTargetUnschedulable, fmt.Sprintf("Target host %s is being drained; undrain it (kubectl xenferry undrain %s, or uncordon its Node) or pick another host", t, t))
 			return nil
 		}
 		if why := incompatibility(src, dst); why != "" {
@@ -171,7 +181,9 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		r.setPhase(s, v1.MigrationScheduling)
 	}
 
-	// Concurrency slots: cluster, outbound from the source, inbound to the target.
+	// Concurrency slots: cluster, outbound from the source, inbound to the
+	// target; granted by priority (a higher one waiting keeps them from
+	// lower ones), and an evacuation may preempt a rebalancing migration.
 	l := computeLoad(all.Items, string(m.UID))
 	wait := func(reason, msg string) error {
 		if c := findCondition(m, v1.ScheduledCondition); c == nil || c.Message != msg {
@@ -185,15 +197,30 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		}
 		return nil
 	}
+	if o := blockedBy(waitingAhead(all.Items, m), m, src.Name, l, r.Limits); o != nil {
+		return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued behind %s migration %s/%s (priority %s goes before %s)",
+			strings.ToLower(string(priorityOf(o))), o.Namespace, o.Name, priorityOf(o), priorityOf(m)))
+	}
+	full := func(msg string, holds func(o *v1.VMMigration) bool) error {
+		if priorityOf(m) == v1.PriorityEvacuation {
+			if v := r.preempt(ctx, all.Items, m, holds); v != "" {
+				msg += "; preempting rebalancing migration " + v
+			}
+		}
+		return wait(v1.ReasonWaitingForSlot, msg)
+	}
 	if r.Limits.Cluster > 0 && l.total >= r.Limits.Cluster {
-		return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued: %d migrations run in the cluster (limit %d)", l.total, r.Limits.Cluster))
+		return full(fmt.Sprintf("Queued: %d migrations run in the cluster (limit %d)", l.total, r.Limits.Cluster),
+			func(*v1.VMMigration) bool { return true })
 	}
 	if r.Limits.OutboundPerHost > 0 && l.outbound[src.Name] >= r.Limits.OutboundPerHost {
-		return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued: %d migrations leave %s (outbound limit %d)", l.outbound[src.Name], src.Name, r.Limits.OutboundPerHost))
+		return full(fmt.Sprintf("Queued: %d migrations leave %s (outbound limit %d)", l.outbound[src.Name], src.Name, r.Limits.OutboundPerHost),
+			func(o *v1.VMMigration) bool { return o.Status.SourceHost == src.Name })
 	}
 	if dst != nil {
 		if r.Limits.InboundPerHost > 0 && l.inbound[dst.Name] >= r.Limits.InboundPerHost {
-			return wait(v1.ReasonWaitingForSlot, fmt.Sprintf("Queued: %d migrations arrive at %s (inbound limit %d)", l.inbound[dst.Name], dst.Name, r.Limits.InboundPerHost))
+			return full(fmt.Sprintf("Queued: %d migrations arrive at %s (inbound limit %d)", l.inbound[dst.Name], dst.Name, r.Limits.InboundPerHost),
+				func(o *v1.VMMigration) bool { return o.Status.TargetHost == dst.Name })
 		}
 		if why := fitReason(dst, mem, l); why != "" {
 			if l.inboundMemory[dst.Name] == 0 {
@@ -207,8 +234,12 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 		if err := r.Client.List(ctx, &hosts); err != nil {
 			return fmt.Errorf("list XenHosts: %w", err)
 		}
+		avoid, err := r.antiAffinity(ctx, dom, all.Items)
+		if err != nil {
+			return err
+		}
 		var why string
-		if dst, why = chooseTarget(hosts.Items, src, mem, l, r.Limits, s.now, r.HeartbeatTimeout); dst == nil {
+		if dst, why = chooseTarget(hosts.Items, src, mem, l, r.Limits, s.now, r.HeartbeatTimeout, avoid); dst == nil {
 			return wait(v1.ReasonNoTargetAvailable, "Waiting for a target: "+why)
 		}
 		// chooseTarget keeps to the source's backend, so the target carries
@@ -244,6 +275,139 @@ func (r *VMMigrationReconciler) reconcileSchedule(ctx context.Context, s *scope)
 	}
 	s.requeueAfter(r.HeartbeatTimeout / 2)
 	return nil
+}
+
+// priorityOf is a migration's priority (User when unset, as defaulted).
+func priorityOf(m *v1.VMMigration) v1.MigrationPriority {
+	if m.Spec.Priority == "" {
+		return v1.PriorityUser
+	}
+	return m.Spec.Priority
+}
+
+// waitingAhead returns the migrations of higher priority than m that wait
+// for a slot or have not been scheduled yet, highest and oldest first.
+func waitingAhead(all []v1.VMMigration, m *v1.VMMigration) []*v1.VMMigration {
+	rank := priorityOf(m).Rank()
+	var ahead []*v1.VMMigration
+	for i := range all {
+		o := &all[i]
+		if o.UID == m.UID || priorityOf(o).Rank() <= rank || !o.DeletionTimestamp.IsZero() || o.Spec.Cancel {
+			continue
+		}
+		switch o.Status.Phase {
+		case "", v1.MigrationPending:
+		case v1.MigrationScheduling:
+			// Waiting for a target or a certificate is not waiting for a
+			// slot: it must not hold others back.
+			if c := findCondition(o, v1.ScheduledCondition); c != nil && c.Reason != v1.ReasonWaitingForSlot {
+				continue
+			}
+		default:
+			continue
+		}
+		ahead = append(ahead, o)
+	}
+	sort.Slice(ahead, func(i, j int) bool {
+		a, b := ahead[i], ahead[j]
+		if ra, rb := priorityOf(a).Rank(), priorityOf(b).Rank(); ra != rb {
+			return ra > rb
+		}
+		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+	})
+	return ahead
+}
+
+// blockedBy returns the waiting higher-priority migration that m must let
+// go first, or nil: one leaving the same source (outbound slots), or any
+// of them when the cluster has no more free slots than they need.
+func blockedBy(ahead []*v1.VMMigration, m *v1.VMMigration, src string, l load, lim Limits) *v1.VMMigration {
+	if len(ahead) == 0 {
+		return nil
+	}
+	if lim.Cluster > 0 && lim.Cluster-l.total <= len(ahead) {
+		return ahead[0]
+	}
+	for _, o := range ahead {
+		if o.Status.SourceHost == src || (m.Spec.TargetHost != "" && o.Spec.TargetHost == m.Spec.TargetHost) {
+			return o
+		}
+	}
+	return nil
+}
+
+// preemptible reports whether a rebalancing migration may still give up
+// its slot: before the stop-and-copy, never past the point of no return.
+func preemptible(o *v1.VMMigration) bool {
+	if priorityOf(o) != v1.PriorityRebalance || o.Status.AbortRequested || resumed(o) {
+		return false
+	}
+	switch o.Status.Phase {
+	case v1.MigrationPreparingTarget, v1.MigrationTargetReady, v1.MigrationPreCopy:
+		return true
+	}
+	return false
+}
+
+// preempt asks one preemptible rebalancing migration that holds a slot m
+// needs (holds) to give it up, by annotating it; its own reconcile aborts
+// it. It returns that migration's name, "" if there is none.
+func (r *VMMigrationReconciler) preempt(ctx context.Context, all []v1.VMMigration, m *v1.VMMigration, holds func(*v1.VMMigration) bool) string {
+	for i := range all {
+		o := &all[i]
+		if !o.Status.Phase.HoldsSlot() || !holds(o) || !preemptible(o) {
+			continue
+		}
+		if o.Annotations[v1.PreemptedByAnnotation] != "" {
+			return o.Namespace + "/" + o.Name // already asked
+		}
+		patch := ctrl.MergeFrom(o.DeepCopy())
+		if o.Annotations == nil {
+			o.Annotations = map[string]string{}
+		}
+		o.Annotations[v1.PreemptedByAnnotation] = m.Namespace + "/" + m.Name
+		if err := r.Client.Patch(ctx, o, patch); err != nil {
+			ctrllog.FromContext(ctx).Error(err, "Could not preempt a rebalancing migration", "VMMigration", klog.KObj(o))
+			return ""
+		}
+		msg := fmt.Sprintf("Preempting rebalancing migration %s/%s for evacuation %s/%s", o.Namespace, o.Name, m.Namespace, m.Name)
+		r.event(m, corev1.EventTypeNormal, v1.ReasonPreempted, "Preempt", msg)
+		return o.Namespace + "/" + o.Name
+	}
+	return ""
+}
+
+// antiAffinity returns the hosts the domain must avoid: those running, or
+// receiving through an active migration, a domain that shares one of its
+// anti-affinity label values.
+func (r *VMMigrationReconciler) antiAffinity(ctx context.Context, dom *v1.XenDomain, all []v1.VMMigration) (map[string]string, error) {
+	vals := antiAffinityValues(dom.Labels, nil)
+	if len(vals) == 0 {
+		return nil, nil
+	}
+	var doms v1.XenDomainList
+	if err := r.Client.List(ctx, &doms); err != nil {
+		return nil, fmt.Errorf("list XenDomains: %w", err)
+	}
+	avoid := antiAffinityAvoid(doms.Items, dom, vals)
+	byName := map[string]*v1.XenDomain{} // bounded by the domains
+	for i := range doms.Items {
+		byName[doms.Items[i].Namespace+"/"+doms.Items[i].Name] = &doms.Items[i]
+	}
+	for i := range all {
+		o := &all[i]
+		if o.Status.Phase.IsFinal() || o.Status.TargetHost == "" || (o.Namespace == dom.Namespace && o.Spec.Domain == dom.Name) {
+			continue
+		}
+		if od := byName[o.Namespace+"/"+o.Spec.Domain]; od != nil {
+			for k, v := range vals {
+				if od.Labels[k] == v {
+					avoid[o.Status.TargetHost] = fmt.Sprintf("receives %s/%s with %s=%s (anti-affinity)", od.Namespace, od.Name, k, v)
+				}
+			}
+		}
+	}
+	return avoid, nil
 }
 
 func findCondition(m *v1.VMMigration, typ string) *metav1.Condition {

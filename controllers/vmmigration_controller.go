@@ -263,13 +263,15 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 	// 1. Success: the source released the domain after the target resumed it.
 	if src != nil && src.Completed && past {
 		m.Status.Result = src.Result.DeepCopy()
+		m.Status.Actual = actualCost(m.Status.Result)
 		setCondition(m, v1.TransferringCondition, metav1.ConditionFalse, v1.ReasonTransferDone, "The source released the domain")
 		if m.Status.Progress != nil {
 			m.Status.Progress.Percent = 100
 			m.Status.ProgressText = progressText(m.Status.Progress)
 		}
 		r.finish(s, v1.MigrationSucceeded, v1.ReasonSucceeded,
-			fmt.Sprintf("Domain %s moved from %s to %s%s", m.Spec.Domain, m.Status.SourceHost, m.Status.TargetHost, resultSummary(m.Status.Result)),
+			fmt.Sprintf("Domain %s moved from %s to %s%s%s", m.Spec.Domain, m.Status.SourceHost, m.Status.TargetHost, resultSummary(m.Status.Result),
+				predictionText(m.Status.Predicted, m.Status.Actual)),
 			m.Status.TargetHost)
 		return
 	}
@@ -325,6 +327,9 @@ func (r *VMMigrationReconciler) observe(s *scope) {
 	if !past && !held {
 		if m.Spec.Cancel && !m.Status.AbortRequested {
 			r.startAbort(s, v1.ReasonCancelled, "Cancel requested by spec.cancel")
+		}
+		if by := m.Annotations[v1.PreemptedByAnnotation]; by != "" && preemptible(m) {
+			r.startAbort(s, v1.ReasonPreempted, fmt.Sprintf("Preempted before the switch-over: evacuation %s needs this slot; the rebalancing planner may try again later", by))
 		}
 		if !m.Status.AbortRequested {
 			r.checkTimeouts(s, src)
@@ -456,6 +461,23 @@ func progressText(p *v1.MigrationProgress) string {
 	return fmt.Sprintf("%d%%", p.Percent)
 }
 
+// actualCost states a result in the terms of a prediction.
+func actualCost(res *v1.MigrationResult) *v1.MigrationCost {
+	if res == nil {
+		return nil
+	}
+	return &v1.MigrationCost{Bytes: res.BytesSent, Time: res.TotalTime, Pages: res.Pages.Total, ZeroPages: res.Pages.Zero, DiskPages: res.Pages.Disk}
+}
+
+// predictionText compares the predicted with the actual cost.
+func predictionText(pred, act *v1.MigrationCost) string {
+	if pred == nil || act == nil || pred.Bytes <= 0 || pred.Time.Duration <= 0 {
+		return ""
+	}
+	return fmt.Sprintf("; predicted %s in %s, took %s in %s (%.2fx bytes, %.2fx time)", mib(pred.Bytes), pred.Time.Duration.Round(time.Millisecond),
+		mib(act.Bytes), act.Time.Duration.Round(time.Millisecond), float64(act.Bytes)/float64(pred.Bytes), act.Time.Seconds()/pred.Time.Seconds())
+}
+
 func resultSummary(res *v1.MigrationResult) string {
 	if res == nil {
 		return ""
@@ -565,7 +587,7 @@ func released(src *v1.SourceState, dst *v1.TargetState) (bool, string) {
 func (r *VMMigrationReconciler) waitAbort(s *scope, src *v1.SourceState, dst *v1.TargetState) {
 	m := s.mig
 	final, reason := v1.MigrationFailed, m.Status.AbortReason
-	if reason == v1.ReasonCancelled {
+	if reason == v1.ReasonCancelled || reason == v1.ReasonPreempted {
 		final = v1.MigrationCancelled
 	}
 	msg := m.Status.FailureReason

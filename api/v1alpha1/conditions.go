@@ -92,9 +92,6 @@ const (
 	// ReasonPreempted: an evacuation needed this rebalancing migration's
 	// slot; it was cancelled before the point of no return.
 	ReasonPreempted = "Preempted"
-	// ReasonDrainUndone: the drain that started this migration was undone
-	// (undrain, uncordon) before the point of no return.
-	ReasonDrainUndone = "DrainUndone"
 	// ReasonInvalid: validation failed; see the Valid condition.
 	ReasonInvalid = "Invalid"
 	// ReasonInProgress: not final yet.
