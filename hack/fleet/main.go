@@ -110,11 +110,14 @@ func run(list string, jsonOut bool, nHosts, nDoms int, keep bool, timeout time.D
 			return false, fmt.Errorf("stopped before %s: %w", name, context.Cause(ctx))
 		}
 		line := runScenario(ctx, name, root, filepath.Join(work, name), bin, filepath.Join(base, "disks"), nHosts, nDoms, logf)
-		b, _ := json.Marshal(line.v)
+		var b strings.Builder
+		enc := json.NewEncoder(&b)
+		enc.SetEscapeHTML(false) // "->" in reasons
+		_ = enc.Encode(line.v)
 		if jsonOut {
-			fmt.Println(string(b))
+			fmt.Print(b.String())
 		}
-		logf("%s", b)
+		logf("%s", strings.TrimSpace(b.String()))
 		if !line.ok {
 			allOK = false
 		}

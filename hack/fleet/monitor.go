@@ -49,6 +49,8 @@ type migRecord struct {
 	source, target  string
 	phase           v1.VMMigrationPhase
 	reason          string // failureReason, or the Completed condition's reason
+	endReason       string // the Completed condition's reason (Succeeded, Cancelled, Preempted, ...)
+	preemptedBy     string // the annotation an evacuation left on it
 	cancel          bool
 	final           time.Time // when a final phase was first seen
 	finalRV         int64
@@ -116,6 +118,9 @@ func (mo *monitor) update(m *v1.VMMigration, added bool) {
 	r.last = m.DeepCopy()
 	r.phase = m.Status.Phase
 	r.cancel = m.Spec.Cancel
+	if p := m.Annotations[v1.PreemptedByAnnotation]; p != "" {
+		r.preemptedBy = p
+	}
 	if m.Status.SourceHost != "" {
 		r.source = m.Status.SourceHost
 	}
@@ -129,8 +134,11 @@ func (mo *monitor) update(m *v1.VMMigration, added bool) {
 		r.finalRV, r.final = rv, time.Now()
 		r.reason = m.Status.FailureReason
 		for _, c := range m.Status.Conditions {
-			if c.Type == v1.CompletedCondition && r.reason == "" {
-				r.reason = c.Reason
+			if c.Type == v1.CompletedCondition {
+				r.endReason = c.Reason
+				if r.reason == "" {
+					r.reason = c.Reason
+				}
 			}
 		}
 	}

@@ -333,13 +333,18 @@ func playRebalance(ctx context.Context, s *session) any {
 	}
 	settledSince := time.Time{}
 	var last v1.RebalancePolicy
-	err := waitFor(ctx, rebalanceWait, time.Second, func() (bool, error) {
+	err := waitFor(ctx, rebalanceWait, 250*time.Millisecond, func() (bool, error) {
 		if err := f.c.Get(ctx, client.ObjectKey{Name: rebalancePolicyName}, &last); err != nil {
 			return false, err
 		}
 		st := last.Status
 		ms := mine()
-		if line.ImbalanceBefore < 0 && st.Cycles >= 1 && len(ms) == 0 {
+		moved := false
+		for _, r := range ms {
+			moved = moved || r.phase == v1.MigrationSucceeded
+		}
+		// The policy's first view, before any move changed the load.
+		if line.ImbalanceBefore < 0 && st.Cycles >= 1 && !moved {
 			line.ImbalanceBefore = int(st.ImbalancePercent)
 			f.log("rebalance: first cycle: imbalance %d%% (%s)", st.ImbalancePercent, hostsText(st.Hosts))
 		}
@@ -368,7 +373,7 @@ func playRebalance(ctx context.Context, s *session) any {
 	}
 	if line.ImbalanceBefore < 0 {
 		line.ImbalanceBefore = line.ImbalanceOwnBefore
-		s.note("imbalanceBefore from XenHost status: the policy had no cycle before its first migration")
+		s.note("imbalanceBefore from XenHost status: the policy reported no cycle before its first move")
 	}
 	line.ImbalanceAfter, line.Cycles = int(st.ImbalancePercent), st.Cycles
 	if err := f.quiesce(ctx, quiesceWait); err != nil {
@@ -530,8 +535,9 @@ func playPriority(ctx context.Context, s *session) any {
 		if r.phase == v1.MigrationSucceeded {
 			s.res.Migrations++
 		}
-		if r.reason == v1.ReasonPreempted {
+		if r.endReason == v1.ReasonPreempted || r.preemptedBy != "" {
 			line.Preempted++
+			s.note("%s preempted (by %q, ended %s/%s)", r.name, r.preemptedBy, phaseOrPending(r.phase), r.endReason)
 		}
 		kind := "?"
 		switch {
@@ -550,7 +556,11 @@ func playPriority(ctx context.Context, s *session) any {
 		if r.slotRV != 0 {
 			slot = fmt.Sprintf("rv%d", r.slotRV)
 		}
-		order = append(order, fmt.Sprintf("%s:%s@%s/%s(%s)", kind, r.domain, slot, ptPreparing(r.last), phaseOrPending(r.phase)))
+		end := phaseOrPending(r.phase)
+		if r.endReason != "" && r.endReason != end {
+			end += "/" + r.endReason
+		}
+		order = append(order, fmt.Sprintf("%s:%s@%s/%s(%s)", kind, r.domain, slot, ptPreparing(r.last), end))
 	}
 	line.RebalanceQueued, line.Evacuations = len(rq), len(es)
 	_, _, line.MaxMigrationsSeen, _, _ = s.mo.maxima()
