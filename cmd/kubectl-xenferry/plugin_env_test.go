@@ -115,6 +115,16 @@ func (e *pluginEnv) start(ctx context.Context, out, errOut *syncBuffer, args ...
 	}
 }
 
+// migrate runs `migrate ARGS` and returns the created migration's name.
+func (e *pluginEnv) migrate(args ...string) string {
+	e.t.Helper()
+	out, _, err := e.run(append([]string{"migrate"}, args...)...)
+	if err != nil {
+		e.t.Fatalf("migrate %v: %v", args, err)
+	}
+	return strings.TrimPrefix(strings.Fields(out)[0], "vmmigration/")
+}
+
 // waitFor waits until the output has a line containing want.
 func (e *pluginEnv) waitFor(out *syncBuffer, want string) {
 	e.t.Helper()
@@ -302,11 +312,7 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 	})
 
 	t.Run("cancel sets spec.cancel; status --watch exits 2 when cancelled", func(t *testing.T) {
-		out, _, err := e.run("migrate", "web", "-n", "demo")
-		if err != nil {
-			t.Fatal(err)
-		}
-		name := strings.TrimPrefix(strings.Fields(out)[0], "vmmigration/")
+		name := e.migrate("web", "-n", "demo")
 		var watchOut, watchErr syncBuffer
 		wait := e.start(ctx, &watchOut, &watchErr, "status", name, "-w", "-n", "demo")
 		e.waitFor(&watchOut, name+" Pending")
@@ -321,7 +327,7 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 		e.setMigrationStatus(name, func(st *v1.VMMigrationStatus) {
 			st.Phase, st.FailureReason, st.SourceHost = v1.MigrationCancelled, "Cancelled: spec.cancel", "host-a"
 		})
-		err = wait()
+		err := wait()
 		if exitCode(err, &strings.Builder{}) != exitOutcome {
 			t.Errorf("status --watch of a cancelled migration: %v (exit %d), want exit %d", err, exitCode(err, &strings.Builder{}), exitOutcome)
 		}
@@ -331,16 +337,12 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 	})
 
 	t.Run("cancel past the point of no return changes nothing and says so", func(t *testing.T) {
-		out, _, err := e.run("migrate", "web", "-n", "demo")
-		if err != nil {
-			t.Fatal(err)
-		}
-		name := strings.TrimPrefix(strings.Fields(out)[0], "vmmigration/")
+		name := e.migrate("web", "-n", "demo")
 		e.setMigrationStatus(name, func(st *v1.VMMigrationStatus) {
 			st.Phase, st.SourceHost, st.TargetHost = v1.MigrationPostCopy, "host-a", "host-b"
 			meta.SetStatusCondition(&st.Conditions, cond(v1.ResumedOnTargetCondition, metav1.ConditionTrue, v1.ReasonResumed))
 		})
-		_, _, err = e.run("cancel", name, "-n", "demo")
+		_, _, err := e.run("cancel", name, "-n", "demo")
 		if err == nil || !strings.Contains(err.Error(), "past the point of no return") || !strings.Contains(err.Error(), "runs on host-b") {
 			t.Errorf("cancel after the resume: %v", err)
 		}
@@ -397,11 +399,7 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 	})
 
 	t.Run("Ctrl-C ends a watch cleanly", func(t *testing.T) {
-		out, _, err := e.run("migrate", "web", "-n", "demo")
-		if err != nil {
-			t.Fatal(err)
-		}
-		name := strings.TrimPrefix(strings.Fields(out)[0], "vmmigration/")
+		name := e.migrate("web", "-n", "demo")
 		wctx, cancel := context.WithCancel(ctx)
 		var watchOut, watchErr syncBuffer
 		wait := e.start(wctx, &watchOut, &watchErr, "status", name, "--watch", "-n", "demo")
