@@ -19,11 +19,12 @@ import (
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
 )
 
-// Requeue intervals while a migration waits for something the controller
-// does not watch (slots freed by other migrations, hosts appearing).
+// Requeue intervals while a migration waits: watches on XenHosts and on
+// migrations that end wake it first; these are backstops for what no
+// event signals (a stale heartbeat, a certificate being issued).
 const (
-	slotRetry   = 2 * time.Second
-	targetRetry = 5 * time.Second
+	slotRetry   = 15 * time.Second
+	targetRetry = 15 * time.Second
 )
 
 // invalid fails a migration whose spec or the objects it names make it impossible.

@@ -1,7 +1,18 @@
 package controllers
 
 import (
+	"context"
 	"time"
+
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"k8s.io/utils/clock"
 	ctrlbuilder "sigs.k8s.io/controller-runtime"
@@ -40,10 +51,82 @@ func (r *VMMigrationReconciler) SetupWithManager(mgr ctrlbuilder.Manager) error 
 	}
 	return ctrlbuilder.NewControllerManagedBy(mgr).
 		For(&v1.VMMigration{}).
+		// Queued migrations wait for hosts and slots: a host that changes
+		// what it offers, and a migration that ends and frees its slot,
+		// wake them instead of a poll.
+		Watches(&v1.XenHost{}, handler.EnqueueRequestsFromMapFunc(r.waitingOn), builder.WithPredicates(hostOfferChange)).
+		Watches(&v1.VMMigration{}, handler.EnqueueRequestsFromMapFunc(r.queuedBehind), builder.WithPredicates(slotFreed)).
 		Named("vmmigration").
 		// One worker: slot decisions are made one migration at a time.
 		WithOptions(controller.Options{MaxConcurrentReconciles: 1}).
 		Complete(r)
+}
+
+// hostOfferChange passes XenHost events that change what a queued
+// migration waits for (spec, conditions, free memory, capabilities,
+// certificate), not heartbeats.
+var hostOfferChange = predicate.Funcs{
+	UpdateFunc: func(e event.UpdateEvent) bool {
+		o, ok1 := e.ObjectOld.(*v1.XenHost)
+		n, ok2 := e.ObjectNew.(*v1.XenHost)
+		if !ok1 || !ok2 {
+			return false
+		}
+		return o.Generation != n.Generation || o.Status.FreeBytes != n.Status.FreeBytes || o.Status.AgentID != n.Status.AgentID ||
+			!equality.Semantic.DeepEqual(o.Status.Conditions, n.Status.Conditions) ||
+			!equality.Semantic.DeepEqual(o.Status.Capabilities, n.Status.Capabilities) ||
+			!equality.Semantic.DeepEqual(o.Status.TLS, n.Status.TLS)
+	},
+}
+
+// slotFreed passes VMMigration updates that end a migration (its slot is free).
+var slotFreed = predicate.Funcs{
+	CreateFunc: func(event.CreateEvent) bool { return false },
+	UpdateFunc: func(e event.UpdateEvent) bool {
+		o, ok1 := e.ObjectOld.(*v1.VMMigration)
+		n, ok2 := e.ObjectNew.(*v1.VMMigration)
+		return ok1 && ok2 && !o.Status.Phase.IsFinal() && n.Status.Phase.IsFinal()
+	},
+	DeleteFunc:  func(event.DeleteEvent) bool { return true },
+	GenericFunc: func(event.GenericEvent) bool { return false },
+}
+
+// queued lists the migrations waiting to be scheduled.
+func (r *VMMigrationReconciler) queued(ctx context.Context) []reconcile.Request {
+	var l v1.VMMigrationList
+	if err := r.Client.List(ctx, &l); err != nil {
+		ctrllog.FromContext(ctx).Error(err, "List VMMigrations to wake the queued ones")
+		return nil
+	}
+	var out []reconcile.Request
+	for i := range l.Items {
+		if p := l.Items[i].Status.Phase; p == v1.MigrationScheduling || p == v1.MigrationPending {
+			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: l.Items[i].Namespace, Name: l.Items[i].Name}})
+		}
+	}
+	return out
+}
+
+// waitingOn maps a XenHost to the queued migrations (any may pick it as
+// target) and to those running from or to it.
+func (r *VMMigrationReconciler) waitingOn(ctx context.Context, o client.Object) []reconcile.Request {
+	out := r.queued(ctx)
+	var l v1.VMMigrationList
+	if err := r.Client.List(ctx, &l); err != nil {
+		return out
+	}
+	for i := range l.Items {
+		m := &l.Items[i]
+		if !m.Status.Phase.IsFinal() && (m.Status.SourceHost == o.GetName() || m.Status.TargetHost == o.GetName()) && m.Status.Phase.HoldsSlot() {
+			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: m.Namespace, Name: m.Name}})
+		}
+	}
+	return out
+}
+
+// queuedBehind maps a migration that ended to those waiting for its slot.
+func (r *VMMigrationReconciler) queuedBehind(ctx context.Context, _ client.Object) []reconcile.Request {
+	return r.queued(ctx)
 }
 
 // MetricsOptions serves the manager's /metrics at addr. secure (the default
