@@ -413,6 +413,41 @@ func TestPluginAgainstAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("status -l lists and watches only the matching migrations", func(t *testing.T) {
+		drain := e.migrate("web", "-n", "demo")
+		var m v1.VMMigration
+		if err := e.c.Get(ctx, types.NamespacedName{Namespace: "demo", Name: drain}, &m); err != nil {
+			t.Fatal(err)
+		}
+		m.Labels = map[string]string{v1.ReasonLabel: "drain", v1.DrainHostLabel: "host-a"}
+		if err := e.c.Update(ctx, &m); err != nil {
+			t.Fatal(err)
+		}
+		sel := v1.DrainHostLabel + "=host-a"
+		table, _, err := e.run("status", "-A", "-l", sel)
+		if rows := strings.Split(strings.TrimSpace(table), "\n"); err != nil || len(rows) != 2 || !hasRow(table, "demo "+drain+" web Pending") {
+			t.Errorf("status -A -l %s (%v): want a header and %s alone:\n%s", sel, err, drain, table)
+		}
+
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		var out, errOut syncBuffer
+		wait := e.start(wctx, &out, &errOut, "status", "-w", "-n", "demo", "-l", sel)
+		e.waitFor(&out, drain+" Pending")
+		e.setMigrationStatus(created, func(st *v1.VMMigrationStatus) { st.FailureReason = "touched" }) // not selected
+		e.setMigrationStatus(drain, func(st *v1.VMMigrationStatus) {
+			st.Phase, st.SourceHost, st.TargetHost = v1.MigrationScheduling, "host-a", "host-b"
+		})
+		e.waitFor(&out, drain+" Scheduling")
+		cancel()
+		if err := wait(); err != nil {
+			t.Errorf("Ctrl-C on a list watch: %v", err)
+		}
+		if strings.Contains(out.String(), created) {
+			t.Errorf("the watch showed a migration the selector leaves out:\n%s", out.String())
+		}
+	})
+
 	t.Run("plan shows a RebalancePolicy's status", func(t *testing.T) {
 		p := &v1.RebalancePolicy{ObjectMeta: metav1.ObjectMeta{Name: "spread"}}
 		if err := e.c.Create(ctx, p); err != nil {

@@ -10,6 +10,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -19,6 +20,7 @@ import (
 
 func newStatusCommand(o *options) *cobra.Command {
 	var follow, all bool
+	var selector string
 	cmd := &cobra.Command{
 		Use:   "status [MIGRATION]",
 		Short: "List VMMigrations, or show one (--watch: follow it live)",
@@ -31,6 +33,7 @@ percent, rate, bytes left, ETA, dedup savings), otherwise as one plain line
 per change; the last line is the result. The exit status is 2 when the
 migration ended Failed or Cancelled.`,
 		Example: `  kubectl xenferry status -A
+  kubectl xenferry status -l migration.xenferry.io/drain-host=host-a
   kubectl xenferry status web-7xk2p --watch`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -38,9 +41,13 @@ migration ended Failed or Cancelled.`,
 			if err != nil {
 				return err
 			}
+			sel, err := labels.Parse(selector)
+			if err != nil {
+				return fmt.Errorf("bad --selector %q: %w", selector, err)
+			}
 			if len(args) == 1 {
-				if all {
-					return errors.New("-A lists every namespace's migrations; to show one migration give its namespace with -n instead")
+				if all || selector != "" {
+					return errors.New("-A and -l pick migrations to list; to show one migration give its name, and its namespace with -n")
 				}
 				if follow {
 					return watchMigration(cmd.Context(), o, ns, args[0])
@@ -51,29 +58,33 @@ migration ended Failed or Cancelled.`,
 				ns = ""
 			}
 			if follow {
-				return watchMigrations(cmd.Context(), o, ns)
+				return watchMigrations(cmd.Context(), o, ns, sel)
 			}
-			return listMigrations(cmd.Context(), o, ns)
+			return listMigrations(cmd.Context(), o, ns, sel)
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "watch", "w", false, "follow changes until the migration ends (Ctrl-C stops watching; the migration goes on)")
 	cmd.Flags().BoolVarP(&all, "all-namespaces", "A", false, "list the migrations of every namespace")
+	cmd.Flags().StringVarP(&selector, "selector", "l", "", "list only the migrations with these labels, e.g. migration.xenferry.io/reason=drain")
 	return cmd
 }
 
-func listMigrations(ctx context.Context, o *options, ns string) error {
+func listMigrations(ctx context.Context, o *options, ns string, sel labels.Selector) error {
 	c, err := o.client()
 	if err != nil {
 		return err
 	}
 	var list v1.VMMigrationList
-	if err := c.List(ctx, &list, client.InNamespace(ns)); err != nil {
+	if err := c.List(ctx, &list, client.InNamespace(ns), client.MatchingLabelsSelector{Selector: sel}); err != nil {
 		return explain(err, "list", "VMMigration", ns, "")
 	}
 	if len(list.Items) == 0 {
 		where := fmt.Sprintf("in namespace %q", ns)
 		if ns == "" {
 			where = "in any namespace"
+		}
+		if !sel.Empty() {
+			where += " with labels " + sel.String()
 		}
 		fmt.Fprintf(o.streams.ErrOut, "No VMMigrations %s: start one with `kubectl xenferry migrate DOMAIN`\n", where)
 		return nil
@@ -242,7 +253,7 @@ func watchMigration(ctx context.Context, o *options, ns, name string) error {
 
 // watchMigrations prints a line each time a migration of the namespace (or
 // of every namespace, ns "") changes, until Ctrl-C.
-func watchMigrations(ctx context.Context, o *options, ns string) error {
+func watchMigrations(ctx context.Context, o *options, ns string, sel labels.Selector) error {
 	c, err := o.client()
 	if err != nil {
 		return err
@@ -270,7 +281,7 @@ func watchMigrations(ctx context.Context, o *options, ns string) error {
 	}
 	for {
 		var list v1.VMMigrationList
-		if err := c.List(ctx, &list, client.InNamespace(ns)); err != nil {
+		if err := c.List(ctx, &list, client.InNamespace(ns), client.MatchingLabelsSelector{Selector: sel}); err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -279,8 +290,8 @@ func watchMigrations(ctx context.Context, o *options, ns string) error {
 		for i := range list.Items {
 			line(&list.Items[i])
 		}
-		w, err := c.Watch(ctx, &v1.VMMigrationList{}, client.InNamespace(ns),
-			&client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: list.ResourceVersion}})
+		w, err := c.Watch(ctx, &v1.VMMigrationList{}, client.InNamespace(ns), &client.ListOptions{Raw: &metav1.ListOptions{
+			ResourceVersion: list.ResourceVersion, LabelSelector: sel.String()}})
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
