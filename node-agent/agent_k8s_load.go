@@ -40,6 +40,9 @@ const (
 	minLinkSample = 32 << 20
 	// scanBatchPages is what one read of a memory scan takes.
 	scanBatchPages = 256
+	// loadWriteGap is the least time between two status writes of a
+	// XenDomain that only its load or predicted cost changed.
+	loadWriteGap = 15 * time.Second
 )
 
 // Defaults of the load and prediction settings of AgentConfig.

@@ -72,18 +72,22 @@ func (a *Agent) publish(ctx context.Context) error {
 // so a controller's condition written meanwhile is never undone.
 func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
 	var err error
-	for range 3 {
-		if err = a.publishHostOnce(ctx, info, doms); !apierrors.IsConflict(err) {
+	for i := range 3 {
+		// The cache first; after a conflict, the API server.
+		r := client.Reader(a.c)
+		if i > 0 {
+			r = a.api
+		}
+		if err = a.publishHostOnce(ctx, r, info, doms); !apierrors.IsConflict(err) {
 			return err
 		}
 	}
 	return err
 }
 
-func (a *Agent) publishHostOnce(ctx context.Context, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
+func (a *Agent) publishHostOnce(ctx context.Context, r client.Reader, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
 	h := &v1.XenHost{}
-	// The API server, not the cache: the conditions must be the latest.
-	err := a.api.Get(ctx, types.NamespacedName{Name: a.cfg.Host}, h)
+	err := r.Get(ctx, types.NamespacedName{Name: a.cfg.Host}, h)
 	if apierrors.IsNotFound(err) {
 		h = &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Host}}
 		if err := a.c.Create(ctx, h); err != nil && !apierrors.IsAlreadyExists(err) {
@@ -220,10 +224,12 @@ func (a *Agent) publishDomain(ctx context.Context, ns, name string, d xenmem.Dom
 	indexes := a.indexer.status(d.Disks)
 	cpu, cost := a.usage.cpuMillis(d.Name), a.predictedCost(d)
 	if xd.Status.Host == a.cfg.Host && xd.Status.State == string(d.State) && xd.Status.DomID == int32(d.ID) &&
-		equality.Semantic.DeepEqual(xd.Status.DiskIndexes, indexes) &&
-		!cpuChanged(xd.Status.CPUMillis, cpu) && !costChanged(xd.Status.PredictedCost, cost) &&
-		xd.Status.LastUpdateTime != nil && now.Sub(xd.Status.LastUpdateTime.Time) < time.Minute {
-		return nil // unchanged; refresh at most once a minute
+		equality.Semantic.DeepEqual(xd.Status.DiskIndexes, indexes) && xd.Status.LastUpdateTime != nil {
+		age := now.Sub(xd.Status.LastUpdateTime.Time)
+		moved := cpuChanged(xd.Status.CPUMillis, cpu) || costChanged(xd.Status.PredictedCost, cost)
+		if age < time.Minute && (!moved || age < loadWriteGap) {
+			return nil // unchanged, or only load moved and written lately; refresh at most once a minute
+		}
 	}
 	if xd.Status.Host != a.cfg.Host && xd.Status.Host != "" {
 		a.log.Info("Took over XenDomain: the domain runs here now", "xendomain", ns+"/"+name, "previousHost", xd.Status.Host)
