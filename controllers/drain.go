@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -410,7 +411,7 @@ func (r *DrainReconciler) guard(ctx context.Context, s *drainScope) error {
 	pod := &corev1.Pod{}
 	if err := r.Client.Get(ctx, key, pod); apierrors.IsNotFound(err) {
 		zero := int64(0)
-		no := false
+		no, yes := false, true
 		pod = &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name, Labels: labels,
 				Annotations: map[string]string{"migration.xenferry.io/purpose": "holds `kubectl drain` of this node until xenferry has live-migrated its Xen domains away"}},
@@ -419,9 +420,14 @@ func (r *DrainReconciler) guard(ctx context.Context, s *drainScope) error {
 				Tolerations:                   []corev1.Toleration{{Operator: corev1.TolerationOpExists}},
 				TerminationGracePeriodSeconds: &zero,
 				AutomountServiceAccountToken:  &no,
+				SecurityContext: &corev1.PodSecurityContext{RunAsNonRoot: &yes,
+					SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}},
 				Containers: []corev1.Container{{
 					Name: "guard", Image: r.GuardImage, Command: r.GuardCommand,
-					Resources: corev1.ResourceRequirements{},
+					Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{
+						corev1.ResourceCPU: resource.MustParse("1m"), corev1.ResourceMemory: resource.MustParse("8Mi")}},
+					SecurityContext: &corev1.SecurityContext{AllowPrivilegeEscalation: &no, ReadOnlyRootFilesystem: &yes,
+						Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}},
 				}},
 			},
 		}
