@@ -340,6 +340,10 @@ func (f *fleet) down() {
 			f.log("sim-destroy %s: %v: %s", a.stateDir, err, strings.TrimSpace(string(out)))
 		}
 	}
+	// sim-destroy's SIGKILLs take a moment to end the guests.
+	_ = waitFor(context.Background(), 5*time.Second, 100*time.Millisecond, func() (bool, error) {
+		return len(findGuests(f.dir)) == 0, nil
+	})
 	for _, g := range findGuests(f.dir) {
 		f.log("ending guest %s of %s left behind (%s)", g.id(), g.domain, g.stderr)
 		killGuest(g)

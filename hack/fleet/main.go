@@ -91,6 +91,12 @@ func run(list string, jsonOut bool, nHosts, nDoms int, keep bool, timeout time.D
 	}
 	base := filepath.Join(root, ".xenferry", "fleet")
 	work := filepath.Join(base, "work")
+	// A run killed outright (SIGKILL) leaves its guests: they outlive
+	// their agents by design. End them before their directory goes.
+	for _, g := range findGuests(work) {
+		logf("ending guest %s of %s left by an earlier run", g.id(), g.domain)
+		killGuest(g)
+	}
 	_ = os.RemoveAll(work)
 	bin := filepath.Join(base, "bin")
 	logf("building the controller and the node agent into %s", bin)

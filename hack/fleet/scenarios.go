@@ -21,6 +21,8 @@ const (
 	afterUndrain  = 10 * time.Second // watched for new drain migrations once the old ones ended
 	rebalanceWait = 6 * time.Minute
 	quiesceWait   = 3 * time.Minute
+	// streamingBytes sent make a drain migration "streaming" (undrain).
+	streamingBytes = 1 << 20
 )
 
 // Rebalancing policy of the rebalance scenario: the defaults' band
@@ -196,12 +198,15 @@ type undrainLine struct {
 	*common
 	Cancelled       int `json:"cancelled"`
 	NewAfterUndrain int `json:"newAfterUndrain"`
+	// cancelledStreaming: of the cancelled, those whose source had
+	// started sending (the others were still queued).
+	CancelledStreaming int `json:"cancelledStreaming"`
 }
 
 func playUndrain(ctx context.Context, s *session) any {
 	f := s.f
 	host := f.spec.hosts[0]
-	line := &undrainLine{common: s.res, Cancelled: -1, NewAfterUndrain: -1}
+	line := &undrainLine{common: s.res, Cancelled: -1, NewAfterUndrain: -1, CancelledStreaming: -1}
 	f.log("undrain: drain %s, undo it once a drain migration streams", host)
 	t0 := time.Now()
 	if _, err := f.setDrain(ctx, host, true); err != nil {
@@ -215,8 +220,9 @@ func playUndrain(ctx context.Context, s *session) any {
 			if !isDrainOf(r, host) || m == nil || m.Status.Phase.IsFinal() {
 				continue
 			}
-			if src := m.Status.Source; m.Status.Phase == v1.MigrationPreCopy ||
-				(src != nil && src.Progress != nil && src.Progress.BytesSent > 0) {
+			// Streaming: memory on the wire, not just the handshake.
+			if src := m.Status.Source; m.Status.Phase == v1.MigrationPreCopy &&
+				src != nil && src.Progress != nil && src.Progress.BytesSent >= streamingBytes {
 				streaming = fmt.Sprintf("%s (%s, %s)", r.name, m.Status.Phase, srcText(m))
 				return true, nil
 			}
@@ -248,7 +254,7 @@ func playUndrain(ctx context.Context, s *session) any {
 		s.note("drain migrations still open after the undrain: %v", err)
 	}
 	sleepCtx(ctx, afterUndrain)
-	line.Cancelled, line.NewAfterUndrain = 0, 0
+	line.Cancelled, line.NewAfterUndrain, line.CancelledStreaming = 0, 0, 0
 	urv := rvOf(undrainRV)
 	for _, r := range s.mo.snapshot() {
 		if !isDrainOf(r, host) {
@@ -266,8 +272,12 @@ func playUndrain(ctx context.Context, s *session) any {
 		switch r.phase {
 		case v1.MigrationCancelled:
 			line.Cancelled++
+			if src := r.last.Status.Source; src != nil && src.StartTime != nil {
+				line.CancelledStreaming++
+			}
 		case v1.MigrationSucceeded:
 			s.res.Migrations++
+			s.note("drain migration %s of %s succeeded (%s)", r.name, r.domain, whenResumed(r.last))
 		default:
 			s.note("drain migration %s ended %s: %s", r.name, phaseOrPending(r.phase), clip(r.reason, 160))
 		}
@@ -278,7 +288,7 @@ func playUndrain(ctx context.Context, s *session) any {
 			s.note("%s still Draining after the undrain: %s", host, condText(c))
 		}
 	}
-	s.note("%d drain migrations cancelled, %d succeeded", line.Cancelled, s.res.Migrations)
+	s.note("%d drain migrations cancelled (%d of them streaming), %d succeeded", line.Cancelled, line.CancelledStreaming, s.res.Migrations)
 	s.goal = err == nil && line.Cancelled >= 1 && line.NewAfterUndrain == 0
 	return line
 }
@@ -692,4 +702,13 @@ func playMove(ctx context.Context, s *session) any {
 	s.note("at once: %d out of one host, %d into one host, %d in all", out, in, all)
 	s.goal = err == nil && s.res.Migrations == len(names)
 	return s.res
+}
+
+// whenResumed says whether m resumed on its target before the undrain
+// could stop it (the point of no return).
+func whenResumed(m *v1.VMMigration) string {
+	if t := m.Status.Target; t != nil && t.ResumeTime != nil {
+		return "resumed on " + t.Host + " at " + t.ResumeTime.UTC().Format("15:04:05")
+	}
+	return "no resume time"
 }
