@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/tools/events"
@@ -76,7 +77,9 @@ type DrainReconciler struct {
 type drainScope struct {
 	host *v1.XenHost
 	node *corev1.Node // nil: no Node of that name (a cluster without kubelets on dom0s)
-	now  time.Time
+	// machine is the Node's Cluster API Machine (nil without Cluster API).
+	machine *unstructured.Unstructured
+	now     time.Time
 	// domains running on the host (status.host), and every other one.
 	domains, all []v1.XenDomain
 	// migrations of any reason, fresh from the API server.
@@ -106,6 +109,7 @@ func (r *DrainReconciler) Reconcile(ctx context.Context, req reconcile.Request) 
 		r.decide,
 		r.act,
 		r.guard,
+		r.preDrainHook,
 	} {
 		if err := step(ctx, s); err != nil {
 			return reconcile.Result{}, err
@@ -121,12 +125,14 @@ func (r *DrainReconciler) Reconcile(ctx context.Context, req reconcile.Request) 
 }
 
 // drainRequest says whether the host must be evacuated and why.
-func drainRequest(h *v1.XenHost, node *corev1.Node) (bool, string) {
+func drainRequest(h *v1.XenHost, node *corev1.Node, machine *unstructured.Unstructured) (bool, string) {
 	switch {
 	case h.Spec.Drain:
 		return true, v1.DrainReasonRequested
 	case node != nil && node.Spec.Unschedulable:
 		return true, v1.DrainReasonNodeCordoned
+	case machine != nil && machine.GetDeletionTimestamp() != nil:
+		return true, v1.DrainReasonMachineDeleted
 	}
 	return false, ""
 }
@@ -140,7 +146,12 @@ func (r *DrainReconciler) readState(ctx context.Context, s *drainScope) error {
 	case !apierrors.IsNotFound(err):
 		return fmt.Errorf("get Node %s: %w", s.host.Name, err)
 	}
-	s.requested, s.reason = drainRequest(s.host, s.node)
+	m, err := machineOf(ctx, r.APIReader, s.node)
+	if err != nil {
+		return err
+	}
+	s.machine = m
+	s.requested, s.reason = drainRequest(s.host, s.node, s.machine)
 	var doms v1.XenDomainList
 	if err := r.Client.List(ctx, &doms); err != nil {
 		return fmt.Errorf("list XenDomains: %w", err)
@@ -443,6 +454,18 @@ func (r *DrainReconciler) guard(ctx context.Context, s *drainScope) error {
 	return nil
 }
 
+// preDrainHook holds a Cluster API Machine's drain while domains that must
+// move run on its Node, and releases it once they moved. Without events
+// from Machines (their kind may not exist), a host with a Machine is read
+// again periodically.
+func (r *DrainReconciler) preDrainHook(ctx context.Context, s *drainScope) error {
+	if s.machine == nil {
+		return nil
+	}
+	s.requeueAfter(drainResync * 3)
+	return setPreDrainHook(ctx, r.Client, s.machine, s.mustMove > 0)
+}
+
 // setDrainConditions derives Draining and Evacuated from the scope alone.
 func setDrainConditions(s *drainScope) {
 	h := s.host
@@ -461,8 +484,9 @@ func setDrainConditions(s *drainScope) {
 	}
 	d := h.Status.Drain
 	why := map[string]string{
-		v1.DrainReasonRequested:    "spec.drain is set",
-		v1.DrainReasonNodeCordoned: "its Node is cordoned",
+		v1.DrainReasonRequested:      "spec.drain is set",
+		v1.DrainReasonNodeCordoned:   "its Node is cordoned",
+		v1.DrainReasonMachineDeleted: "its Cluster API Machine is being deleted",
 	}[s.reason]
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1.HostDrainingCondition, Status: metav1.ConditionTrue,
 		Reason: s.reason, Message: fmt.Sprintf("Evacuating: %s; %d domains to move, %d migrating, %d moved, %d failed",
@@ -490,13 +514,16 @@ func setDrainConditions(s *drainScope) {
 		Reason: reason, Message: msg, ObservedGeneration: h.Generation})
 }
 
-// nodeCordonChange passes Node events that change spec.unschedulable (and
-// creations and deletions); kubelet status updates are frequent and irrelevant.
+// nodeCordonChange passes Node events that change spec.unschedulable or
+// the Node's Cluster API Machine (and creations and deletions); kubelet
+// status updates are frequent and irrelevant.
 var nodeCordonChange = predicate.Funcs{
 	UpdateFunc: func(e event.UpdateEvent) bool {
 		o, ok1 := e.ObjectOld.(*corev1.Node)
 		n, ok2 := e.ObjectNew.(*corev1.Node)
-		return ok1 && ok2 && o.Spec.Unschedulable != n.Spec.Unschedulable
+		return ok1 && ok2 && (o.Spec.Unschedulable != n.Spec.Unschedulable ||
+			o.Annotations[capiMachineAnnotation] != n.Annotations[capiMachineAnnotation] ||
+			o.Annotations[capiNamespaceAnnotation] != n.Annotations[capiNamespaceAnnotation])
 	},
 }
 

@@ -14,7 +14,9 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 	ctrlbuilder "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -30,7 +32,7 @@ const guardNS = "xenferry-system"
 
 // drainEnv starts a real API server with the drain controller, two hosts
 // (Nodes of the same names) and two domains on h1.
-func drainEnv(t *testing.T) (client.Client, string) {
+func drainEnv(t *testing.T) (client.Client, string, *rest.Config) {
 	t.Helper()
 	c, scheme, env := pkiEnv(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -95,7 +97,7 @@ func drainEnv(t *testing.T) (client.Client, string) {
 	if err := os.WriteFile(path, kc, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return c, path
+	return c, path, env.Config
 }
 
 func eventually(t *testing.T, limit time.Duration, what string, cond func() bool) {
@@ -150,7 +152,7 @@ func TestKubectlDrainWaitsForEvacuation(t *testing.T) {
 		}
 		t.Skip("kubectl not on PATH")
 	}
-	c, kc := drainEnv(t)
+	c, kc, _ := drainEnv(t)
 	ctx := context.Background()
 	guard := types.NamespacedName{Namespace: guardNS, Name: GuardPrefix + "h1"}
 	eventually(t, 20*time.Second, "the guard Pod and PodDisruptionBudget of h1", func() bool {
@@ -217,7 +219,7 @@ func TestKubectlDrainWaitsForEvacuation(t *testing.T) {
 // Undrain stops new evacuations and cancels those not past the point of
 // no return; one that already resumed on its target is left to finish.
 func TestUndrainCancelsEvacuations(t *testing.T) {
-	c, _ := drainEnv(t)
+	c, _, _ := drainEnv(t)
 	ctx := context.Background()
 	h := &v1.XenHost{}
 	if err := c.Get(ctx, types.NamespacedName{Name: "h1"}, h); err != nil {
@@ -286,4 +288,60 @@ func runGuard(t *testing.T, c client.Client, key types.NamespacedName) {
 	if err := c.Status().Update(context.Background(), pod); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A Cluster API Machine being deleted drains its host; xenferry's pre-drain
+// hook holds the Machine's drain until the domains moved.
+func TestMachineDeletionDrainsBehindPreDrainHook(t *testing.T) {
+	c, _, cfg := drainEnv(t)
+	ctx := context.Background()
+	if _, err := envtest.InstallCRDs(cfg, envtest.CRDInstallOptions{Paths: []string{filepath.Join("testdata", "capi")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "capi"}}); err != nil {
+		t.Fatal(err)
+	}
+	m := &unstructured.Unstructured{}
+	m.SetGroupVersionKind(machineGVK)
+	m.SetNamespace("capi")
+	m.SetName("md-0-h1")
+	m.SetFinalizers([]string{"test.xenferry.io/hold"}) // stands in for Cluster API's own finalizer
+	if err := c.Create(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	node := &corev1.Node{}
+	if err := c.Get(ctx, types.NamespacedName{Name: "h1"}, node); err != nil {
+		t.Fatal(err)
+	}
+	node.Annotations = map[string]string{capiMachineAnnotation: "md-0-h1", capiNamespaceAnnotation: "capi"}
+	if err := c.Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	hooked := func() bool {
+		got := &unstructured.Unstructured{}
+		got.SetGroupVersionKind(machineGVK)
+		_ = c.Get(ctx, types.NamespacedName{Namespace: "capi", Name: "md-0-h1"}, got)
+		_, ok := got.GetAnnotations()[PreDrainHookAnnotation]
+		return ok
+	}
+	// The Node update is an event; the hook follows.
+	eventually(t, 20*time.Second, "the pre-drain hook on the Machine of h1", hooked)
+	if err := c.Delete(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 60*time.Second, "evacuations of h1 for the Machine's deletion", func() bool { return len(drainMigrations(t, c, "h1")) == 2 })
+	h := &v1.XenHost{}
+	if err := c.Get(ctx, types.NamespacedName{Name: "h1"}, h); err != nil {
+		t.Fatal(err)
+	}
+	if h.Status.Drain == nil || h.Status.Drain.Reason != v1.DrainReasonMachineDeleted {
+		t.Errorf("drain %+v; want reason %s", h.Status.Drain, v1.DrainReasonMachineDeleted)
+	}
+	if !hooked() {
+		t.Fatal("hook removed before the domains moved")
+	}
+	for _, mig := range drainMigrations(t, c, "h1") {
+		complete(t, c, &mig, "h2")
+	}
+	eventually(t, 20*time.Second, "the hook removed once h1 is evacuated", func() bool { return !hooked() })
 }

@@ -39,6 +39,7 @@ const LeaderElectionID = "xenferry-controller.migration.xenferry.io"
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xenhosts/status;rebalancepolicies/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=rebalancepolicies,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=cluster.x-k8s.io,resources=machines,verbs=get;patch
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=vmmigrations/finalizers,verbs=update
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xendomains;xenhosts;migrationpolicies,verbs=get;list;watch
