@@ -35,7 +35,7 @@ const (
 	domNamespace   = "default"
 	ctlNamespace   = "xenferry-system" // the controller's (CA Secret, guard pods)
 	fleetPolicy    = "fleet"           // MigrationPolicy of every migration
-	fleetBandwidth = "6Mi"             // per migration: drains take seconds, and can be caught streaming
+	fleetBandwidth = "6Mi"             // per migration: drains take seconds
 	heartbeatTO    = 10 * time.Second
 	abortGrace     = 20 * time.Second
 	upWait         = 3 * time.Minute
@@ -49,6 +49,7 @@ type fleetSpec struct {
 	hosts     []string
 	placement map[string][]string // host -> domains
 	limits    limits
+	bandwidth string // per migration (MigrationPolicy "fleet")
 }
 
 // fleet is a running control plane, controller and agents.
@@ -180,7 +181,10 @@ func (f *fleet) seed(ctx context.Context) error {
 	for _, h := range f.spec.hosts {
 		objs = append(objs, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: h, Labels: map[string]string{"kubernetes.io/hostname": h}}})
 	}
-	bw := resource.MustParse(fleetBandwidth)
+	bw, err := resource.ParseQuantity(f.spec.bandwidth)
+	if err != nil {
+		return fmt.Errorf("bandwidth %q: %w", f.spec.bandwidth, err)
+	}
 	objs = append(objs, &v1.MigrationPolicy{ObjectMeta: metav1.ObjectMeta{Name: fleetPolicy},
 		Spec: v1.MigrationPolicySpec{MigrationParameters: v1.MigrationParameters{Bandwidth: &bw,
 			MaxDowntime: &metav1.Duration{Duration: time.Second}}}})

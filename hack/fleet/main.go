@@ -149,7 +149,11 @@ func runScenario(ctx context.Context, name, root, dir, bin, disks string, nHosts
 		invariants: invariants{Lost: -1, RunningTwice: -1, WrongPages: -1, HalfCreated: -1}, Untruthful: -1}
 	s := &session{res: c}
 	res.v = c
-	f := &fleet{spec: fleetSpec{hosts: hs, placement: sc.placement(hs, ds), limits: sc.limits},
+	bw := sc.bandwidth
+	if bw == "" {
+		bw = fleetBandwidth
+	}
+	f := &fleet{spec: fleetSpec{hosts: hs, placement: sc.placement(hs, ds), limits: sc.limits, bandwidth: bw},
 		root: root, dir: dir, bin: bin, disks: disks,
 		log: func(format string, a ...any) { logf("%s: "+format, append([]any{name}, a...)...) }}
 	s.f = f

@@ -67,12 +67,15 @@ func (s *session) note(format string, a ...any) { s.notes = append(s.notes, fmt.
 type scenario struct {
 	placement func(hosts, doms []string) map[string][]string
 	limits    limits
+	bandwidth string // per migration, in the fleet's MigrationPolicy (default fleetBandwidth)
 	play      func(ctx context.Context, s *session) any
 }
 
 var scenarios = map[string]scenario{
-	"drain":     {placement: halfOnFirst, limits: limits{cluster: 4, outbound: 2, inbound: 1}, play: playDrain},
-	"undrain":   {placement: halfOnFirst, limits: limits{cluster: 2, outbound: 1, inbound: 1}, play: playUndrain},
+	"drain": {placement: halfOnFirst, limits: limits{cluster: 4, outbound: 2, inbound: 1}, play: playDrain},
+	// undrain: slow links, so that pre-copy lasts ~10 s and the undrain
+	// lands while memory streams, before a hybrid switches to post-copy.
+	"undrain":   {placement: halfOnFirst, limits: limits{cluster: 2, outbound: 1, inbound: 1}, bandwidth: "2Mi", play: playUndrain},
 	"rebalance": {placement: crowded, limits: limits{cluster: 4, outbound: 2, inbound: 2}, play: playRebalance},
 	"priority":  {placement: priorityPlacement, limits: limits{cluster: 1, outbound: 4, inbound: 4}, play: playPriority},
 	// move is the harness's own check: user migrations only, no issue-12
@@ -168,7 +171,6 @@ func playDrain(ctx context.Context, s *session) any {
 		}
 	}
 	line.MaxOutboundSeen, line.MaxInboundSeen, _, _, _ = s.mo.maxima()
-	failed := 0
 	for _, r := range s.mo.snapshot() {
 		switch {
 		case !isDrainOf(r, host):
@@ -176,7 +178,6 @@ func playDrain(ctx context.Context, s *session) any {
 		case r.phase == v1.MigrationSucceeded:
 			s.res.Migrations++
 		default:
-			failed++
 			s.note("drain migration %s of %s ended %s: %s", r.name, r.domain, r.phase, clip(r.reason, 160))
 		}
 	}
@@ -240,7 +241,7 @@ func playUndrain(ctx context.Context, s *session) any {
 	}
 	undrainAt := time.Now()
 	f.log("undrain: %s undrained while %s streamed", host, streaming)
-	s.note("undrained while %s streamed", streaming)
+	s.note("undrained at %s while %s streamed", undrainAt.UTC().Format("15:04:05.000"), streaming)
 	err = waitFor(ctx, finalWait, 500*time.Millisecond, func() (bool, error) {
 		for _, r := range s.mo.snapshot() {
 			if isDrainOf(r, host) && !r.phase.IsFinal() {
