@@ -155,7 +155,7 @@ func TestKubectlDrainWaitsForEvacuation(t *testing.T) {
 	c, kc, _ := drainEnv(t)
 	ctx := context.Background()
 	guard := types.NamespacedName{Namespace: guardNS, Name: GuardPrefix + "h1"}
-	eventually(t, 20*time.Second, "the guard Pod and PodDisruptionBudget of h1", func() bool {
+	eventually(t, 45*time.Second, "the guard Pod and PodDisruptionBudget of h1", func() bool {
 		return c.Get(ctx, guard, &corev1.Pod{}) == nil && c.Get(ctx, guard, &policyv1.PodDisruptionBudget{}) == nil
 	})
 	runGuard(t, c, guard)
@@ -170,14 +170,14 @@ func TestKubectlDrainWaitsForEvacuation(t *testing.T) {
 	t.Cleanup(func() { _ = cmd.Process.Kill() })
 
 	// kubectl cordons the Node; the controller evacuates the host.
-	eventually(t, 20*time.Second, "two evacuation migrations of h1", func() bool { return len(drainMigrations(t, c, "h1")) == 2 })
+	eventually(t, 45*time.Second, "two evacuation migrations of h1", func() bool { return len(drainMigrations(t, c, "h1")) == 2 })
 	for _, m := range drainMigrations(t, c, "h1") {
 		if m.Spec.Priority != v1.PriorityEvacuation || m.Spec.TargetHost != "" {
 			t.Errorf("evacuation %s: priority %q target %q; want Evacuation and a target chosen by the controller", m.Name, m.Spec.Priority, m.Spec.TargetHost)
 		}
 	}
 	h := &v1.XenHost{}
-	eventually(t, 10*time.Second, "Draining=True (NodeCordoned) on h1", func() bool {
+	eventually(t, 30*time.Second, "Draining=True (NodeCordoned) on h1", func() bool {
 		_ = c.Get(ctx, types.NamespacedName{Name: "h1"}, h)
 		cond := meta.FindStatusCondition(h.Status.Conditions, v1.HostDrainingCondition)
 		return cond != nil && cond.Status == metav1.ConditionTrue && cond.Reason == v1.DrainReasonNodeCordoned
@@ -205,7 +205,7 @@ func TestKubectlDrainWaitsForEvacuation(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatalf("kubectl drain did not return after the host was evacuated:\n%s", out.String())
 	}
-	eventually(t, 10*time.Second, "h1 Evacuated with 2 domains migrated and none left", func() bool {
+	eventually(t, 30*time.Second, "h1 Evacuated with 2 domains migrated and none left", func() bool {
 		_ = c.Get(ctx, types.NamespacedName{Name: "h1"}, h)
 		d := h.Status.Drain
 		return meta.IsStatusConditionTrue(h.Status.Conditions, v1.HostEvacuatedCondition) && d != nil && d.Migrated == 2 && d.Domains == 0
@@ -229,7 +229,7 @@ func TestUndrainCancelsEvacuations(t *testing.T) {
 	if err := c.Update(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, "two evacuation migrations", func() bool { return len(drainMigrations(t, c, "h1")) == 2 })
+	eventually(t, 45*time.Second, "two evacuation migrations", func() bool { return len(drainMigrations(t, c, "h1")) == 2 })
 	migs := drainMigrations(t, c, "h1")
 	// The first is past the point of no return.
 	past := &migs[0]
@@ -247,7 +247,7 @@ func TestUndrainCancelsEvacuations(t *testing.T) {
 	if err := c.Update(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, "the second evacuation cancelled", func() bool {
+	eventually(t, 45*time.Second, "the second evacuation cancelled", func() bool {
 		m := &v1.VMMigration{}
 		_ = c.Get(ctx, client.ObjectKeyFromObject(&migs[1]), m)
 		return m.Spec.Cancel
@@ -259,7 +259,7 @@ func TestUndrainCancelsEvacuations(t *testing.T) {
 	if m.Spec.Cancel {
 		t.Error("undrain cancelled a migration past the point of no return")
 	}
-	eventually(t, 10*time.Second, "Draining=False", func() bool {
+	eventually(t, 30*time.Second, "Draining=False", func() bool {
 		_ = c.Get(ctx, types.NamespacedName{Name: "h1"}, h)
 		cond := meta.FindStatusCondition(h.Status.Conditions, v1.HostDrainingCondition)
 		return cond != nil && cond.Status == metav1.ConditionFalse && h.Status.Drain == nil
@@ -325,7 +325,7 @@ func TestMachineDeletionDrainsBehindPreDrainHook(t *testing.T) {
 		return ok
 	}
 	// The Node update is an event; the hook follows.
-	eventually(t, 20*time.Second, "the pre-drain hook on the Machine of h1", hooked)
+	eventually(t, 45*time.Second, "the pre-drain hook on the Machine of h1", hooked)
 	if err := c.Delete(ctx, m); err != nil {
 		t.Fatal(err)
 	}
@@ -343,5 +343,5 @@ func TestMachineDeletionDrainsBehindPreDrainHook(t *testing.T) {
 	for _, mig := range drainMigrations(t, c, "h1") {
 		complete(t, c, &mig, "h2")
 	}
-	eventually(t, 20*time.Second, "the hook removed once h1 is evacuated", func() bool { return !hooked() })
+	eventually(t, 45*time.Second, "the hook removed once h1 is evacuated", func() bool { return !hooked() })
 }
