@@ -28,7 +28,7 @@ import (
 // the fleet shares a 2-core machine with its control plane.
 const (
 	domMemMiB      = 48
-	hostMemMiB     = 512
+	hostMemMiB     = 512 // at least; one domain is ~9% of it
 	hostCPUs       = 2
 	dirtyMiBps     = 0.5
 	readMiBps      = 1.0
@@ -50,6 +50,18 @@ type fleetSpec struct {
 	placement map[string][]string // host -> domains
 	limits    limits
 	bandwidth string // per migration (MigrationPolicy "fleet")
+	hostMiB   int    // each host's memory for domains
+}
+
+// hostMemory is what each host gets: hostMemMiB, or more when the most
+// crowded host's domains would fill over three quarters of it.
+func hostMemory(placement map[string][]string) int {
+	most := 0
+	for _, ds := range placement {
+		most = max(most, len(ds))
+	}
+	need := (most*domMemMiB*4/3 + 63) / 64 * 64
+	return max(hostMemMiB, need)
 }
 
 // fleet is a running control plane, controller and agents.
@@ -219,7 +231,7 @@ func (f *fleet) startController() error {
 // so its disk image (kept between runs) is the same each time.
 func (f *fleet) writeSimConfig(path, host string, doms []string) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "name: %s\nmemory: %dMi\ncpus: %d\nstateDir: %s\ndomains:", host, hostMemMiB, hostCPUs, f.disks)
+	fmt.Fprintf(&b, "name: %s\nmemory: %dMi\ncpus: %d\nstateDir: %s\ndomains:", host, f.spec.hostMiB, hostCPUs, f.disks)
 	if len(doms) == 0 {
 		b.WriteString(" []\n")
 	}

@@ -43,3 +43,18 @@ func TestFingerprintWrongPages(t *testing.T) {
 		t.Errorf("a moved hot set: %d wrong pages, want every page (%d)", n, pages)
 	}
 }
+
+// Hosts keep the defaults' 512 MiB until the most crowded one would be
+// over three quarters full.
+func TestHostMemory(t *testing.T) {
+	for _, tc := range []struct{ hosts, doms, want int }{{4, 12, 512}, {4, 16, 704}, {5, 15, 640}, {6, 30, 1280}} {
+		hs, ds := hostNames(tc.hosts), domainNames(tc.doms)
+		got := 0
+		for _, sc := range scenarios {
+			got = max(got, hostMemory(sc.placement(hs, ds)))
+		}
+		if got != tc.want {
+			t.Errorf("%d hosts, %d domains: %d MiB, want %d", tc.hosts, tc.doms, got, tc.want)
+		}
+	}
+}
