@@ -9,7 +9,10 @@
 # agents' xl data path (xl migrate + node-agent xl-send, mTLS between the
 # agents with certificates the controller issued):
 #
-#   apply, apply-pvh  a->b (PV, then PVH), must end Succeeded with dedup and
+#   drain             XenHost xenlab-a drained while both domUs run there:
+#                     the controller's evacuation migrations must move both
+#                     to xenlab-b (condition Evacuated); then it is undrained
+#   apply, apply-pvh  b->a (PV, then PVH), must end Succeeded with dedup and
 #                     live progress
 #   cancel            to the other host, cancelled once bytes flow: must end
 #                     Cancelled with the domU where it was
@@ -232,7 +235,58 @@ start_domu() {
 start_domu xlab domu.cfg "$WORK/shared.raw"
 start_domu xlabh domu-pvh.cfg "$WORK/shared-pvh.raw"
 
+# The evacuation migrations are the controller's: their timeouts come from
+# a MigrationPolicy, widened for the emulated link as run_step's are.
+k apply -f - >&2 <<EOF
+apiVersion: migration.xenferry.io/v1alpha1
+kind: MigrationPolicy
+metadata: {name: xenlab-emulated-link}
+spec: {completionTimeoutPerGiB: 3h, progressTimeout: 10m}
+EOF
+
+# drain_step: both domUs on xenlab-a; spec.drain on its XenHost; waits for
+# Evacuated=True, checks both domUs run on xenlab-b only and intact, then
+# undrains. One JSON line like run_step's, over both domUs
+# (progressSamples: the evacuation migrations that succeeded).
+drain_step() {
+	local t0=$SECONDS b0 b1 ev="" st=true ok=false hosts=() all phase boot counter checks mem=0 saved=0 n=0 d m
+	local -A S
+	for d in xlab:"$WORK/shared.raw" xlabh:"$WORK/shared-pvh.raw"; do S[$d]=$(status "${d#*:}"); done
+	b0=$(link_bytes a) || b0=0
+	step "drain: XenHost xenlab-a with xlab and xlabh"
+	k patch xenhost xenlab-a --type merge -p '{"spec":{"drain":true}}' >&2
+	while ((SECONDS - t0 < STEP_TIMEOUT)); do
+		ev=$(k get xenhost xenlab-a -o jsonpath='{.status.conditions[?(@.type=="Evacuated")].status}' 2>/dev/null || true)
+		log "drain: $(k get xenhost xenlab-a -o jsonpath='{.status.conditions[?(@.type=="Draining")].message}' 2>/dev/null || true)"
+		[[ $ev == True ]] && break
+		sleep 5
+	done
+	local secs=$((SECONDS - t0))
+	b1=$(link_bytes a) || b1=$b0
+	k get vmmigrations -n "$NS" -l migration.xenferry.io/drain-host=xenlab-a -o yaml >"$LOGS/drain.yaml" 2>&1 || true
+	k get xenhost xenlab-a -o yaml >>"$LOGS/drain.yaml" 2>&1 || true
+	for d in xlab:"$WORK/shared.raw" xlabh:"$WORK/shared-pvh.raw"; do
+		DOMU=${d%%:*}
+		hosts+=("$(domain_hosts)")
+		read -r boot counter checks _ <<<"${S[$d]}"
+		state_intact "${d#*:}" "$boot" "$counter" "$checks" 180 || st=false
+	done
+	for m in $(k get vmmigrations -n "$NS" -l migration.xenferry.io/drain-host=xenlab-a -o jsonpath='{range .items[?(@.status.phase=="Succeeded")]}{.metadata.name}{" "}{end}'); do
+		n=$((n + 1))
+		mem=$((mem + $(jq_m "$m" '.status.result.memoryBytes // 0')))
+		saved=$((saved + $(jq_m "$m" '.status.result.dedupSavedBytes // 0')))
+	done
+	k patch xenhost xenlab-a --type merge -p '{"spec":{"drain":false}}' >&2
+	all=$(printf '%s\n' "${hosts[@]}" | jq -sc 'add | unique')
+	phase=$([[ $ev == True ]] && echo Evacuated || echo NotEvacuated)
+	log "drain: $phase after ${secs}s, $n evacuation migrations succeeded, domUs on $all"
+	[[ $phase == Evacuated && $st == true && $n -ge 2 && ${hosts[0]} == '["xenlab-b"]' && ${hosts[1]} == '["xenlab-b"]' ]] && ok=true
+	printf '{"step":"drain","ok":%s,"phase":"%s","source":"xenlab-a","target":"xenlab-b","domainHosts":%s,"stateIntact":%s,"seconds":%d,"progressSamples":%d,"dedupSavedBytes":%s,"linkBytes":%d,"memoryBytes":%s}\n' \
+		"$ok" "$phase" "$all" "$st" "$secs" "$n" "$saved" "$((b1 - b0))" "$mem"
+}
+
 results=()
+results+=("$(drain_step)")
 # Each step starts where the previous one left its domU.
 DOMU=xlab DISK="$WORK/shared.raw"
 results+=("$(run_step apply xlab-apply none)")
