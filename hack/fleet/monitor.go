@@ -34,6 +34,7 @@ type monitor struct {
 	// heartbeat is older than its --heartbeat-timeout).
 	lastBeat map[string]time.Time
 	maxGap   map[string]time.Duration
+	gapFrom  map[string]time.Time // where the longest gap began
 }
 
 // migRecord is what the monitor knows of one migration.
@@ -58,7 +59,8 @@ type migRecord struct {
 }
 
 func newMonitor() *monitor {
-	return &monitor{migs: map[string]*migRecord{}, lastBeat: map[string]time.Time{}, maxGap: map[string]time.Duration{}}
+	return &monitor{migs: map[string]*migRecord{}, lastBeat: map[string]time.Time{}, maxGap: map[string]time.Duration{},
+		gapFrom: map[string]time.Time{}}
 }
 
 func rvOf(s string) int64 { n, _ := strconv.ParseInt(s, 10, 64); return n }
@@ -227,8 +229,8 @@ func (mo *monitor) beat(h *v1.XenHost) {
 	t := h.Status.HeartbeatTime.Time
 	mo.mu.Lock()
 	defer mo.mu.Unlock()
-	if last, ok := mo.lastBeat[h.Name]; ok && t.After(last) {
-		mo.maxGap[h.Name] = max(mo.maxGap[h.Name], t.Sub(last))
+	if last, ok := mo.lastBeat[h.Name]; ok && t.Sub(last) > mo.maxGap[h.Name] {
+		mo.maxGap[h.Name], mo.gapFrom[h.Name] = t.Sub(last), last
 	}
 	if t.After(mo.lastBeat[h.Name]) {
 		mo.lastBeat[h.Name] = t
@@ -242,7 +244,7 @@ func (mo *monitor) heartbeatGaps(d time.Duration) []string {
 	var out []string
 	for h, g := range mo.maxGap {
 		if g > d {
-			out = append(out, fmt.Sprintf("%s %.0fs", h, g.Seconds()))
+			out = append(out, fmt.Sprintf("%s %.0fs from %s", h, g.Seconds(), mo.gapFrom[h].UTC().Format("15:04:05")))
 		}
 	}
 	sort.Strings(out)
