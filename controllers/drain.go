@@ -222,13 +222,13 @@ func (r *DrainReconciler) decide(_ context.Context, s *drainScope) error {
 				Reason: "evacuationStrategy None: left to be shut down with the host"})
 			continue
 		}
-		if d.Status.State != "Running" {
+		active, lastFail, fails := s.domainMigrations(d)
+		if active == nil && d.Status.State != "Running" {
 			next.Blocked = appendBounded(next.Blocked, v1.BlockedDomain{Namespace: d.Namespace, Name: d.Name,
 				Reason: fmt.Sprintf("state %q: only running domains can be live-migrated; start it or shut it down", d.Status.State)})
 			s.mustMove++
 			continue
 		}
-		active, lastFail, fails := s.domainMigrations(d)
 		if active != nil {
 			next.Migrating++
 			s.mustMove++
@@ -274,7 +274,17 @@ func (r *DrainReconciler) decide(_ context.Context, s *drainScope) error {
 		}
 	}
 	next.Domains = int32(s.mustMove)
-	s.evacuated = s.mustMove == 0
+	// Evacuated once no domain that must move runs here and every
+	// evacuation ended: a domain the target took over may still be
+	// completing its migration (post-copy) from this host.
+	inFlight := 0
+	for i := range s.migs {
+		if m := &s.migs[i]; isDrainMigration(m, h.Name) && !m.Status.Phase.IsFinal() {
+			inFlight++
+		}
+	}
+	s.evacuated = s.mustMove == 0 && inFlight == 0
+	next.Migrating = max(next.Migrating, int32(inFlight))
 	if s.evacuated && next.CompletionTime == nil {
 		t := metav1.NewTime(s.now)
 		next.CompletionTime = &t
@@ -393,7 +403,7 @@ func (r *DrainReconciler) act(ctx context.Context, s *drainScope) error {
 func (r *DrainReconciler) guard(ctx context.Context, s *drainScope) error {
 	name := GuardPrefix + s.host.Name
 	key := types.NamespacedName{Namespace: r.Namespace, Name: name}
-	if s.node == nil || s.mustMove == 0 || s.requested && s.evacuated {
+	if s.node == nil || (s.requested && s.evacuated) || (!s.requested && s.mustMove == 0) {
 		pdb := &policyv1.PodDisruptionBudget{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name}}
 		if err := r.Client.Delete(ctx, pdb); err != nil && !apierrors.IsNotFound(err) {
 			return fmt.Errorf("delete guard PodDisruptionBudget %s: %w", key, err)

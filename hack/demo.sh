@@ -6,9 +6,12 @@
 #  2. a local control plane (bin/etcd + bin/kube-apiserver on loopback);
 #  3. the CRDs, the controller and two node agents on simulated hosts
 #     (config/samples/sim/), each with domains running workloads;
-#  4. `kubectl apply -f config/samples/`, live progress, a result table.
+#  4. `kubectl apply -f config/samples/`, live progress, a result table;
+#  5. a drain of the host that then runs the domains, shown live by the
+#     kubectl plugin (`kubectl xenferry drain HOST --watch`), then undone.
 #
-# Exits 0 only if every sample VMMigration Succeeded. Everything it started
+# Exits 0 only if every sample VMMigration Succeeded and the drain emptied
+# the host. Everything it started
 # is stopped on exit or Ctrl-C. Logs: .xenferry/demo/.
 set -euo pipefail
 
@@ -66,7 +69,7 @@ tools_ready() {
 }
 
 # ---- 1. tools behind, a standalone migration in front ----
-say "1/5 tools for the local control plane"
+say "1/6 tools for the local control plane"
 if tools_ready; then
 	info "bin/kube-apiserver and bin/etcd are built"
 else
@@ -76,7 +79,7 @@ else
 	TOOLS_PID=$!
 fi
 
-say "2/5 a live migration without Kubernetes: two simulated hosts, real TCP, a 256 MiB web server VM"
+say "2/6 a live migration without Kubernetes: two simulated hosts, real TCP, a 256 MiB web server VM"
 info "go run ./hack/migbench -scenario web -strategy hybrid+dedup -memory 256Mi"
 nice -n 5 go run ./hack/migbench -scenario web -strategy hybrid+dedup -memory 256Mi -workdir "$ROOT/.xenferry/migbench"
 info "first live migration done at $(elapsed)s"
@@ -93,10 +96,13 @@ if [ -n "$TOOLS_PID" ]; then
 fi
 
 # ---- 2. control plane ----
-say "3/5 local control plane, CRDs, controller, two agents"
+say "3/6 local control plane, CRDs, controller, two agents"
 info "building bin/xenferry-controller and bin/node-agent"
 go build -o "$BIN/xenferry-controller" .
 go build -o "$BIN/node-agent" ./node-agent
+go build -o "$BIN/kubectl-xenferry" ./cmd/kubectl-xenferry
+# kubectl finds its plugins on PATH: `kubectl xenferry` is bin/kubectl-xenferry.
+export PATH="$BIN:$PATH"
 "$ROOT/hack/controlplane.sh" up | sed 's/^/            /'
 export KUBECONFIG="$ROOT/.xenferry/controlplane/kubeconfig"
 KUBECTL=${KUBECTL:-kubectl}
@@ -138,7 +144,7 @@ k get xenhosts | sed 's/^/            /'
 k get xendomains -A | sed 's/^/            /'
 
 # ---- 3. the sample migrations ----
-say "4/5 kubectl apply -f config/samples/"
+say "4/6 kubectl apply -f config/samples/"
 k apply -f config/samples/ | sed 's/^/            /'
 NAMES=$(kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')
 N=$(echo "$NAMES" | grep -c . || true)
@@ -158,46 +164,27 @@ fmt_dur() { # a Go duration (1.5s, 308.2ms, 950µs, 1m2.5s) rounded for the tabl
 	}'
 }
 fmt_bytes() { awk -v b="${1:-0}" 'BEGIN { if (b == "") b = 0; printf "%.1f MiB", b / 1048576 }'; }
-bar() { # percent width
-	local p=${1:-0} w=$2 n
-	n=$(( p * w / 100 ))
-	printf '%s%s' "$(printf '%*s' "$n" '' | tr ' ' '#')" "$(printf '%*s' "$((w - n))" '' | tr ' ' '.')"
-}
 snapshot() {
 	kq get vmmigrations -o jsonpath='{range .items[*]}{.metadata.name}{"|"}{.status.phase}{"|"}{.status.progress.percent}{"|"}{.status.progress.transferRate}{"|"}{.status.progress.pages.disk}{"|"}{.status.sourceHost}{"|"}{.status.targetHost}{"\n"}{end}'
 }
-TTY=0
-[ -t 1 ] && TTY=1
+# One line per migration when its phase or quarter of progress changes
+# (the live bar of one migration is `kubectl xenferry status NAME --watch`).
 declare -A LAST
-drawn=0
 while :; do
 	snap=$(snapshot || true)
 	final=0
-	lines=()
 	while IFS='|' read -r name phase pct rate disk src dst; do
 		[ -n "$name" ] || continue
 		pct=${pct:-0}
 		case "$phase" in Succeeded|Failed|Cancelled) final=$((final + 1)) ;; esac
 		[ "$phase" = Succeeded ] && pct=100
-		if [ "$TTY" = 1 ]; then
-			lines+=("$(printf '%-16s %-15s [%s] %3s%%  %9s/s  dedup %9s  %s -> %s' "$name" "${phase:-Pending}" "$(bar "$pct" 30)" "$pct" \
-				"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}")")
-		else
-			# No terminal: a plain line when the phase or the quarter of
-			# progress changes, no bars and no cursor movement.
-			key="${phase}/$((pct / 25))"
-			if [ "${LAST[$name]:-}" != "$key" ]; then
-				LAST[$name]=$key
-				printf '[demo %3ss]   %-16s phase=%-15s progress=%3s%%  rate=%s/s  dedup-saved=%s  %s -> %s\n' "$(elapsed)" "$name" "${phase:-Pending}" "$pct" \
-					"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}"
-			fi
+		key="${phase}/$((pct / 25))"
+		if [ "${LAST[$name]:-}" != "$key" ]; then
+			LAST[$name]=$key
+			printf '[demo %3ss]   %-16s phase=%-15s progress=%3s%%  rate=%s/s  dedup-saved=%s  %s -> %s\n' "$(elapsed)" "$name" "${phase:-Pending}" "$pct" \
+				"$(fmt_bytes "$rate")" "$(fmt_bytes "$(( ${disk:-0} * 4096 ))")" "${src:-?}" "${dst:-?}"
 		fi
 	done <<<"$snap"
-	if [ "$TTY" = 1 ]; then
-		[ "$drawn" -gt 0 ] && printf '\033[%dA' "$drawn"
-		for l in "${lines[@]}"; do printf '\r\033[K  %s\n' "$l"; done
-		drawn=${#lines[@]}
-	fi
 	[ "$final" -ge "$N" ] && [ "$N" -gt 0 ] && break
 	if [ $(( $(date +%s) - START )) -gt "$TIMEOUT" ]; then
 		info "not finished after ${TIMEOUT}s; kubectl describe:"
@@ -209,7 +196,7 @@ done
 WALL=$(( $(date +%s) - START ))
 
 # ---- 4. results ----
-say "5/5 results (migrations took ${WALL}s from kubectl apply to the last final phase)"
+say "5/6 results (migrations took ${WALL}s from kubectl apply to the last final phase)"
 k get vmmigrations | sed 's/^/            /'
 echo
 printf '            %-16s %-10s %-8s %-8s %10s %10s %12s %12s %9s %s\n' NAME PHASE SOURCE TARGET TOTAL DOWNTIME SENT DEDUP-SAVED POST-COPY REASON
@@ -236,5 +223,30 @@ info "events of one migration (kubectl describe vmmigration migrate-web-1):"
 k describe vmmigration migrate-web-1 | sed -n '/^Events:/,$p' | sed 's/^/            /'
 
 ok=$(kq get vmmigrations -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c '^Succeeded$' || true)
-say "demo wall time $(elapsed)s; $ok of $N sample migrations Succeeded"
-[ "$N" -gt 0 ] && [ "$ok" -eq "$N" ]
+info "$ok of $N sample migrations Succeeded"
+
+# ---- 5. a drain, live ----
+# The host that now runs the most domains is evacuated onto the other:
+# one Evacuation-priority VMMigration per domain, within the slot limits.
+DRAIN_HOST=$(kq get xendomains -A -o jsonpath='{range .items[*]}{.status.host}{"\n"}{end}' | sort | uniq -c | sort -rn | awk 'NR==1 {print $2}')
+say "6/6 kubectl xenferry drain ${DRAIN_HOST:-?} --watch (maintenance: every domain leaves the host)"
+# kubectl takes no flags of its own before a plugin's name.
+kx() { "$KUBECTL" xenferry "$@" --request-timeout=20s 2>&1 || true; }
+drained=0
+if [ -n "$DRAIN_HOST" ]; then
+	kx hosts | sed 's/^/            /'
+	if timeout "$TIMEOUT" "$KUBECTL" xenferry drain "$DRAIN_HOST" --watch; then
+		left=$(kq get xendomains -A -o jsonpath='{range .items[*]}{.status.host}{"\n"}{end}' | grep -cx "$DRAIN_HOST" || true)
+		[ "$left" -eq 0 ] && drained=1
+		info "$DRAIN_HOST evacuated at $(elapsed)s: $left domains left on it"
+	else
+		info "the drain of $DRAIN_HOST did not finish; kubectl describe xenhost $DRAIN_HOST:"
+		k describe xenhost "$DRAIN_HOST" | tail -n 30
+	fi
+	kx status -l migration.xenferry.io/reason=drain | sed 's/^/            /'
+	kx hosts | sed 's/^/            /'
+	kx undrain "$DRAIN_HOST" | sed 's/^/            /'
+fi
+
+say "demo wall time $(elapsed)s; $ok of $N sample migrations Succeeded; drain of ${DRAIN_HOST:-no host} $([ "$drained" = 1 ] && echo emptied the host || echo did not empty the host)"
+[ "$N" -gt 0 ] && [ "$ok" -eq "$N" ] && [ "$drained" = 1 ]
