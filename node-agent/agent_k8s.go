@@ -212,11 +212,15 @@ type Agent struct {
 	// wake asks the migration reconciler to look at a migration now.
 	wake chan event.GenericEvent
 
-	// mu protects runs and indexes.
+	// mu protects runs, departed and indexes.
 	mu sync.Mutex
 	// runs holds this agent's halves of migrations, by migration UID;
 	// bounded by the controller's concurrency limits plus recent ones.
 	runs map[string]*run
+	// departed holds when an outgoing migration that moved a domain away
+	// ended, by domain name, for departedGrace (see migratingOut); bounded
+	// by the migrations of that long.
+	departed map[string]time.Time
 	// indexes is the agent's dedup-index cache, persisted under
 	// STATEDIR/index (where xl-send loads it).
 	indexes *diskIndexes
@@ -271,7 +275,7 @@ func NewAgent(restCfg *rest.Config, host xenmem.Host, cfg AgentConfig) (*Agent, 
 		cfg: cfg, host: host, log: cfg.Log.WithValues("host", cfg.Host),
 		id:   cfg.Host + "-" + hex.EncodeToString(idb),
 		kick: make(chan struct{}, 1), wake: make(chan event.GenericEvent, 64),
-		runs: map[string]*run{}, indexer: newDiskIndexer(), indexes: newDiskIndexes(cfg.StateDir, cfg.Log.WithName("dedup")),
+		runs: map[string]*run{}, departed: map[string]time.Time{}, indexer: newDiskIndexer(), indexes: newDiskIndexes(cfg.StateDir, cfg.Log.WithName("dedup")),
 		usage: newUsageMeter(), costs: newCostPredictor(),
 	}
 	scheme := runtime.NewScheme()

@@ -274,3 +274,29 @@ func TestAgentPublishesLoadAndCost(t *testing.T) {
 		t.Errorf("load after a domain arrived: %+v, want 72 MiB used", l)
 	}
 }
+
+// TestDepartedDomainIsLeftForTheTarget: once an outgoing migration that
+// moved a domain ended, the source leaves its XenDomain for the target to
+// take over for a while, instead of deleting it at its next publish.
+func TestDepartedDomainIsLeftForTheTarget(t *testing.T) {
+	a := &Agent{runs: map[string]*run{}, departed: map[string]time.Time{}}
+	moved := &run{uid: "u1", role: roleSource, domain: "web", done: true}
+	failed := &run{uid: "u2", role: roleSource, domain: "db", failed: true}
+	a.addRun(moved)
+	a.addRun(failed)
+	if !a.migratingOut("web") || !a.migratingOut("db") {
+		t.Fatalf("domains of running outgoing migrations are not migrating out")
+	}
+	a.dropRun("u1")
+	a.dropRun("u2")
+	if !a.migratingOut("web") {
+		t.Errorf("a domain that just moved away: its XenDomain would be deleted before the target takes it over")
+	}
+	if a.migratingOut("db") {
+		t.Errorf("a domain whose migration failed before go counts as departed")
+	}
+	a.departed["web"] = time.Now().Add(-departedGrace)
+	if a.migratingOut("web") || len(a.departed) != 0 {
+		t.Errorf("after %v the departed domain is still kept (%d kept)", departedGrace, len(a.departed))
+	}
+}

@@ -123,8 +123,18 @@ func (a *Agent) addRun(r *run) {
 }
 
 func (a *Agent) dropRun(uid string) {
+	r := a.lookup(uid)
+	gone := false
+	if r != nil && r.role == roleSource && r.domain != "" {
+		r.mu.Lock()
+		gone = r.done || r.committed // the domain went to the target
+		r.mu.Unlock()
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if gone {
+		a.departed[r.domain] = time.Now()
+	}
 	delete(a.runs, uid)
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -73,20 +74,25 @@ func (a *Agent) publish(ctx context.Context) error {
 func (a *Agent) publishHost(ctx context.Context, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
 	var err error
 	for i := range 3 {
-		// The cache first; after a conflict, the API server.
-		r := client.Reader(a.c)
-		if i > 0 {
-			r = a.api
-		}
-		if err = a.publishHostOnce(ctx, r, info, doms); !apierrors.IsConflict(err) {
+		// The cache first; the API server when the conditions change and
+		// after a conflict.
+		if err = a.publishHostOnce(ctx, i > 0, info, doms); !apierrors.IsConflict(err) && !errors.Is(err, errStaleRead) {
 			return err
 		}
 	}
 	return err
 }
 
-func (a *Agent) publishHostOnce(ctx context.Context, r client.Reader, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
+// errStaleRead: the XenHost was read from the cache and the conditions
+// list must be written; read it again from the API server.
+var errStaleRead = errors.New("conditions change: read the XenHost from the API server")
+
+func (a *Agent) publishHostOnce(ctx context.Context, fresh bool, info xenmem.HostInfo, doms []xenmem.DomainInfo) error {
 	h := &v1.XenHost{}
+	r := client.Reader(a.c)
+	if fresh {
+		r = a.api
+	}
 	err := r.Get(ctx, types.NamespacedName{Name: a.cfg.Host}, h)
 	if apierrors.IsNotFound(err) {
 		h = &v1.XenHost{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Host}}
@@ -122,6 +128,9 @@ func (a *Agent) publishHostOnce(ctx context.Context, r client.Reader, info xenme
 	}
 	patch := client.MergeFrom(orig)
 	if !equality.Semantic.DeepEqual(orig.Status.Conditions, h.Status.Conditions) {
+		if !fresh {
+			return errStaleRead // a conflict on a stale cache would cost a patch more
+		}
 		patch = client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
 	}
 	if err := a.c.Status().Patch(ctx, h, patch); err != nil {
@@ -280,5 +289,17 @@ func (a *Agent) migratingOut(domain string) bool {
 			return true
 		}
 	}
-	return false
+	for name, at := range a.departed {
+		if time.Since(at) >= departedGrace {
+			delete(a.departed, name)
+		}
+	}
+	_, gone := a.departed[domain]
+	return gone
 }
+
+// departedGrace is how long the XenDomain of a domain that migrated away
+// is left for the target to take over, after the source dropped its half
+// (the migration ended): the target's next publish, a heartbeat away, takes
+// it over; only then would deleting it here lose its namespace and labels.
+const departedGrace = time.Minute
