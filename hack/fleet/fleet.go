@@ -36,9 +36,15 @@ const (
 	ctlNamespace   = "xenferry-system" // the controller's (CA Secret, guard pods)
 	fleetPolicy    = "fleet"           // MigrationPolicy of every migration
 	fleetBandwidth = "6Mi"             // per migration: drains take seconds
-	heartbeatTO    = 10 * time.Second
-	abortGrace     = 20 * time.Second
-	upWait         = 3 * time.Minute
+	// heartbeatTO is the controller's default: the scenarios test drains,
+	// rebalancing and priorities on a healthy fleet, not the loss of an
+	// agent (hack/faults does, with 8 s). On this shared 2-core machine
+	// heartbeats of healthy agents were seen to pause for up to 24 s.
+	heartbeatTO = 30 * time.Second
+	// noteGap: heartbeat pauses longer than this are noted in reason.
+	noteGap    = 5 * time.Second
+	abortGrace = 20 * time.Second
+	upWait     = 3 * time.Minute
 )
 
 // limits are the controller's concurrency flags.

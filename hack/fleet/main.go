@@ -185,7 +185,7 @@ func runScenario(ctx context.Context, name, root, dir, bin, disks string, nHosts
 	s.notes = append(s.notes, notes...)
 	c.Untruthful, notes = f.checkClaims(obs, s.mo.snapshot())
 	s.notes = append(s.notes, notes...)
-	if gaps := s.mo.heartbeatGaps(heartbeatTO / 2); len(gaps) > 0 {
+	if gaps := s.mo.heartbeatGaps(noteGap); len(gaps) > 0 {
 		s.note("heartbeat gaps (controller timeout %v): %s", heartbeatTO, strings.Join(gaps, ", "))
 	}
 	if len(s.mo.errs) > 0 {
