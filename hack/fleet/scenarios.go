@@ -31,9 +31,12 @@ const (
 	rebalancePolicyName = "fleet-balance"
 	rebalanceInterval   = 2 * time.Second
 	rebalanceSmoothing  = 10 * time.Second
-	rebalanceTrigger    = 20
-	rebalanceTarget     = 10
-	minCycles           = 10
+	// rebalanceCooldown is short, so that only the band's hysteresis,
+	// not the cooldown, keeps a domain from going back within the run.
+	rebalanceCooldown = 15 * time.Second
+	rebalanceTrigger  = 20
+	rebalanceTarget   = 10
+	minCycles         = 10
 )
 
 // common is what every scenario line carries.
@@ -326,7 +329,7 @@ func playRebalance(ctx context.Context, s *session) any {
 		Mode: v1.RebalancePerformance, Weights: v1.LoadWeights{CPU: w(1), Memory: w(1)},
 		TriggerImbalancePercent: w(rebalanceTrigger), TargetImbalancePercent: w(rebalanceTarget),
 		Interval: &metav1.Duration{Duration: rebalanceInterval}, SmoothingWindow: &metav1.Duration{Duration: rebalanceSmoothing},
-		MaxConcurrent: w(1), MaxPerHour: w(10),
+		Cooldown: &metav1.Duration{Duration: rebalanceCooldown}, MaxConcurrent: w(1), MaxPerHour: w(10),
 	}}
 	t0 := time.Now()
 	if err := f.c.Create(ctx, p); err != nil {
@@ -373,8 +376,9 @@ func playRebalance(ctx context.Context, s *session) any {
 		if settledSince.IsZero() {
 			settledSince = time.Now()
 		}
-		// Settled for three more cycles: no flap right after.
-		return time.Since(settledSince) >= 3*rebalanceInterval, nil
+		// Settled past the cooldown and two more cycles: the moved
+		// domains are free to go back, and only the band holds them.
+		return time.Since(settledSince) >= rebalanceCooldown+2*rebalanceInterval, nil
 	})
 	s.res.Seconds = round1(time.Since(t0).Seconds())
 	st := last.Status
