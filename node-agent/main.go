@@ -2,8 +2,11 @@
 // migration data path, publishes the host's inventory and, under Kubernetes,
 // runs the source or target half of each VMMigration of its host.
 //
-// Subcommands register themselves through registerCommand (one file per
-// subcommand), so that data-path transports (sim, Xen, xl stream) stay apart.
+// This package is the command line only: the agent lives in
+// internal/agent, and each cmd_*.go file registers its subcommands through
+// registerCommand (cmd_run.go parses the flags of `run`; the standalone
+// commands take theirs in internal/agent). rbac.go holds the agent's RBAC
+// markers, which `make manifests` reads from here.
 package main
 
 import (

@@ -30,3 +30,8 @@ package main
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xendomains,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups=migration.xenferry.io,resources=xendomains/status,verbs=update;patch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+
+// The metrics endpoint (internal/agent/metrics.go) authenticates and
+// authorizes its callers through the API server.
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
