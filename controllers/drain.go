@@ -98,8 +98,11 @@ type drainScope struct {
 // Reconcile evacuates (or stops evacuating) one host. Steps run in order;
 // condition setters are pure; the drain's summary is computed last.
 func (r *DrainReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	// Fresh, and patched under optimistic locking below: the agent writes
+	// this status too (heartbeats, its own conditions), and a merge patch
+	// of the conditions list from a stale read would undo its writes.
 	host := &v1.XenHost{}
-	if err := r.Client.Get(ctx, req.NamespacedName, host); err != nil {
+	if err := r.APIReader.Get(ctx, req.NamespacedName, host); err != nil {
 		return reconcile.Result{}, ctrl.IgnoreNotFound(err)
 	}
 	orig := host.DeepCopy()
@@ -117,7 +120,10 @@ func (r *DrainReconciler) Reconcile(ctx context.Context, req reconcile.Request) 
 	}
 	setDrainConditions(s)
 	if !equality.Semantic.DeepEqual(orig.Status.Drain, host.Status.Drain) || !equality.Semantic.DeepEqual(orig.Status.Conditions, host.Status.Conditions) {
-		if err := r.Client.Status().Patch(ctx, host, ctrl.MergeFrom(orig)); err != nil {
+		if err := r.Client.Status().Patch(ctx, host, ctrl.MergeFromWithOptions(orig, ctrl.MergeFromWithOptimisticLock{})); err != nil {
+			if apierrors.IsConflict(err) {
+				return reconcile.Result{Requeue: true}, nil
+			}
 			return reconcile.Result{}, fmt.Errorf("patch drain status of XenHost %s: %w", host.Name, err)
 		}
 	}
