@@ -396,8 +396,6 @@ func playRebalance(ctx context.Context, s *session) any {
 	}
 	line.ImbalanceOwnAfter, loads, _, _ = f.ownImbalance(ctx)
 	s.note("load after: %s; policy: %s", loads, hostsText(st.Hosts))
-	// Oscillations: a domain moved A->B, then B->A, by this policy.
-	moves := map[string][]migRecord{}
 	var ms []migRecord
 	for _, r := range mine() {
 		if r.phase == v1.MigrationSucceeded {
@@ -410,18 +408,11 @@ func playRebalance(ctx context.Context, s *session) any {
 	sort.Slice(ms, func(i, j int) bool { return ms[i].finalRV < ms[j].finalRV })
 	var path []string
 	for _, r := range ms {
-		moves[r.domain] = append(moves[r.domain], r)
 		path = append(path, fmt.Sprintf("%s:%s->%s", r.domain, r.source, r.target))
 	}
-	line.Oscillations = 0
-	for d, rs := range moves {
-		for i := 1; i < len(rs); i++ {
-			if rs[i].source == rs[i-1].target && rs[i].target == rs[i-1].source {
-				line.Oscillations++
-				s.note("%s moved %s->%s and back", d, rs[i-1].source, rs[i-1].target)
-			}
-		}
-	}
+	back := backAndForth(ms)
+	line.Oscillations = len(back)
+	s.notes = append(s.notes, back...)
 	s.note("moves: %s", strings.Join(path, " "))
 	s.goal = err == nil && line.ImbalanceAfter < line.ImbalanceBefore && line.ImbalanceAfter <= line.TargetBand &&
 		line.Oscillations == 0 && line.Cycles >= minCycles
@@ -582,22 +573,8 @@ func playPriority(ctx context.Context, s *session) any {
 	s.note("slot order (by stored change; PreparingTarget times from status): %s", strings.Join(order, " "))
 	// Every Rebalance migration that got its slot after an evacuation
 	// existed must have got it after that evacuation got its own.
-	violations := 0
-	for _, e := range es {
-		ecreate := e.createRV
-		if ecreate == 0 {
-			ecreate = drv
-		}
-		for _, r := range rq {
-			if r.slotRV == 0 || r.slotRV < ecreate {
-				continue
-			}
-			if e.slotRV == 0 || e.slotRV > r.slotRV {
-				violations++
-				s.note("Rebalance %s got a slot before Evacuation %s", r.name, e.name)
-			}
-		}
-	}
+	violations := orderViolations(es, rq, drv)
+	s.notes = append(s.notes, violations...)
 	if len(es) == 0 {
 		s.note("the drain created no evacuation migrations")
 	}
@@ -607,7 +584,7 @@ func playPriority(ctx context.Context, s *session) any {
 	if line.MaxMigrationsSeen > line.MaxMigrations {
 		s.note("%d migrations held slots at once, limit %d", line.MaxMigrationsSeen, line.MaxMigrations)
 	}
-	line.OrderRespected = violations == 0 && len(es) > 0 && len(rq) > 0
+	line.OrderRespected = len(violations) == 0 && len(es) > 0 && len(rq) > 0
 	s.goal = line.OrderRespected && line.MaxMigrationsSeen <= line.MaxMigrations
 	return line
 }
@@ -716,4 +693,47 @@ func whenResumed(m *v1.VMMigration) string {
 		return "resumed on " + t.Host + " at " + t.ResumeTime.UTC().Format("15:04:05")
 	}
 	return "no resume time"
+}
+
+// backAndForth finds the oscillations among succeeded moves in the order
+// they ended: a domain moved A->B, and its next move B->A.
+func backAndForth(ms []migRecord) []string {
+	last := map[string]migRecord{}
+	var out []string
+	for _, r := range ms {
+		if p, ok := last[r.domain]; ok && r.source == p.target && r.target == p.source {
+			out = append(out, fmt.Sprintf("%s moved %s->%s (%s) and back (%s)", r.domain, p.source, p.target, p.name, r.name))
+		}
+		last[r.domain] = r
+	}
+	return out
+}
+
+// orderViolations finds each Rebalance migration (rq: those still waiting
+// when the drain began at resource version drainRV) that got its slot
+// after an evacuation existed but before that evacuation got its own.
+func orderViolations(es, rq []migRecord, drainRV int64) []string {
+	var out []string
+	for _, e := range es {
+		created := e.createRV
+		if created == 0 { // first seen by a list: the drain is a lower bound
+			created = drainRV
+		}
+		for _, r := range rq {
+			if r.slotRV == 0 || r.slotRV < created {
+				continue
+			}
+			if e.slotRV == 0 || e.slotRV > r.slotRV {
+				out = append(out, fmt.Sprintf("Rebalance %s got a slot (rv%d) before Evacuation %s (%s)", r.name, r.slotRV, e.name, rvText(e.slotRV)))
+			}
+		}
+	}
+	return out
+}
+
+func rvText(rv int64) string {
+	if rv == 0 {
+		return "never"
+	}
+	return fmt.Sprintf("rv%d", rv)
 }
