@@ -35,7 +35,7 @@ promtool test rules "$work/rules_test.yaml"
 # code defines (histograms by their base name).
 missing=0
 for m in $(grep -ohE 'xenferry_[a-z_]+' config/prometheus/rules.yaml config/grafana/*.json | grep -v '_$' | sed -E 's/_(bucket|sum|count)$//' | sort -u); do
-	if ! grep -rqs "\"$m\"" --include='*.go' controllers node-agent; then
+	if ! grep -rqs "\"$m\"" --include='*.go' controllers node-agent internal; then
 		log "$m is read by config/prometheus or config/grafana but defined nowhere in the code"
 		missing=1
 	fi
