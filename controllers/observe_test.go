@@ -148,3 +148,27 @@ func TestObserveCommittedSourceAwaitsVerdict(t *testing.T) {
 		})
 	}
 }
+
+// A migration failed for a silent source agent whose target then reports
+// the resume states where the domain runs from the facts, not the guess.
+func TestFailedMigrationFollowsALateResume(t *testing.T) {
+	r := &VMMigrationReconciler{HeartbeatTimeout: 30 * time.Second, AbortGrace: time.Minute}
+	m := &v1.VMMigration{ObjectMeta: metav1.ObjectMeta{Name: "m", Namespace: "ns"}}
+	m.Status.Phase, m.Status.SourceHost, m.Status.TargetHost, m.Status.DomainHost = v1.MigrationFailed, "a", "b", "a"
+	s := &scope{mig: m, now: time.Now()}
+	r.correctDomainHost(s)
+	if m.Status.DomainHost != "a" {
+		t.Fatalf("domainHost moved to %q without a resume", m.Status.DomainHost)
+	}
+	m.Status.Target = &v1.TargetState{Host: "b", Resumed: true}
+	r.correctDomainHost(s)
+	if m.Status.DomainHost != "b" || !meta.IsStatusConditionTrue(m.Status.Conditions, v1.ResumedOnTargetCondition) {
+		t.Errorf("domainHost %q, conditions %+v; want b and ResumedOnTarget", m.Status.DomainHost, m.Status.Conditions)
+	}
+	m.Status.Target.Discarded = true
+	m.Status.DomainHost = "a"
+	r.correctDomainHost(s)
+	if m.Status.DomainHost != "a" {
+		t.Errorf("a discarded copy moved domainHost to %q", m.Status.DomainHost)
+	}
+}

@@ -119,6 +119,7 @@ func (r *VMMigrationReconciler) Reconcile(ctx context.Context, req reconcile.Req
 		return reconcile.Result{}, r.reconcileDelete(ctx, s)
 	}
 	if mig.Status.Phase.IsFinal() {
+		r.correctDomainHost(s)
 		return reconcile.Result{}, r.deleteToken(ctx, mig)
 	}
 	return reconcile.Result{}, r.reconcileActive(ctx, s)
@@ -407,6 +408,24 @@ func domainHost(m *v1.VMMigration, past bool) string {
 		return ""
 	}
 	return m.Status.SourceHost
+}
+
+// correctDomainHost amends a failed migration's statement of where the
+// domain runs when the target reports, after the end, that it resumed the
+// domain: an agent starved of CPU can report the resume after the
+// controller failed the migration for its silence. The phase stays final;
+// the statement follows the facts.
+func (r *VMMigrationReconciler) correctDomainHost(s *scope) {
+	m := s.mig
+	dst := targetHalf(m)
+	if m.Status.Phase != v1.MigrationFailed || !resumed(m) || dst == nil || dst.Discarded || m.Status.DomainHost == m.Status.TargetHost {
+		return
+	}
+	msg := fmt.Sprintf("The target %s reported after the migration ended that the domain was resumed there: it runs on %s, not on %q as stated when the migration failed",
+		m.Status.TargetHost, m.Status.TargetHost, m.Status.DomainHost)
+	m.Status.DomainHost = m.Status.TargetHost
+	setCondition(m, v1.ResumedOnTargetCondition, metav1.ConditionTrue, v1.ReasonResumed, msg)
+	r.event(m, corev1.EventTypeWarning, "DomainHostCorrected", "Observe", msg)
 }
 
 // phaseRank orders the non-final phases; StopAndCopy and PostCopy are alternatives.
