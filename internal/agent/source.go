@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -91,7 +92,7 @@ func (sr *SourceReconciler) reconcile(ctx context.Context, m *v1.VMMigration) (r
 			return reconcile.Result{}, nil
 		}
 		tgt := m.Status.Target
-		if m.Status.Phase != v1.MigrationTargetReady || tgt == nil || tgt.Host != m.Status.TargetHost || !tgt.Ready || tgt.Address == "" {
+		if !meta.IsStatusConditionTrue(m.Status.Conditions, v1.TargetReadyCondition) || tgt == nil || tgt.Host != m.Status.TargetHost || !tgt.Ready || tgt.Address == "" {
 			return reconcile.Result{}, nil // the controller has not confirmed a ready target yet
 		}
 		return sr.startSource(ctx, m)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -40,7 +41,10 @@ func (tr *TargetReconciler) reconcile(ctx context.Context, m *v1.VMMigration) (r
 		if m.Status.Phase.IsFinal() {
 			return reconcile.Result{}, nil
 		}
-		if stop != "" || m.Status.Phase != v1.MigrationPreparingTarget && half == nil {
+		// The controller's Scheduled condition hands the migration to this
+		// target (a slot, a token sealed to it): the gate is that
+		// condition, not the phase it computes from it.
+		if stop != "" || !meta.IsStatusConditionTrue(m.Status.Conditions, v1.ScheduledCondition) && half == nil {
 			if half != nil && !half.Failed && !half.Completed {
 				return reconcile.Result{}, tr.writeTarget(ctx, m, v1.TargetState{Host: tr.cfg.Host, AgentID: tr.id, Failed: true,
 					Message: "nothing to clean up on the target: " + stop})
