@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 	"github.com/xenferry/xenferry/pkg/dedup"
 )
 
@@ -69,7 +70,7 @@ func strategyFor(phase string) (v1.MigrationStrategy, string) {
 func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (res cellResult) {
 	t0 := time.Now()
 	res = cellResult{Fault: fault, Phase: phase, DomainHosts: -1, WrongPages: -1, HalfCreated: -1}
-	defer func() { res.Seconds = round1(time.Since(t0).Seconds()) }()
+	defer func() { res.Seconds = labkit.Round1(time.Since(t0).Seconds()) }()
 	var notes []string
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
 	fail := func(f string, a ...any) cellResult {
@@ -112,11 +113,11 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 		return fail("harness: %d guest processes of %s on %s, want 1", len(gs), name, hostA)
 	}
 	orig := gs[0]
-	ctl, err := readCtl(orig.pid)
+	ctl, err := labkit.ReadCtl(orig.PID)
 	if err != nil {
 		return fail("harness: %v", err)
 	}
-	mem0, err := readMemory(orig.pid)
+	mem0, err := labkit.ReadMemory(orig.PID)
 	if err != nil {
 		return fail("harness: read memory of %s: %v", name, err)
 	}
@@ -162,17 +163,17 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 		return false, fmt.Errorf("unknown phase %q", phase)
 	})
 	if err != nil {
-		return fail("phase %s not reached: %v (migration phase %s)", phase, err, phaseOf(reached))
+		return fail("phase %s not reached: %v (migration phase %s)", phase, err, labkit.PhaseOf(reached))
 	}
 	if reached.Status.Phase.IsFinal() {
 		note("migration ended %s before the phase %s was seen", reached.Status.Phase, phase)
 		res.TerminalPhase = string(reached.Status.Phase)
-		return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, ctlView{})
+		return l.verdict(ctx, res, name, orig, ctl, mem0, nsA, nsB, notes, labkit.CtlView{})
 	}
 
 	// The source's pause word when the fault strikes: a copy paused for the
 	// switch-over that runs again at the end was resumed after the fault.
-	atInject, _ := readCtl(orig.pid)
+	atInject, _ := labkit.ReadCtl(orig.PID)
 	tInject := time.Now()
 	// Watch for the final phase from the injection on, while faults that
 	// last (a partition, a kill and restart) are still in progress.
@@ -201,11 +202,11 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 	w := <-watch
 	last, werr := w.m, w.err
 	if werr != nil {
-		note("no final phase %v after the fault (phase %s, source %s, target %s)", terminalWait, phaseOf(last), halfText(last, true), halfText(last, false))
-		res.TerminalPhase = phaseOf(last)
+		note("no final phase %v after the fault (phase %s, source %s, target %s)", terminalWait, labkit.PhaseOf(last), halfText(last, true), halfText(last, false))
+		res.TerminalPhase = labkit.PhaseOf(last)
 	} else {
 		res.TerminalPhase = string(last.Status.Phase)
-		res.DetectSeconds = round1(w.at.Sub(tInject).Seconds())
+		res.DetectSeconds = labkit.Round1(w.at.Sub(tInject).Seconds())
 		// A final phase is the controller's word; the agents may still be
 		// moving the domain (a post-copy recovering after a partition).
 		// Judge the state they leave, once both halves have ended.
@@ -224,7 +225,7 @@ func (l *lab) runFaultCell(ctx context.Context, idx int, fault, phase string) (r
 }
 
 // inject applies a fault and, for the faults that end, ends it.
-func (l *lab) inject(ctx context.Context, fault, name string, mem0 []byte, ctl ctlView, note func(string, ...any)) error {
+func (l *lab) inject(ctx context.Context, fault, name string, mem0 []byte, ctl labkit.CtlView, note func(string, ...any)) error {
 	switch fault {
 	case "kill-source-agent", "kill-target-agent":
 		host := hostA
@@ -232,15 +233,15 @@ func (l *lab) inject(ctx context.Context, fault, name string, mem0 []byte, ctl c
 			host = hostB
 		}
 		ag := l.agents[host]
-		ag.p.kill()
-		sleepCtx(ctx, restartDelayOp)
+		ag.p.Kill()
+		labkit.SleepCtx(ctx, restartDelayOp)
 		_ = ag.setFailpoints("")
 		if err := l.startAgent(ctx, host, ag.cfg, ag.advertise); err != nil {
 			note("restarted agent %s did not register: %v", host, err)
 		}
 	case "kill-controller":
-		l.controller.kill()
-		sleepCtx(ctx, restartDelayOp)
+		l.controller.Kill()
+		labkit.SleepCtx(ctx, restartDelayOp)
 		if err := l.startController(); err != nil {
 			return err
 		}
@@ -248,7 +249,7 @@ func (l *lab) inject(ctx context.Context, fault, name string, mem0 []byte, ctl c
 		if err := l.net.partition(ctx, hostB); err != nil {
 			return err
 		}
-		sleepCtx(ctx, partitionFor)
+		labkit.SleepCtx(ctx, partitionFor)
 		if err := l.net.heal(context.Background(), hostB); err != nil {
 			return err
 		}
@@ -276,14 +277,14 @@ func (l *lab) inject(ctx context.Context, fault, name string, mem0 []byte, ctl c
 
 // staleBlocks overwrites every block of the disk that equals a page of
 // the domain outside its hot set: references to those blocks go stale.
-func staleBlocks(disk string, mem0 []byte, ctl ctlView) (int, error) {
+func staleBlocks(disk string, mem0 []byte, ctl labkit.CtlView) (int, error) {
 	want := map[dedup.Hash]bool{}
-	zero := dedup.HashPage(make([]byte, pageSize))
-	for p := uint64(0); p < uint64(len(mem0)/pageSize); p++ {
-		if p >= ctl.hotStart && p < ctl.hotStart+ctl.hotPages {
+	zero := dedup.HashPage(make([]byte, labkit.PageSize))
+	for p := uint64(0); p < uint64(len(mem0)/labkit.PageSize); p++ {
+		if p >= ctl.HotStart && p < ctl.HotStart+ctl.HotPages {
 			continue
 		}
-		if h := dedup.HashPage(mem0[p*pageSize : (p+1)*pageSize]); h != zero {
+		if h := dedup.HashPage(mem0[p*labkit.PageSize : (p+1)*labkit.PageSize]); h != zero {
 			want[h] = true
 		}
 	}
@@ -296,9 +297,9 @@ func staleBlocks(disk string, mem0 []byte, ctl ctlView) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	blk := make([]byte, pageSize)
+	blk := make([]byte, labkit.PageSize)
 	n := 0
-	for off := int64(0); off+pageSize <= st.Size(); off += pageSize {
+	for off := int64(0); off+labkit.PageSize <= st.Size(); off += labkit.PageSize {
 		if _, err := f.ReadAt(blk, off); err != nil {
 			return n, err
 		}
@@ -319,12 +320,12 @@ func staleBlocks(disk string, mem0 []byte, ctl ctlView) (int, error) {
 // verdict observes where the domain runs and whether the migration's final
 // word is true. Facts come from /proc (guest processes, their control
 // pages and memory); the API's claims are checked against them.
-func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig guest, ctl ctlView, mem0 []byte, nsA, nsB uint64, notes []string, atInject ctlView) cellResult {
+func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig labkit.Guest, ctl labkit.CtlView, mem0 []byte, nsA, nsB uint64, notes []string, atInject labkit.CtlView) cellResult {
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
-	sleepCtx(ctx, settle)
+	labkit.SleepCtx(ctx, settle)
 	type copyOf struct {
 		host  string
-		g     guest
+		g     labkit.Guest
 		rs    runState
 		fresh bool // booted afresh, not the original nor a migrated copy
 	}
@@ -334,19 +335,19 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 		ns   uint64
 	}{{hostA, nsA}, {hostB, nsB}} {
 		for _, g := range findGuests(name, hc.ns) {
-			rs, err := observeRun(g.pid, runningProbe)
+			rs, err := observeRun(g.PID, runningProbe)
 			if err != nil {
 				continue // exited meanwhile
 			}
 			c := copyOf{hc.host, g, rs, false}
-			if hc.host == hostA && g.id() != orig.id() {
+			if hc.host == hostA && g.ID() != orig.ID() {
 				// A new guest on the source is the restarted agent's sim
 				// configuration booting the domain afresh: same domain,
 				// same disk, but none of the state it had.
 				c.fresh = true
-				note("%s: a fresh instance of the domain (guest %s, not the original %s) was booted from the host's configuration", hostA, g.id(), orig.id())
+				note("%s: a fresh instance of the domain (guest %s, not the original %s) was booted from the host's configuration", hostA, g.ID(), orig.ID())
 			}
-			if !c.fresh && hc.host == hostA && rs.running && atInject.paused && rs.ctl.pauseWord != atInject.pauseWord {
+			if !c.fresh && hc.host == hostA && rs.running && atInject.Paused && rs.ctl.PauseWord != atInject.PauseWord {
 				note("the source resumed the copy it had paused for the switch-over")
 			}
 			if rs.running {
@@ -392,12 +393,12 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 			continue
 		}
 		stateful++
-		mem, err := readMemory(c.g.pid)
+		mem, err := labkit.ReadMemory(c.g.PID)
 		if err != nil {
 			note("read memory of %s on %s: %v", name, c.host, err)
 			continue
 		}
-		n, first := wrongPages(mem0, mem, ctl.hotStart, ctl.hotPages)
+		n, first := wrongPages(mem0, mem, ctl.HotStart, ctl.HotPages)
 		if n > 0 {
 			note("%d pages of the copy on %s differ from the source's (first pfns %v)", n, c.host, first)
 		}
@@ -406,7 +407,7 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 
 	if stateful == 0 && len(check) > 0 {
 		// Only a fresh boot is left: every page of the domain's state is gone.
-		res.WrongPages = len(mem0) / pageSize
+		res.WrongPages = len(mem0) / labkit.PageSize
 		note("the domain's state is lost: only a fresh boot runs (wrongPages counts every page)")
 	}
 	// Where the domain runs, for the claims below: a fresh boot is not the
@@ -454,7 +455,7 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	}{{hostA, nsA}, {hostB, nsB}} {
 		n := 0
 		for _, g := range findGuests("", hc.ns) {
-			if rs, err := readCtl(g.pid); err == nil && !rs.paused {
+			if rs, err := labkit.ReadCtl(g.PID); err == nil && !rs.Paused {
 				n++
 			}
 		}
@@ -468,12 +469,12 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 	withReason := m.Status.Phase == v1.MigrationSucceeded || m.Status.FailureReason != ""
 
 	res.OK = final && withReason && truthful && apiAgrees
-	head := phaseOf(m)
+	head := labkit.PhaseOf(m)
 	if r := m.Status.Result; r != nil {
 		head += fmt.Sprintf(" (postCopy=%v verified=%v diskRefs=%d diskFallbacks=%d)", r.PostCopy, r.Verified, r.Pages.Disk, r.Pages.DiskFallback)
 	}
 	if m.Status.FailureReason != "" {
-		head += ": " + clip(m.Status.FailureReason, 220)
+		head += ": " + labkit.Clip(m.Status.FailureReason, 220)
 	}
 	if !truthful {
 		note("the migration says the domain runs on %q, it runs on %q", claimed, actual)
@@ -493,22 +494,12 @@ func (l *lab) verdict(ctx context.Context, res cellResult, name string, orig gue
 func (l *lab) halvesEnded(m *v1.VMMigration) bool {
 	gone := func(host, id string) bool {
 		a := l.agents[host]
-		return a == nil || a.p == nil || !a.p.alive() || id != a.id
+		return a == nil || a.p == nil || !a.p.Alive() || id != a.id
 	}
 	src, dst := m.Status.Source, m.Status.Target
 	srcDone := src == nil || src.StartTime == nil || src.Completed || src.Failed || gone(src.Host, src.AgentID)
 	dstDone := dst == nil || !dst.Prepared || dst.Completed || dst.Failed || gone(dst.Host, dst.AgentID)
 	return srcDone && dstDone
-}
-
-func phaseOf(m *v1.VMMigration) string {
-	if m == nil {
-		return "?"
-	}
-	if m.Status.Phase == "" {
-		return "Pending"
-	}
-	return string(m.Status.Phase)
 }
 
 func halfText(m *v1.VMMigration, source bool) string {
@@ -517,29 +508,12 @@ func halfText(m *v1.VMMigration, source bool) string {
 	}
 	if source {
 		if s := m.Status.Source; s != nil {
-			return fmt.Sprintf("%s failed=%v completed=%v %s", s.Phase, s.Failed, s.Completed, clip(s.Message, 100))
+			return fmt.Sprintf("%s failed=%v completed=%v %s", s.Phase, s.Failed, s.Completed, labkit.Clip(s.Message, 100))
 		}
 		return "-"
 	}
 	if t := m.Status.Target; t != nil {
-		return fmt.Sprintf("prepared=%v resumed=%v completed=%v failed=%v %s", t.Prepared, t.Resumed, t.Completed, t.Failed, clip(t.Message, 100))
+		return fmt.Sprintf("prepared=%v resumed=%v completed=%v failed=%v %s", t.Prepared, t.Resumed, t.Completed, t.Failed, labkit.Clip(t.Message, 100))
 	}
 	return "-"
-}
-
-func clip(s string, n int) string {
-	s = strings.ReplaceAll(s, "\n", " ")
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
-}
-
-func round1(f float64) float64 { return float64(int64(f*10+0.5)) / 10 }
-
-func sleepCtx(ctx context.Context, d time.Duration) {
-	select {
-	case <-ctx.Done():
-	case <-time.After(d):
-	}
 }

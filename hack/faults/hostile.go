@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -182,7 +183,7 @@ func (l *lab) openSession(ctx context.Context, addr, id string, tok []byte) (*hs
 
 // header sends a HEADER for domain dom with disk path disk.
 func (s *hsession) header(dom string, numPages uint64, disk string) error {
-	info := xenmem.DomainInfo{Name: dom, Namespace: "default", MemoryBytes: numPages * pageSize, VCPUs: 1,
+	info := xenmem.DomainInfo{Name: dom, Namespace: "default", MemoryBytes: numPages * labkit.PageSize, VCPUs: 1,
 		Disks: []xenmem.Disk{{ID: "xvda", Path: disk}}}
 	cfg, err := json.Marshal(info)
 	if err != nil {
@@ -203,11 +204,11 @@ func (h *hconn) outcome(limit time.Duration) (refused bool, what string) {
 			if errors.As(err, &ne) && ne.Timeout() {
 				return false, "no answer"
 			}
-			return true, "connection closed (" + clip(err.Error(), 80) + ")"
+			return true, "connection closed (" + labkit.Clip(err.Error(), 80) + ")"
 		}
 		switch m.Kind {
 		case "error":
-			return true, "error: " + clip(m.Message, 160)
+			return true, "error: " + labkit.Clip(m.Message, 160)
 		case "prepared", "drained", "ready", "resumed", "done":
 			return false, m.Kind
 		}
@@ -220,7 +221,7 @@ func (h *hconn) outcome(limit time.Duration) (refused bool, what string) {
 func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res hostileResult) {
 	t0 := time.Now()
 	res = hostileResult{Fault: fault}
-	defer func() { res.Seconds = round1(time.Since(t0).Seconds()) }()
+	defer func() { res.Seconds = labkit.Round1(time.Since(t0).Seconds()) }()
 	var notes []string
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
 	defer func() { res.Reason = strings.Join(notes, "; ") }()
@@ -281,7 +282,7 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 		}
 	}
 	addr := b.dataAddr
-	bPID := b.p.pid()
+	bPID := b.p.PID()
 
 	var held []victim
 	if fault == "replayed-token" {
@@ -301,11 +302,11 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 
 	res.RSSBefore = agentRSS(bPID)
 	res.Refused, notes = l.attack(ctx, fault, addr, held, notes)
-	sleepCtx(ctx, time.Second)
+	labkit.SleepCtx(ctx, time.Second)
 	res.RSSAfter = agentRSS(bPID)
-	alive := b.p.alive() && b.p.pid() == bPID
+	alive := b.p.Alive() && b.p.PID() == bPID
 	if !alive {
-		note("the target agent died: %s", crashLine(b.p.tail(16<<20)))
+		note("the target agent died: %s", crashLine(b.p.Tail(16<<20)))
 	} else if res.RSSAfter-res.RSSBefore > 256 {
 		note("the target agent grew by %d MiB", res.RSSAfter-res.RSSBefore)
 	}
@@ -314,7 +315,7 @@ func (l *lab) runHostileCell(ctx context.Context, idx int, fault string) (res ho
 		if _, _, err := l.migrateNormally(ctx, normal); err != nil {
 			note("a normal migration after the attack failed: %v", err)
 		} else {
-			serves = b.p.alive() && b.p.pid() == bPID
+			serves = b.p.Alive() && b.p.PID() == bPID
 		}
 	}
 	res.AgentAlive = alive && serves
@@ -353,7 +354,7 @@ func (l *lab) holdVictims(ctx context.Context, a *agent, doms []string) ([]victi
 			return m.Status.Source != nil && m.Status.Source.StartTime != nil && m.Status.Target != nil && m.Status.Target.Ready, nil
 		})
 		if err != nil {
-			return nil, fmt.Errorf("victim %s was not held with a ready target: %w (phase %s)", d, err, phaseOf(m))
+			return nil, fmt.Errorf("victim %s was not held with a ready target: %w (phase %s)", d, err, labkit.PhaseOf(m))
 		}
 		tok, err := l.creds.migrationToken(ctx, m)
 		if err != nil {
@@ -389,10 +390,10 @@ func (l *lab) migrateNormally(ctx context.Context, dom string) (*v1.VMMigration,
 		return m.Status.Phase.IsFinal(), nil
 	})
 	if err != nil {
-		return m, tok, fmt.Errorf("%s: %w (phase %s)", dom, err, phaseOf(m))
+		return m, tok, fmt.Errorf("%s: %w (phase %s)", dom, err, labkit.PhaseOf(m))
 	}
 	if m.Status.Phase != v1.MigrationSucceeded {
-		return m, tok, fmt.Errorf("%s ended %s: %s", dom, m.Status.Phase, clip(m.Status.FailureReason, 200))
+		return m, tok, fmt.Errorf("%s ended %s: %s", dom, m.Status.Phase, labkit.Clip(m.Status.FailureReason, 200))
 	}
 	if tok == nil {
 		return m, tok, fmt.Errorf("%s: its token was never readable", dom)
@@ -403,7 +404,7 @@ func (l *lab) migrateNormally(ctx context.Context, dom string) (*v1.VMMigration,
 // attack runs one hostile peer and says whether the agent refused it.
 func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, notes []string) (bool, []string) {
 	note := func(f string, a ...any) { notes = append(notes, fmt.Sprintf(f, a...)) }
-	numPages := uint64(hostileMemMiB << 20 / pageSize)
+	numPages := uint64(hostileMemMiB << 20 / labkit.PageSize)
 	hello := func(v victim, role string, tok []byte) wire.Control {
 		return wire.Control{Kind: "hello", MigrationID: v.id, Token: tok, Streams: 1, Message: role}
 	}
@@ -479,7 +480,7 @@ func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, not
 				note("(a) header naming a decoy file as the domain's disk: %s", what)
 				refusedA = ref
 			} else {
-				ref := []wire.DiskRef{{PFN: 0, Disk: 0, Offset: 0, Hash: dedup.HashPage(block[:pageSize])}}
+				ref := []wire.DiskRef{{PFN: 0, Disk: 0, Offset: 0, Hash: dedup.HashPage(block[:labkit.PageSize])}}
 				_ = s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, ref))
 				_ = s.data.control(wire.Control{Kind: "flush", Stream: 0, Message: "drain"})
 				_ = s.main.control(wire.Control{Kind: "drain"})
@@ -557,7 +558,7 @@ func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, not
 			_, _ = c.Write(hdr)
 			r, what := false, "no answer"
 			if err := h.r.ReadStreamHeader(); err != nil {
-				r, what = true, "closed: "+clip(err.Error(), 80)
+				r, what = true, "closed: "+labkit.Clip(err.Error(), 80)
 			} else {
 				r, what = h.outcome(5 * time.Second)
 			}
@@ -576,7 +577,7 @@ func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, not
 		} else {
 			s.close()
 		}
-		sleepCtx(ctx, 500*time.Millisecond)
+		labkit.SleepCtx(ctx, 500*time.Millisecond)
 		// (c) One maximal reference record after a genuine header.
 		if s, ok := session(held[1], numPages, filepath.Join(l.work, "disks", held[1].dom+".img")); ok {
 			if r, what := s.main.outcome(hostileIO); r || what != "prepared" {
@@ -586,7 +587,7 @@ func (l *lab) attack(ctx context.Context, fault, addr string, held []victim, not
 				n := (wire.MaxBody - 8) / 40
 				refs := make([]wire.DiskRef, n)
 				for i := range refs {
-					refs[i] = wire.DiskRef{PFN: uint64(i) % numPages, Offset: uint64(i%1024) * pageSize}
+					refs[i] = wire.DiskRef{PFN: uint64(i) % numPages, Offset: uint64(i%1024) * labkit.PageSize}
 				}
 				err := s.data.send(wire.TypeDiskRefs, wire.MarshalDiskRefs(nil, refs))
 				go s.prio.requests(5 * time.Second)
@@ -639,11 +640,11 @@ func crashLine(log string) string {
 	for _, l := range strings.Split(log, "\n") {
 		for _, p := range []string{"panic:", "fatal error:", "runtime: out of memory"} {
 			if strings.HasPrefix(l, p) {
-				return clip(l, 200)
+				return labkit.Clip(l, 200)
 			}
 		}
 	}
-	return clip(lastLines(log, 2), 200)
+	return labkit.Clip(lastLines(log, 2), 200)
 }
 
 func lastLines(s string, n int) string {

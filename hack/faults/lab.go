@@ -10,15 +10,11 @@ import (
 	"strings"
 	"time"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 // Host names of the two simulated dom0s; A is the source of every cell.
@@ -39,13 +35,13 @@ const (
 type lab struct {
 	root, work, bin string
 	log             func(format string, args ...any)
-	ps              *procs
+	ps              *labkit.Procs
 	net             *network
-	cp              *controlPlane
+	cp              *labkit.ControlPlane
 	c               client.Client
 	agentKC         map[string]string // kubeconfig of each host's agent
 	rootKC          string            // the controller's (admin)
-	controller      *proc
+	controller      *labkit.Proc
 	agents          map[string]*agent
 	proxy           *faultProxy
 	creds           peerCreds
@@ -55,7 +51,7 @@ type lab struct {
 // agent is one node agent process and what it was started with.
 type agent struct {
 	host      string
-	p         *proc
+	p         *labkit.Proc
 	id        string // XenHost status.agentID of this process
 	cfg       string
 	stateDir  string
@@ -63,26 +59,6 @@ type agent struct {
 	hitDir    string // XENFERRY_FAILPOINTS_DIR
 	dataAddr  string
 	advertise string
-}
-
-// buildBinaries builds the controller and the node agent once per run into
-// a cache directory (go's build cache makes a warm build quick).
-func buildBinaries(ctx context.Context, root, bin string) error {
-	if err := os.MkdirAll(bin, 0o755); err != nil {
-		return err
-	}
-	for _, b := range []struct{ out, pkg string }{{"xenferry-controller", "."}, {"node-agent", "./node-agent"}} {
-		bctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-		cmd := exec.CommandContext(bctx, "go", "build", "-o", filepath.Join(bin, b.out), b.pkg)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-		out, err := cmd.CombinedOutput()
-		cancel()
-		if err != nil {
-			return fmt.Errorf("go build %s: %w: %s", b.pkg, err, strings.TrimSpace(string(out)))
-		}
-	}
-	return nil
 }
 
 // up starts everything but the agents: network, control plane, CRDs, the
@@ -96,26 +72,22 @@ func (l *lab) up(ctx context.Context) error {
 		hostB, l.net.hosts[hostB].ns, l.net.hosts[hostB].addr)
 	binDir := filepath.Join(l.root, "bin")
 	t0 := time.Now()
-	var users []apiUser
+	var users []labkit.APIUser
 	for _, h := range []string{hostA, hostB} {
 		name, groups := l.creds.apiIdentity(h)
-		users = append(users, apiUser{name, groups})
+		users = append(users, labkit.APIUser{Name: name, Groups: groups})
 	}
-	if l.cp, err = startControlPlane(ctx, l.ps, binDir, filepath.Join(l.work, "controlplane"), users); err != nil {
+	if l.cp, err = labkit.StartControlPlane(ctx, l.ps, labkit.ControlPlaneConfig{BinDir: binDir,
+		Dir: filepath.Join(l.work, "controlplane"), Users: users, Env: cleanEnv()}); err != nil {
 		return fmt.Errorf("control plane: %w", err)
 	}
-	l.log("control plane ready in %.1fs on 127.0.0.1:%d", time.Since(t0).Seconds(), l.cp.port)
-	rc := &rest.Config{Host: fmt.Sprintf("https://127.0.0.1:%d", l.cp.port), BearerToken: l.cp.token,
-		TLSClientConfig: rest.TLSClientConfig{Insecure: true}, QPS: 50, Burst: 100, Timeout: 20 * time.Second}
-	if _, err := envtest.InstallCRDs(rc, envtest.CRDInstallOptions{Paths: []string{filepath.Join(l.root, "config", "crd", "bases")},
-		ErrorIfPathMissing: true, MaxTime: 60 * time.Second}); err != nil {
+	l.log("control plane ready in %.1fs on 127.0.0.1:%d", time.Since(t0).Seconds(), l.cp.Port)
+	rc := l.cp.RESTConfig()
+	if err := labkit.InstallCRDs(rc, l.root); err != nil {
 		return fmt.Errorf("install CRDs: %w", err)
 	}
-	scheme := runtime.NewScheme()
-	if err := clientgoscheme.AddToScheme(scheme); err != nil {
-		return err
-	}
-	if err := v1.AddToScheme(scheme); err != nil {
+	scheme, err := labkit.Scheme()
+	if err != nil {
 		return err
 	}
 	if l.c, err = client.New(rc, client.Options{Scheme: scheme}); err != nil {
@@ -128,16 +100,16 @@ func (l *lab) up(ctx context.Context) error {
 	}
 	fctx, cancel := context.WithCancel(context.Background())
 	l.cancelFwd = cancel
-	go forward(fctx, ln, fmt.Sprintf("127.0.0.1:%d", l.cp.port))
+	go forward(fctx, ln, fmt.Sprintf("127.0.0.1:%d", l.cp.Port))
 	l.rootKC = filepath.Join(l.work, "root.kubeconfig")
-	if err := l.cp.kubeconfig(l.rootKC, fmt.Sprintf("https://127.0.0.1:%d", l.cp.port), ""); err != nil {
+	if err := l.cp.Kubeconfig(l.rootKC, l.cp.URL(), ""); err != nil {
 		return err
 	}
 	l.agentKC = map[string]string{}
 	for _, h := range []string{hostA, hostB} {
 		name, _ := l.creds.apiIdentity(h)
 		l.agentKC[h] = filepath.Join(l.work, h+".kubeconfig")
-		if err := l.cp.kubeconfig(l.agentKC[h], "https://"+net.JoinHostPort(hubAddr, "6443"), name); err != nil {
+		if err := l.cp.Kubeconfig(l.agentKC[h], "https://"+net.JoinHostPort(hubAddr, "6443"), name); err != nil {
 			return err
 		}
 	}
@@ -161,7 +133,7 @@ func (l *lab) startController() error {
 		"--heartbeat-timeout", heartbeatTimeout.String(), "--abort-grace", abortGrace.String(),
 		// Hostile cells hold victim migrations open beside a normal one.
 		"--max-migrations", "16", "--max-outbound-per-host", "8", "--max-inbound-per-host", "8"}, l.creds.controllerArgs()...)
-	p, err := l.ps.start("controller", "", cleanEnv(), filepath.Join(l.bin, "xenferry-controller"), args...)
+	p, err := l.ps.Start("controller", cleanEnv(), filepath.Join(l.bin, labkit.ControllerBin), args...)
 	if err != nil {
 		return err
 	}
@@ -175,7 +147,7 @@ func (l *lab) down() {
 		l.proxy.close()
 	}
 	if l.ps != nil {
-		l.ps.stopAll()
+		l.ps.StopAll()
 	}
 	l.simDestroy()
 	if l.cancelFwd != nil {
@@ -187,7 +159,7 @@ func (l *lab) down() {
 		for _, h := range l.net.hosts {
 			if ino, err := netnsInode(h.ns); err == nil {
 				for _, g := range findGuests("", ino) {
-					killQuiet(g.pid)
+					killQuiet(g.PID)
 				}
 			}
 		}
@@ -231,7 +203,7 @@ func (l *lab) writeSimConfig(path, host string, doms []domSpec) error {
 // advertise, if set, is published instead of the listener's address.
 func (l *lab) startAgent(ctx context.Context, host, cfg, advertise string) error {
 	a := l.agents[host]
-	if a.p != nil && a.p.alive() {
+	if a.p != nil && a.p.Alive() {
 		return fmt.Errorf("agent %s still runs", host)
 	}
 	a.cfg, a.advertise = cfg, advertise
@@ -249,16 +221,18 @@ func (l *lab) startAgent(ctx context.Context, host, cfg, advertise string) error
 	}
 	args = append(args, l.creds.agentArgs(host)...)
 	prev := a.id
-	p, err := l.ps.start("agent-"+host, l.net.hosts[host].ns,
-		cleanEnv("XENFERRY_FAILPOINTS_FILE="+a.fpFile, "XENFERRY_FAILPOINTS_DIR="+a.hitDir), filepath.Join(l.bin, "node-agent"), args...)
+	// ip netns exec enters the host's namespace and execs the agent: the
+	// pid is the agent's.
+	p, err := l.ps.Start("agent-"+host, cleanEnv("XENFERRY_FAILPOINTS_FILE="+a.fpFile, "XENFERRY_FAILPOINTS_DIR="+a.hitDir),
+		"ip", append([]string{"netns", "exec", l.net.hosts[host].ns, filepath.Join(l.bin, labkit.AgentBin)}, args...)...)
 	if err != nil {
 		return err
 	}
 	a.p = p
 	// Registered: the XenHost names a new agent process with a fresh heartbeat.
 	return waitFor(ctx, 90*time.Second, 200*time.Millisecond, func() (bool, error) {
-		if !p.alive() {
-			return false, fmt.Errorf("agent %s exited: %s", host, p.tail(800))
+		if !p.Alive() {
+			return false, fmt.Errorf("agent %s exited: %s", host, p.Tail(800))
 		}
 		h := &v1.XenHost{}
 		if err := l.c.Get(ctx, types.NamespacedName{Name: host}, h); err != nil {
@@ -277,7 +251,7 @@ func (l *lab) startAgent(ctx context.Context, host, cfg, advertise string) error
 func (l *lab) stopAgents() {
 	for _, a := range l.agents {
 		if a.p != nil {
-			a.p.stop(5 * time.Second)
+			a.p.Stop(5 * time.Second)
 		}
 	}
 }
@@ -296,7 +270,7 @@ func (l *lab) simDestroy() {
 		if a.stateDir == "" {
 			continue
 		}
-		out, err := exec.Command(filepath.Join(l.bin, "node-agent"), "sim-destroy", "--state-dir", a.stateDir).CombinedOutput()
+		out, err := exec.Command(filepath.Join(l.bin, labkit.AgentBin), "sim-destroy", "--state-dir", a.stateDir).CombinedOutput()
 		if err != nil {
 			l.log("sim-destroy %s: %v: %s", a.stateDir, err, strings.TrimSpace(string(out)))
 		}
@@ -341,38 +315,8 @@ func (l *lab) getMig(ctx context.Context, name string) (*v1.VMMigration, error) 
 	return m, err
 }
 
-// waitFor polls cond every step until it is true, fails, or limit passes.
+// waitFor polls cond every step until it is true, fails, or limit passes;
+// it retries the API errors labkit.IsTransient accepts.
 func waitFor(ctx context.Context, limit, step time.Duration, cond func() (bool, error)) error {
-	deadline := time.Now().Add(limit)
-	var last error
-	for {
-		ok, err := cond()
-		if err != nil && !apierrors.IsNotFound(err) {
-			if !isTransient(err) {
-				return err
-			}
-			last = err
-		}
-		if ok {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			if last != nil {
-				return fmt.Errorf("timed out after %v (last error: %w)", limit, last)
-			}
-			return fmt.Errorf("timed out after %v", limit)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(step):
-		}
-	}
-}
-
-// isTransient: API errors worth retrying within a wait.
-func isTransient(err error) bool {
-	return apierrors.IsServerTimeout(err) || apierrors.IsTimeout(err) || apierrors.IsTooManyRequests(err) ||
-		apierrors.IsServiceUnavailable(err) || apierrors.IsInternalError(err) || strings.Contains(err.Error(), "connection refused") ||
-		strings.Contains(err.Error(), "context deadline exceeded") || strings.Contains(err.Error(), "EOF")
+	return labkit.WaitFor(ctx, limit, step, labkit.IsTransient, cond)
 }

@@ -28,6 +28,8 @@ import (
 	"runtime/debug"
 	"syscall"
 	"time"
+
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 func main() {
@@ -52,7 +54,7 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 	if err != nil {
 		return fmt.Errorf("-cells: %w", err)
 	}
-	root, err := projectRoot()
+	root, err := labkit.ProjectRoot()
 	if err != nil {
 		return err
 	}
@@ -71,7 +73,7 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 		fmt.Fprintf(os.Stderr, "[faults %4.0fs] %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
 	}
 	l := &lab{root: root, work: work, bin: filepath.Join(base, "bin"), log: logf,
-		ps: &procs{logDir: filepath.Join(work, "logs")}, agents: map[string]*agent{}}
+		ps: &labkit.Procs{LogDir: filepath.Join(work, "logs")}, agents: map[string]*agent{}}
 	l.creds = &tlsCreds{l: l}
 	defer func() {
 		if r := recover(); r != nil {
@@ -88,7 +90,7 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 	}()
 
 	logf("building the controller and the node agent into %s", l.bin)
-	if err := buildBinaries(ctx, root, l.bin); err != nil {
+	if err := labkit.BuildBinaries(ctx, root, l.bin); err != nil {
 		return err
 	}
 	if err := l.up(ctx); err != nil {
@@ -154,20 +156,4 @@ func run(jsonOut bool, filter string, budget time.Duration, keep bool) (err erro
 	}
 	logf("done in %.0fs; %d cells broke an invariant or were not ok", time.Since(start).Seconds(), failed)
 	return nil
-}
-
-// projectRoot is the directory holding go.mod (the program runs from it).
-func projectRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			return d, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("no go.mod above %s: run from the project", dir)
-		}
-	}
 }

@@ -15,13 +15,11 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 // Fleet sizes and timings. Domains are small and their workloads light:
@@ -76,10 +74,10 @@ type fleet struct {
 	root, dir  string // project root; this fleet's work directory
 	bin, disks string
 	log        func(format string, args ...any)
-	ps         *procs
-	cp         *controlPlane
+	ps         *labkit.Procs
+	cp         *labkit.ControlPlane
 	c          client.WithWatch
-	controller *proc
+	controller *labkit.Proc
 	agents     map[string]*agent
 	domains    []string               // every domain, sorted
 	fp         map[string]fingerprint // by domain, taken when the fleet came up
@@ -87,7 +85,7 @@ type fleet struct {
 
 type agent struct {
 	host     string
-	p        *proc
+	p        *labkit.Proc
 	stateDir string
 	cfg      string
 	kc       string
@@ -109,26 +107,6 @@ func domainNames(n int) []string {
 	return ds
 }
 
-// buildBinaries builds the controller and the node agent into bin (go's
-// build cache makes a warm build quick).
-func buildBinaries(ctx context.Context, root, bin string) error {
-	if err := os.MkdirAll(bin, 0o755); err != nil {
-		return err
-	}
-	for _, b := range []struct{ out, pkg string }{{"xenferry-controller", "."}, {"node-agent", "./node-agent"}} {
-		bctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-		cmd := exec.CommandContext(bctx, "go", "build", "-o", filepath.Join(bin, b.out), b.pkg)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "GOTOOLCHAIN=local")
-		out, err := cmd.CombinedOutput()
-		cancel()
-		if err != nil {
-			return fmt.Errorf("go build %s: %w: %s", b.pkg, err, strings.TrimSpace(string(out)))
-		}
-	}
-	return nil
-}
-
 // agentUser is the API identity of host's agent (a static token; in
 // system:masters, as in hack/faults: the local control plane has no
 // ServiceAccount tokens).
@@ -143,29 +121,27 @@ func (f *fleet) up(ctx context.Context) error {
 			return err
 		}
 	}
-	f.ps = &procs{logDir: filepath.Join(f.dir, "logs")}
+	f.ps = &labkit.Procs{LogDir: filepath.Join(f.dir, "logs")}
 	f.agents = map[string]*agent{}
-	var users []apiUser
+	var users []labkit.APIUser
 	for _, h := range f.spec.hosts {
-		users = append(users, apiUser{agentUser(h), []string{"system:masters"}})
+		users = append(users, labkit.APIUser{Name: agentUser(h), Groups: []string{"system:masters"}})
 	}
 	t0 := time.Now()
 	var err error
-	if f.cp, err = startControlPlane(ctx, f.ps, filepath.Join(f.root, "bin"), filepath.Join(f.dir, "controlplane"), users); err != nil {
+	// etcd without fsync: the fleet's etcd data is thrown away after each
+	// scenario, and fsyncs on this shared machine slow every write.
+	if f.cp, err = labkit.StartControlPlane(ctx, f.ps, labkit.ControlPlaneConfig{BinDir: filepath.Join(f.root, "bin"),
+		Dir: filepath.Join(f.dir, "controlplane"), Users: users, Env: cleanEnv(), EtcdArgs: []string{"--unsafe-no-fsync"}}); err != nil {
 		return fmt.Errorf("control plane: %w", err)
 	}
-	f.log("control plane ready in %.1fs on 127.0.0.1:%d", time.Since(t0).Seconds(), f.cp.port)
-	rc := &rest.Config{Host: fmt.Sprintf("https://127.0.0.1:%d", f.cp.port), BearerToken: f.cp.token,
-		TLSClientConfig: rest.TLSClientConfig{Insecure: true}, QPS: 50, Burst: 100, Timeout: 20 * time.Second}
-	if _, err := envtest.InstallCRDs(rc, envtest.CRDInstallOptions{Paths: []string{filepath.Join(f.root, "config", "crd", "bases")},
-		ErrorIfPathMissing: true, MaxTime: 60 * time.Second}); err != nil {
+	f.log("control plane ready in %.1fs on 127.0.0.1:%d", time.Since(t0).Seconds(), f.cp.Port)
+	rc := f.cp.RESTConfig()
+	if err := labkit.InstallCRDs(rc, f.root); err != nil {
 		return fmt.Errorf("install CRDs: %w", err)
 	}
-	scheme := runtime.NewScheme()
-	if err := clientgoscheme.AddToScheme(scheme); err != nil {
-		return err
-	}
-	if err := v1.AddToScheme(scheme); err != nil {
+	scheme, err := labkit.Scheme()
+	if err != nil {
 		return err
 	}
 	// Watches need no timeout of their own: they end with ctx.
@@ -216,11 +192,11 @@ func (f *fleet) seed(ctx context.Context) error {
 
 func (f *fleet) startController() error {
 	kc := filepath.Join(f.dir, "controller.kubeconfig")
-	if err := f.cp.kubeconfig(kc, ""); err != nil {
+	if err := f.cp.Kubeconfig(kc, f.cp.URL(), ""); err != nil {
 		return err
 	}
 	l := f.spec.limits
-	p, err := f.ps.start("controller", cleanEnv("POD_NAMESPACE="+ctlNamespace), filepath.Join(f.bin, "xenferry-controller"),
+	p, err := f.ps.Start("controller", cleanEnv("POD_NAMESPACE="+ctlNamespace), filepath.Join(f.bin, labkit.ControllerBin),
 		"--kubeconfig", kc, "--metrics-bind-address", "0", "--health-probe-bind-address", "0",
 		"--heartbeat-timeout", heartbeatTO.String(), "--abort-grace", abortGrace.String(), "--ca-namespace", ctlNamespace,
 		"--max-migrations", fmt.Sprint(l.cluster), "--max-outbound-per-host", fmt.Sprint(l.outbound),
@@ -267,10 +243,10 @@ func (f *fleet) startAgent(host string) error {
 	if err := f.writeSimConfig(a.cfg, host, f.spec.placement[host]); err != nil {
 		return err
 	}
-	if err := f.cp.kubeconfig(a.kc, agentUser(host)); err != nil {
+	if err := f.cp.Kubeconfig(a.kc, f.cp.URL(), agentUser(host)); err != nil {
 		return err
 	}
-	p, err := f.ps.start("agent-"+host, cleanEnv(), filepath.Join(f.bin, "node-agent"),
+	p, err := f.ps.Start("agent-"+host, cleanEnv(), filepath.Join(f.bin, labkit.AgentBin),
 		"run", "--kubeconfig", a.kc, "--backend", "sim", "--sim-config", a.cfg, "--host", host,
 		"--data-addr", "127.0.0.1:0", "--state-dir", a.stateDir, "--heartbeat-interval", "1s", "--status-interval", "500ms")
 	if err != nil {
@@ -295,13 +271,13 @@ func (f *fleet) waitUp(ctx context.Context) error {
 	var missing []string
 	err := waitFor(ctx, upWait, 500*time.Millisecond, func() (bool, error) {
 		missing = nil
-		if !f.controller.alive() {
-			return false, fmt.Errorf("controller exited: %s", f.controller.tail(800))
+		if !f.controller.Alive() {
+			return false, fmt.Errorf("controller exited: %s", f.controller.Tail(800))
 		}
 		for _, h := range f.spec.hosts {
 			a := f.agents[h]
-			if !a.p.alive() {
-				return false, fmt.Errorf("agent %s exited: %s", h, a.p.tail(800))
+			if !a.p.Alive() {
+				return false, fmt.Errorf("agent %s exited: %s", h, a.p.Tail(800))
 			}
 			xh := &v1.XenHost{}
 			if err := f.c.Get(ctx, client.ObjectKey{Name: h}, xh); err != nil {
@@ -340,7 +316,7 @@ func (f *fleet) fingerprintAll() error {
 		if len(cs) != 1 || !cs[0].running {
 			return fmt.Errorf("domain %s: %d guest processes at start, want 1 running", d, len(cs))
 		}
-		mem, err := readMemory(cs[0].g.pid)
+		mem, err := labkit.ReadMemory(cs[0].g.PID)
 		if err != nil {
 			return fmt.Errorf("domain %s: %w", d, err)
 		}
@@ -354,10 +330,10 @@ func (f *fleet) fingerprintAll() error {
 // stderr is under the fleet's directory.
 func (f *fleet) down() {
 	if f.ps != nil {
-		f.ps.stopAll()
+		f.ps.StopAll()
 	}
 	for _, a := range f.agents {
-		out, err := exec.Command(filepath.Join(f.bin, "node-agent"), "sim-destroy", "--state-dir", a.stateDir).CombinedOutput()
+		out, err := exec.Command(filepath.Join(f.bin, labkit.AgentBin), "sim-destroy", "--state-dir", a.stateDir).CombinedOutput()
 		if err != nil {
 			f.log("sim-destroy %s: %v: %s", a.stateDir, err, strings.TrimSpace(string(out)))
 		}
@@ -367,7 +343,7 @@ func (f *fleet) down() {
 		return len(findGuests(f.dir)) == 0, nil
 	})
 	for _, g := range findGuests(f.dir) {
-		f.log("ending guest %s of %s left behind (%s)", g.id(), g.domain, g.stderr)
+		f.log("ending guest %s of %s left behind (%s)", g.ID(), g.Domain, g.Stderr)
 		killGuest(g)
 	}
 }
@@ -390,41 +366,16 @@ func hostCondition(xh *v1.XenHost, t string) *metav1.Condition {
 	return meta.FindStatusCondition(xh.Status.Conditions, t)
 }
 
-// waitFor polls cond every step until it is true, fails, or limit passes.
+// waitFor polls cond every step until it is true, fails, or limit passes;
+// it retries what isTransient accepts.
 func waitFor(ctx context.Context, limit, step time.Duration, cond func() (bool, error)) error {
-	deadline := time.Now().Add(limit)
-	var last error
-	for {
-		ok, err := cond()
-		if err != nil && !apierrors.IsNotFound(err) {
-			if !isTransient(err) {
-				return err
-			}
-			last = err
-		}
-		if ok {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			if last != nil {
-				return fmt.Errorf("timed out after %v (last error: %w)", limit, last)
-			}
-			return fmt.Errorf("timed out after %v", limit)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(step):
-		}
-	}
+	return labkit.WaitFor(ctx, limit, step, isTransient, cond)
 }
 
-// isTransient: API errors worth retrying within a wait.
+// isTransient: API errors worth retrying within a wait: labkit.IsTransient's
+// and, for the fleet's waits only (hack/faults' do not), a Conflict.
 func isTransient(err error) bool {
-	return apierrors.IsServerTimeout(err) || apierrors.IsTimeout(err) || apierrors.IsTooManyRequests(err) ||
-		apierrors.IsServiceUnavailable(err) || apierrors.IsInternalError(err) || apierrors.IsConflict(err) ||
-		strings.Contains(err.Error(), "connection refused") ||
-		strings.Contains(err.Error(), "context deadline exceeded") || strings.Contains(err.Error(), "EOF")
+	return labkit.IsTransient(err) || apierrors.IsConflict(err)
 }
 
 func first(s []string, n int) []string {
@@ -433,12 +384,3 @@ func first(s []string, n int) []string {
 	}
 	return s
 }
-
-func sleepCtx(ctx context.Context, d time.Duration) {
-	select {
-	case <-ctx.Done():
-	case <-time.After(d):
-	}
-}
-
-func round1(f float64) float64 { return float64(int64(f*10+0.5)) / 10 }

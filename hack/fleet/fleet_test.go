@@ -9,18 +9,19 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 // The fingerprint must see any change outside the hot set and any change
 // to the never-written tail of a hot page's slots, and nothing else.
 func TestFingerprintWrongPages(t *testing.T) {
 	const pages = 64
-	mem := make([]byte, pages*pageSize)
+	mem := make([]byte, pages*labkit.PageSize)
 	r := rand.New(rand.NewPCG(1, 2))
 	for i := range mem {
 		mem[i] = byte(r.Uint32())
 	}
-	c := ctlView{memBytes: uint64(len(mem)), hotStart: 8, hotPages: 4}
+	c := labkit.CtlView{MemBytes: uint64(len(mem)), HotStart: 8, HotPages: 4}
 	fp := takeFingerprint(mem, c)
 	cases := []struct {
 		name  string
@@ -28,10 +29,10 @@ func TestFingerprintWrongPages(t *testing.T) {
 		wrong int
 	}{
 		{"unchanged", func([]byte) {}, 0},
-		{"a guest stamp in a hot page", func(m []byte) { m[9*pageSize+64] ^= 0xff }, 0},
-		{"the tail of a hot page's slot", func(m []byte) { m[9*pageSize+64+stampBytes] ^= 1 }, 1},
-		{"a byte of a cold page", func(m []byte) { m[30*pageSize+4095] ^= 1 }, 1},
-		{"two cold pages and a hot tail", func(m []byte) { m[0] ^= 1; m[63*pageSize] ^= 1; m[11*pageSize+127] ^= 1 }, 3},
+		{"a guest stamp in a hot page", func(m []byte) { m[9*labkit.PageSize+64] ^= 0xff }, 0},
+		{"the tail of a hot page's slot", func(m []byte) { m[9*labkit.PageSize+64+labkit.StampBytes] ^= 1 }, 1},
+		{"a byte of a cold page", func(m []byte) { m[30*labkit.PageSize+4095] ^= 1 }, 1},
+		{"two cold pages and a hot tail", func(m []byte) { m[0] ^= 1; m[63*labkit.PageSize] ^= 1; m[11*labkit.PageSize+127] ^= 1 }, 3},
 	}
 	for _, tc := range cases {
 		m := append([]byte(nil), mem...)
@@ -40,11 +41,11 @@ func TestFingerprintWrongPages(t *testing.T) {
 			t.Errorf("%s: %d wrong pages, want %d", tc.name, n, tc.wrong)
 		}
 	}
-	if n, _ := fp.wrongPages(mem[:len(mem)-pageSize], c); n != pages {
+	if n, _ := fp.wrongPages(mem[:len(mem)-labkit.PageSize], c); n != pages {
 		t.Errorf("a shorter memory: %d wrong pages, want every page (%d)", n, pages)
 	}
 	moved := c
-	moved.hotStart++
+	moved.HotStart++
 	if n, _ := fp.wrongPages(mem, moved); n != pages {
 		t.Errorf("a moved hot set: %d wrong pages, want every page (%d)", n, pages)
 	}

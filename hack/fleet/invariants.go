@@ -11,13 +11,14 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 // copyOf is one guest process of a domain, on the host whose agent made it.
 type copyOf struct {
 	host    string // "" if its stderr is under no host's state dir
-	g       guest
-	ctl     ctlView
+	g       labkit.Guest
+	ctl     labkit.CtlView
 	running bool // not paused in two reads of its control page
 }
 
@@ -36,30 +37,30 @@ func (f *fleet) observe() observation {
 		known[d] = true
 	}
 	gs := findGuests(f.dir)
-	first := map[int]ctlView{}
+	first := map[int]labkit.CtlView{}
 	for _, g := range gs {
-		if c, err := readCtl(g.pid); err == nil {
-			first[g.pid] = c
+		if c, err := labkit.ReadCtl(g.PID); err == nil {
+			first[g.PID] = c
 		}
 	}
 	time.Sleep(pauseProbe)
 	for _, g := range gs {
-		a, ok := first[g.pid]
+		a, ok := first[g.PID]
 		if !ok {
 			continue
 		}
-		b, err := readCtl(g.pid)
+		b, err := labkit.ReadCtl(g.PID)
 		if err != nil {
 			continue // exited meanwhile
 		}
-		c := copyOf{g: g, ctl: b, running: !a.paused && !b.paused}
+		c := copyOf{g: g, ctl: b, running: !a.Paused && !b.Paused}
 		for h, ag := range f.agents {
-			if strings.HasPrefix(g.stderr, ag.stateDir+string(filepath.Separator)) {
+			if strings.HasPrefix(g.Stderr, ag.stateDir+string(filepath.Separator)) {
 				c.host = h
 			}
 		}
-		if known[g.domain] {
-			obs.copies[g.domain] = append(obs.copies[g.domain], c)
+		if known[g.Domain] {
+			obs.copies[g.Domain] = append(obs.copies[g.Domain], c)
 		} else {
 			obs.strays = append(obs.strays, c)
 		}
@@ -115,10 +116,10 @@ func (f *fleet) checkInvariants(ctx context.Context) (invariants, observation, [
 		for _, c := range obs.copies[d] {
 			if !c.running && len(hosts) > 0 {
 				iv.HalfCreated++
-				note("%s: a paused copy (guest %s) on %s beside the one running on %v", d, c.g.id(), hostOr(c.host), hosts)
+				note("%s: a paused copy (guest %s) on %s beside the one running on %v", d, c.g.ID(), hostOr(c.host), hosts)
 			}
 			if c.host == "" {
-				note("%s: guest %s belongs to no host's state dir (stderr %s)", d, c.g.id(), c.g.stderr)
+				note("%s: guest %s belongs to no host's state dir (stderr %s)", d, c.g.ID(), c.g.Stderr)
 			}
 		}
 		// Memory: the running copies (or the paused ones if none runs).
@@ -133,9 +134,9 @@ func (f *fleet) checkInvariants(ctx context.Context) (invariants, observation, [
 		}
 		worst := 0
 		for _, c := range check {
-			mem, err := readMemory(c.g.pid)
+			mem, err := labkit.ReadMemory(c.g.PID)
 			if err != nil {
-				note("%s: read memory of guest %s: %v", d, c.g.id(), err)
+				note("%s: read memory of guest %s: %v", d, c.g.ID(), err)
 				continue
 			}
 			n, firstPfns := f.fp[d].wrongPages(mem, c.ctl)
@@ -148,7 +149,7 @@ func (f *fleet) checkInvariants(ctx context.Context) (invariants, observation, [
 	}
 	for _, c := range obs.strays {
 		iv.HalfCreated++
-		note("a guest of unknown domain %q (guest %s) on %s", c.g.domain, c.g.id(), hostOr(c.host))
+		note("a guest of unknown domain %q (guest %s) on %s", c.g.Domain, c.g.ID(), hostOr(c.host))
 	}
 	// The hosts' registries: an Incoming entry is a receiving domain left
 	// behind even if its guest is gone; a running guest its host does not
@@ -169,8 +170,8 @@ func (f *fleet) checkInvariants(ctx context.Context) (invariants, observation, [
 		}
 		for _, d := range f.domains {
 			for _, c := range obs.copies[d] {
-				if c.host == h && c.running && !listed[c.g.id()] {
-					note("%s runs on %s but its registry does not list guest %s", d, h, c.g.id())
+				if c.host == h && c.running && !listed[c.g.ID()] {
+					note("%s runs on %s but its registry does not list guest %s", d, h, c.g.ID())
 				}
 			}
 		}
@@ -210,7 +211,7 @@ func (f *fleet) quiesce(ctx context.Context, limit time.Duration) error {
 		for i := range ms.Items {
 			m := &ms.Items[i]
 			if !m.Status.Phase.IsFinal() || !halvesEnded(m) {
-				open = append(open, fmt.Sprintf("%s(%s)", m.Name, phaseOf(m)))
+				open = append(open, fmt.Sprintf("%s(%s)", m.Name, labkit.PhaseOf(m)))
 			}
 		}
 		return len(open) == 0, nil
@@ -218,7 +219,7 @@ func (f *fleet) quiesce(ctx context.Context, limit time.Duration) error {
 	if err != nil {
 		return fmt.Errorf("migrations still open: %s: %w", strings.Join(first(open, 6), ", "), err)
 	}
-	sleepCtx(ctx, 2*time.Second) // agents publish what they have
+	labkit.SleepCtx(ctx, 2*time.Second) // agents publish what they have
 	return nil
 }
 
@@ -228,16 +229,6 @@ func halvesEnded(m *v1.VMMigration) bool {
 	srcDone := src == nil || src.StartTime == nil || src.Completed || src.Failed
 	dstDone := dst == nil || !dst.Prepared || dst.Completed || dst.Failed || dst.Discarded
 	return srcDone && dstDone
-}
-
-func phaseOf(m *v1.VMMigration) string {
-	if m == nil {
-		return "?"
-	}
-	if m.Status.Phase == "" {
-		return "Pending"
-	}
-	return string(m.Status.Phase)
 }
 
 // checkClaims compares, for each domain, what its last final migration
@@ -269,7 +260,7 @@ func (f *fleet) checkClaims(obs observation, recs []migRecord) (untruthful int, 
 		}
 		untruthful++
 		notes = append(notes, fmt.Sprintf("migration %s ended %s saying %s runs on %s; it runs on %s (%s)",
-			r.name, r.phase, d, claim, hosts[0], clip(r.last.Status.FailureReason, 160)))
+			r.name, r.phase, d, claim, hosts[0], labkit.Clip(r.last.Status.FailureReason, 160)))
 	}
 	sort.Strings(notes)
 	return untruthful, notes

@@ -36,6 +36,8 @@ import (
 
 	"github.com/go-logr/logr"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
+
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 func main() {
@@ -74,7 +76,7 @@ func run(list string, jsonOut bool, nHosts, nDoms int, keep bool, timeout time.D
 		}
 		names = append(names, n)
 	}
-	root, err := projectRoot()
+	root, err := labkit.ProjectRoot()
 	if err != nil {
 		return false, err
 	}
@@ -91,13 +93,13 @@ func run(list string, jsonOut bool, nHosts, nDoms int, keep bool, timeout time.D
 	// A run killed outright (SIGKILL) leaves its guests: they outlive
 	// their agents by design. End them before their directory goes.
 	for _, g := range findGuests(work) {
-		logf("ending guest %s of %s left by an earlier run", g.id(), g.domain)
+		logf("ending guest %s of %s left by an earlier run", g.ID(), g.Domain)
 		killGuest(g)
 	}
 	_ = os.RemoveAll(work)
 	bin := filepath.Join(base, "bin")
 	logf("building the controller and the node agent into %s", bin)
-	if err := buildBinaries(ctx, root, bin); err != nil {
+	if err := labkit.BuildBinaries(ctx, root, bin); err != nil {
 		return false, err
 	}
 	allOK = true
@@ -192,20 +194,4 @@ func runScenario(ctx context.Context, name, root, dir, bin, disks string, nHosts
 		s.note("monitor: %s", strings.Join(s.mo.errs, "; "))
 	}
 	return res
-}
-
-// projectRoot is the directory holding go.mod (the program runs from it).
-func projectRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			return d, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("no go.mod above %s: run from the project", dir)
-		}
-	}
 }

@@ -13,6 +13,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 // monitor follows every VMMigration through a watch: each change the API
@@ -72,7 +73,7 @@ func (mo *monitor) run(ctx context.Context, f *fleet) {
 		var list v1.VMMigrationList
 		if err := f.c.List(ctx, &list); err != nil {
 			mo.err("list VMMigrations: " + err.Error())
-			sleepCtx(ctx, time.Second)
+			labkit.SleepCtx(ctx, time.Second)
 			continue
 		}
 		for i := range list.Items {
@@ -81,7 +82,7 @@ func (mo *monitor) run(ctx context.Context, f *fleet) {
 		w, err := f.c.Watch(ctx, &v1.VMMigrationList{}, &client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: list.ResourceVersion, AllowWatchBookmarks: false}})
 		if err != nil {
 			mo.err("watch VMMigrations: " + err.Error())
-			sleepCtx(ctx, time.Second)
+			labkit.SleepCtx(ctx, time.Second)
 			continue
 		}
 		for ev := range w.ResultChan() {
@@ -202,7 +203,7 @@ func (mo *monitor) watchHosts(ctx context.Context, f *fleet) {
 	for ctx.Err() == nil {
 		var list v1.XenHostList
 		if err := f.c.List(ctx, &list); err != nil {
-			sleepCtx(ctx, time.Second)
+			labkit.SleepCtx(ctx, time.Second)
 			continue
 		}
 		for i := range list.Items {
@@ -210,7 +211,7 @@ func (mo *monitor) watchHosts(ctx context.Context, f *fleet) {
 		}
 		w, err := f.c.Watch(ctx, &v1.XenHostList{}, &client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: list.ResourceVersion}})
 		if err != nil {
-			sleepCtx(ctx, time.Second)
+			labkit.SleepCtx(ctx, time.Second)
 			continue
 		}
 		for ev := range w.ResultChan() {

@@ -11,6 +11,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/xenferry/xenferry/api/v1alpha1"
+	"github.com/xenferry/xenferry/hack/internal/labkit"
 )
 
 // Scenario limits.
@@ -156,7 +157,7 @@ func playDrain(ctx context.Context, s *session) any {
 		evacuated = c != nil && c.Status == metav1.ConditionTrue
 		return evacuated && xh.Status.Domains == 0, nil
 	})
-	s.res.Seconds = round1(time.Since(t0).Seconds())
+	s.res.Seconds = labkit.Round1(time.Since(t0).Seconds())
 	if err != nil {
 		s.note("%s not evacuated: %v (Evacuated %s, status.domains %d, drain %s)", host, err,
 			condText(hostCondition(&xh, v1.HostEvacuatedCondition)), xh.Status.Domains, drainText(xh.Status.Drain))
@@ -181,7 +182,7 @@ func playDrain(ctx context.Context, s *session) any {
 		case r.phase == v1.MigrationSucceeded:
 			s.res.Migrations++
 		default:
-			s.note("drain migration %s of %s ended %s: %s", r.name, r.domain, r.phase, clip(r.reason, 160))
+			s.note("drain migration %s of %s ended %s: %s", r.name, r.domain, r.phase, labkit.Clip(r.reason, 160))
 		}
 	}
 	if err := f.c.Get(ctx, client.ObjectKey{Name: host}, &xh); err == nil {
@@ -253,11 +254,11 @@ func playUndrain(ctx context.Context, s *session) any {
 		}
 		return true, nil
 	})
-	s.res.Seconds = round1(time.Since(t0).Seconds())
+	s.res.Seconds = labkit.Round1(time.Since(t0).Seconds())
 	if err != nil {
 		s.note("drain migrations still open after the undrain: %v", err)
 	}
-	sleepCtx(ctx, afterUndrain)
+	labkit.SleepCtx(ctx, afterUndrain)
 	line.Cancelled, line.NewAfterUndrain, line.CancelledStreaming = 0, 0, 0
 	urv := rvOf(undrainRV)
 	for _, r := range s.mo.snapshot() {
@@ -283,7 +284,7 @@ func playUndrain(ctx context.Context, s *session) any {
 			s.res.Migrations++
 			s.note("drain migration %s of %s succeeded (%s)", r.name, r.domain, whenResumed(r.last))
 		default:
-			s.note("drain migration %s ended %s: %s", r.name, phaseOrPending(r.phase), clip(r.reason, 160))
+			s.note("drain migration %s ended %s: %s", r.name, phaseOrPending(r.phase), labkit.Clip(r.reason, 160))
 		}
 	}
 	var xh v1.XenHost
@@ -380,11 +381,11 @@ func playRebalance(ctx context.Context, s *session) any {
 		// domains are free to go back, and only the band holds them.
 		return time.Since(settledSince) >= rebalanceCooldown+2*rebalanceInterval, nil
 	})
-	s.res.Seconds = round1(time.Since(t0).Seconds())
+	s.res.Seconds = labkit.Round1(time.Since(t0).Seconds())
 	st := last.Status
 	if err != nil {
 		s.note("no convergence: %v (cycles %d, imbalance %d%%, active %v, hosts %s, message %q)", err, st.Cycles,
-			st.ImbalancePercent, st.Active, hostsText(st.Hosts), clip(st.Message, 200))
+			st.ImbalancePercent, st.Active, hostsText(st.Hosts), labkit.Clip(st.Message, 200))
 	}
 	if line.ImbalanceBefore < 0 {
 		line.ImbalanceBefore = line.ImbalanceOwnBefore
@@ -402,7 +403,7 @@ func playRebalance(ctx context.Context, s *session) any {
 			s.res.Migrations++
 			ms = append(ms, r)
 		} else {
-			s.note("rebalance migration %s of %s ended %s: %s", r.name, r.domain, phaseOrPending(r.phase), clip(r.reason, 120))
+			s.note("rebalance migration %s of %s ended %s: %s", r.name, r.domain, phaseOrPending(r.phase), labkit.Clip(r.reason, 120))
 		}
 	}
 	sort.Slice(ms, func(i, j int) bool { return ms[i].finalRV < ms[j].finalRV })
@@ -533,7 +534,7 @@ func playPriority(ctx context.Context, s *session) any {
 	}); err != nil {
 		s.note("drain of %s or the Rebalance migrations did not end: %v", drainHost, err)
 	}
-	s.res.Seconds = round1(time.Since(t0).Seconds())
+	s.res.Seconds = labkit.Round1(time.Since(t0).Seconds())
 	snap := s.mo.snapshot() // in the order slots were granted
 	var es, rq []migRecord
 	var order []string
@@ -613,7 +614,7 @@ func condText(c *metav1.Condition) string {
 	if c == nil {
 		return "absent"
 	}
-	return fmt.Sprintf("%s/%s %q", c.Status, c.Reason, clip(c.Message, 120))
+	return fmt.Sprintf("%s/%s %q", c.Status, c.Reason, labkit.Clip(c.Message, 120))
 }
 
 func drainText(d *v1.DrainStatus) string {
@@ -622,7 +623,7 @@ func drainText(d *v1.DrainStatus) string {
 	}
 	t := fmt.Sprintf("{reason %s domains %d migrating %d migrated %d failed %d", d.Reason, d.Domains, d.Migrating, d.Migrated, d.Failed)
 	for _, b := range d.Blocked {
-		t += fmt.Sprintf(" blocked %s/%s: %s", b.Namespace, b.Name, clip(b.Reason, 80))
+		t += fmt.Sprintf(" blocked %s/%s: %s", b.Namespace, b.Name, labkit.Clip(b.Reason, 80))
 	}
 	return t + "}"
 }
@@ -632,14 +633,6 @@ func srcText(m *v1.VMMigration) string {
 		return fmt.Sprintf("source %s, %d bytes sent", s.Phase, s.Progress.BytesSent)
 	}
 	return "no source progress"
-}
-
-func clip(s string, n int) string {
-	s = strings.ReplaceAll(s, "\n", " ")
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
 }
 
 // --- move ----------------------------------------------------------------
@@ -669,7 +662,7 @@ func playMove(ctx context.Context, s *session) any {
 		}
 		return len(s.mo.snapshot()) == len(names), nil
 	})
-	s.res.Seconds = round1(time.Since(t0).Seconds())
+	s.res.Seconds = labkit.Round1(time.Since(t0).Seconds())
 	if err != nil {
 		s.note("migrations did not end: %v", err)
 	}
@@ -677,7 +670,7 @@ func playMove(ctx context.Context, s *session) any {
 		if r.phase == v1.MigrationSucceeded {
 			s.res.Migrations++
 		} else {
-			s.note("%s ended %s: %s", r.name, phaseOrPending(r.phase), clip(r.reason, 160))
+			s.note("%s ended %s: %s", r.name, phaseOrPending(r.phase), labkit.Clip(r.reason, 160))
 		}
 	}
 	out, in, all, _, _ := s.mo.maxima()
