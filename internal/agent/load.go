@@ -118,6 +118,23 @@ func (u *usageMeter) observe(doms []xenmem.DomainInfo, now time.Time) {
 	}
 }
 
+// seed starts a domain's CPU average at millis when it has none yet: a
+// domain that just arrived carries the average its source published, and
+// starting from its first samples here (post-copy, when the guest mostly
+// waits for pages) would show it far lighter than it is for a minute.
+func (u *usageMeter) seed(name string, millis int64) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	du := u.doms[name]
+	if du == nil {
+		du = &domainUsage{}
+		u.doms[name] = du
+	}
+	if !du.cpu.valid && millis > 0 {
+		du.cpu.rate, du.cpu.valid = float64(millis)/1000, true
+	}
+}
+
 // cpuMillis is a domain's averaged CPU in thousandths of a CPU.
 func (u *usageMeter) cpuMillis(name string) int64 {
 	u.mu.Lock()

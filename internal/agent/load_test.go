@@ -300,3 +300,25 @@ func TestDepartedDomainIsLeftForTheTarget(t *testing.T) {
 		t.Errorf("after %v the departed domain is still kept (%d kept)", departedGrace, len(a.departed))
 	}
 }
+
+// A domain that just arrived starts from the average its source published,
+// and its own samples here move it from there.
+func TestArrivedDomainStartsFromTheSourcesAverage(t *testing.T) {
+	u := newUsageMeter()
+	t0 := time.Unix(1000, 0)
+	u.seed("a", 800)
+	if got := u.cpuMillis("a"); got != 800 {
+		t.Fatalf("cpuMillis after the seed = %d, want 800", got)
+	}
+	doms := []xenmem.DomainInfo{{Name: "a", State: xenmem.StateRunning}}
+	u.observe(doms, t0)
+	doms[0].CPUTime = 200 * time.Millisecond // 0.1 CPU over 2 s: post-copy, mostly waiting
+	u.observe(doms, t0.Add(2*time.Second))
+	if got := u.cpuMillis("a"); got <= 100 || got >= 800 {
+		t.Errorf("cpuMillis after one light sample = %d, want between the sample (100) and the seed (800)", got)
+	}
+	u.seed("a", 5000) // a later seed does not override what was measured here
+	if got := u.cpuMillis("a"); got >= 800 {
+		t.Errorf("a second seed moved the average to %d", got)
+	}
+}

@@ -231,6 +231,9 @@ func (a *Agent) publishDomain(ctx context.Context, ns, name string, d xenmem.Dom
 	orig := xd.DeepCopy()
 	now := metav1.Now()
 	indexes := a.indexer.status(d.Disks)
+	if xd.Status.Host != a.cfg.Host && xd.Status.Host != "" {
+		a.usage.seed(d.Name, xd.Status.CPUMillis)
+	}
 	cpu, cost := a.usage.cpuMillis(d.Name), a.predictedCost(d)
 	if xd.Status.Host == a.cfg.Host && xd.Status.State == string(d.State) && xd.Status.DomID == int32(d.ID) &&
 		equality.Semantic.DeepEqual(xd.Status.DiskIndexes, indexes) && xd.Status.LastUpdateTime != nil {
