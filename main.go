@@ -118,7 +118,8 @@ func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, 
 	if err := r.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up VMMigration controller: %w", err)
 	}
-	drain := &controllers.DrainReconciler{Namespace: caNamespace, GuardImage: guardImage, GuardCommand: []string{"/xenferry-controller", "--pause"}}
+	drain := &controllers.DrainReconciler{Namespace: caNamespace, GuardImage: guardImage, GuardCommand: []string{"/xenferry-controller", "--pause"},
+		MaxInFlight: lim.OutboundPerHost}
 	if err := drain.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up drain controller: %w", err)
 	}

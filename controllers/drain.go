@@ -71,6 +71,10 @@ type DrainReconciler struct {
 	// stay up (the controller's own image, which has a --pause mode).
 	GuardImage   string
 	GuardCommand []string
+	// MaxInFlight bounds the evacuations of one host that exist at once
+	// (the outbound slot limit): the rest wait here, cheapest first, not
+	// as a queue of VMMigrations. 0: no bound.
+	MaxInFlight int
 }
 
 // drainScope is what one reconcile of one host reads and decides.
@@ -291,6 +295,15 @@ func (r *DrainReconciler) decide(_ context.Context, s *drainScope) error {
 	}
 	s.evacuated = s.mustMove == 0 && inFlight == 0
 	next.Migrating = max(next.Migrating, int32(inFlight))
+	// Shortest predicted migration first: the host empties sooner on
+	// average, and a domain that cannot move does not hold the others.
+	sort.SliceStable(s.create, func(i, j int) bool { return predictedSeconds(s.create[i]) < predictedSeconds(s.create[j]) })
+	if r.MaxInFlight > 0 {
+		room := max(r.MaxInFlight-inFlight, 0)
+		if len(s.create) > room {
+			s.create = s.create[:room] // the others wait their turn here: not blocked
+		}
+	}
 	if s.evacuated && next.CompletionTime == nil {
 		t := metav1.NewTime(s.now)
 		next.CompletionTime = &t
@@ -302,6 +315,15 @@ func (r *DrainReconciler) decide(_ context.Context, s *drainScope) error {
 		s.requeueAfter(drainResync)
 	}
 	return nil
+}
+
+// predictedSeconds is the domain's predicted migration time, or its
+// memory at the assumed link rate when its agent has not predicted one.
+func predictedSeconds(d *v1.XenDomain) float64 {
+	if c := d.Status.PredictedCost; c != nil && c.Time.Duration > 0 {
+		return c.Time.Seconds()
+	}
+	return float64(d.Spec.MemoryBytes) / assumedLinkRate
 }
 
 func (s *drainScope) requeueAfter(d time.Duration) {

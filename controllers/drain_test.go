@@ -32,7 +32,7 @@ const guardNS = "xenferry-system"
 
 // drainEnv starts a real API server with the drain controller, two hosts
 // (Nodes of the same names) and two domains on h1.
-func drainEnv(t *testing.T) (client.Client, string, *rest.Config) {
+func drainEnv(t *testing.T, maxInFlight ...int) (client.Client, string, *rest.Config) {
 	t.Helper()
 	c, scheme, env := pkiEnv(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -73,6 +73,9 @@ func drainEnv(t *testing.T) (client.Client, string, *rest.Config) {
 		t.Fatal(err)
 	}
 	r := &DrainReconciler{Namespace: guardNS, GuardImage: "xenferry/controller:test", GuardCommand: []string{"/xenferry-controller", "--pause"}}
+	if len(maxInFlight) > 0 {
+		r.MaxInFlight = maxInFlight[0]
+	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
 	}
@@ -344,4 +347,37 @@ func TestMachineDeletionDrainsBehindPreDrainHook(t *testing.T) {
 		complete(t, c, &mig, "h2")
 	}
 	eventually(t, 45*time.Second, "the hook removed once h1 is evacuated", func() bool { return !hooked() })
+}
+
+// With one evacuation at a time, the domain predicted to move fastest goes
+// first, and the next starts when it ended.
+func TestDrainMovesTheCheapestFirst(t *testing.T) {
+	c, _, _ := drainEnv(t, 1)
+	ctx := context.Background()
+	for name, secs := range map[string]time.Duration{"d1": 30 * time.Second, "d2": 2 * time.Second} {
+		d := &v1.XenDomain{}
+		if err := c.Get(ctx, types.NamespacedName{Namespace: "tenant", Name: name}, d); err != nil {
+			t.Fatal(err)
+		}
+		d.Status.PredictedCost = &v1.MigrationCost{Bytes: 1 << 20, Time: metav1.Duration{Duration: secs}}
+		if err := c.Status().Update(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := &v1.XenHost{}
+	if err := c.Get(ctx, types.NamespacedName{Name: "h1"}, h); err != nil {
+		t.Fatal(err)
+	}
+	h.Spec.Drain = true
+	if err := c.Update(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 45*time.Second, "the first evacuation", func() bool { return len(drainMigrations(t, c, "h1")) == 1 })
+	time.Sleep(2 * time.Second)
+	migs := drainMigrations(t, c, "h1")
+	if len(migs) != 1 || migs[0].Spec.Domain != "d2" {
+		t.Fatalf("evacuations %v; want only d2, the cheaper one", migs)
+	}
+	complete(t, c, &migs[0], "h2")
+	eventually(t, 45*time.Second, "the second evacuation after the first ended", func() bool { return len(drainMigrations(t, c, "h1")) == 2 })
 }
