@@ -131,7 +131,37 @@ type fleet struct {
 	antiKeys []string
 }
 
-// hostLoad returns each host's CPU, memory and weighted load in percent
+// placeBy maps each domain to the index of the host host(d) names, -1
+// when that host takes no part.
+func (f *fleet) placeBy(host func(*fleetDomain) string) []int {
+	idx := make(map[string]int, len(f.hosts))
+	for i, h := range f.hosts {
+		idx[h.name] = i
+	}
+	place := make([]int, len(f.domains))
+	for i := range f.domains {
+		place[i] = -1
+		if h, ok := idx[host(&f.domains[i])]; ok {
+			place[i] = h
+		}
+	}
+	return place
+}
+
+// weighted is the load, in percent, that domain di puts on host h.
+func (f *fleet) weighted(di, h int) float64 {
+	d, fh := &f.domains[di], &f.hosts[h]
+	var cpu, mem float64
+	if fh.cpus > 0 {
+		cpu = 100 * d.cpu / fh.cpus
+	}
+	if fh.capacity > 0 {
+		mem = 100 * d.mem / fh.capacity
+	}
+	return (f.p.wCPU*cpu + f.p.wMem*mem) / (f.p.wCPU + f.p.wMem)
+}
+
+// loads returns each host's CPU, memory and weighted load in percent
 // for a placement (domain index -> host index).
 func (f *fleet) loads(place []int) (cpu, mem, load []float64) {
 	n := len(f.hosts)
@@ -194,20 +224,10 @@ type plannedMove struct {
 // step empties the least loaded host that can be emptied onto the others
 // below the low threshold; it also returns those hosts.
 func (f *fleet) plan(max int) ([]plannedMove, []string) {
-	place := make([]int, len(f.domains))
-	idx := map[string]int{} // bounded by the hosts
-	for i, h := range f.hosts {
-		idx[h.name] = i
-	}
+	place := f.placeBy(func(d *fleetDomain) string { return d.host })
 	free := make([]float64, len(f.hosts))
 	for i, h := range f.hosts {
 		free[i] = h.free
-	}
-	for i, d := range f.domains {
-		place[i] = -1
-		if h, ok := idx[d.host]; ok {
-			place[i] = h
-		}
 	}
 	if f.p.mode == v1.RebalanceDensity {
 		return f.planDensity(place, free, max)
@@ -230,22 +250,24 @@ func (f *fleet) plan(max int) ([]plannedMove, []string) {
 				if to == from || !f.hosts[to].dest || free[to] < d.mem || f.conflicts(place, di, to) {
 					continue
 				}
-				place[di] = to
-				_, _, after := f.loads(place)
-				place[di] = from
-				if after[to] >= f.p.low {
+				// Only the two hosts' loads change: try the move in place.
+				lf, lt := load[from], load[to]
+				load[from], load[to] = lf-f.weighted(di, from), lt+f.weighted(di, to)
+				toAfter, varAfter, spreadAfter := load[to], variance(load), spread(load)
+				load[from], load[to] = lf, lt
+				if toAfter >= f.p.low {
 					continue
 				}
 				// The objective is the variance of load: max−min alone
 				// cannot tell moves to the emptiest host from others while
 				// another host stays empty. A move must not widen the spread.
-				gain := curVar - variance(after)
-				if gain <= 1e-6 || spread(after) > cur+1e-9 {
+				gain := curVar - varAfter
+				if gain <= 1e-6 || spreadAfter > cur+1e-9 {
 					continue
 				}
 				score := gain / math.Max(d.costSec, minMoveCostSeconds)
 				if score > bestScore {
-					best, bestScore = plannedMove{dom: di, from: from, to: to, after: spread(after)}, score
+					best, bestScore = plannedMove{dom: di, from: from, to: to, after: spreadAfter}, score
 				}
 			}
 		}
@@ -426,17 +448,8 @@ func (r *RebalanceReconciler) cycle(ctx context.Context, pol *v1.RebalancePolicy
 	st.LastCycleTime = &t
 
 	// Smoothed load of each host as it runs now (not projected).
-	measured := &fleet{hosts: f.hosts, domains: f.domains, p: pp}
-	current := make([]int, len(f.domains))
-	for i := range f.domains {
-		current[i] = -1
-		for h := range f.hosts {
-			if f.hosts[h].name == f.domains[i].measuredHost() {
-				current[i] = h
-			}
-		}
-	}
-	cpu, mem, load := measured.loads(current)
+	current := f.placeBy(func(d *fleetDomain) string { return d.measured })
+	cpu, mem, load := f.loads(current)
 	sm := r.smooth(pol.Name, f.hosts, load, pp, st.Cycles == 1)
 	st.Hosts = st.Hosts[:0]
 	for h, fh := range f.hosts {
@@ -534,9 +547,6 @@ func (r *RebalanceReconciler) cycle(ctx context.Context, pol *v1.RebalancePolicy
 	setPolicyMessage(pol, "Rebalancing", fmt.Sprintf("Imbalance %.0f%%: started %d of %d planned moves", imb, started, len(moves)))
 	return nil
 }
-
-// measuredHost is where the domain runs now (before its active migration ends).
-func (d fleetDomain) measuredHost() string { return d.measured }
 
 // setPolicyMessage records the cycle's decision in the Planned condition.
 func setPolicyMessage(pol *v1.RebalancePolicy, reason, msg string) {
