@@ -88,6 +88,8 @@ type drainScope struct {
 	domains, all []v1.XenDomain
 	// migrations of any reason, fresh from the API server.
 	migs []v1.VMMigration
+	// byDomain indexes migs by "namespace/domain"; bounded by migs.
+	byDomain map[string][]*v1.VMMigration
 	// requested and why.
 	requested bool
 	reason    string
@@ -179,6 +181,12 @@ func (r *DrainReconciler) readState(ctx context.Context, s *drainScope) error {
 		return fmt.Errorf("list VMMigrations: %w", err)
 	}
 	s.migs = migs.Items
+	s.byDomain = make(map[string][]*v1.VMMigration, len(s.migs))
+	for i := range s.migs {
+		m := &s.migs[i]
+		k := m.Namespace + "/" + m.Spec.Domain
+		s.byDomain[k] = append(s.byDomain[k], m)
+	}
 	return nil
 }
 
@@ -340,11 +348,7 @@ func (s *drainScope) requeueAfter(d time.Duration) {
 // failures in a row.
 func (s *drainScope) domainMigrations(d *v1.XenDomain) (active, lastFail *v1.VMMigration, fails int) {
 	var drains []*v1.VMMigration
-	for i := range s.migs {
-		m := &s.migs[i]
-		if m.Namespace != d.Namespace || m.Spec.Domain != d.Name {
-			continue
-		}
+	for _, m := range s.byDomain[d.Namespace+"/"+d.Name] {
 		if !m.Status.Phase.IsFinal() && m.DeletionTimestamp.IsZero() {
 			active = m
 		}

@@ -91,17 +91,21 @@ var slotFreed = predicate.Funcs{
 	GenericFunc: func(event.GenericEvent) bool { return false },
 }
 
-// queued lists the migrations waiting to be scheduled.
-func (r *VMMigrationReconciler) queued(ctx context.Context) []reconcile.Request {
+// wake lists, in one read of the cache, the migrations waiting to be
+// scheduled and, when host is not "", those holding a slot from or to it.
+func (r *VMMigrationReconciler) wake(ctx context.Context, host string) []reconcile.Request {
 	var l v1.VMMigrationList
 	if err := r.Client.List(ctx, &l); err != nil {
-		ctrllog.FromContext(ctx).Error(err, "List VMMigrations to wake the queued ones")
+		ctrllog.FromContext(ctx).Error(err, "List VMMigrations to wake the waiting ones")
 		return nil
 	}
 	var out []reconcile.Request
 	for i := range l.Items {
-		if p := l.Items[i].Status.Phase; p == v1.MigrationScheduling || p == v1.MigrationPending {
-			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: l.Items[i].Namespace, Name: l.Items[i].Name}})
+		m := &l.Items[i]
+		queued := m.Status.Phase == v1.MigrationScheduling || m.Status.Phase == v1.MigrationPending
+		onHost := host != "" && m.Status.Phase.HoldsSlot() && (m.Status.SourceHost == host || m.Status.TargetHost == host)
+		if queued || onHost {
+			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: m.Namespace, Name: m.Name}})
 		}
 	}
 	return out
@@ -110,23 +114,12 @@ func (r *VMMigrationReconciler) queued(ctx context.Context) []reconcile.Request 
 // waitingOn maps a XenHost to the queued migrations (any may pick it as
 // target) and to those running from or to it.
 func (r *VMMigrationReconciler) waitingOn(ctx context.Context, o client.Object) []reconcile.Request {
-	out := r.queued(ctx)
-	var l v1.VMMigrationList
-	if err := r.Client.List(ctx, &l); err != nil {
-		return out
-	}
-	for i := range l.Items {
-		m := &l.Items[i]
-		if !m.Status.Phase.IsFinal() && (m.Status.SourceHost == o.GetName() || m.Status.TargetHost == o.GetName()) && m.Status.Phase.HoldsSlot() {
-			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: m.Namespace, Name: m.Name}})
-		}
-	}
-	return out
+	return r.wake(ctx, o.GetName())
 }
 
 // queuedBehind maps a migration that ended to those waiting for its slot.
 func (r *VMMigrationReconciler) queuedBehind(ctx context.Context, _ client.Object) []reconcile.Request {
-	return r.queued(ctx)
+	return r.wake(ctx, "")
 }
 
 // MetricsOptions serves the manager's /metrics at addr. secure (the default
