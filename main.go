@@ -43,6 +43,7 @@ func main() {
 		lim                    = controllers.DefaultLimits
 		heartbeat, abortGrace  time.Duration
 		guardImage             string
+		maxEvacuations         int
 		pause                  bool
 	)
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8443", "address of the Prometheus /metrics endpoint (0 disables)")
@@ -58,6 +59,7 @@ func main() {
 	flag.StringVar(&caNamespace, "ca-namespace", envOr("POD_NAMESPACE", "xenferry-system"), "namespace of the Secret holding the agents' CA (created if absent; may be a cert-manager CA)")
 	flag.StringVar(&caSecret, "ca-secret", controllers.DefaultCASecretName, "name of the CA Secret (the RBAC role grants this default name only)")
 	flag.StringVar(&guardImage, "guard-image", envOr("GUARD_IMAGE", "xenferry/controller:latest"), "image of the drain guard Pods (this controller's image: they run it with --pause)")
+	flag.IntVar(&maxEvacuations, "max-evacuations-per-host", 0, "evacuation migrations of one draining host that exist at once, shortest predicted first (0: one per domain at once, each waiting for a slot)")
 	flag.BoolVar(&pause, "pause", false, "do nothing until terminated (the drain guard Pod's process)")
 	opts := zap.Options{Development: true}
 	opts.BindFlags(flag.CommandLine)
@@ -72,13 +74,13 @@ func main() {
 	if !metricsSecure {
 		log.Info("Serving metrics over plain HTTP without authentication: for a local control plane only", "address", metricsAddr)
 	}
-	if err := run(controllers.MetricsOptions(metricsAddr, metricsCertDir, metricsSecure), probeAddr, leaderElect, lim, heartbeat, abortGrace, guardImage); err != nil {
+	if err := run(controllers.MetricsOptions(metricsAddr, metricsCertDir, metricsSecure), probeAddr, leaderElect, lim, heartbeat, abortGrace, guardImage, maxEvacuations); err != nil {
 		log.Error(err, "Controller manager stopped")
 		os.Exit(1)
 	}
 }
 
-func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration, guardImage string) error {
+func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, lim controllers.Limits, heartbeat, abortGrace time.Duration, guardImage string, maxEvacuations int) error {
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return fmt.Errorf("build scheme: %w", err)
@@ -119,7 +121,7 @@ func run(metricsOpts metricsserver.Options, probeAddr string, leaderElect bool, 
 		return fmt.Errorf("set up VMMigration controller: %w", err)
 	}
 	drain := &controllers.DrainReconciler{Namespace: caNamespace, GuardImage: guardImage, GuardCommand: []string{"/xenferry-controller", "--pause"},
-		MaxInFlight: lim.OutboundPerHost}
+		MaxInFlight: maxEvacuations}
 	if err := drain.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up drain controller: %w", err)
 	}

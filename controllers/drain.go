@@ -71,9 +71,10 @@ type DrainReconciler struct {
 	// stay up (the controller's own image, which has a --pause mode).
 	GuardImage   string
 	GuardCommand []string
-	// MaxInFlight bounds the evacuations of one host that exist at once
-	// (the outbound slot limit): the rest wait here, cheapest first, not
-	// as a queue of VMMigrations. 0: no bound.
+	// MaxInFlight bounds the evacuations of one host that exist at once:
+	// the rest wait here, cheapest first, not as a queue of VMMigrations.
+	// 0: every domain gets its VMMigration at once, and they wait for
+	// slots (an undrain then cancels all that have not started).
 	MaxInFlight int
 }
 
