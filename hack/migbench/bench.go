@@ -168,6 +168,8 @@ func (b *bench) index(ctx context.Context, path string) (*dedup.Index, error) {
 	return ix, nil
 }
 
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
 // run migrates one fresh domain and returns its line.
 func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 	sc := rc.scenario
@@ -246,11 +248,15 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 		TotalSeconds: res.Total.Seconds(), DowntimeMs: float64(res.Downtime.Microseconds()) / 1000, ResumeSeconds: res.Resume.Seconds(),
 		WireBytes: res.WireBytes, Iterations: res.Iterations, Pages: res.Pages,
 		FaultP50Us: float64(res.FaultP50.Microseconds()), FaultP99Us: float64(res.FaultP99.Microseconds()), Verified: res.Verified,
+		PostCopy: res.PostCopy, StopReason: res.StopReason,
+		ConnectMs: ms(res.Costs.Connect), HandshakeMs: ms(res.Costs.Handshake), DrainMs: ms(res.Costs.Drain),
+		ManifestMs: ms(res.Costs.Manifest), CompleteMs: ms(res.Costs.Complete), ReleaseMs: ms(res.Costs.Release),
 	}
 	if res.PostCopy && opsBefore > 0 && res.OpsPostCopy > 0 {
 		line.WorkloadSlowdown = max(0, 1-res.OpsPostCopy/opsBefore)
 	}
-	fmt.Fprintf(os.Stderr, "migbench: %s / %s: %s (%d rounds), %.2fs total, %.0f ms downtime, %.0f MB/s on the wire while streaming pre-copy rounds\n",
-		sc.name, rc.strategy, res.StopReason, res.Iterations, line.TotalSeconds, line.DowntimeMs, res.StreamBytesPerSec/1e6)
+	fmt.Fprintf(os.Stderr, "migbench: %s / %s: %s (%d rounds), %.2fs total, %.0f ms downtime, %.0f MB/s on the wire while streaming pre-copy rounds; connect %.1f, handshake %.1f, drain %.1f, manifest %.1f, complete %.1f, release %.1f ms\n",
+		sc.name, rc.strategy, res.StopReason, res.Iterations, line.TotalSeconds, line.DowntimeMs, res.StreamBytesPerSec/1e6,
+		line.ConnectMs, line.HandshakeMs, line.DrainMs, line.ManifestMs, line.CompleteMs, line.ReleaseMs)
 	return line, nil
 }

@@ -47,6 +47,17 @@ type Line struct {
 	FaultP99Us       float64           `json:"faultP99Us"`
 	WorkloadSlowdown float64           `json:"workloadSlowdown"`
 	Verified         bool              `json:"verified"`
+	// PostCopy: the migration ended in post-copy; StopReason says why
+	// pre-copy ended (the policy's reason).
+	PostCopy   bool   `json:"postCopy"`
+	StopReason string `json:"stopReason"`
+	// Fixed costs, one by one (engine.Costs), in milliseconds.
+	ConnectMs   float64 `json:"connectMs"`
+	HandshakeMs float64 `json:"handshakeMs"`
+	DrainMs     float64 `json:"drainMs"`
+	ManifestMs  float64 `json:"manifestMs"`
+	CompleteMs  float64 `json:"completeMs"`
+	ReleaseMs   float64 `json:"releaseMs"`
 }
 
 func main() {
@@ -133,7 +144,7 @@ func main() {
 	var out io.Writer = os.Stdout
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	if !*asJSON {
-		fmt.Fprintf(tw, "scenario\tstrategy\ttotal s\tdowntime ms\tresume s\twire MiB\trounds\tfull\tzero\tdisk\tfallback\tdemand\tfault p99 µs\tslowdown\tverified\t\n")
+		fmt.Fprintf(tw, "scenario\tstrategy\ttotal s\tdowntime ms\tresume s\twire MiB\trounds\tfull\tzero\tdisk\tfallback\tdemand\tfault p99 µs\tslowdown\tverified\tconnect/handshake/drain/manifest/complete/release ms\t\n")
 	}
 	failed := false
 	for _, sc := range scs {
@@ -154,10 +165,11 @@ func main() {
 				fmt.Println(string(enc))
 				continue
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.0f\t%.2f\t%.1f\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%.2f\t%v\t\n",
+			fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.0f\t%.2f\t%.1f\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%.2f\t%v\t%.0f/%.0f/%.0f/%.0f/%.0f/%.0f\t\n",
 				line.Scenario, line.Strategy, line.TotalSeconds, line.DowntimeMs, line.ResumeSeconds,
 				float64(line.WireBytes)/(1<<20), line.Iterations, line.Pages.Full, line.Pages.Zero, line.Pages.Disk,
-				line.Pages.DiskFallback, line.Pages.Demand, line.FaultP99Us, line.WorkloadSlowdown, line.Verified)
+				line.Pages.DiskFallback, line.Pages.Demand, line.FaultP99Us, line.WorkloadSlowdown, line.Verified,
+				line.ConnectMs, line.HandshakeMs, line.DrainMs, line.ManifestMs, line.CompleteMs, line.ReleaseMs)
 			tw.Flush()
 		}
 	}

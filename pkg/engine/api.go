@@ -2,11 +2,14 @@ package engine
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"time"
 )
 
-// Strategy selects how memory moves.
+// Strategy names a preset Plan: the names the CRD, the node agent's
+// command line and migbench use. The engine itself only looks at the Plan
+// a name stands for (PresetPlan).
 type Strategy string
 
 const (
@@ -19,21 +22,140 @@ const (
 	StrategyPreCopyDedup Strategy = "precopy+dedup"
 	// StrategyPostCopy resumes at once and pushes everything afterwards.
 	StrategyPostCopy Strategy = "postcopy"
-	// StrategyHybrid runs pre-copy while it pays, then switches to post-copy.
+	// StrategyHybrid pre-copies, then finishes with a short stop-and-copy
+	// or, when the policy finds it faster, with post-copy.
 	StrategyHybrid Strategy = "hybrid"
-	// StrategyHybridDedup is hybrid with disk references.
+	// StrategyHybridDedup is hybrid with disk references (the default).
 	StrategyHybridDedup Strategy = "hybrid+dedup"
 )
 
-// Strategies lists every strategy, in the benchmark's order.
+// DefaultStrategy is the preset used when Options names neither a
+// strategy nor a plan.
+const DefaultStrategy = StrategyHybridDedup
+
+// Strategies lists every preset, in the benchmark's order.
 var Strategies = []Strategy{StrategyXen, StrategyPreCopy, StrategyPreCopyDedup, StrategyPostCopy, StrategyHybrid, StrategyHybridDedup}
+
+// PolicyKind selects the pre-copy policy.
+type PolicyKind string
+
+const (
+	// PolicyAdaptive: stop-and-copy once the rest fits the downtime
+	// budget, post-copy (when allowed) once it finishes sooner than more
+	// pre-copy would (AdaptivePolicy).
+	PolicyAdaptive PolicyKind = "adaptive"
+	// PolicyXen: libxc's simple pre-copy policy (XenPolicy).
+	PolicyXen PolicyKind = "xen"
+)
+
+// PostCopyMode says whether and when a migration may resume the domain
+// at the destination before all its memory is there.
+type PostCopyMode string
+
+const (
+	// PostCopyNever: the migration ends with a stop-and-copy.
+	PostCopyNever PostCopyMode = "never"
+	// PostCopyOnPolicy: the policy chooses between stop-and-copy and
+	// post-copy at each of its decisions.
+	PostCopyOnPolicy PostCopyMode = "on-policy"
+	// PostCopyImmediate: no pre-copy; the domain resumes at once.
+	PostCopyImmediate PostCopyMode = "immediate"
+)
+
+// Plan is how memory moves, as orthogonal choices. The zero Plan is not
+// valid; presets fill every field.
+type Plan struct {
+	Policy PolicyKind `json:"policy"`
+	// ElideZero sends zero pages as pfn lists; without it every page
+	// travels whole (stock libxc).
+	ElideZero bool `json:"elideZero"`
+	// Dedup sends pages found on the domain's disks as references
+	// (Hooks.Disks must be set, else it has no effect).
+	Dedup    bool         `json:"dedup"`
+	PostCopy PostCopyMode `json:"postCopy"`
+}
+
+// PresetPlan returns the plan a strategy name stands for.
+func PresetPlan(s Strategy) (Plan, bool) {
+	switch s {
+	case StrategyXen:
+		return Plan{Policy: PolicyXen, PostCopy: PostCopyNever}, true
+	case StrategyPreCopy:
+		return Plan{Policy: PolicyAdaptive, ElideZero: true, PostCopy: PostCopyNever}, true
+	case StrategyPreCopyDedup:
+		return Plan{Policy: PolicyAdaptive, ElideZero: true, Dedup: true, PostCopy: PostCopyNever}, true
+	case StrategyPostCopy:
+		return Plan{Policy: PolicyAdaptive, ElideZero: true, PostCopy: PostCopyImmediate}, true
+	case StrategyHybrid:
+		return Plan{Policy: PolicyAdaptive, ElideZero: true, PostCopy: PostCopyOnPolicy}, true
+	case StrategyHybridDedup:
+		return Plan{Policy: PolicyAdaptive, ElideZero: true, Dedup: true, PostCopy: PostCopyOnPolicy}, true
+	}
+	return Plan{}, false
+}
+
+// Validate reports what is wrong with a plan.
+func (p Plan) Validate() error {
+	switch p.Policy {
+	case PolicyAdaptive, PolicyXen:
+	default:
+		return fmt.Errorf("engine: unknown policy %q (want %q or %q)", p.Policy, PolicyAdaptive, PolicyXen)
+	}
+	switch p.PostCopy {
+	case PostCopyNever, PostCopyOnPolicy, PostCopyImmediate:
+	default:
+		return fmt.Errorf("engine: unknown post-copy mode %q (want %q, %q or %q)", p.PostCopy, PostCopyNever, PostCopyOnPolicy, PostCopyImmediate)
+	}
+	return nil
+}
+
+// String names the plan: its preset's name when it is one.
+func (p Plan) String() string {
+	for _, s := range Strategies {
+		if q, _ := PresetPlan(s); q == p {
+			return string(s)
+		}
+	}
+	return fmt.Sprintf("%s,zero=%t,dedup=%t,postcopy=%s", p.Policy, p.ElideZero, p.Dedup, p.PostCopy)
+}
+
+// Valid reports whether s names a preset.
+func (s Strategy) Valid() bool {
+	_, ok := PresetPlan(s)
+	return ok
+}
+
+// resolvePlan is the plan options ask for: a preset's by name, or Plan
+// itself; neither means DefaultStrategy's. Both is an error: a preset
+// with changes is PresetPlan's result, changed.
+func resolvePlan(o Options) (Plan, error) {
+	if o.Strategy != "" {
+		if o.Plan != (Plan{}) {
+			return Plan{}, fmt.Errorf("engine: options name strategy %q and a plan; set one", o.Strategy)
+		}
+		p, ok := PresetPlan(o.Strategy)
+		if !ok {
+			return Plan{}, fmt.Errorf("engine: unknown strategy %q (want one of %v)", o.Strategy, Strategies)
+		}
+		return p, nil
+	}
+	if o.Plan == (Plan{}) {
+		p, _ := PresetPlan(DefaultStrategy)
+		return p, nil
+	}
+	return o.Plan, o.Plan.Validate()
+}
 
 // Options are the knobs of one outgoing migration.
 type Options struct {
+	// Strategy names a preset plan (PresetPlan); Plan sets the choices
+	// one by one. Set at most one; neither means DefaultStrategy.
 	Strategy Strategy
+	Plan     Plan
 	// LinkBytesPerSec caps the bytes put on the wire (all streams); 0 = none.
 	LinkBytesPerSec int64
-	// MaxDowntime is the downtime budget the adaptive policy aims for.
+	// MaxDowntime is the downtime budget the adaptive policy aims for
+	// (0: DefaultMaxDowntime).
 	MaxDowntime time.Duration
 	// CompletionTimeout bounds pre-copy before a switch to post-copy (when
 	// allowed) or an abort; 0 = the policy's default.
@@ -146,4 +268,33 @@ type Result struct {
 	// StreamBytesPerSec is the wire rate while pre-copy rounds stream
 	// pages (their wire bytes over their duration).
 	StreamBytesPerSec float64 `json:"streamBytesPerSec"`
+	// Plan is what the migration ran (Strategy names its preset, if any).
+	Plan Plan `json:"plan"`
+	// Costs are the fixed costs, measured one by one.
+	Costs Costs `json:"costs"`
+}
+
+// Costs are the time a migration spends around its bytes, step by step.
+// Handshake overlaps the first pre-copy round (the source streams while
+// the destination creates the domain); the others are on the critical
+// path.
+type Costs struct {
+	// Connect: dial and hello of every connection (in parallel).
+	Connect time.Duration `json:"connect"`
+	// Handshake: header sent until the destination said it created the
+	// target domain.
+	Handshake time.Duration `json:"handshake"`
+	// Drain: drain markers sent, domain still running, until the
+	// destination installed everything sent before them.
+	Drain time.Duration `json:"drain"`
+	// Manifest: time to hand the manifest to the main connection (its
+	// bytes included).
+	Manifest time.Duration `json:"manifest"`
+	// Complete: from the last data sent (stop-and-copy: the switch-over
+	// data; post-copy: the push) until the destination said every page
+	// matched the manifest.
+	Complete time.Duration `json:"complete"`
+	// Release: the source domain released (destroyed: it can never run
+	// here again) and the connections ended.
+	Release time.Duration `json:"release"`
 }

@@ -126,7 +126,11 @@ type conn struct {
 
 func newConn(c net.Conn, lim *limiter, prio bool) *conn {
 	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetNoDelay(prio)
+		// No Nagle on any connection: every record is flushed whole, and
+		// a small control record held back behind unacknowledged data
+		// waits for the peer's delayed ACK: 40 ms of every switch-over's
+		// "complete" → "ready" on loopback before this.
+		_ = tc.SetNoDelay(true)
 		if !prio {
 			_ = tc.SetWriteBuffer(4 << 20)
 			_ = tc.SetReadBuffer(4 << 20)
@@ -186,6 +190,34 @@ func (c *conn) sendAs(ctx context.Context, prio bool, t wire.Type, parts ...[]by
 		err = c.w.Flush()
 	}
 	if err != nil {
+		return fmt.Errorf("%w: %w", errConnLost, err)
+	}
+	return nil
+}
+
+// sendBatch writes several records of one type and flushes once, after
+// drawing their size from the bandwidth bucket.
+func (c *conn) sendBatch(ctx context.Context, t wire.Type, bodies [][]byte) error {
+	size := 0
+	for _, b := range bodies {
+		size += int(wire.RecordSize(len(b)))
+	}
+	if c.prio {
+		c.lim.takeNow(size)
+	} else if err := c.lim.take(ctx, size); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.setWriteDeadline(); err != nil {
+		return fmt.Errorf("%w: %w", errConnLost, err)
+	}
+	for _, b := range bodies {
+		if err := c.w.Write(t, b); err != nil {
+			return fmt.Errorf("%w: %w", errConnLost, err)
+		}
+	}
+	if err := c.w.Flush(); err != nil {
 		return fmt.Errorf("%w: %w", errConnLost, err)
 	}
 	return nil

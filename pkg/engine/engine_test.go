@@ -291,8 +291,15 @@ func TestStaleDiskBlocksFallBack(t *testing.T) {
 	// hybrid+dedup sends its references in the post-copy push, where the
 	// destination resolves them beside the data stream and asks for the
 	// fallbacks on the priority connection while the domain runs.
+	// The second plan goes to post-copy at once: the policy would finish
+	// this slowly dirtied domain with a stop-and-copy.
+	postDedup := engine.Plan{Policy: engine.PolicyAdaptive, ElideZero: true, Dedup: true, PostCopy: engine.PostCopyImmediate}
 	for i, st := range []engine.Strategy{engine.StrategyPreCopyDedup, engine.StrategyHybridDedup} {
 		t.Run(string(st), func(t *testing.T) {
+			opts := engine.Options{Strategy: st, LinkBytesPerSec: 16 << 20, MigrationID: fmt.Sprintf("stale-%d", i)}
+			if st == engine.StrategyHybridDedup {
+				opts.Strategy, opts.Plan = "", postDedup
+			}
 			name := fmt.Sprintf("stale-%d", i)
 			disk, dom := e.domain(name, "32Mi", sim.Profile{Zero: 0.1, Disk: 0.6, DirtyMiBps: 2, Seed: 21 + int64(i)})
 			cat := e.catalog(disk)
@@ -320,7 +327,7 @@ func TestStaleDiskBlocksFallBack(t *testing.T) {
 					once.Do(func() { scribble(8<<20, 32<<20) }) // after references were sent
 				}
 			}}
-			res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: st, LinkBytesPerSec: 16 << 20, MigrationID: name}, hooks)
+			res, err := engine.Migrate(context.Background(), dom, e.addr, opts, hooks)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -331,7 +338,7 @@ func TestStaleDiskBlocksFallBack(t *testing.T) {
 				t.Fatalf("no fallback counted although disk blocks changed: %+v", res.Pages)
 			}
 			if st == engine.StrategyHybridDedup && !res.PostCopy {
-				t.Fatalf("hybrid+dedup did not switch to post-copy: the post-copy fallback path was not tested")
+				t.Fatalf("post-copy with dedup did not switch to post-copy: the post-copy fallback path was not tested")
 			}
 			t.Logf("pages: %+v", res.Pages)
 		})

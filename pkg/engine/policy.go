@@ -53,8 +53,12 @@ type RoundStats struct {
 
 // PolicyInput is everything a policy may look at. Policies are pure
 // functions of it: same input, same verdict.
+//
+// The engine asks after every round and, for the adaptive policy, at
+// checkpoints inside a round (Checkpoint set): the dirty log is read at
+// each, so the remaining work and the dirty rate are current.
 type PolicyInput struct {
-	History []RoundStats // every round so far, oldest first; never empty
+	History []RoundStats // every finished round, oldest first; empty at a checkpoint of round 0
 	// NumPages is the domain's size in pages.
 	NumPages uint64
 	// MaxDowntime is the downtime budget.
@@ -63,6 +67,24 @@ type PolicyInput struct {
 	AllowPostCopy bool
 	// CompletionTimeout bounds pre-copy (0: none).
 	CompletionTimeout time.Duration
+
+	// Checkpoint: the round has not ended; the fields below describe now.
+	Checkpoint bool
+	// Elapsed is the time since the migration started.
+	Elapsed time.Duration
+	// RemainingBytes estimates the wire bytes of every page still to
+	// send (pages never sent at the cost per page measured so far, pages
+	// sent and dirtied since as full pages); RemainingPages counts them.
+	RemainingBytes int64
+	RemainingPages uint64
+	// WireRate is the measured rate of the wire (bytes/s); DirtyRate the
+	// rate at which the guest turns sent pages into pages to send again
+	// (bytes/s, distinct pages), over the last interval. Zero: unknown.
+	WireRate  float64
+	DirtyRate float64
+	// SwitchCost is the part of a downtime that is not page data: the
+	// final dirty log, vCPU state, manifest and round trips.
+	SwitchCost time.Duration
 }
 
 // Verdict is a decision with its reason, for logs, status and the benchmark.
@@ -85,6 +107,9 @@ const (
 // every page), whatever the downtime this costs. It never aborts and knows no
 // post-copy.
 func XenPolicy(in PolicyInput) Verdict {
+	if in.Checkpoint || len(in.History) == 0 {
+		return Verdict{Continue, "iterating"} // libxc decides at round ends only
+	}
 	last := in.History[len(in.History)-1]
 	if last.DirtyPages < xenTargetDirtyCount {
 		return Verdict{StopAndCopy, fmt.Sprintf("%d dirty pages < %d", last.DirtyPages, xenTargetDirtyCount)}
@@ -104,36 +129,79 @@ const (
 	shrinkFactor = 0.9
 	// stallRounds rounds in a row without shrinking end pre-copy.
 	stallRounds = 2
+	// postCopyMargin: post-copy must finish at least this much sooner
+	// than more pre-copy would before the policy takes it. A post-copy
+	// costs what a time estimate does not show: the guest waits for the
+	// pages it touches first, and until the push ends the domain needs
+	// both hosts.
+	postCopyMargin = 50 * time.Millisecond
+	// postCopyShare: ... and at least this share of the rest's wire time.
+	postCopyShare = 0.05
 )
 
-// AdaptivePolicy stops as soon as the remaining dirty data fits the downtime
-// budget at the bandwidth measured in the last round, and stops early once
-// rounds stop shrinking the dirty set (the workload dirties memory about as
-// fast as the link drains it). When it stops without converging it switches
-// to post-copy if allowed; otherwise it stops and copies, and the downtime is
-// what it is (reported, never hidden). A completion timeout ends pre-copy the
-// same way.
+// AdaptivePolicy decides at round ends and at checkpoints inside rounds:
+//
+//  1. Stop-and-copy once the rest fits the downtime budget: its wire time
+//     at the measured rate plus the switch-over's fixed cost.
+//  2. With post-copy allowed, post-copy once it finishes sooner than more
+//     pre-copy would, by postCopyMargin (and postCopyShare): pre-copy
+//     sends the rest and then again what the guest dirties meanwhile, a
+//     geometric series, Rest/(WireRate-DirtyRate); post-copy sends the
+//     rest once, Rest/WireRate. A guest dirtying as fast as the link
+//     carries never converges: post-copy at once.
+//  3. At round ends, without post-copy: stop when rounds stop shrinking
+//     (the downtime is what it is, reported, never hidden); a completion
+//     timeout and a round cap end pre-copy the same way.
+//
+// Without the live figures (WireRate zero: a test's or a caller's round
+// history only) the estimate comes from the last round.
 func AdaptivePolicy(in PolicyInput) Verdict {
 	h := in.History
-	last := h[len(h)-1]
+	rest, pages, rate := in.RemainingBytes, in.RemainingPages, in.WireRate
+	if rate <= 0 && len(h) > 0 {
+		// From the last round: its wire cost per page and rate.
+		last := h[len(h)-1]
+		pages = last.DirtyPages
+		if last.PagesSent > 0 && last.Duration > 0 && last.WireBytes > 0 {
+			rest = int64(float64(last.DirtyPages) * float64(last.WireBytes) / float64(last.PagesSent))
+			rate = float64(last.WireBytes) / last.Duration.Seconds()
+		}
+	}
 	notConverging := func(why string) Verdict {
 		if in.AllowPostCopy {
 			return Verdict{SwitchToPostCopy, why}
 		}
 		return Verdict{StopAndCopy, why}
 	}
-	// Estimated time to send what is dirty, at this round's wire cost per
-	// page and rate.
-	if last.PagesSent > 0 && last.Duration > 0 && last.WireBytes > 0 {
-		perPage := float64(last.WireBytes) / float64(last.PagesSent)
-		rate := float64(last.WireBytes) / last.Duration.Seconds()
-		est := time.Duration(float64(last.DirtyPages) * perPage / rate * float64(time.Second))
-		if est <= in.MaxDowntime {
-			return Verdict{StopAndCopy, fmt.Sprintf("converged: %d dirty pages ≈ %v ≤ budget %v", last.DirtyPages, est.Round(time.Millisecond), in.MaxDowntime)}
-		}
-	} else if last.DirtyPages == 0 {
+	if pages == 0 && !in.Checkpoint {
 		return Verdict{StopAndCopy, "converged: nothing dirty"}
 	}
+	if rate > 0 {
+		est := time.Duration(float64(rest) / rate * float64(time.Second))
+		if est+in.SwitchCost <= in.MaxDowntime {
+			return Verdict{StopAndCopy, fmt.Sprintf("converged: %d pages ≈ %v + %v switch ≤ budget %v",
+				pages, est.Round(time.Millisecond), in.SwitchCost.Round(time.Millisecond), in.MaxDowntime)}
+		}
+		if in.AllowPostCopy && in.WireRate > 0 {
+			if in.DirtyRate >= in.WireRate {
+				return Verdict{SwitchToPostCopy, fmt.Sprintf("the guest dirties %.0f MB/s, the link carries %.0f MB/s: pre-copy cannot converge", in.DirtyRate/1e6, in.WireRate/1e6)}
+			}
+			post := float64(rest) / rate
+			pre := float64(rest) / (rate - in.DirtyRate)
+			gain := time.Duration((pre - post) * float64(time.Second))
+			if gain >= postCopyMargin && gain.Seconds() >= postCopyShare*post {
+				return Verdict{SwitchToPostCopy, fmt.Sprintf("post-copy finishes %v sooner (%d pages, %.0f MB/s dirtied, %.0f MB/s wire)",
+					gain.Round(time.Millisecond), pages, in.DirtyRate/1e6, rate/1e6)}
+			}
+		}
+	}
+	if in.Checkpoint {
+		if in.CompletionTimeout > 0 && in.Elapsed >= in.CompletionTimeout {
+			return notConverging(fmt.Sprintf("completion timeout %v reached", in.CompletionTimeout))
+		}
+		return Verdict{Continue, "sending"}
+	}
+	last := h[len(h)-1]
 	if in.CompletionTimeout > 0 && last.Elapsed >= in.CompletionTimeout {
 		return notConverging(fmt.Sprintf("completion timeout %v reached", in.CompletionTimeout))
 	}
@@ -160,32 +228,10 @@ func AdaptivePolicy(in PolicyInput) Verdict {
 	return Verdict{Continue, "shrinking"}
 }
 
-// PolicyFor returns the policy a strategy runs.
-func PolicyFor(s Strategy) Policy {
-	if s == StrategyXen {
+// PolicyFor returns the policy of a kind.
+func PolicyFor(k PolicyKind) Policy {
+	if k == PolicyXen {
 		return XenPolicy
 	}
 	return AdaptivePolicy
-}
-
-// switchesEarly reports whether a strategy may end pre-copy inside a round
-// to resume early at the destination.
-func (s Strategy) switchesEarly() bool { return s == StrategyHybrid || s == StrategyHybridDedup }
-
-// usesDedup reports whether a strategy sends disk references.
-func (s Strategy) usesDedup() bool { return s == StrategyPreCopyDedup || s == StrategyHybridDedup }
-
-// allowsPostCopy reports whether a strategy may end in post-copy.
-func (s Strategy) allowsPostCopy() bool {
-	return s == StrategyPostCopy || s == StrategyHybrid || s == StrategyHybridDedup
-}
-
-// Valid reports whether s names a known strategy.
-func (s Strategy) Valid() bool {
-	for _, k := range Strategies {
-		if s == k {
-			return true
-		}
-	}
-	return false
 }

@@ -69,3 +69,79 @@ func TestAdaptivePolicy(t *testing.T) {
 		})
 	}
 }
+
+// TestAdaptivePolicyCheckpoints: the decisions taken on live figures, in
+// a round or at its end: stop-and-copy when the rest fits the budget with
+// the switch-over's cost, post-copy only when it saves a clear margin.
+func TestAdaptivePolicyCheckpoints(t *testing.T) {
+	const mb = 1e6
+	in := func(checkpoint, postcopy bool, restMB, wire, dirty float64, switchCost time.Duration) PolicyInput {
+		return PolicyInput{NumPages: 65536, MaxDowntime: 40 * time.Millisecond, AllowPostCopy: postcopy, Checkpoint: checkpoint,
+			RemainingBytes: int64(restMB * mb), RemainingPages: uint64(restMB * mb / 4096), WireRate: wire * mb, DirtyRate: dirty * mb,
+			SwitchCost: switchCost}
+	}
+	hist := []RoundStats{round(0, 65536, 800, 40<<20, 300*time.Millisecond)}
+	cases := []struct {
+		name string
+		in   PolicyInput
+		want Decision
+	}{
+		{"idle mid-round: 40 MB to go at 1 MB/s dirtied, pre-copy goes on", in(true, true, 40, 125, 1, 10*time.Millisecond), Continue},
+		{"web mid-round: 105 MB to go at 30 MB/s dirtied, post-copy saves 0.26 s", in(true, true, 105, 125, 30, 10*time.Millisecond), SwitchToPostCopy},
+		{"web mid-round without post-copy goes on", in(true, false, 105, 125, 30, 10*time.Millisecond), Continue},
+		{"pagecache mid-round: 50 MB at 10 MB/s saves 35 ms < margin", in(true, true, 50, 125, 10, 10*time.Millisecond), Continue},
+		{"memheavy: dirtying faster than the link switches at once", in(true, true, 200, 125, 190, 10*time.Millisecond), SwitchToPostCopy},
+		{"rest fits: 3 MB = 24 ms + 10 ms switch ≤ 40 ms", in(true, true, 3, 125, 10, 10*time.Millisecond), StopAndCopy},
+		{"rest fits the data but not with the switch cost", in(true, true, 3, 125, 10, 20*time.Millisecond), Continue},
+		{"round end: 4 MB at 125 MB/s after a 300 ms round goes on", func() PolicyInput {
+			p := in(false, false, 4, 125, 3, 10*time.Millisecond)
+			p.History = hist
+			return p
+		}(), Continue},
+		{"round end, post-copy allowed, small gain: one more round", func() PolicyInput {
+			p := in(false, true, 4, 125, 3, 10*time.Millisecond)
+			p.History = hist
+			return p
+		}(), Continue},
+		{"checkpoint past the completion timeout switches", func() PolicyInput {
+			p := in(true, true, 100, 125, 5, 10*time.Millisecond)
+			p.CompletionTimeout, p.Elapsed = time.Second, 2*time.Second
+			return p
+		}(), SwitchToPostCopy},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := AdaptivePolicy(c.in)
+			if got.Decision != c.want {
+				t.Fatalf("got %v (%s), want %v", got.Decision, got.Reason, c.want)
+			}
+			if got.Reason == "" {
+				t.Fatal("verdict without a reason")
+			}
+		})
+	}
+}
+
+func TestXenPolicyIgnoresCheckpoints(t *testing.T) {
+	if v := XenPolicy(PolicyInput{Checkpoint: true, RemainingBytes: 1}); v.Decision != Continue {
+		t.Fatalf("got %v at a checkpoint, want continue", v.Decision)
+	}
+}
+
+func TestPresetPlans(t *testing.T) {
+	for _, s := range Strategies {
+		p, ok := PresetPlan(s)
+		if !ok || p.Validate() != nil || p.String() != string(s) {
+			t.Fatalf("preset %s: %+v ok=%v string=%s", s, p, ok, p.String())
+		}
+	}
+	if _, err := resolvePlan(Options{Strategy: StrategyXen, Plan: Plan{Policy: PolicyXen, PostCopy: PostCopyNever}}); err == nil {
+		t.Fatal("strategy and plan both set: want an error")
+	}
+	if p, err := resolvePlan(Options{}); err != nil || p.String() != string(DefaultStrategy) {
+		t.Fatalf("empty options: %v %v, want the default preset", p, err)
+	}
+	if _, err := resolvePlan(Options{Plan: Plan{Policy: "fastest", PostCopy: PostCopyNever}}); err == nil {
+		t.Fatal("unknown policy: want an error")
+	}
+}

@@ -315,9 +315,6 @@ func (r *Receiver) handle(ctx context.Context, nc net.Conn, release func()) {
 	c.r.SetMaxBody(0)
 	_ = nc.SetReadDeadline(time.Time{})
 	c.prio = hello.Message == rolePrio
-	if tc, ok := nc.(*net.TCPConn); ok {
-		_ = tc.SetNoDelay(c.prio)
-	}
 	c.mu.Lock()
 	_ = c.setWriteDeadline()
 	err = c.w.WriteStreamHeader()

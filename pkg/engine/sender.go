@@ -64,7 +64,7 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		sd.dem = newAnswerer(s, c)
 		sd.dem.idx = idx
 	}
-	if s.opts.Compress && s.opts.Strategy != StrategyXen {
+	if s.opts.Compress && s.plan.Policy != PolicyXen {
 		enc, err := wire.NewPagesEncoder()
 		if err != nil {
 			return nil, fmt.Errorf("zstd encoder: %w", err)
@@ -369,7 +369,7 @@ func (sd *sender) addPageMode(ctx context.Context, pfn uint64, mode sendMode, sr
 func (sd *sender) classify(page []byte, full bool) (dedup.Class, dedup.Hash, dedup.Ref) {
 	s := sd.src
 	switch {
-	case s.opts.Strategy == StrategyXen || full:
+	case !s.plan.ElideZero || full:
 		return dedup.ClassFull, dedup.HashPage(page), dedup.Ref{}
 	case s.catalog != nil:
 		return s.catalog.Classify(page)

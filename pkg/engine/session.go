@@ -1009,6 +1009,7 @@ func (s *session) finishPostCopy(ctx context.Context) error {
 	deadline := time.Now().Add(time.Minute)
 	var missing []uint64
 	var buf []byte
+	var asked time.Time
 	for {
 		missing = missing[:0]
 		for p := range s.numPages {
@@ -1022,16 +1023,22 @@ func (s *session) finishPostCopy(ctx context.Context) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%d pages still missing after the push", len(missing))
 		}
-		for i := 0; i < len(missing); i += 1024 {
-			buf = wire.MarshalRequest(buf[:0], wire.ReasonRecover, missing[i:min(i+1024, len(missing))])
-			if err := s.sendPrio(ctx, buf); err != nil {
-				return err
+		// Most stragglers are demand answers already on their way: look
+		// again every millisecond, and ask for what is still missing
+		// after 50 ms.
+		if asked.IsZero() || time.Since(asked) >= 50*time.Millisecond {
+			for i := 0; i < len(missing); i += 1024 {
+				buf = wire.MarshalRequest(buf[:0], wire.ReasonRecover, missing[i:min(i+1024, len(missing))])
+				if err := s.sendPrio(ctx, buf); err != nil {
+					return err
+				}
 			}
+			asked = time.Now()
 		}
 		select {
 		case err := <-s.errs:
 			return err
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(time.Millisecond):
 		}
 	}
 	verr := s.verify()
