@@ -362,6 +362,41 @@ func (d *Domain) destroy() {
 	if !d.letGo(true) {
 		return
 	}
+	d.teardown()
+}
+
+// destroyAsync ends the domain now and frees its resources in the
+// background: the guest is sent SIGKILL before it returns (its vCPUs,
+// parked, never run again), and the wait for the process to exit, the
+// unmapping and the closing of its memory, which together take 40-90 ms
+// at 256 MiB on the 2-core development VM, happen after, off the
+// migration's critical path, as a Xen hypervisor relinquishes a destroyed
+// domain's pages after `xl destroy` returns. Host.Close waits for them.
+func (d *Domain) destroyAsync() {
+	d.opMu.Lock()
+	if !d.letGo(true) {
+		d.opMu.Unlock()
+		return
+	}
+	if d.guest != nil {
+		d.guest.signalKill()
+	}
+	h := d.host
+	if h != nil {
+		h.teardowns.Add(1)
+	}
+	go func() {
+		defer d.opMu.Unlock()
+		if h != nil {
+			defer h.teardowns.Done()
+		}
+		d.teardown()
+	}()
+}
+
+// teardown kills the guest, waits for it and unmaps everything. opMu held,
+// the domain let go.
+func (d *Domain) teardown() {
 	if d.guest != nil {
 		d.guest.kill()
 	}

@@ -245,7 +245,7 @@ func (s *source) Release() error {
 		return fmt.Errorf("release %s: it was reclaimed and runs here", s.d.spec.Name)
 	}
 	s.released = true
-	s.d.destroy()
+	s.d.destroyAsync()
 	s.d.host.remove(s.d)
 	return nil
 }

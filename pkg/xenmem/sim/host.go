@@ -38,6 +38,9 @@ type Host struct {
 	reserved map[string]uint64 // memory of domains being created
 	nextID   int
 	closed   bool
+	// teardowns counts released domains whose resources are still being
+	// freed (destroyAsync); Close waits for them.
+	teardowns sync.WaitGroup
 }
 
 var _ xenmem.Host = (*Host)(nil)
@@ -529,6 +532,7 @@ func (h *Host) Close() error {
 			d.destroy()
 		}
 	}
+	h.teardowns.Wait()
 	return nil
 }
 

@@ -190,6 +190,17 @@ func (g *guestProc) kill() {
 	})
 }
 
+// signalKill sends the guest SIGKILL without waiting; kill completes the
+// job.
+func (g *guestProc) signalKill() {
+	switch {
+	case g.cmd != nil && g.cmd.Process != nil:
+		_ = g.cmd.Process.Kill()
+	case g.pidfd >= 0:
+		_ = unix.PidfdSendSignal(g.pidfd, unix.SIGKILL, nil, 0)
+	}
+}
+
 // detach releases the agent's descriptors and leaves the guest running
 // (a host with a state dir closing: the next agent adopts it).
 func (g *guestProc) detach() {
