@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xenferry/xenferry/pkg/engine"
+	"github.com/xenferry/xenferry/pkg/postcopy"
 )
 
 // Line is one result, with exactly the fields the benchmark promises.
@@ -76,10 +77,12 @@ func main() {
 		cpuprof    = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 		dstProc    = flag.Bool("dst-process", false, "run the destination host and receiver in a process of their own, as on real hosts (measured on 2 cores: web fault p50 about 25 % worse on a quiet machine, 2x under load; docs/benchmarks.md)")
 		dstServe   = flag.Bool("dst-serve", false, "internal: be the destination process")
+		rtPrio     = flag.Int("rt-prio", int(postcopy.RealtimePriority.Load()), "SCHED_FIFO priority of the threads that serve post-copy faults on both sides (0: normal class; docs/benchmarks.md)")
 		warm       = flag.Bool("warm-ram", true, "touch (and free) the RAM the run will use once before measuring: a VM whose host backs its RAM lazily pays ~2 s/GiB on the first touch since boot, a cost no dom0 has")
 	)
 	flag.Parse()
 	oversubscribeProcs()
+	postcopy.RealtimePriority.Store(int32(*rtPrio))
 	if *dstServe {
 		log := logr.Discard()
 		if *verbose {

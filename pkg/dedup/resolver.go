@@ -192,8 +192,9 @@ func (r *Resolver) ResolveBatch(ctx context.Context, refs []Ref, dst func(i int)
 		runs = append(runs, run{disk: int(ref.Disk), off: ref.Offset, n: BlockSize, lo: k, hi: k + 1})
 	}
 
-	if len(runs) == 1 {
-		// One run (a demand fault and its neighbours): read it on this
+	if len(runs) == 1 || r.workers == 1 {
+		// One run (a demand fault and its neighbours), or a resolver of
+		// one worker (the destination's demand path): read on this
 		// goroutine, without a hand-off that would add to fault latency.
 		var buf []byte
 		select {
@@ -204,7 +205,9 @@ func (r *Resolver) ResolveBatch(ctx context.Context, refs []Ref, dst func(i int)
 		if buf == nil {
 			buf = make([]byte, maxRunBytes)
 		}
-		r.resolveRun(&runs[0], refs, order, buf, dst, fail, &cbMu)
+		for i := range runs {
+			r.resolveRun(&runs[i], refs, order, buf, dst, fail, &cbMu)
+		}
 		r.bufs <- buf
 		return nil
 	}

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -122,6 +124,59 @@ type conn struct {
 	// busy: the connection's reader is working on what it read (the
 	// destination's watchdog counts it as active).
 	busy atomic.Bool
+	// closed: close was called; woken: the watchdog set a read deadline
+	// to wake the reader. Either ends a pollReader's own waiting.
+	closed, woken atomic.Bool
+}
+
+// pollReads makes the reader of c wait for data in poll(2) on its own
+// thread instead of in the Go runtime's poller: on a thread locked by
+// postcopy.PinRealtime the kernel then wakes the reader itself, ahead of
+// the push, instead of a scheduler thread that must first get a core and
+// then hand the goroutine over. Plain TCP only (a TLS connection may
+// hold decrypted bytes that poll(2) cannot see). Call it from the
+// goroutine that reads c, before it reads.
+func (c *conn) pollReads() {
+	tc, ok := c.c.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return
+	}
+	fd := -1
+	_ = rc.Control(func(f uintptr) { fd = int(f) })
+	if fd >= 0 {
+		c.cc.r = &pollReader{c: c, fd: fd}
+	}
+}
+
+// pollReader waits in poll(2) until its socket is readable, then reads
+// through the net.Conn (which then has data and returns at once). It looks
+// at the connection's closed and woken flags every pollSlice and, once one
+// is set, leaves the waiting to the net.Conn, whose close and deadlines
+// wake it: the fd number is not its own once the connection is closed.
+type pollReader struct {
+	c  *conn
+	fd int
+}
+
+const pollSlice = 20 // ms
+
+func (p *pollReader) Read(b []byte) (int, error) {
+	fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
+	for !p.c.closed.Load() && !p.c.woken.Load() {
+		fds[0].Revents = 0
+		n, err := unix.Poll(fds, pollSlice)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || n > 0 {
+			break
+		}
+	}
+	return p.c.c.Read(b)
 }
 
 func newConn(c net.Conn, lim *limiter, prio bool) *conn {
@@ -134,6 +189,12 @@ func newConn(c net.Conn, lim *limiter, prio bool) *conn {
 		if !prio {
 			_ = tc.SetWriteBuffer(4 << 20)
 			_ = tc.SetReadBuffer(4 << 20)
+		} else {
+			// Room for many answers: a write that finds the buffer full
+			// parks its real-time thread in the Go poller, whose wake-up
+			// waits for an ordinary thread to get a core.
+			_ = tc.SetWriteBuffer(1 << 20)
+			_ = tc.SetReadBuffer(1 << 20)
 		}
 	}
 	cc := &countingReader{r: c}
@@ -248,7 +309,10 @@ func (c *conn) bytes() int64 {
 	return w + c.cc.n.Load()
 }
 
-func (c *conn) close() { _ = c.c.Close() }
+func (c *conn) close() {
+	c.closed.Store(true)
+	_ = c.c.Close()
+}
 
 // dialStream opens one connection with dial and sends its hello.
 func dialStream(ctx context.Context, dial func(context.Context, string) (net.Conn, error), addr string, lim *limiter, hello wire.Control) (*conn, error) {

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"sync/atomic"
 
 	"github.com/xenferry/xenferry/pkg/pace"
 )
@@ -16,6 +17,11 @@ import (
 // never queues behind background pages.
 type limiter struct {
 	b *pace.Bucket // nil: unlimited
+	// debt is priority bytes not yet charged to b: the next background
+	// take pays them. Priority sends thus never take the bucket's lock,
+	// which a push sender may hold while the kernel runs something else
+	// (a real-time demand thread parked on it waits for the scheduler).
+	debt atomic.Int64
 }
 
 func newLimiter(bytesPerSec int64) *limiter {
@@ -32,13 +38,13 @@ func (l *limiter) take(ctx context.Context, n int) error {
 	if l == nil || l.b == nil {
 		return nil
 	}
-	return l.b.Wait(ctx, n)
+	return l.b.Wait(ctx, n+int(l.debt.Swap(0)))
 }
 
 // takeNow charges n bytes without waiting (priority traffic).
 func (l *limiter) takeNow(n int) {
-	if l == nil {
+	if l == nil || l.b == nil {
 		return
 	}
-	l.b.Charge(n)
+	l.debt.Add(int64(n))
 }

@@ -167,6 +167,7 @@ func (s *session) watch(ctx context.Context) {
 			// Wake every reader; the connections stay open for the
 			// error sent back on main.
 			for _, c := range conns {
+				c.woken.Store(true)
 				_ = c.c.SetReadDeadline(time.Now())
 			}
 			// Post-copy goes on with a recovery (its own timeout), which
@@ -302,7 +303,9 @@ type session struct {
 	dom      xenmem.TargetDomain
 	numPages uint64
 	resolver *dedup.Resolver
-	lazy     xenmem.Lazy
+	// prioResolver serves the priority connection's reader alone.
+	prioResolver *dedup.Resolver
+	lazy         xenmem.Lazy
 	lazyOn   atomic.Bool
 	tracker  *postcopy.Tracker
 
@@ -408,6 +411,9 @@ func (s *session) cleanup(ctx context.Context, err error) {
 	}
 	if s.resolver != nil {
 		_ = s.resolver.Close()
+	}
+	if s.prioResolver != nil {
+		_ = s.prioResolver.Close()
 	}
 	if err != nil {
 		if !s.resumed.Load() && s.dom != nil {
@@ -526,6 +532,10 @@ func (s *session) prepare(ctx context.Context, h wire.Header, sender xenmem.Doma
 	if paths, ok := s.diskPaths(sender); len(paths) > 0 {
 		s.diskOK = ok
 		s.resolver = dedup.OpenResolver(paths, 4)
+		// The demand path's own: one worker, so that it reads on the
+		// caller's (real-time) thread and never waits for a buffer the
+		// push's resolvers hold.
+		s.prioResolver = dedup.OpenResolver(paths, 1)
 	}
 	s.own.Add(1)
 	defer s.own.Add(-1)
@@ -960,21 +970,42 @@ func (s *session) startPostCopy(ctx context.Context) error {
 		return fmt.Errorf("load vCPU state: %w", err)
 	}
 	s.r.Log.V(2).Info("Post-copy armed", append(s.log(), "flushMs", tFlushed.Sub(t0).Milliseconds(), "armMs", time.Since(tFlushed).Milliseconds())...)
-	go func() {
-		defer func() {
-			if p := recover(); p != nil {
-				s.fail(s.r.recovered(p, "serve post-copy faults", s.log()...))
+	var buf []byte
+	request := func(pfns []uint64) error {
+		buf = wire.MarshalRequest(buf[:0], wire.ReasonDemand, pfns)
+		return s.sendPrio(ctx, buf)
+	}
+	if fh, ok := lazy.(interface{ SetFaultHandler(func(xenmem.Fault)) }); ok {
+		// The request leaves from the backend's fault thread, which the
+		// kernel woke for the fault: no goroutine hand-off on the way.
+		var failed atomic.Bool
+		fh.SetFaultHandler(func(f xenmem.Fault) {
+			if failed.Load() {
+				return
+			}
+			defer func() {
+				if p := recover(); p != nil {
+					failed.Store(true)
+					s.fail(s.r.recovered(p, "serve post-copy faults", s.log()...))
+				}
+			}()
+			if err := s.tracker.Handle(f, request); err != nil && ctx.Err() == nil {
+				failed.Store(true)
+				s.fail(fmt.Errorf("demand path: %w", err))
+			}
+		})
+	} else {
+		go func() {
+			defer func() {
+				if p := recover(); p != nil {
+					s.fail(s.r.recovered(p, "serve post-copy faults", s.log()...))
+				}
+			}()
+			if err := s.tracker.Serve(ctx, lazy.Faults(), request); err != nil && ctx.Err() == nil {
+				s.fail(fmt.Errorf("demand path: %w", err))
 			}
 		}()
-		var buf []byte
-		err := s.tracker.Serve(ctx, lazy.Faults(), func(pfns []uint64) error {
-			buf = wire.MarshalRequest(buf[:0], wire.ReasonDemand, pfns)
-			return s.sendPrio(ctx, buf)
-		})
-		if err != nil && ctx.Err() == nil {
-			s.fail(fmt.Errorf("demand path: %w", err))
-		}
-	}()
+	}
 	return s.main.sendControl(ctx, &wire.Control{Kind: ctlReady})
 }
 
@@ -1133,6 +1164,13 @@ func (s *session) startReaders(ctx context.Context) {
 // readData installs what one data stream (or, for idx -1, the priority
 // stream) carries, in stream order.
 func (s *session) readData(ctx context.Context, idx int, c *conn, gen int32) {
+	if idx < 0 {
+		// Demand answers: from the socket to UFFDIO_COPY on one real-time
+		// thread, which the kernel wakes itself (the goroutine ends with
+		// the connection, and the thread with it).
+		postcopy.PinRealtime(s.r.Log, "demand answer reader")
+		c.pollReads()
+	}
 	rd := &installer{s: s, c: c, prio: idx < 0, gen: gen}
 	err := func() (err error) {
 		defer func() {
@@ -1573,7 +1611,11 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 	in.fb = in.fb[:0]
 	failed := make([]bool, len(refs))
 	var protoErr error
-	if s.resolver == nil {
+	res := s.resolver
+	if in.prio {
+		res = s.prioResolver
+	}
+	if res == nil {
 		for i := range refs {
 			failed[i] = true
 		}
@@ -1582,7 +1624,7 @@ func (in *installer) resolveRefs(ctx context.Context, refs []wire.DiskRef) error
 		for i, r := range refs {
 			drefs[i] = dedup.Ref{Disk: r.Disk, Offset: int64(r.Offset), Hash: r.Hash}
 		}
-		err := s.resolver.ResolveBatch(ctx, drefs, func(i int) []byte {
+		err := res.ResolveBatch(ctx, drefs, func(i int) []byte {
 			return in.tmp[i*xenmem.PageSize : (i+1)*xenmem.PageSize]
 		}, func(i int, err error) {
 			failed[i] = true

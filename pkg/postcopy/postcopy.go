@@ -33,6 +33,7 @@ type Tracker struct {
 	requested *xenmem.Bitmap // pages asked for on the demand path
 	raised    []int64        // per page: monotonic ns of the first unanswered fault, 0 if none
 	prefetch  int
+	batch     []uint64 // Handle's scratch
 	hist      Histogram
 	faults    atomic.Uint64
 	requests  atomic.Uint64
@@ -52,12 +53,8 @@ func NewTracker(n uint64, have *xenmem.Bitmap, prefetch int) *Tracker {
 type Request func(pfns []uint64) error
 
 // Serve turns faults into demand requests until faults is closed or ctx
-// ends. A fault on a page already installed (a vCPU that raced the
-// install) is ignored; a fault on a page already requested only records the
-// time. The requested page comes first, then up to prefetch following pages
-// that are neither installed nor requested.
+// ends (see Handle).
 func (t *Tracker) Serve(ctx context.Context, faults <-chan xenmem.Fault, request Request) error {
-	batch := make([]uint64, 0, 1+t.prefetch)
 	for {
 		var f xenmem.Fault
 		var ok bool
@@ -69,35 +66,45 @@ func (t *Tracker) Serve(ctx context.Context, faults <-chan xenmem.Fault, request
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if f.PFN >= t.n {
-			continue
-		}
-		t.faults.Add(1)
-		if atest(t.have, f.PFN) {
-			continue
-		}
-		atomic.CompareAndSwapInt64(&t.raised[f.PFN], 0, f.RaisedNanos)
-		if atest(t.have, f.PFN) { // installed meanwhile: account it now
-			t.Installed(f.PFN)
-			continue
-		}
-		if !asetNew(t.requested, f.PFN) {
-			continue
-		}
-		batch = append(batch[:0], f.PFN)
-		for p := f.PFN + 1; p < t.n && len(batch) <= t.prefetch; p++ {
-			if atest(t.have, p) {
-				continue
-			}
-			if asetNew(t.requested, p) {
-				batch = append(batch, p)
-			}
-		}
-		t.requests.Add(1)
-		if err := request(batch); err != nil {
+		if err := t.Handle(f, request); err != nil {
 			return err
 		}
 	}
+}
+
+// Handle turns one fault into a demand request. A fault on a page
+// already installed (a vCPU that raced the install) is ignored; a fault
+// on a page already requested only records the time. The requested page
+// comes first, then up to prefetch following pages that are neither
+// installed nor requested. One goroutine at a time: the fault service's.
+func (t *Tracker) Handle(f xenmem.Fault, request Request) error {
+	if f.PFN >= t.n {
+		return nil
+	}
+	t.faults.Add(1)
+	if atest(t.have, f.PFN) {
+		return nil
+	}
+	atomic.CompareAndSwapInt64(&t.raised[f.PFN], 0, f.RaisedNanos)
+	if atest(t.have, f.PFN) { // installed meanwhile: account it now
+		t.Installed(f.PFN)
+		return nil
+	}
+	if !asetNew(t.requested, f.PFN) {
+		return nil
+	}
+	batch := append(t.batch[:0], f.PFN)
+	for p := f.PFN + 1; p < t.n && len(batch) <= t.prefetch; p++ {
+		if atest(t.have, p) {
+			continue
+		}
+		if asetNew(t.requested, p) {
+			batch = append(batch, p)
+		}
+	}
+	t.batch = batch
+	t.requests.Add(1)
+	return request(batch)
 }
 
 // Waited reports whether a vCPU faulted on pfn and it has not been

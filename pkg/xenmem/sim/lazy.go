@@ -4,13 +4,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/xenferry/xenferry/pkg/postcopy"
 	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
@@ -36,13 +36,16 @@ type lazy struct {
 	nPresent atomic.Uint64
 
 	faults chan xenmem.Fault
-	// ufile is a duplicate of uffd registered with the Go runtime's poller:
-	// the service loop parks in the netpoller instead of a blocking poll(2),
-	// so a fault wakes it like a socket read would, with no P held in a
-	// syscall. Closing it stops the loop.
-	ufile *os.File
-	quit  chan struct{}
-	done  chan struct{}
+	// handler, when set (SetFaultHandler), takes each fault on the
+	// service thread instead of the faults channel.
+	handler atomic.Pointer[func(xenmem.Fault)]
+	// ufd is a duplicate of uffd that the service loop polls and reads on
+	// its own locked, real-time thread (postcopy.PinRealtime): the kernel
+	// wakes that thread itself when a fault arrives, with no Go scheduler
+	// between the fault and its handler. qfd, an eventfd, wakes it to stop.
+	ufd, qfd int
+	quit     chan struct{}
+	done     chan struct{}
 	// fillDone is closed when the background zero fill has finished.
 	fillDone chan struct{}
 	// zeroFilled counts present zero pages filled on a fault.
@@ -120,10 +123,16 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("start lazy %s: dup userfaultfd: %w", d.spec.Name, err)
 	}
-	l.ufile = os.NewFile(uintptr(dup), "userfaultfd-"+d.spec.Name) // non-blocking: polled by the runtime
+	qfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(dup)
+		return nil, fmt.Errorf("start lazy %s: eventfd: %w", d.spec.Name, err)
+	}
+	l.ufd, l.qfd = dup, qfd
 	l.quit = make(chan struct{})
 	if err := d.setRegistration(d.regMode | uffdRegisterModeMissing); err != nil {
-		l.ufile.Close()
+		unix.Close(dup)
+		unix.Close(qfd)
 		return nil, fmt.Errorf("start lazy %s: %w", d.spec.Name, err)
 	}
 	d.mu.Lock()
@@ -141,34 +150,38 @@ func (d *Domain) startLazy(present *xenmem.Bitmap) (_ *lazy, retErr error) {
 	return l, nil
 }
 
-// serve reads fault events from the userfaultfd and queues them. It runs in
-// the agent, but the faulting threads are the guest's: a stop-the-world in
-// the agent never waits for them.
+// SetFaultHandler makes the fault service call fn for every fault, on
+// its own thread, instead of delivering it on Faults: the engine's demand
+// request then leaves from the thread the kernel woke for the fault. Set
+// it before the domain first runs. Not part of xenmem.Lazy; reach it with
+// a type assertion to interface{ SetFaultHandler(func(xenmem.Fault)) }.
+func (l *lazy) SetFaultHandler(fn func(xenmem.Fault)) { l.handler.Store(&fn) }
+
+// serve reads fault events from the userfaultfd and hands them on. It runs
+// in the agent, but the faulting threads are the guest's: a stop-the-world
+// in the agent never waits for them. It blocks in poll(2) on a locked
+// real-time thread (postcopy.PinRealtime), so a fault wakes it at once
+// whatever else the cores run.
 func (l *lazy) serve() {
 	defer close(l.done)
 	defer close(l.faults)
+	postcopy.PinRealtime(l.d.log, "userfaultfd reader")
 	buf := make([]byte, 64*uffdMsgSize)
-	rc, err := l.ufile.SyscallConn()
-	if err != nil {
-		l.d.log.Error(err, "Fault service stopped: userfaultfd not pollable", "domain", l.d.spec.Name)
-		return
-	}
+	fds := []unix.PollFd{{Fd: int32(l.ufd), Events: unix.POLLIN}, {Fd: int32(l.qfd), Events: unix.POLLIN}}
 	for {
-		var n int
-		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			n, rerr = unix.Read(int(fd), buf)
-			return rerr != unix.EAGAIN
-		})
-		if err != nil {
-			select {
-			case <-l.quit: // stop closed the file under the wait
-			default:
-				l.d.log.Error(err, "Fault service stopped: wait for userfaultfd failed", "domain", l.d.spec.Name)
+		fds[0].Revents, fds[1].Revents = 0, 0
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if err == unix.EINTR {
+				continue
 			}
+			l.d.log.Error(err, "Fault service stopped: poll userfaultfd failed", "domain", l.d.spec.Name)
 			return
 		}
-		if rerr == unix.EINTR {
+		if fds[1].Revents != 0 {
+			return // stop
+		}
+		n, rerr := unix.Read(l.ufd, buf)
+		if rerr == unix.EAGAIN || rerr == unix.EINTR {
 			continue
 		}
 		if rerr != nil {
@@ -208,6 +221,10 @@ func (l *lazy) serve() {
 				continue
 			}
 			f := xenmem.Fault{PFN: pfn, Write: flags&uffdPagefaultFlagWrite != 0, RaisedNanos: now}
+			if h := l.handler.Load(); h != nil {
+				(*h)(f)
+				continue
+			}
 			select {
 			case l.faults <- f:
 			case <-l.quit:
@@ -386,8 +403,12 @@ func (l *lazy) stop() {
 		l.ioMu.Lock() // wait for installs in flight; later ones see closed
 		l.ioMu.Unlock()
 		close(l.quit)
-		_ = l.ufile.Close() // wakes the service loop with os.ErrClosed
+		var one [8]byte
+		binary.NativeEndian.PutUint64(one[:], 1)
+		_, _ = unix.Write(l.qfd, one[:]) // wakes the service loop
 		<-l.done
+		unix.Close(l.ufd)
+		unix.Close(l.qfd)
 		if l.fillDone != nil {
 			<-l.fillDone
 		}
