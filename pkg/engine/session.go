@@ -306,8 +306,8 @@ type session struct {
 	// prioResolver serves the priority connection's reader alone.
 	prioResolver *dedup.Resolver
 	lazy         xenmem.Lazy
-	lazyOn   atomic.Bool
-	tracker  *postcopy.Tracker
+	lazyOn       atomic.Bool
+	tracker      *postcopy.Tracker
 
 	have     *xenmem.Bitmap // pages whose current content is installed
 	pendFB   *xenmem.Bitmap // pages asked for after a failed disk reference

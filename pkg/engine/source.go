@@ -109,17 +109,17 @@ type source struct {
 	discarded atomic.Bool
 	// verified: the destination's statistics said every page matched the
 	// manifest (stop-and-copy "ready", post-copy "done"); release needs it.
-	verified   bool
+	verified    bool
 	preparedAt  atomic.Int64 // unix ns: when "prepared" arrived
 	pausedAt    time.Time
 	resumedAt   time.Time
 	handshakeAt time.Time
-	history    []RoundStats
-	mirrorDone chan error // durable post-copy mirror writer's result
-	durable    bool       // the mirror was complete
-	verdict    Verdict
-	dst        dstStats
-	costs      Costs
+	history     []RoundStats
+	mirrorDone  chan error // durable post-copy mirror writer's result
+	durable     bool       // the mirror was complete
+	verdict     Verdict
+	dst         dstStats
+	costs       Costs
 	// manifested: the whole manifest went before the pause; the
 	// stop-and-copy then sends only the hashes of the pages it resends.
 	manifested bool
