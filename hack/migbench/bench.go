@@ -252,6 +252,10 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 		ConnectMs: ms(res.Costs.Connect), HandshakeMs: ms(res.Costs.Handshake), DrainMs: ms(res.Costs.Drain),
 		ManifestMs: ms(res.Costs.Manifest), CompleteMs: ms(res.Costs.Complete), ReleaseMs: ms(res.Costs.Release),
 	}
+	if c := res.Compression; c.RawBytes > 0 {
+		line.CompressedRatio = float64(c.SentBytes) / float64(c.RawBytes)
+		line.CompressedBatches = float64(c.Compressed) / float64(c.Batches)
+	}
 	if res.PostCopy && opsBefore > 0 && res.OpsPostCopy > 0 {
 		line.WorkloadSlowdown = max(0, 1-res.OpsPostCopy/opsBefore)
 	}

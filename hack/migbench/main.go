@@ -59,6 +59,10 @@ type Line struct {
 	ManifestMs  float64 `json:"manifestMs"`
 	CompleteMs  float64 `json:"completeMs"`
 	ReleaseMs   float64 `json:"releaseMs"`
+	// With -compress: full-page bytes sent over offered (1: none saved)
+	// and the share of batches sent compressed.
+	CompressedRatio   float64 `json:"compressedRatio,omitempty"`
+	CompressedBatches float64 `json:"compressedBatches,omitempty"`
 }
 
 func main() {
@@ -69,7 +73,7 @@ func main() {
 		link       = flag.String("link", "1Gbit", "bandwidth cap for every strategy (e.g. 1Gbit, 500Mbit, 100MB; 0 = none)")
 		asJSON     = flag.Bool("json", false, "print one JSON object per line")
 		streams    = flag.Int("streams", engine.DefaultStreams, "parallel data connections")
-		compress   = flag.Bool("compress", false, "zstd for full pages (not in the xen strategy)")
+		compress   = flag.Bool("compress", false, "adaptive zstd for batches of full pages, when it pays on the link (not in the xen strategy)")
 		demand     = flag.String("demand-path", string(engine.DemandPriorityConn), "where post-copy demand answers travel: priority (a connection of their own) or inline (the page's data stream, strict priority)")
 		vcpus      = flag.Int("vcpus", 2, "vCPUs per domain")
 		workdir    = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")

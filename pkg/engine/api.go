@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"time"
+
+	"github.com/xenferry/xenferry/pkg/wire"
 )
 
 // Strategy names a preset Plan: the names the CRD, the node agent's
@@ -162,7 +164,9 @@ type Options struct {
 	CompletionTimeout time.Duration
 	// Streams is the number of parallel data connections (>= 1).
 	Streams int
-	// Compress enables zstd for full pages.
+	// Compress lets each data stream compress batches of full pages with
+	// zstd when the measured ratio and encoder rate make that faster than
+	// sending them raw on its share of the link (wire.Compressor).
 	Compress bool
 	// MigrationID names the migration to the receiver; Token authenticates it.
 	MigrationID string
@@ -272,6 +276,9 @@ type Result struct {
 	Plan Plan `json:"plan"`
 	// Costs are the fixed costs, measured one by one.
 	Costs Costs `json:"costs"`
+	// Compression: what the adaptive compressors of the data streams did
+	// with full-page batches (Options.Compress).
+	Compression wire.CompressorStats `json:"compression"`
 }
 
 // Costs are the time a migration spends around its bytes, step by step.

@@ -209,6 +209,32 @@ func TestMigrateEveryStrategy(t *testing.T) {
 	}
 }
 
+// TestCompressedPlans: with Options.Compress the data streams may send
+// batches as zstd frames (whenever the adaptive compressor finds that it
+// pays); every plan still arrives page for page, in pre-copy and in the
+// post-copy push.
+func TestCompressedPlans(t *testing.T) {
+	e := newEnv(t, nil)
+	for i, st := range []engine.Strategy{engine.StrategyPreCopy, engine.StrategyPostCopy} {
+		t.Run(string(st), func(t *testing.T) {
+			name := fmt.Sprintf("zdom-%d", i)
+			_, dom := e.domain(name, "32Mi", webProfile)
+			res, err := engine.Migrate(context.Background(), dom, e.addr, engine.Options{Strategy: st, LinkBytesPerSec: 20 << 20,
+				Compress: true, MigrationID: name}, engine.Hooks{Log: testlog.New(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.Verified {
+				t.Fatal("destination memory did not match the manifest")
+			}
+			if res.Compression.Batches == 0 || res.Compression.RawBytes == 0 {
+				t.Fatalf("no batch went through the compressor: %+v", res.Compression)
+			}
+			t.Logf("compression %+v", res.Compression)
+		})
+	}
+}
+
 // TestInlineDemandPath: post-copy with demand answers on the data streams
 // (strict priority) instead of the priority connection: the guest faults,
 // pages go on demand, and the destination matches the manifest.

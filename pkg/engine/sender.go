@@ -7,8 +7,6 @@ import (
 	"runtime"
 	"sync/atomic"
 
-	"github.com/klauspost/compress/zstd"
-
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xenmem"
@@ -43,7 +41,7 @@ type sender struct {
 	pre   []byte
 	body  []byte
 	zbuf  []byte
-	enc   *zstd.Encoder
+	comp  *wire.Compressor
 	ahead []byte // readAhead's buffer: one partition chunk
 }
 
@@ -65,11 +63,13 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		sd.dem.idx = idx
 	}
 	if s.opts.Compress && s.plan.Policy != PolicyXen {
-		enc, err := wire.NewPagesEncoder()
+		// Each stream carries its share of the link: compression pays
+		// against that share.
+		comp, err := wire.NewCompressor(s.opts.LinkBytesPerSec / int64(s.streams))
 		if err != nil {
 			return nil, fmt.Errorf("zstd encoder: %w", err)
 		}
-		sd.enc = enc
+		sd.comp = comp
 	}
 	return sd, nil
 }
@@ -396,10 +396,9 @@ func (sd *sender) flushPages(ctx context.Context) error {
 	}
 	flags := uint32(0)
 	data := sd.data
-	if sd.enc != nil {
-		sd.zbuf = wire.EncodePages(sd.enc, sd.zbuf[:0], sd.data)
-		if len(sd.zbuf) < len(sd.data) {
-			data, flags = sd.zbuf, wire.PagesZstd
+	if sd.comp != nil {
+		if out, ok := sd.comp.Compress(sd.zbuf, sd.data); ok {
+			sd.zbuf, data, flags = out, out, wire.PagesZstd
 		}
 	}
 	sd.pre = wire.PagesPrefix(sd.pre[:0], sd.pfns, flags)

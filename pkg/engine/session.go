@@ -839,9 +839,11 @@ func (s *session) onControl(ctx context.Context, m wire.Control) (bool, error) {
 		// from disk, fallbacks) is installed before the source pauses the
 		// domain, so the downtime does not wait for that backlog.
 		s.setState(stDraining)
+		t0 := time.Now()
 		if err := s.waitFlushes(ctx, ctlDrain, 5*time.Minute); err != nil {
 			return false, err
 		}
+		s.r.Log.V(2).Info("Drained", append(s.log(), "waitedMs", time.Since(t0).Milliseconds())...)
 		s.setState(stReceiving)
 		return false, s.main.sendControl(ctx, &wire.Control{Kind: ctlDrained})
 	case ctlComplete:

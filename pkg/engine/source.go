@@ -213,6 +213,11 @@ func (s *source) cleanup(errp *error) {
 	for _, c := range s.conns() {
 		c.close()
 	}
+	for _, sd := range s.senders {
+		if sd.comp != nil {
+			sd.comp.Close()
+		}
+	}
 	if *errp == nil {
 		return
 	}
@@ -767,6 +772,7 @@ func (s *source) drain(ctx context.Context) error {
 	if err := s.markers(ctx, ctlDrain); err != nil {
 		return err
 	}
+	markersSent := time.Since(t0)
 	// A destination that refused something sent before closes the main
 	// connection after saying why: prefer its reason to the broken pipe.
 	if s.verdict.Decision == StopAndCopy {
@@ -781,7 +787,7 @@ func (s *source) drain(ctx context.Context) error {
 	if _, err := s.waitControl(ctx, ctlDrained, 5*time.Minute); err != nil {
 		return fmt.Errorf("destination did not install the pre-copied pages: %w", err)
 	}
-	s.log.V(2).Info("Destination drained before the pause", "domain", s.dom.Info().Name, "ms", time.Since(t0).Milliseconds())
+	s.log.V(2).Info("Destination drained before the pause", "domain", s.dom.Info().Name, "ms", time.Since(t0).Milliseconds(), "markersSentMs", markersSent.Milliseconds())
 	return nil
 }
 
@@ -1476,6 +1482,16 @@ func (s *source) result() Result {
 	}
 	if r.Strategy == "" {
 		r.Strategy = Strategy(s.plan.String())
+	}
+	for _, sd := range s.senders {
+		if sd.comp != nil {
+			st := sd.comp.Stats()
+			r.Compression.Batches += st.Batches
+			r.Compression.Compressed += st.Compressed
+			r.Compression.Probes += st.Probes
+			r.Compression.RawBytes += st.RawBytes
+			r.Compression.SentBytes += st.SentBytes
+		}
 	}
 	r.DedupSavedBytes = int64(r.Pages.Disk-r.Pages.DiskFallback) * xenmem.PageSize
 	var wb int64
