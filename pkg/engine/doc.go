@@ -25,11 +25,13 @@
 //	   data streams: PAGES, ZERO_PAGES, DISK_REFS; D asks for the pages of
 //	   references it cannot resolve with REQUEST (fallback) on main
 //	S: ctl drain, after a "drain" flush marker on every data stream
-//	                                                       [draining]
+//	   (and, before a stop-and-copy, the MANIFEST of every page as last
+//	   sent)                                               [draining]
 //	D: ctl drained: everything before the markers is installed
 //	                                                       [receiving]
 //	then either a stop-and-copy:
-//	S: flush marker "complete" on every data stream, STATE, MANIFEST...,
+//	S: flush marker "complete" on every data stream, STATE, MANIFEST...
+//	   (of the pages resent since the drain's, else of every page),
 //	   ctl complete                                        [verifying]
 //	D: every page checked against the manifest; ctl ready  [verified]
 //	S: ctl go (the source never resumes the domain after this)
