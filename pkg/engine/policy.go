@@ -77,6 +77,8 @@ type PolicyInput struct {
 	// sent and dirtied since as full pages); RemainingPages counts them.
 	RemainingBytes int64
 	RemainingPages uint64
+	// UnsentPages of them were never sent (the first pass is not done).
+	UnsentPages uint64
 	// WireRate is the measured rate of the wire (bytes/s); DirtyRate the
 	// rate at which the guest turns sent pages into pages to send again
 	// (bytes/s, distinct pages), over the last interval. Zero: unknown.
@@ -178,7 +180,11 @@ func AdaptivePolicy(in PolicyInput) Verdict {
 	}
 	if rate > 0 {
 		est := time.Duration(float64(rest) / rate * float64(time.Second))
-		if est+in.SwitchCost <= in.MaxDowntime {
+		// Inside a round, a stop-and-copy waits for the first pass to
+		// end: its zero pages and references cost the wire little but
+		// the destination a disk read each, which the drain does live and
+		// a downtime would wait for.
+		if est+in.SwitchCost <= in.MaxDowntime && (!in.Checkpoint || in.UnsentPages == 0) {
 			return Verdict{StopAndCopy, fmt.Sprintf("converged: %d pages ≈ %v + %v switch ≤ budget %v",
 				pages, est.Round(time.Millisecond), in.SwitchCost.Round(time.Millisecond), in.MaxDowntime)}
 		}

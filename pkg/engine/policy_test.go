@@ -92,6 +92,11 @@ func TestAdaptivePolicyCheckpoints(t *testing.T) {
 		{"pagecache mid-round: 50 MB at 10 MB/s saves 35 ms < margin", in(true, true, 50, 125, 10, 10*time.Millisecond), Continue},
 		{"memheavy: dirtying faster than the link switches at once", in(true, true, 200, 125, 190, 10*time.Millisecond), SwitchToPostCopy},
 		{"rest fits: 3 MB = 24 ms + 10 ms switch ≤ 40 ms", in(true, true, 3, 125, 10, 10*time.Millisecond), StopAndCopy},
+		{"rest fits but the first pass is not done: finish it live", func() PolicyInput {
+			p := in(true, true, 3, 125, 10, 10*time.Millisecond)
+			p.UnsentPages = 100
+			return p
+		}(), Continue},
 		{"rest fits the data but not with the switch cost", in(true, true, 3, 125, 10, 20*time.Millisecond), Continue},
 		{"round end: 4 MB at 125 MB/s after a 300 ms round goes on", func() PolicyInput {
 			p := in(false, false, 4, 125, 3, 10*time.Millisecond)

@@ -672,7 +672,7 @@ func (s *source) policyInput(checkpoint bool, roundStart, now time.Time, roundBy
 	if n := full + zero + disk; n > 0 {
 		perPage = (float64(full)*(xenmem.PageSize+8) + float64(zero)*8 + float64(disk)*40) / float64(n)
 	}
-	in.RemainingPages = fresh + again
+	in.RemainingPages, in.UnsentPages = fresh+again, fresh
 	in.RemainingBytes = int64(float64(fresh)*perPage) + int64(again)*(xenmem.PageSize+16)
 	// What a stop-and-copy adds to the page data: the fixed part and the
 	// manifest of the pages it resends (the rest went before the pause).
