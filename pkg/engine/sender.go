@@ -53,8 +53,8 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		fallback: make(chan []uint64, 64),
 		cmds:     make(chan func() error),
 		demand:   make(chan demandReq, 64),
-		pfns:     make([]uint64, 0, wire.MaxBatchPages),
-		data:     make([]byte, 0, wire.MaxBatchPages*xenmem.PageSize),
+		pfns:     make([]uint64, 0, batchPages),
+		data:     make([]byte, 0, batchPages*xenmem.PageSize),
 		zeros:    make([]uint64, 0, wire.MaxBatchPages),
 		refs:     make([]wire.DiskRef, 0, wire.MaxBatchPages/4),
 	}
@@ -138,11 +138,22 @@ func (sd *sender) loop(ctx context.Context) {
 // Bits are cleared atomically: the priority path may take pages too. It
 // returns early, leaving the rest set, when stop becomes true. With
 // sendOnlyFull or sendOnlyCheap, pages of the other kind stay set.
+//
+// A chunk's pages are taken (their bits cleared) before any of them is
+// read: the dirty log may be read and ORed into set at any moment (the
+// policy's checkpoints), and a write it reports must either come before
+// the read of the page or set the page's bit again after the take. Taken
+// one by one after a read-ahead, a page written between the read and its
+// take went with its old content, its dirty bit spent. A paused domain's
+// pages do not change: then each page is taken as it is sent, so that a
+// demand request for a page not yet sent takes it (and records its hash)
+// itself, whatever becomes of this pass (a broken link ends it).
 func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *atomic.Bool, mode sendMode) error {
 	s := sd.src
 	n := s.numPages
 	chunk := uint64(1) << partitionShift
 	k := uint64(s.streams)
+	var taken [1 << (partitionShift - 6)]uint64
 	for c := uint64(sd.idx); c*chunk < n; c += k {
 		if stop != nil && stop.Load() {
 			break
@@ -152,15 +163,30 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 		}
 		sd.yield()
 		lo, hi := c*chunk, min((c+1)*chunk, n)
-		ahead, aheadLo, err := sd.readAhead(set, only, lo, hi)
+		frozen := s.frozen.Load()
+		any := false
+		for w := lo >> 6; w<<6 < hi; w++ {
+			want := atomic.LoadUint64(&set.Words()[w])
+			if only != nil {
+				want &= only.Words()[w]
+			}
+			if want != 0 && !frozen {
+				// The bits this take cleared: the priority path may have
+				// taken some since the load.
+				want &= atomic.AndUint64(&set.Words()[w], ^want)
+			}
+			taken[w-lo>>6] = want
+			any = any || want != 0
+		}
+		if !any {
+			continue
+		}
+		ahead, aheadLo, err := sd.readAhead(taken[:], lo, hi)
 		if err != nil {
 			return err
 		}
 		for w := lo >> 6; w<<6 < hi; w++ {
-			word := atomic.LoadUint64(&set.Words()[w])
-			if only != nil {
-				word &= only.Words()[w]
-			}
+			word := taken[w-lo>>6]
 			for word != 0 {
 				b := uint64(bits.TrailingZeros64(word))
 				word &^= 1 << b
@@ -170,7 +196,7 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 						return err
 					}
 				}
-				if !aclear(set, pfn) {
+				if frozen && !aclear(set, pfn) {
 					continue // taken by the priority path
 				}
 				var src []byte
@@ -190,17 +216,15 @@ func (sd *sender) sendSet(ctx context.Context, set, only *xenmem.Bitmap, stop *a
 	return sd.flush(ctx)
 }
 
-// readAhead reads the pages of [lo,hi) that set (and only) hold with one
-// ReadPages call over their span, when they fill at least an eighth of it,
-// into the sender's read-ahead buffer; it returns the span's first pfn. A
-// chunk with fewer pages is read page by page from the mapping.
-func (sd *sender) readAhead(set, only *xenmem.Bitmap, lo, hi uint64) ([]byte, uint64, error) {
+// readAhead reads the taken pages of [lo,hi) (taken holds the chunk's
+// words) with one ReadPages call over their span, when they fill at least
+// an eighth of it, into the sender's read-ahead buffer; it returns the
+// span's first pfn. A chunk with fewer pages is read page by page from
+// the mapping.
+func (sd *sender) readAhead(taken []uint64, lo, hi uint64) ([]byte, uint64, error) {
 	first, last, count := hi, lo, uint64(0)
 	for w := lo >> 6; w<<6 < hi; w++ {
-		word := atomic.LoadUint64(&set.Words()[w])
-		if only != nil {
-			word &= only.Words()[w]
-		}
+		word := taken[w-lo>>6]
 		if word == 0 {
 			continue
 		}
