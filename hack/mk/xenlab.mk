@@ -1,11 +1,15 @@
 # Real Xen lab (issue 6): two Xen 4.17 hosts nested under QEMU (TCG), a PV
 # domU on a shared disk, stock `xl migrate` against xenferry's transport.
 # Needs root and ~4 GiB free RAM; takes many minutes; never part of CI.
-.PHONY: xenlab-e2e xenlab-operator-e2e xenlab-up xenlab-down xenlab-clean xenlab-verify-stream
+.PHONY: xenlab-e2e xenlab-postcopy-e2e xenlab-operator-e2e xenlab-up xenlab-down xenlab-clean xenlab-verify-stream
 
 ## xenlab-e2e: build (first run, ~10 min) or reuse the lab, boot both hosts, migrate the domU with xl and with xenferry; one JSON line per method
 xenlab-e2e:
 	hack/xenlab/e2e.sh
+
+## xenlab-postcopy-e2e: hosts on a hypervisor built with memory paging; the pager's own test, then a PVH domU a->b with stock xl, xenferry pre-copy and xenferry early resume; one JSON line per method
+xenlab-postcopy-e2e:
+	hack/xenlab/postcopy-e2e.sh
 
 ## xenlab-operator-e2e: control plane and controller here, an agent in each lab dom0; VMMigrations move the domU (apply, cancel, kill-target-agent); one JSON line per step
 xenlab-operator-e2e:

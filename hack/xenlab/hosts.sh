@@ -43,6 +43,9 @@ start_host() {
 		-netdev "$linknet" -device "virtio-net-pci,netdev=link,mac=52:54:00:77:$idx:02,host_mtu=9000" \
 		-virtfs "local,path=$SHARE,mount_tag=xenlab,security_model=none,id=share" \
 		-daemonize -pidfile "$pidf" || die "qemu for host $h failed to start"
+	# Which hypervisor this host runs (make xenlab-postcopy-e2e needs the
+	# one with memory paging and restarts hosts that run another).
+	echo "$XEN_ELF" >"$WORK/host-$h.xen"
 	log "host $h started (pid $(cat "$pidf"), serial $WORK/host-$h.serial)"
 }
 

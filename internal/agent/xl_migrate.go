@@ -77,7 +77,9 @@ func (tr *TargetReconciler) receiveXLMigration(ctx context.Context, c net.Conn, 
 		}
 	}
 	tr.onReceiverEvent(au.Migration, engine.Event{Kind: engine.EventPrepared, Domain: name})
-	status, rerr := receiveXL(ctx, c, tr.cfg.XL, log, func(h *xlstream.XLHeader) error { return checkXLConfig(h, g.Domain) })
+	var lazy *lazyStats
+	status, rerr := receiveXL(ctx, c, tr.cfg.XL, log, func(h *xlstream.XLHeader) error { return checkXLConfig(h, g.Domain) },
+		xlRecvLazy{spoolDir: tr.spoolDir(), report: func(st lazyStats) { lazy = &st }})
 	// xl migrate-receive has ended: nothing more will create or start the
 	// domain here, so what runs now is the verdict.
 	runs, incoming, err := tr.xlDomainHere(ctx, name)
@@ -89,7 +91,7 @@ func (tr *TargetReconciler) receiveXLMigration(ctx context.Context, c net.Conn, 
 		// xl starts the domain only after the whole stream arrived and
 		// each rebuilt record matched the source's checksum.
 		tr.onReceiverEvent(au.Migration, engine.Event{Kind: engine.EventResumed, Domain: name})
-		tr.onReceiverEvent(au.Migration, engine.Event{Kind: engine.EventDone, Domain: name})
+		tr.onReceiverEvent(au.Migration, engine.Event{Kind: engine.EventDone, Domain: name, Stats: lazy.receiveStats()})
 		if rerr != nil {
 			log.Info("The domain runs here although the session ended badly", "reason", rerr.Error())
 			rerr = nil
@@ -290,6 +292,15 @@ func (sr *SourceReconciler) startSourceXL(ctx context.Context, m *v1.VMMigration
 	}
 	if p.BandwidthBytesPerSecond > 0 {
 		words = append(words, "--rate", fmt.Sprint(p.BandwidthBytesPerSecond))
+	}
+	if earlyResumeStrategy(p.EngineStrategy) {
+		// The controller chose a post-copy strategy only between hosts
+		// that publish early resume. xl-send holds an HVM/PVH domain's
+		// RAM back (a PV domain's stream goes unchanged, pre-copy).
+		words = append(words, "--early-resume", "--spool-dir", sr.spoolDir())
+		if p.BandwidthBytesPerSecond > 0 {
+			words = append(words, "--push-rate", fmt.Sprint(p.BandwidthBytesPerSecond*9/10))
+		}
 	}
 	for i, w := range words {
 		words[i] = shellQuote(w)

@@ -24,6 +24,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -55,6 +56,10 @@ type xlSendReport struct {
 	IndexSeconds  float64 `json:"indexSeconds"`
 	Disks         int     `json:"disks"`
 	ExitStatus    int     `json:"exitStatus"`
+	// Early resume: pages held back, then sent on demand and pushed.
+	LazyHeld     int64 `json:"lazyHeld,omitempty"`
+	LazyDemanded int64 `json:"lazyDemanded,omitempty"`
+	LazyPushed   int64 `json:"lazyPushed,omitempty"`
 }
 
 // XLSend is `node-agent xl-send`, the transport `xl migrate -s` runs on
@@ -69,6 +74,9 @@ func XLSend(ctx context.Context, args []string) error {
 	verbose := fs.Int("v", 0, "log verbosity")
 	serverName := fs.String("server-name", "", "name the receiver's certificate must carry (default: HOST)")
 	rateCap := fs.Int64("rate", 0, "bandwidth cap on the link in bytes per second (0: none)")
+	earlyResume := fs.Bool("early-resume", false, "hold back an HVM/PVH domain's RAM: it runs on HOST once the rest has crossed, and its pages follow on demand and by a push (needs a host that can page: CONFIG_MEM_PAGING)")
+	spoolDir := fs.String("spool-dir", defaultSpoolDir, "early resume: where the held pages are kept until HOST has them (storage HOST can read too, so that they survive this process)")
+	pushRate := fs.Int64("push-rate", 0, "early resume: pace the push of held pages to this many bytes per second (just below the link's rate keeps demand answers from queueing behind it; 0: unpaced)")
 	authFile := fs.String("auth-file", os.Getenv(xlAuthFileEnv), "agent mode: JSON {migration, token} sent before the stream (default $"+xlAuthFileEnv+")")
 	progressFile := fs.String("progress-file", os.Getenv(xlProgressFileEnv), "agent mode: where progress and the commit are reported (default $"+xlProgressFileEnv+")")
 	var tf tlsFlags
@@ -133,6 +141,14 @@ func XLSend(ctx context.Context, args []string) error {
 		return fmt.Errorf("connect to node-agent xl-recv at %s: %w (is `node-agent xl-recv` running on %s?)", addr, err, host)
 	}
 	defer conn.Close()
+	if *earlyResume {
+		// A demand answer queues behind whatever the push left in the
+		// socket: a small send buffer keeps that behind it short. The
+		// window still covers a dom0-to-dom0 round trip at link speed.
+		if tc := tcpConnOf(conn); tc != nil {
+			_ = tc.SetWriteBuffer(128 << 10)
+		}
+	}
 	if auth != nil {
 		if err := xlpath.WriteAuth(conn, *auth); err != nil {
 			rep.Error = err.Error()
@@ -191,11 +207,37 @@ func XLSend(ctx context.Context, args []string) error {
 	if b := pace.New(*rateCap, 256<<10, true, "xl-send link"); b != nil {
 		link = pacedConn{Conn: conn, ctx: ctx, b: b}
 	}
+	if *earlyResume {
+		name := fmt.Sprintf("xl-send-%s-%d.spool", start.UTC().Format("20060102T150405"), os.Getpid())
+		lz, err := xlstream.NewLazySource(*spoolDir, name)
+		if err != nil {
+			rep.Error = err.Error()
+			return err
+		}
+		opts.Lazy, opts.LazyName, opts.LazyPushRate = lz, name, *pushRate
+		defer func() {
+			// The spool goes once HOST has every page (it said so by its
+			// exit after the last one); otherwise it may be the domain's
+			// only copy of them, and stays.
+			if rep.OK {
+				_ = lz.Remove()
+			} else {
+				_ = lz.Close()
+				if rep.LazyHeld > 0 {
+					log.Info("Spool kept: it may hold the only copy of the domain's pages", "spool", filepath.Join(*spoolDir, name))
+				} else {
+					_ = os.Remove(filepath.Join(*spoolDir, name))
+				}
+			}
+		}()
+		log.Info("Early resume: the RAM of an HVM/PVH domain is held back", "spool", filepath.Join(*spoolDir, name))
+	}
 	st, err := xlstream.Send(ctx, link, os.Stdin, os.Stdout, nil, opts)
 	prog.finish(st, err)
 	rep.StreamBytes, rep.LinkBytes = st.Reader.Bytes, st.Encode.OutBytes
 	rep.PageRecords, rep.ZeroPages, rep.RefPages = st.Encode.PageRecords, st.Encode.ZeroPages, st.Encode.RefPages
 	rep.DataPages, rep.FallbackPages, rep.ExitStatus = st.Encode.DataPages, st.Encode.FallbackPages, st.ExitStatus
+	rep.LazyHeld, rep.LazyDemanded, rep.LazyPushed = st.LazyHeld, st.LazyDemanded, st.LazyPushed
 	log.Info("Stream sent", "streamBytes", rep.StreamBytes, "linkBytes", rep.LinkBytes, "zero", rep.ZeroPages,
 		"ref", rep.RefPages, "data", rep.DataPages, "fallback", rep.FallbackPages, "remoteExit", st.ExitStatus)
 	if err != nil {
@@ -205,6 +247,18 @@ func XLSend(ctx context.Context, args []string) error {
 	rep.OK = st.ExitStatus == 0
 	if st.ExitStatus != 0 {
 		return fmt.Errorf("xl on %s exited with status %d (see its messages above)", host, st.ExitStatus)
+	}
+	return nil
+}
+
+// tcpConnOf returns the TCP connection under c (plain or TLS), if any.
+func tcpConnOf(c net.Conn) *net.TCPConn {
+	if tc, ok := c.(*net.TCPConn); ok {
+		return tc
+	}
+	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
+		tc, _ := t.NetConn().(*net.TCPConn)
+		return tc
 	}
 	return nil
 }
@@ -230,6 +284,8 @@ func XLRecv(ctx context.Context, args []string) error {
 	verbose := fs.Int("v", 0, "log verbosity")
 	maxConns := fs.Int("max-conns", 2, "connections served at once; more are closed at once")
 	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a peer has for the TLS handshake and its request")
+	spoolDir := fs.String("spool-dir", defaultSpoolDir, "early resume: where a source's spool is read if the source dies after the go (storage shared with the sources)")
+	lazyReport := fs.String("lazy-report", "", "early resume: write each migration's figures (JSON) to this file")
 	var tf tlsFlags
 	tf.bind(fs)
 	if err := fs.Parse(args); err != nil {
@@ -251,7 +307,17 @@ func XLRecv(ctx context.Context, args []string) error {
 	defer ln.Close()
 	log.Info("Listening", "addr", ln.Addr().String(), "mTLS", src != nil, "maxConns", *maxConns)
 	srv := &xlRecvServer{src: src, maxConns: *maxConns, handshakeTimeout: *handshake, log: log,
-		handle: func(ctx context.Context, c net.Conn, l logr.Logger) error { return serveXLRecv(ctx, c, *xlPath, l) }}
+		handle: func(ctx context.Context, c net.Conn, l logr.Logger) error {
+			lz := xlRecvLazy{spoolDir: *spoolDir}
+			if *lazyReport != "" {
+				lz.report = func(st lazyStats) {
+					b, _ := json.Marshal(st)
+					_ = os.WriteFile(*lazyReport, append(b, '\n'), 0o644)
+				}
+			}
+			_, err := receiveXL(ctx, c, *xlPath, l, nil, lz)
+			return err
+		}}
 	return srv.serve(ctx, ln, *once)
 }
 
@@ -349,15 +415,27 @@ func checkRemoteArgv(argv []string) error {
 }
 
 func serveXLRecv(ctx context.Context, c net.Conn, xlPath string, log logr.Logger) error {
-	_, err := receiveXL(ctx, c, xlPath, log, nil)
+	_, err := receiveXL(ctx, c, xlPath, log, nil, xlRecvLazy{spoolDir: defaultSpoolDir})
 	return err
 }
+
+// xlRecvLazy configures early resume on the receiving side: it is taken
+// when the source asks for it and this host can page (paging.Probe); the
+// spool directory is where the source's spool is found if the source dies
+// after the go (storage both hosts share).
+type xlRecvLazy struct {
+	spoolDir string
+	// report, when set, gets the early resume's figures.
+	report func(lazyStats)
+}
+
+const defaultSpoolDir = "/var/lib/xenferry/spool"
 
 // receiveXL serves one xl-send connection: the request, then xl
 // migrate-receive fed with the rebuilt stream. check, when set, vets xl's
 // header (the domain's configuration) before xl reads a byte. It returns
 // xl migrate-receive's exit status (-1 if it did not end by itself).
-func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, check func(*xlstream.XLHeader) error) (int, error) {
+func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, check func(*xlstream.XLHeader) error, lz xlRecvLazy) (int, error) {
 	argv, err := xlstream.ReadHello(c)
 	if err != nil {
 		return -1, err
@@ -385,8 +463,22 @@ func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, 
 	res := &lazyResolver{ctx: ctx, log: log}
 	tee := &prefixTee{w: stdin, max: 1 << 20, check: check}
 	res.header = tee
+	sink := newXLLazySink(ctx, log, xlPath, lz.spoolDir, func() (string, error) {
+		h, err := parseXLHeader(tee.prefix())
+		if err != nil {
+			return "", err
+		}
+		return h.Name()
+	})
+	var out io.Reader = &readyGate{r: stdout, gate: func() error {
+		if !sink.active() {
+			return nil
+		}
+		return sink.beforeReady()
+	}}
 	status := -1
-	st, err := xlstream.Receive(ctx, c, tee, stdout, res, xlstream.ReceiveOptions{
+	st, err := xlstream.Receive(ctx, c, tee, out, res, xlstream.ReceiveOptions{
+		Lazy: sink,
 		Wait: func() int {
 			werr := cmd.Wait()
 			status = cmd.ProcessState.ExitCode()
@@ -404,6 +496,16 @@ func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, 
 	if status == -1 {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
+		if sink.active() {
+			// Killed with the domain restored: it never ran here (the
+			// go never came), so it goes, and the source keeps it.
+			if name, nerr := sink.domName(); nerr == nil {
+				_ = exec.Command(xlPath, "destroy", name+"--incoming").Run()
+			}
+		}
+	}
+	if sink.active() && lz.report != nil {
+		lz.report(sink.stats())
 	}
 	log.Info("Migration received", "seconds", time.Since(start).Seconds(), "linkBytes", st.InBytes, "streamBytes", st.OutBytes,
 		"zero", st.ZeroPages, "ref", st.RefPages, "data", st.DataPages, "stale", st.StalePages, "xlStatus", status)

@@ -25,3 +25,22 @@ func (h *XLHeader) Disks() ([]XLDisk, error) {
 	}
 	return c.Disks, nil
 }
+
+// Name returns the domain's name from the configuration in xl's header.
+func (h *XLHeader) Name() (string, error) {
+	if h == nil || len(h.Config) == 0 {
+		return "", fmt.Errorf("%w: xl header carries no domain configuration", ErrBadHeader)
+	}
+	var c struct {
+		CInfo struct {
+			Name string `json:"name"`
+		} `json:"c_info"`
+	}
+	if err := json.Unmarshal(h.Config, &c); err != nil {
+		return "", fmt.Errorf("%w: domain configuration in xl header: %v", ErrBadHeader, err)
+	}
+	if c.CInfo.Name == "" {
+		return "", fmt.Errorf("%w: domain configuration without a name", ErrBadHeader)
+	}
+	return c.CInfo.Name, nil
+}

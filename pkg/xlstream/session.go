@@ -8,7 +8,10 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/xenferry/xenferry/pkg/pace"
 )
 
 // SendStats is what the source side of a session did.
@@ -19,6 +22,8 @@ type SendStats struct {
 	BackBytes int64
 	// ExitStatus is the destination command's exit status (-1: unknown).
 	ExitStatus int
+	// Early resume: pages held back, then sent on demand and by the push.
+	LazyHeld, LazyDemanded, LazyPushed int64
 }
 
 // SendOptions tune Send.
@@ -38,6 +43,18 @@ type SendOptions struct {
 	// permission to go, so this is the point of no return of an xl
 	// migration: an error ends the session without sending it.
 	BeforeTrailer func() error
+	// Lazy, when set, holds back the RAM of an HVM or PVH domain for
+	// early resume (a PV domain's stream goes unchanged): see lazy.go.
+	// Send then serves the destination's demands and pushes the held pages
+	// after xl's stream ended, until the destination exits.
+	Lazy *LazySource
+	// LazyName is the spool's name sent to the destination.
+	LazyName string
+	// LazyPushRate paces the push (bytes per second, 0: as fast as the
+	// link takes it). Just below the link's rate it keeps the queues on
+	// the way empty, so that a demand answer does not wait behind pushed
+	// pages.
+	LazyPushRate int64
 }
 
 // Send is the source side of a session: it reads xl's migration stream
@@ -51,18 +68,25 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 	rd := NewReader(xlIn)
 	st := SendStats{ExitStatus: -1}
 	var mu sync.Mutex // protects st.BackBytes, st.ExitStatus
+	var lazyOn bool   // the destination was told; set once, by the send loop
+	var lazySynced bool
+	var demanded, pushed int64
 
 	backDone := make(chan error, 1)
 	go func() {
 		backDone <- func() error {
 			br := bufio.NewReaderSize(conn, 64<<10)
 			var buf []byte
+			var demandErr error
 			for {
 				kind, body, err := readFrame(br, buf)
 				if errors.Is(err, io.EOF) {
-					return nil
+					return demandErr
 				}
 				if err != nil {
+					if demandErr != nil {
+						return demandErr
+					}
 					return fmt.Errorf("read from destination: %w", err)
 				}
 				buf = body[:0]
@@ -87,6 +111,50 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 					if err != nil {
 						return err
 					}
+				case FrameDemand:
+					if len(body) != 8 || opts.Lazy == nil {
+						return fmt.Errorf("%w: DEMAND frame of %d bytes", ErrBadFrame, len(body))
+					}
+					pfn := binary.LittleEndian.Uint64(body)
+					b, ok, err := opts.Lazy.page(pfn, true)
+					if err != nil {
+						return err
+					}
+					if !ok {
+						return fmt.Errorf("%w: demand for pfn %#x, which was not held back", ErrBadFrame, pfn)
+					}
+					// The faulting page, then up to 7 held pages after it
+					// not yet sent (a guest touching one page of a run
+					// touches the next). A write error is not the end by
+					// itself: a destination that got every page from the
+					// push exits without waiting for late answers; its EXIT
+					// (or the lack of it) decides.
+					werr := enc.frame(FrameLazyPage, true, b)
+					for q, extra := pfn+1, 0; werr == nil && q <= pfn+64 && extra < 7; q++ {
+						nb, ok, err := opts.Lazy.page(q, false)
+						if err != nil {
+							return err
+						}
+						if ok {
+							werr = enc.frame(FrameLazyPage, false, nb)
+							extra++
+							mu.Lock()
+							pushed++ // sent ahead of a fault, like the push
+							mu.Unlock()
+						}
+					}
+					if werr == nil {
+						werr = enc.Flush()
+					}
+					if werr != nil {
+						if demandErr == nil {
+							demandErr = fmt.Errorf("answer a demand: %w", werr)
+						}
+						continue
+					}
+					mu.Lock()
+					demanded++
+					mu.Unlock()
 				case FrameExit:
 					if len(body) != 4 {
 						return fmt.Errorf("%w: EXIT frame of %d bytes", ErrBadFrame, len(body))
@@ -140,6 +208,14 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			if err != nil {
 				return err
 			}
+			if lazyOn && t.Layer == LayerTrailer && !lazySynced {
+				// The go follows: from then on the spool may be the
+				// domain's only copy of its held pages.
+				if err := opts.Lazy.Sync(); err != nil {
+					return err
+				}
+				lazySynced = true
+			}
 			if opts.BeforeTrailer != nil && t.Layer == LayerTrailer {
 				if err := enc.Flush(); err != nil {
 					return err
@@ -148,6 +224,33 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 					return err
 				}
 				opts.BeforeTrailer = nil
+			}
+			if opts.Lazy != nil && t.Kind == TokPages {
+				if x := rd.Libxc(); x != nil && (x.DomainType == DomainX86HVM || x.DomainType == DomainX86PVH) {
+					if !lazyOn {
+						hello := binary.LittleEndian.AppendUint32(nil, lazyVersion)
+						hello = binary.LittleEndian.AppendUint16(hello, uint16(len(opts.LazyName)))
+						hello = append(hello, opts.LazyName...)
+						if err := enc.frame(FrameLazyHello, false, hello); err != nil {
+							return err
+						}
+						lazyOn = true
+					}
+					p, err := opts.Lazy.Hold(t.Page)
+					if err != nil {
+						return err
+					}
+					t.Page, t.Raw = p, p.Raw
+				}
+			}
+			if lazyOn && t.Layer == LayerLibxc && t.Type == RecEnd {
+				// Every held pfn is known: the destination gets the
+				// manifest before the restore can end.
+				for _, m := range opts.Lazy.manifestFrames() {
+					if err := enc.frame(FrameLazyManifest, false, m); err != nil {
+						return err
+					}
+				}
 			}
 			if opts.IndexFor != nil && t.Kind == TokPages {
 				idx, err := opts.IndexFor(rd.XL())
@@ -179,12 +282,75 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			c.Close()
 		}
 	}
-	backErr := <-backDone
+	var pushErr error
+	var backErr error
+	if sendErr == nil && lazyOn {
+		// xl's stream ended: on success the domain runs at the
+		// destination, which now gets the rest, demand first. A failed
+		// resume there ends the session (EXIT) and with it the push.
+		pushDone := make(chan struct{})
+		stopPush := make(chan struct{})
+		go func() {
+			defer close(pushDone)
+			var from uint64
+			n := 0
+			bucket := pace.New(opts.LazyPushRate, 64<<10, true, "early-resume push")
+			for {
+				select {
+				case <-stopPush:
+					return
+				default:
+				}
+				pfn, ok := opts.Lazy.nextUnsent(from)
+				if !ok {
+					pushErr = enc.Flush()
+					return
+				}
+				from = pfn + 1
+				b, ok, err := opts.Lazy.page(pfn, false)
+				if err != nil {
+					pushErr = err
+					return
+				}
+				if !ok {
+					continue // demanded meanwhile
+				}
+				if bucket != nil {
+					if err := bucket.Wait(ctx, len(b)); err != nil {
+						pushErr = err
+						return
+					}
+				}
+				n++
+				// Short flushes: a demand answer waits behind what the
+				// push has buffered, never more than 8 pages of it.
+				if err := enc.frame(FrameLazyPage, n%8 == 0, b); err != nil {
+					pushErr = fmt.Errorf("push: %w", err)
+					return
+				}
+				mu.Lock()
+				pushed++
+				mu.Unlock()
+			}
+		}()
+		backErr = <-backDone
+		close(stopPush)
+		<-pushDone
+		if pushErr != nil && backErr == nil && st.ExitStatus != 0 {
+			backErr = pushErr
+		}
+	} else {
+		backErr = <-backDone
+	}
 	if backErr != nil {
 		enc.Abort(backErr)
 	}
 	mu.Lock()
 	st.Reader, st.Encode = rd.Stats(), enc.Stats()
+	st.LazyDemanded, st.LazyPushed = demanded, pushed
+	if lazyOn {
+		st.LazyHeld = int64(opts.Lazy.Held())
+	}
 	mu.Unlock()
 	if sendErr != nil {
 		return st, fmt.Errorf("xlstream: send: %w", sendErr)
@@ -208,6 +374,9 @@ type ReceiveOptions struct {
 	// Progress, when set, is called about every ProgressEvery.
 	Progress      func(DecodeStats)
 	ProgressEvery time.Duration
+	// Lazy takes a domain whose RAM the source holds back (early
+	// resume); nil refuses such a migration.
+	Lazy LazySink
 }
 
 // Receive is the destination side of a session: it rebuilds the stream
@@ -235,6 +404,7 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 
 	q := newFrameQueue(opts.QueueBytes)
 	falls := make(chan []byte, 4)
+	var lazy atomic.Bool // the source holds pages back (LAZYHELLO seen)
 	go func() {
 		// It keeps reading after END: fallback pages may follow it. It
 		// ends when the connection does.
@@ -242,6 +412,9 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 		ended := false
 		for {
 			kind, body, err := readFrame(br, nil)
+			if err != nil && lazy.Load() {
+				opts.Lazy.Abort(fmt.Errorf("connection to the source: %w", err))
+			}
 			if err != nil {
 				if ended {
 					return
@@ -251,6 +424,18 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 				}
 				q.fail(err)
 				return
+			}
+			if kind >= FrameLazyHello && kind <= FrameLazyPage {
+				if lerr := receiveLazy(opts.Lazy, kind, body, &lazy, func(pfn uint64) error {
+					return send(FrameDemand, u64(pfn))
+				}); lerr != nil {
+					if lazy.Load() {
+						opts.Lazy.Abort(lerr)
+					}
+					q.fail(lerr)
+					return
+				}
+				continue
 			}
 			if kind == FrameFallback {
 				select {
@@ -266,6 +451,10 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 				return
 			}
 			if !q.push(kind, body) {
+				if lazy.Load() {
+					// xl has its stream; the held pages still come.
+					continue
+				}
 				return
 			}
 			ended = kind == FrameEnd
@@ -340,6 +529,21 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 	}()
 	q.fail(io.EOF) // stop the reader if it still runs
 	cerr := cmdIn.Close()
+	if errors.Is(recvErr, ErrCommandEnded) {
+		// xl ended before the source's END frame came. That is how a
+		// migration ends (the source sends END only once its xl has the
+		// report and exits); xl's exit status says how it went.
+		<-backDone
+		st := -1
+		if opts.Wait != nil {
+			st = opts.Wait()
+		}
+		if st == 0 {
+			return d.Stats(), finishReceive(opts, lazy.Load(), st, send)
+		}
+		_ = send(FrameExit, binary.LittleEndian.AppendUint32(nil, uint32(int32(st))))
+		return d.Stats(), fmt.Errorf("xlstream: receive: %w", recvErr)
+	}
 	if recvErr != nil {
 		// The command sees a cut stream and fails; its output still goes
 		// back to the source's xl, which then resumes the domain there.
@@ -357,12 +561,25 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 		return d.Stats(), fmt.Errorf("xlstream: receive: %w", err)
 	}
 	if opts.Wait != nil {
-		st := opts.Wait()
-		if err := send(FrameExit, binary.LittleEndian.AppendUint32(nil, uint32(int32(st)))); err != nil {
-			return d.Stats(), fmt.Errorf("xlstream: receive: send exit status: %w", err)
-		}
+		return d.Stats(), finishReceive(opts, lazy.Load(), opts.Wait(), send)
 	}
 	return d.Stats(), nil
+}
+
+// finishReceive sends the command's exit status, once the held pages of an
+// early resume are all in: the EXIT frame ends the source's session.
+func finishReceive(opts ReceiveOptions, lazy bool, st int, send func(byte, []byte) error) error {
+	exit := binary.LittleEndian.AppendUint32(nil, uint32(int32(st)))
+	if st == 0 && opts.Lazy != nil && lazy {
+		if err := opts.Lazy.Wait(); err != nil {
+			_ = send(FrameExit, exit)
+			return fmt.Errorf("xlstream: receive: early resume: %w", err)
+		}
+	}
+	if err := send(FrameExit, exit); err != nil {
+		return fmt.Errorf("xlstream: receive: send exit status: %w", err)
+	}
+	return nil
 }
 
 // frameQueue is a FIFO of frames bounded in bytes (one frame always fits).
@@ -421,4 +638,41 @@ func (q *frameQueue) fail(err error) {
 		q.err = err
 	}
 	q.cond.Broadcast()
+}
+
+// receiveLazy hands an early-resume frame to sink.
+func receiveLazy(sink LazySink, kind byte, body []byte, on *atomic.Bool, demand func(uint64) error) error {
+	if sink == nil {
+		return fmt.Errorf("%w: this destination cannot take a domain before its memory (no pager)", ErrLazyRefused)
+	}
+	switch kind {
+	case FrameLazyHello:
+		if on.Load() {
+			return fmt.Errorf("%w: second LAZYHELLO", ErrBadFrame)
+		}
+		name, err := parseLazyHello(body)
+		if err != nil {
+			return err
+		}
+		if err := sink.Hello(name); err != nil {
+			return fmt.Errorf("%w: %v", ErrLazyRefused, err)
+		}
+		on.Store(true)
+		sink.Start(demand)
+		return nil
+	case FrameLazyManifest:
+		if !on.Load() {
+			return fmt.Errorf("%w: LAZYMANIFEST before LAZYHELLO", ErrBadFrame)
+		}
+		es, err := parseManifest(body)
+		if err != nil {
+			return err
+		}
+		return sink.Manifest(es)
+	default: // FrameLazyPage
+		if !on.Load() || len(body) != 8+PageSize {
+			return fmt.Errorf("%w: LAZYPAGE of %d bytes (early resume on: %v)", ErrBadFrame, len(body), on.Load())
+		}
+		return sink.Page(binary.LittleEndian.Uint64(body), body[8:])
+	}
 }

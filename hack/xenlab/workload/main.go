@@ -7,7 +7,8 @@
 //   - reads CacheMiB of its disk into the page cache, so that many guest
 //     pages equal blocks of the shared disk (what dedup finds),
 //   - writes once a second, with O_DIRECT, a status block to sector 0 of its
-//     disk: boot id, a counter that only ever increases, checks done and bad.
+//     disk: boot id, a counter that only ever increases, checks done and bad;
+//   - writes every 10 ms a heartbeat (a sequence number) to the next page.
 //
 // After a migration the status block must show the same boot id, a counter
 // that kept increasing and bad=0: the domU did not reboot, its memory is
@@ -29,6 +30,8 @@ import (
 const (
 	disk     = "/dev/xvda"
 	cacheOff = 1 << 20 // the disk's data region starts at 1 MiB
+	// heartbeatOff is the heartbeat block, after the status block.
+	heartbeatOff = 4096
 	pageSize = 4096
 )
 
@@ -92,6 +95,21 @@ func main() {
 		defer c.Close()
 	}
 	logf("started boot=%016x pattern=%dMiB cache=%dMiB", boot, patternMiB, cacheMiB)
+
+	// The heartbeat: a sequence number in the disk's second page, written
+	// every 10 ms, that the lab reads from outside (hack/xenlab/heartbeat)
+	// to measure how long the domU stood still during a migration.
+	if f != nil {
+		go func() {
+			hb := alignedBlock()
+			for seq := uint64(1); ; seq++ {
+				clear(hb)
+				copy(hb, fmt.Sprintf("XENLAB-HB boot=%016x seq=%d\n", boot, seq))
+				_, _ = f.WriteAt(hb, heartbeatOff)
+				time.Sleep(10 * time.Millisecond)
+			}
+		}()
+	}
 
 	blk := alignedBlock()
 	var counter, checks, bad uint64

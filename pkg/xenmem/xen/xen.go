@@ -38,6 +38,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/xenferry/xenferry/pkg/xenmem"
+	"github.com/xenferry/xenferry/pkg/xenmem/xen/paging"
 )
 
 // Runner runs a toolstack command and returns its standard output. The
@@ -55,13 +56,17 @@ type Options struct {
 	Capabilities string
 	// HostName overrides the host name reported by xl info.
 	HostName string
-	Log      logr.Logger
+	// ProbePaging says whether this host can page domain memory (early
+	// resume); nil asks the hypervisor (paging.Probe), once, at Open.
+	ProbePaging func() error
+	Log         logr.Logger
 }
 
 // Host is a Xen host seen from its dom0.
 type Host struct {
 	opts Options
 	log  logr.Logger
+	caps xenmem.Capabilities
 }
 
 var _ xenmem.Host = (*Host)(nil)
@@ -76,7 +81,15 @@ func Open(ctx context.Context, opts Options) (*Host, error) {
 	if opts.Capabilities == "" {
 		opts.Capabilities = "/proc/xen/capabilities"
 	}
-	h := &Host{opts: opts, log: opts.Log}
+	h := &Host{opts: opts, log: opts.Log, caps: Capabilities}
+	if opts.ProbePaging == nil {
+		opts.ProbePaging = paging.Probe
+	}
+	if err := opts.ProbePaging(); err == nil {
+		h.caps = EarlyResumeCapabilities
+	} else {
+		h.log.Info("Early resume unavailable here: HVM/PVH domains migrate pre-copy", "reason", err.Error())
+	}
 	if opts.Run == nil {
 		if _, err := exec.LookPath(opts.XL); err != nil {
 			return nil, fmt.Errorf("xen: the toolstack command %q is not installed (xen-utils): %w", opts.XL, xenmem.ErrBackendAbsent)
@@ -129,6 +142,7 @@ func (h *Host) Info(ctx context.Context) (xenmem.HostInfo, error) {
 	if h.opts.HostName != "" {
 		info.Name = h.opts.HostName
 	}
+	info.Capabilities = h.caps
 	return info, nil
 }
 
@@ -212,6 +226,13 @@ func (h *Host) Close() error { return nil }
 // can run a domain whose memory has not all arrived (docs/xen-postcopy.md),
 // with dedup by xenferry's xl transport.
 var Capabilities = xenmem.Capabilities{Transport: xenmem.TransportXL, Strategies: []string{"precopy"}, Dedup: true}
+
+// EarlyResumeCapabilities are those of a host whose hypervisor can page
+// domain memory (built with CONFIG_MEM_PAGING): xl-send holds an HVM/PVH
+// domain's RAM back and this host's pager serves it after the resume (a PV
+// domain still migrates pre-copy).
+var EarlyResumeCapabilities = xenmem.Capabilities{Transport: xenmem.TransportXL,
+	Strategies: []string{"precopy", "postcopy", "hybrid"}, Dedup: true, EarlyResume: true}
 
 func ParseInfo(out []byte) (xenmem.HostInfo, error) {
 	kv := map[string]string{}

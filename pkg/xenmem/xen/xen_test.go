@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -254,5 +255,37 @@ func TestDataPathIsXLMigrate(t *testing.T) {
 	}
 	if _, err := h.CreateTarget(context.Background(), xenmem.DomainInfo{Name: "web"}); !errors.Is(err, xenmem.ErrNotSupported) {
 		t.Errorf("CreateTarget err = %v, want ErrNotSupported", err)
+	}
+}
+
+// TestEarlyResumeIsOfferedOnlyWhereThePagerCanRun: a host publishes early
+// resume (and the post-copy strategies) only when paging can be enabled.
+func TestEarlyResumeIsOfferedOnlyWhereThePagerCanRun(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		probe func() error
+		early bool
+	}{
+		{"hypervisor with memory paging", func() error { return nil }, true},
+		{"stock hypervisor", func() error { return errors.New("no memory paging (ENOSYS)") }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dirs, _ := filepath.Glob("testdata/*")
+			if len(dirs) == 0 {
+				t.Fatal("no testdata")
+			}
+			h, err := Open(context.Background(), Options{Run: fakeXL(t, filepath.Base(dirs[0])), Capabilities: "-", ProbePaging: tc.probe})
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := h.Info(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := info.Capabilities
+			if c.EarlyResume != tc.early || slices.Contains(c.Strategies, "postcopy") != tc.early || !slices.Contains(c.Strategies, "precopy") {
+				t.Fatalf("capabilities %+v, want early resume %v", c, tc.early)
+			}
+		})
 	}
 }

@@ -20,11 +20,17 @@ const (
 	ioctlEvtchnBindInterdom  = 0x00084501 // 'E' 1, {remote_domain, remote_port}
 	ioctlEvtchnUnbind        = 0x00044503 // 'E' 3, {port}
 	ioctlEvtchnNotify        = 0x00044504 // 'E' 4, {port}
-	hypercallBufSize         = 4 * PageSize
+	hypercallBufSize         = 16 * PageSize
 	bufPage                  = 0 // the page Install copies from
 	bufArgs                  = PageSize
 	bufExtents               = 2 * PageSize // xen_pfn_t[] for reservations
 	maxExtentsPerReservation = PageSize / 8
+	// A multicall of paging ops: entries {op, result, args[6]} (64
+	// bytes each), then the xen_mem_paging_op each one points at.
+	bufMulti         = 4 * PageSize
+	multicallEntry   = 64
+	hypercallMulti   = 13
+	MaxPagingOpBatch = (hypercallBufSize - bufMulti) / (multicallEntry + pagingOpSize)
 )
 
 // hypervisor is dom0's handle on Xen: privcmd for hypercalls and foreign
@@ -244,6 +250,39 @@ func (h *hypervisor) pagingOp(dom uint16, op uint8, gfn uint64, page []byte) err
 	le.PutUint64(p[16:], gfn)
 	_, err := h.hypercall(hypercallMemoryOp, memPagingOp, h.addr(bufArgs))
 	return err
+}
+
+// pagingOps runs ops[i] on gfns[i] in one multicall, in order, and returns
+// each op's result (0 or a negative errno).
+func (h *hypervisor) pagingOps(dom uint16, ops []uint8, gfns []uint64) ([]int64, error) {
+	n := len(ops)
+	if n == 0 || n != len(gfns) || n > MaxPagingOpBatch {
+		return nil, fmt.Errorf("paging: batch of %d ops for %d gfns (at most %d)", n, len(gfns), MaxPagingOpBatch)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	le := binary.LittleEndian
+	ents := h.hbuf[bufMulti : bufMulti+n*multicallEntry]
+	argOff := bufMulti + n*multicallEntry
+	clear(h.hbuf[bufMulti : argOff+n*pagingOpSize])
+	for i := range ops {
+		a := argOff + i*pagingOpSize
+		h.hbuf[a] = ops[i]
+		le.PutUint16(h.hbuf[a+2:], dom)
+		le.PutUint64(h.hbuf[a+16:], gfns[i])
+		e := ents[i*multicallEntry:]
+		le.PutUint64(e[0:], hypercallMemoryOp)
+		le.PutUint64(e[16:], memPagingOp)
+		le.PutUint64(e[24:], h.addr(a))
+	}
+	if _, err := h.hypercall(hypercallMulti, h.addr(bufMulti), uint64(n)); err != nil {
+		return nil, fmt.Errorf("multicall of %d paging ops: %w", n, err)
+	}
+	res := make([]int64, n)
+	for i := range res {
+		res[i] = int64(le.Uint64(ents[i*multicallEntry+8:]))
+	}
+	return res, nil
 }
 
 // mapForeign maps gfns of dom into this process, read-write; errs[i] is

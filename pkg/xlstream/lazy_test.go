@@ -1,0 +1,215 @@
+package xlstream
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// newest returns, for each pfn with contents in the stream, its last copy.
+func newest(t *testing.T, in []byte) map[uint64][]byte {
+	t.Helper()
+	m := map[uint64][]byte{}
+	rd := NewReader(bytes.NewReader(in))
+	for {
+		tok, err := rd.Next()
+		if errors.Is(err, io.EOF) {
+			return m
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok.Kind != TokPages {
+			continue
+		}
+		di := 0
+		for _, e := range tok.Page.Entries {
+			if !pageHasData(PFNType(e)) {
+				continue
+			}
+			m[PFN(e)] = bytes.Clone(tok.Page.Data(di))
+			di++
+		}
+	}
+}
+
+// testSink is a LazySink that keeps pages in memory and demands some of
+// them as soon as the manifest is complete, as a pager would on faults.
+type testSink struct {
+	mu       sync.Mutex
+	hashes   map[uint64]uint64
+	got      map[uint64][]byte
+	demand   func(uint64) error
+	demanded []uint64
+	done     chan struct{}
+	closed   bool
+	err      error
+}
+
+func (s *testSink) Hello(name string) error { return nil }
+func (s *testSink) Start(d func(uint64) error) {
+	s.mu.Lock()
+	s.demand = d
+	s.mu.Unlock()
+}
+func (s *testSink) Manifest(es []LazyEntry) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range es {
+		s.hashes[e.PFN] = e.Hash
+	}
+	return nil
+}
+func (s *testSink) Page(pfn uint64, page []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h, ok := s.hashes[pfn]
+	if !ok || PageHash(page) != h {
+		return fmt.Errorf("page for pfn %#x: held %v, hash mismatch", pfn, ok)
+	}
+	s.got[pfn] = bytes.Clone(page)
+	if len(s.got) == len(s.hashes) && !s.closed {
+		s.closed = true
+		close(s.done)
+	}
+	return nil
+}
+func (s *testSink) Wait() error {
+	select {
+	case <-s.done:
+		return s.err
+	case <-time.After(30 * time.Second):
+		return errors.New("not every held page came")
+	}
+}
+func (s *testSink) Abort(err error) {}
+
+// TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies runs a session
+// over TCP on the captured PVH stream with early resume: the rebuilt
+// stream must carry no contents for the held pfns (XALLOC), the manifest
+// must hold them all, and demands and the push must deliver each one's
+// newest copy, verified against the manifest.
+func TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies(t *testing.T) {
+	in := loadFixture(t, fixtures[1].file)
+	want := newest(t, in)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx := context.Background()
+	sink := &testSink{hashes: map[uint64]uint64{}, got: map[uint64][]byte{}, done: make(chan struct{})}
+	var rebuilt bytes.Buffer
+	var wg sync.WaitGroup
+	var recvErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, err := ln.Accept()
+		if err != nil {
+			recvErr = err
+			return
+		}
+		defer c.Close()
+		cmdInR, cmdInW := io.Pipe()
+		cmdOutR, cmdOutW := io.Pipe()
+		go func() {
+			io.Copy(&rebuilt, cmdInR)
+			// The domain "runs": fault on three held pfns before the push.
+			sink.mu.Lock()
+			var ask []uint64
+			for pfn := range sink.hashes {
+				if len(ask) == 3 {
+					break
+				}
+				ask = append(ask, pfn)
+			}
+			d := sink.demand
+			sink.mu.Unlock()
+			for _, p := range ask {
+				if err := d(p); err != nil {
+					t.Errorf("demand: %v", err)
+				}
+			}
+			sink.mu.Lock()
+			sink.demanded = ask
+			sink.mu.Unlock()
+			cmdOutW.Write([]byte("ready"))
+			cmdOutW.Close()
+		}()
+		_, recvErr = Receive(ctx, c, cmdInW, cmdOutR, nil, ReceiveOptions{Wait: func() int { return 0 }, Lazy: sink})
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	lz, err := NewLazySource(t.TempDir(), "test.spool")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lz.Remove()
+	var back bytes.Buffer
+	st, err := Send(ctx, c, bytes.NewReader(in), &back, nil, SendOptions{Lazy: lz, LazyName: "test.spool"})
+	if err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	wg.Wait()
+	if recvErr != nil {
+		t.Fatalf("Receive: %v", recvErr)
+	}
+	if st.LazyHeld == 0 || int(st.LazyHeld) != len(sink.hashes) || st.LazyDemanded+st.LazyPushed < st.LazyHeld {
+		t.Fatalf("held %d, manifest %d, demanded %d, pushed %d", st.LazyHeld, len(sink.hashes), st.LazyDemanded, st.LazyPushed)
+	}
+	if st.LazyDemanded < int64(len(sink.demanded)) {
+		t.Fatalf("%d demands answered, %d made", st.LazyDemanded, len(sink.demanded))
+	}
+	for pfn, page := range sink.got {
+		if !bytes.Equal(page, want[pfn]) {
+			t.Fatalf("pfn %#x: delivered page is not its newest copy in the stream", pfn)
+		}
+	}
+	// The rebuilt stream: held pfns have no contents, all others do.
+	rb := newest(t, rebuilt.Bytes())
+	for pfn := range sink.hashes {
+		if _, ok := rb[pfn]; ok {
+			t.Fatalf("pfn %#x is held back but has contents in the rebuilt stream", pfn)
+		}
+	}
+	for pfn := range want {
+		_, held := sink.hashes[pfn]
+		if _, ok := rb[pfn]; !ok && !held {
+			t.Fatalf("pfn %#x lost: neither in the stream nor held", pfn)
+		}
+	}
+	t.Logf("held %d of %d pfns, %d demanded, %d pushed, stream %d -> %d bytes",
+		st.LazyHeld, len(want), st.LazyDemanded, st.LazyPushed, len(in), rebuilt.Len())
+}
+
+func TestLazyFramesAreValidated(t *testing.T) {
+	if _, err := parseLazyHello([]byte{1, 0, 0, 0, 3, 0, '.', '.', '/'}); err == nil {
+		t.Fatal("a spool name with a slash was accepted")
+	}
+	if _, err := parseManifest([]byte{1, 0, 0, 0}); err == nil {
+		t.Fatal("a manifest shorter than its count was accepted")
+	}
+	m := make([]byte, 4+16)
+	m[0] = 1
+	le.PutUint64(m[4:], 0xfeffc) // a special page: never held
+	if _, err := parseManifest(m); err == nil {
+		t.Fatal("a manifest holding a special page was accepted")
+	}
+	var on atomicBoolForTest
+	if err := receiveLazy(nil, FrameLazyHello, nil, &on.b, nil); !errors.Is(err, ErrLazyRefused) {
+		t.Fatalf("a destination without a pager: %v, want ErrLazyRefused", err)
+	}
+}
+
+type atomicBoolForTest struct{ b atomic.Bool }
