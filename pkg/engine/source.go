@@ -1103,6 +1103,8 @@ func (s *source) pushRest(ctx context.Context) error {
 				_ = tc.SetWriteBuffer(inlineSocketBuffer)
 			}
 		}
+	} else {
+		s.batchMax.Store(pushBatchPages)
 	}
 	if err := s.forEachSender(ctx, func(ctx context.Context, sd *sender) error {
 		// Zero pages and disk references first: they cost the wire almost
@@ -1218,6 +1220,14 @@ func (s *source) servePrio(ctx context.Context, prio *conn, gen int32) {
 // the guest dirties again; with wire.MaxBatchPages (4 MiB) per stream a
 // stop sent up to 16 MiB more (web at 256 MiB: 4.4 k pages resent, 18 MB).
 const batchPages = 256
+
+// pushBatchPages caps the post-copy push's batches: a page a vCPU faults
+// on while it sits in a sender's unsent batch is answered again, whole,
+// on the priority connection. Web and memheavy at 256 MiB, three runs
+// each (06:40, load 4.2): memheavy resent 3.5-3.8 k pages with 256-page
+// batches, 2.2-2.6 k with 128 (wire 236 → 230-232 MB); 64 cut it to
+// 1.5-2.7 k but the web fault p99 rose (462-1175 µs against 389-644).
+const pushBatchPages = 128
 
 // With DemandInline, the push's batches and the data sockets' send buffers
 // shrink to these during post-copy.
