@@ -42,7 +42,7 @@ func runAgent(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.ScanInterval, "scan-interval", agent.DefaultScanInterval, "least time between two scans of a domain's memory for its predicted migration cost")
 	fs.Int64Var(&cfg.ScanBytesPerSec, "scan-rate", agent.DefaultScanRate, "bytes/s a memory scan for the predicted migration cost reads at most")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "directory for dedup indexes and in-flight migration state (default: $TMPDIR/xenferry-agent-HOST)")
-	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors; "+
+	durableDir := fs.String("durable-dir", "auto", "shared directory (same path on every host) for durable post-copy mirrors and, on Xen, early resume's spool; "+
 		"\"auto\": on the backend's shared storage when it knows one (sim: STATEDIR/xenferry-durable; xen: none), \"\": off")
 	agent.BindMetricsFlags(fs)
 	zopts := zap.Options{Development: true}

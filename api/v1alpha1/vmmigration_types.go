@@ -381,9 +381,27 @@ type TargetState struct {
 	// message explains a failure or the last notable event.
 	// +optional
 	Message string `json:"message,omitempty"`
+	// postCopy holds the figures of the phase after an early resume, once
+	// every page is in.
+	// +optional
+	PostCopy *PostCopyStats `json:"postCopy,omitempty"`
 	// lastUpdateTime of this half.
 	// +optional
 	LastUpdateTime *metav1.Time `json:"lastUpdateTime,omitempty"`
+}
+
+// PostCopyStats are the target's figures of a post-copy phase.
+type PostCopyStats struct {
+	// demandPages the running domain touched before they arrived, fetched
+	// from the source ahead of the push.
+	// +optional
+	DemandPages int64 `json:"demandPages,omitempty"`
+	// faultP50 is the median of those fetches, fault to page in place.
+	// +optional
+	FaultP50 metav1.Duration `json:"faultP50,omitempty"`
+	// faultP99 is their 99th percentile.
+	// +optional
+	FaultP99 metav1.Duration `json:"faultP99,omitempty"`
 }
 
 // VMMigrationStatus is what the controller and the agents observed.

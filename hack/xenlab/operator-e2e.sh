@@ -19,6 +19,11 @@
 #   kill-target-agent to the other host, its agent killed once bytes flow:
 #                     the domU ends on exactly one host, intact
 #
+# On hosts booted with the hypervisor that has memory paging (hosts left
+# running by make xenlab-postcopy-e2e, or XENLAB_XEN), the agents publish
+# early resume, the default Hybrid strategy stays hybrid, and the PVH
+# domU's migrations resume it early (demandPages, faultP99 below).
+#
 # After each step: the domU runs on one host only, kept its boot id, its
 # counter goes on and its memory check found no bad page (the workload of
 # e2e.sh). One JSON line per step on stdout:
@@ -81,9 +86,11 @@ start_agent() { # HOST
 set -e
 [ -e /run/xenlab-agent.pid ] && kill "\$(cat /run/xenlab-agent.pid)" 2>/dev/null || true
 install -m 0755 /xenlab/share/node-agent /usr/local/bin/
-mkdir -p /var/lib/xenferry /var/log/xenlab
+mkdir -p /var/lib/xenferry /var/log/xenlab /xenlab/share/durable
+# --durable-dir: the 9p share both dom0s mount, where an early resume's
+# spool outlives its source (used only on hosts with memory paging).
 setsid nice -n -10 node-agent run --backend xen --kubeconfig /xenlab/share/kubeconfig-lab --host xenlab-$h \
-	--data-addr $(host_ip "$h"):7080 --namespace $NS --state-dir /var/lib/xenferry \
+	--data-addr $(host_ip "$h"):7080 --namespace $NS --state-dir /var/lib/xenferry --durable-dir /xenlab/share/durable \
 	--heartbeat-interval 5s --status-interval 2s </dev/null >>/var/log/xenlab/agent.log 2>&1 &
 echo \$! >/run/xenlab-agent.pid
 echo "agent on xenlab-$h: pid \$(cat /run/xenlab-agent.pid)"
@@ -159,8 +166,14 @@ EOF
 		*) [[ ($phase == Failed || $phase == Succeeded) && $hosts != *,* && $hosts != "[]" ]] && ok=true ;;
 		esac
 	fi
-	printf '{"step":"%s","ok":%s,"phase":"%s","source":"%s","target":"%s","domainHosts":%s,"stateIntact":%s,"seconds":%d,"progressSamples":%d,"dedupSavedBytes":%s,"linkBytes":%d,"memoryBytes":%s}\n' \
-		"$name" "$ok" "$phase" "$src" "$target" "$hosts" "$st" "$secs" "$samples" "$saved" "$((b1 - b0))" "$mem"
+	# Early resume (hosts on a hypervisor with memory paging, PVH domU):
+	# what the target's pager fetched on demand, from the status.
+	local demand p99
+	demand=$(jq_m "$mig" '.status.target.postCopy.demandPages // 0')
+	p99=$(jq_m "$mig" '.status.target.postCopy.faultP99 // ""')
+	printf '{"step":"%s","ok":%s,"phase":"%s","source":"%s","target":"%s","domainHosts":%s,"stateIntact":%s,"seconds":%d,"progressSamples":%d,"dedupSavedBytes":%s,"linkBytes":%d,"memoryBytes":%s,"engineStrategy":"%s","demandPages":%s,"faultP99":"%s"}\n' \
+		"$name" "$ok" "$phase" "$src" "$target" "$hosts" "$st" "$secs" "$samples" "$saved" "$((b1 - b0))" "$mem" \
+		"$(jq_m "$mig" '.status.parameters.engineStrategy // ""')" "$demand" "$p99"
 }
 
 # ---------------------------------------------------------------- build

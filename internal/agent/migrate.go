@@ -75,6 +75,9 @@ type run struct {
 	lastWrite time.Time
 	// lastPhase is the phase last written, so a phase change is written at once.
 	lastPhase string
+	// postCopy: the target's figures of an early resume (demand pages,
+	// fault latency), set at its end.
+	postCopy *v1.PostCopyStats
 }
 
 // heldDomain is a committed domain held here until the target's verdict:

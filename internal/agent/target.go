@@ -126,6 +126,7 @@ func (tr *TargetReconciler) targetHalf(r *run) v1.TargetState {
 		Host: tr.cfg.Host, AgentID: tr.id, Address: tr.DataAddress(),
 		Ready: !r.aborted && !r.failed, Prepared: r.prepared, Resumed: r.resumed,
 		Completed: r.done, Failed: r.failed, Discarded: r.discarded, Message: r.message, LastUpdateTime: &now,
+		PostCopy: r.postCopy,
 	}
 	if r.resumed {
 		st.ResumeTime = &metav1.Time{Time: r.resumeTime}
@@ -238,6 +239,10 @@ func (tr *TargetReconciler) onReceiverEvent(migrationID string, ev engine.Event)
 		r.resumed, r.resumeTime = true, now
 	case engine.EventDone:
 		r.done = true
+		if st := ev.Stats; st.Demand > 0 || st.FaultLatency != nil {
+			r.postCopy = &v1.PostCopyStats{DemandPages: int64(st.Demand),
+				FaultP50: metav1.Duration{Duration: st.FaultP50}, FaultP99: metav1.Duration{Duration: st.FaultP99}}
+		}
 	case engine.EventFailed:
 		r.failed = true
 		if ev.Err != nil {

@@ -30,8 +30,9 @@ import (
 // them, and this pager fetches each from the source ahead of its push.
 
 // readyMessage is what `xl migrate-receive` writes once the domain is
-// restored (paused), before it waits for the permission to go.
-var readyMessage = []byte("domain received, ready to unpause\x00")
+// restored (paused), before it waits for the permission to go (xl sends
+// the C string's NUL after it; the gate does not wait for that byte).
+var readyMessage = []byte("domain received, ready to unpause")
 
 // readyGate passes xl's output through and calls gate once, after the
 // ready message was read and before any of its bytes are handed on: the
