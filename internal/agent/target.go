@@ -236,7 +236,9 @@ func (tr *TargetReconciler) onReceiverEvent(migrationID string, ev engine.Event)
 	case engine.EventPrepared:
 		r.prepared = true
 	case engine.EventResumed:
-		r.resumed, r.resumeTime = true, now
+		if !r.resumed { // an early resume reports it before the end too
+			r.resumed, r.resumeTime = true, now
+		}
 	case engine.EventDone:
 		r.done = true
 		if st := ev.Stats; st.Demand > 0 || st.FaultLatency != nil {

@@ -84,6 +84,17 @@ func (x *xlProgress) take(s xlstream.SendStats) {
 	x.p.ZeroPages, x.p.RefPages, x.p.DataPages, x.p.FallbackPages = s.Encode.ZeroPages, s.Encode.RefPages, s.Encode.DataPages, s.Encode.FallbackPages
 }
 
+// postCopy records that xl is done and the held pages are being pushed.
+func (x *xlProgress) postCopy() {
+	if x.path == "" {
+		return
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.p.PostCopy = true
+	_ = x.write(false)
+}
+
 // commit runs before the permission to go leaves: it records the commit
 // durably first, or refuses when an abort was asked for.
 func (x *xlProgress) commit() error {

@@ -79,7 +79,10 @@ func (tr *TargetReconciler) receiveXLMigration(ctx context.Context, c net.Conn, 
 	tr.onReceiverEvent(au.Migration, engine.Event{Kind: engine.EventPrepared, Domain: name})
 	var lazy *lazyStats
 	status, rerr := receiveXL(ctx, c, tr.cfg.XL, log, func(h *xlstream.XLHeader) error { return checkXLConfig(h, g.Domain) },
-		xlRecvLazy{spoolDir: tr.spoolDir(), report: func(st lazyStats) { lazy = &st }})
+		xlRecvLazy{spoolDir: tr.spoolDir(), report: func(st lazyStats) { lazy = &st },
+			// Early resume: the domain runs here before its last pages
+			// arrive; the status says so at once (phase PostCopy).
+			resumed: func() { tr.onReceiverEvent(au.Migration, engine.Event{Kind: engine.EventResumed, Domain: name}) }})
 	// xl migrate-receive has ended: nothing more will create or start the
 	// domain here, so what runs now is the verdict.
 	runs, incoming, err := tr.xlDomainHere(ctx, name)
@@ -321,6 +324,9 @@ func (sr *SourceReconciler) startSourceXL(ctx context.Context, m *v1.VMMigration
 				DiskFallback: uint64(pp.FallbackPages), Total: uint64(pp.ZeroPages + pp.RefPages + pp.DataPages)}}
 		if pp.StreamDone {
 			pr.Phase = engine.PhaseStopAndCopy
+		}
+		if pp.PostCopy {
+			pr.Phase = engine.PhasePostCopy
 		}
 		if mem > 0 {
 			// The first round carries every page once; later rounds are

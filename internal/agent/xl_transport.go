@@ -215,6 +215,7 @@ func XLSend(ctx context.Context, args []string) error {
 			return err
 		}
 		opts.Lazy, opts.LazyName, opts.LazyPushRate = lz, name, *pushRate
+		opts.LazyPushing = prog.postCopy
 		defer func() {
 			// The spool goes once HOST has every page (it said so by its
 			// exit after the last one); otherwise it may be the domain's
@@ -427,6 +428,9 @@ type xlRecvLazy struct {
 	spoolDir string
 	// report, when set, gets the early resume's figures.
 	report func(lazyStats)
+	// resumed, when set, is told when the domain runs here while its held
+	// pages still come.
+	resumed func()
 }
 
 const defaultSpoolDir = "/var/lib/xenferry/spool"
@@ -478,7 +482,7 @@ func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, 
 	}}
 	status := -1
 	st, err := xlstream.Receive(ctx, c, tee, out, res, xlstream.ReceiveOptions{
-		Lazy: sink,
+		Lazy: sink, Resumed: lz.resumed,
 		Wait: func() int {
 			werr := cmd.Wait()
 			status = cmd.ProcessState.ExitCode()

@@ -58,8 +58,11 @@ type Progress struct {
 	// Committed: the permission to go was about to be sent. Written with
 	// fsync before any byte of it leaves, so a restarted agent never takes
 	// a committed migration for an uncommitted one.
-	Committed bool   `json:"committed,omitempty"`
-	Error     string `json:"error,omitempty"`
+	Committed bool `json:"committed,omitempty"`
+	// PostCopy: early resume; xl is done (the domain runs at the target)
+	// and the held pages are still being sent.
+	PostCopy bool   `json:"postCopy,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 // maxProgressFile bounds what ReadProgress reads.

@@ -50,6 +50,10 @@ type SendOptions struct {
 	Lazy *LazySource
 	// LazyName is the spool's name sent to the destination.
 	LazyName string
+	// LazyPushing, when set, is called when xl's stream ended and the
+	// push of the held pages begins (the domain runs at the destination
+	// if xl's migration succeeded).
+	LazyPushing func()
 	// LazyPushRate paces the push (bytes per second, 0: as fast as the
 	// link takes it). Just below the link's rate it keeps the queues on
 	// the way empty, so that a demand answer does not wait behind pushed
@@ -290,6 +294,9 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 		// resume there ends the session (EXIT) and with it the push.
 		pushDone := make(chan struct{})
 		stopPush := make(chan struct{})
+		if opts.LazyPushing != nil {
+			opts.LazyPushing()
+		}
 		go func() {
 			defer close(pushDone)
 			var from uint64
@@ -377,6 +384,9 @@ type ReceiveOptions struct {
 	// Lazy takes a domain whose RAM the source holds back (early
 	// resume); nil refuses such a migration.
 	Lazy LazySink
+	// Resumed, when set, is called when the command ended well while held
+	// pages are still coming: the domain runs here from then on.
+	Resumed func()
 }
 
 // Receive is the destination side of a session: it rebuilds the stream
@@ -571,6 +581,9 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 func finishReceive(opts ReceiveOptions, lazy bool, st int, send func(byte, []byte) error) error {
 	exit := binary.LittleEndian.AppendUint32(nil, uint32(int32(st)))
 	if st == 0 && opts.Lazy != nil && lazy {
+		if opts.Resumed != nil {
+			opts.Resumed()
+		}
 		if err := opts.Lazy.Wait(); err != nil {
 			_ = send(FrameExit, exit)
 			return fmt.Errorf("xlstream: receive: early resume: %w", err)
