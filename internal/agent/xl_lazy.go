@@ -385,6 +385,9 @@ func (s *xlLazySink) Wait() error {
 	p, err, st := s.pager, s.err, s.st
 	s.mu.Unlock()
 	if p != nil && err == nil {
+		s.mu.Lock()
+		s.pager = nil // closed here, not again by release
+		s.mu.Unlock()
 		if cerr := p.Close(); cerr != nil {
 			err = cerr
 		}
@@ -392,6 +395,21 @@ func (s *xlLazySink) Wait() error {
 	s.log.Info("Early resume finished", "held", st.Held, "demand", st.DemandPages, "pushed", st.PushedPages,
 		"spool", st.SpoolPages, "seconds", st.Seconds, "faultP50Us", st.FaultP50Us, "faultP99Us", st.FaultP99Us, "err", fmt.Sprint(err))
 	return err
+}
+
+// release closes a pager that Wait did not (the domain never ran here, or
+// xl failed after the go and destroyed it): its loop and handles go.
+func (s *xlLazySink) release() {
+	s.mu.Lock()
+	p := s.pager
+	s.pager = nil
+	s.finishLocked(errors.New("early resume abandoned"))
+	s.mu.Unlock()
+	if p != nil {
+		if err := p.Close(); err != nil {
+			s.log.Info("Pager of an abandoned early resume closed", "reason", err.Error())
+		}
+	}
 }
 
 func (s *xlLazySink) stats() lazyStats {

@@ -480,6 +480,7 @@ func receiveXL(ctx context.Context, c net.Conn, xlPath string, log logr.Logger, 
 		}
 		return sink.beforeReady()
 	}}
+	defer sink.release()
 	status := -1
 	st, err := xlstream.Receive(ctx, c, tee, out, res, xlstream.ReceiveOptions{
 		Lazy: sink, Resumed: lz.resumed,
