@@ -32,7 +32,7 @@ const (
 	cacheOff = 1 << 20 // the disk's data region starts at 1 MiB
 	// heartbeatOff is the heartbeat block, after the status block.
 	heartbeatOff = 4096
-	pageSize = 4096
+	pageSize     = 4096
 )
 
 // Sizes, from the kernel command line (xenlab.pattern=MiB xenlab.cache=MiB).
