@@ -14,7 +14,7 @@ import (
 )
 
 // sentinels are the package's errors; every error it returns wraps one.
-var sentinels = []error{ErrBadMagic, ErrUnsupported, ErrBadHeader, ErrBadRecord, ErrRecordTooLong, ErrTruncated, ErrBadFrame, ErrChecksum, ErrFallbackFailed, ErrCommandEnded}
+var sentinels = []error{ErrBadMagic, ErrUnsupported, ErrBadHeader, ErrBadRecord, ErrRecordTooLong, ErrTruncated, ErrBadFrame, ErrChecksum, ErrFallbackFailed, ErrCommandEnded, ErrLazyRefused}
 
 func wrapsSentinel(err error) bool {
 	for _, s := range sentinels {
