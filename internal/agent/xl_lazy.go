@@ -124,7 +124,6 @@ type xlLazySink struct {
 	nHeld    int
 	left     int
 	pager    *paging.Pager
-	demand   func(uint64) error
 	faultAt  map[uint64]time.Time
 	st       lazyStats
 	resumed  time.Time
@@ -158,9 +157,6 @@ func (s *xlLazySink) active() bool {
 }
 
 func (s *xlLazySink) Start(demand func(uint64) error) {
-	s.mu.Lock()
-	s.demand = demand
-	s.mu.Unlock()
 	go func() {
 		for {
 			select {
