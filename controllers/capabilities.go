@@ -42,6 +42,7 @@ func resolveCapabilities(p *v1.ResolvedParameters, requested v1.MigrationStrateg
 	}
 	var transport string
 	early, dedup := true, true
+	zstd := true
 	var noEarly, noDedup, noStrategy []string
 	for _, h := range hosts {
 		c := capabilitiesOf(h)
@@ -54,6 +55,9 @@ func resolveCapabilities(p *v1.ResolvedParameters, requested v1.MigrationStrateg
 		if !c.EarlyResume {
 			early = false
 			noEarly = append(noEarly, h.Name)
+		}
+		if !slices.Contains(c.Compression, v1.PageCodecZstd) {
+			zstd = false
 		}
 		if !c.Dedup {
 			dedup = false
@@ -80,6 +84,10 @@ func resolveCapabilities(p *v1.ResolvedParameters, requested v1.MigrationStrateg
 	if withDedup && !dedup {
 		withDedup = false
 		notes = append(notes, fmt.Sprintf("without disk dedup: host %s cannot resolve disk references", strings.Join(noDedup, ", ")))
+	}
+	p.Compression = ""
+	if zstd && len(hosts) > 0 {
+		p.Compression = v1.PageCodecZstd
 	}
 	p.EngineStrategy = base
 	if withDedup {

@@ -71,3 +71,30 @@ func TestResolveCapabilities(t *testing.T) {
 		})
 	}
 }
+
+func TestResolveCapabilitiesCompressesOnlyWhatEveryHostDecodes(t *testing.T) {
+	zstd := &v1.HostCapabilities{Transport: "xl", Strategies: []v1.MigrationStrategy{v1.StrategyPreCopy}, Dedup: true,
+		Compression: []v1.PageCodec{v1.PageCodecZstd}}
+	plain := &v1.HostCapabilities{Transport: "xl", Strategies: []v1.MigrationStrategy{v1.StrategyPreCopy}, Dedup: true}
+	for _, c := range []struct {
+		name  string
+		hosts []*v1.XenHost
+		want  v1.PageCodec
+	}{
+		{"both decode zstd", []*v1.XenHost{capHost("a", zstd), capHost("b", zstd)}, v1.PageCodecZstd},
+		{"the target predates compression", []*v1.XenHost{capHost("a", zstd), capHost("b", plain)}, ""},
+		{"the source predates compression", []*v1.XenHost{capHost("a", plain), capHost("b", zstd)}, ""},
+		{"hosts predate capabilities", []*v1.XenHost{capHost("a", nil), capHost("b", nil)}, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			// A stale value from an earlier resolution does not survive.
+			p := v1.ResolvedParameters{EngineStrategy: "precopy+dedup", Compression: v1.PageCodecZstd}
+			if _, refusal := resolveCapabilities(&p, v1.StrategyPreCopy, c.hosts...); refusal != "" {
+				t.Fatalf("refused: %s", refusal)
+			}
+			if p.Compression != c.want {
+				t.Fatalf("compression %q, want %q", p.Compression, c.want)
+			}
+		})
+	}
+}

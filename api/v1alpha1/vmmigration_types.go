@@ -300,6 +300,11 @@ type ResolvedParameters struct {
 	// allowPostCopy in force.
 	// +optional
 	AllowPostCopy bool `json:"allowPostCopy,omitempty"`
+	// compression is the codec the source may compress page batches with
+	// (when that pays, batch by batch): one that both hosts publish; empty
+	// for none.
+	// +optional
+	Compression PageCodec `json:"compression,omitempty"`
 }
 
 // SourceState is written only by the source host's agent: what it observed.

@@ -230,4 +230,17 @@ type HostCapabilities struct {
 	// arrived (PostCopy, and Hybrid's switch to post-copy).
 	// +optional
 	EarlyResume bool `json:"earlyResume,omitempty"`
+	// compression lists the codecs of compressed page batches this host's
+	// data path decodes. A source compresses (adaptively, batch by batch)
+	// only towards a host that lists the codec.
+	// +optional
+	// +listType=set
+	Compression []PageCodec `json:"compression,omitempty"`
 }
+
+// PageCodec names a compression of page batches on the wire.
+// +kubebuilder:validation:Enum=zstd
+type PageCodec string
+
+// PageCodecZstd: a batch's pages as one zstd frame.
+const PageCodecZstd PageCodec = "zstd"

@@ -9,12 +9,14 @@
 #     pattern check, status block on its shared disk) and migrates it a->b
 #     with stock `xl migrate` over a plain TCP transport;
 #  4. re-creates it on a, the same way, and migrates it a->b with
-#     `xl migrate -s "node-agent xl-send"` (xenferry's transport, dedup);
+#     `xl migrate -s "node-agent xl-send --compress"` (xenferry's
+#     transport: dedup, zero pages elided, adaptive zstd), then once more
+#     without --compress (the baseline of the compression, same run);
 #  5. after each migration checks that the domU runs on b only, kept its
 #     boot id, its counter goes on and its memory check found no bad page.
 #
 # Prints one JSON line per method on stdout (everything else goes to
-# stderr): {"method":"xl"|"xenferry","ok":…,"totalSeconds":…,"linkBytes":…,
+# stderr): {"method":"xl"|"xenferry"|"xenferry-uncompressed","ok":…,"totalSeconds":…,"linkBytes":…,
 # "stateIntact":…}. linkBytes is rx+tx of dom0 a's private-link NIC during
 # the migration (the link carries nothing else). Exits non-zero if either
 # run fails. Stops every process it started: the hosts if it booted them,
@@ -106,7 +108,8 @@ migrate() {
 	# The lab's dom0s talk over a private point-to-point link only; the
 	# transport runs anonymous there (mTLS needs per-host lab certificates:
 	# node-agent pki).
-	xenferry) cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --report /run/xenlab-xl-send.json" ;;
+	xenferry) cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --compress --report /run/xenlab-xl-send.json" ;;
+	xenferry-uncompressed) cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --report /run/xenlab-xl-send.json" ;;
 	esac
 	s=$(status)
 	read -r boot counter checks _ <<<"$s"
@@ -128,7 +131,7 @@ EOF
 	else
 		log "$method: xl migrate exited $rc"
 	fi
-	if [[ $method == xenferry ]]; then
+	if [[ $method == xenferry* ]]; then
 		rsh a <<<"cat /run/xenlab-xl-send.json 2>/dev/null" | sed 's/^/xl-send report: /' >&2 || true
 	fi
 	if check_state "$boot" "$counter" "$checks"; then intact=true; fi
@@ -221,6 +224,10 @@ migrate xl || fail=1
 step "xenferry: re-creating the domU on a"
 create_domu a || die "domU did not start on a"
 migrate xenferry || fail=1
+
+step "xenferry without compression: re-creating the domU on a"
+create_domu a || die "domU did not start on a"
+migrate xenferry-uncompressed || fail=1
 
 if ((fail)); then
 	for h in "${HOSTS[@]}"; do

@@ -100,7 +100,7 @@ migrate() {
 	local total resume down demand=0 p50=0 p99=0 lz rep
 	case $method in
 	xl) cmd="xl-stock-send" ;;
-	xenferry) cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --report /run/xenlab-xl-send.json" ;;
+	xenferry) cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --compress --report /run/xenlab-xl-send.json" ;;
 	xenferry-postcopy)
 		cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --early-resume --spool-dir $SPOOL --report /run/xenlab-xl-send.json"
 		# The push just below the shaped link's rate (see the top).

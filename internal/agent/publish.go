@@ -269,6 +269,11 @@ func equalSpec(a, b v1.XenDomainSpec) bool {
 // capabilitiesOf maps the backend's data-path capabilities onto the API's.
 func capabilitiesOf(c xenmem.Capabilities) *v1.HostCapabilities {
 	out := &v1.HostCapabilities{Transport: c.Transport, Dedup: c.Dedup, EarlyResume: c.EarlyResume}
+	for _, z := range c.Compression {
+		if z == string(v1.PageCodecZstd) {
+			out.Compression = append(out.Compression, v1.PageCodecZstd)
+		}
+	}
 	for _, s := range c.Strategies {
 		switch s {
 		case "precopy":

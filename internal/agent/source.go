@@ -235,6 +235,7 @@ func (sr *SourceReconciler) startSource(ctx context.Context, m *v1.VMMigration) 
 	opts := engine.Options{
 		Strategy:          engine.Strategy(p.EngineStrategy),
 		LinkBytesPerSec:   p.BandwidthBytesPerSecond,
+		Compress:          p.Compression == v1.PageCodecZstd,
 		MaxDowntime:       p.MaxDowntime.Duration,
 		CompletionTimeout: p.SwitchToPostCopyAfter.Duration,
 		MigrationID:       string(m.UID),

@@ -296,6 +296,11 @@ func (sr *SourceReconciler) startSourceXL(ctx context.Context, m *v1.VMMigration
 	if p.BandwidthBytesPerSecond > 0 {
 		words = append(words, "--rate", fmt.Sprint(p.BandwidthBytesPerSecond))
 	}
+	if p.Compression == v1.PageCodecZstd {
+		// Both agents publish the codec: page records go compressed
+		// where that pays, record by record.
+		words = append(words, "--compress")
+	}
 	if earlyResumeStrategy(p.EngineStrategy) {
 		// The controller chose a post-copy strategy only between hosts
 		// that publish early resume. xl-send holds an HVM/PVH domain's

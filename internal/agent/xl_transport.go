@@ -57,9 +57,14 @@ type xlSendReport struct {
 	Disks         int     `json:"disks"`
 	ExitStatus    int     `json:"exitStatus"`
 	// Early resume: pages held back, then sent on demand and pushed.
-	LazyHeld     int64 `json:"lazyHeld,omitempty"`
-	LazyDemanded int64 `json:"lazyDemanded,omitempty"`
-	LazyPushed   int64 `json:"lazyPushed,omitempty"`
+	// Compression (--compress): records sent as zstd frames, and their
+	// payload (REFs and full pages) offered and sent.
+	CompressedRecords int64 `json:"compressedRecords,omitempty"`
+	PayloadBytes      int64 `json:"payloadBytes,omitempty"`
+	PayloadSentBytes  int64 `json:"payloadSentBytes,omitempty"`
+	LazyHeld          int64 `json:"lazyHeld,omitempty"`
+	LazyDemanded      int64 `json:"lazyDemanded,omitempty"`
+	LazyPushed        int64 `json:"lazyPushed,omitempty"`
 }
 
 // XLSend is `node-agent xl-send`, the transport `xl migrate -s` runs on
@@ -74,6 +79,7 @@ func XLSend(ctx context.Context, args []string) error {
 	verbose := fs.Int("v", 0, "log verbosity")
 	serverName := fs.String("server-name", "", "name the receiver's certificate must carry (default: HOST)")
 	rateCap := fs.Int64("rate", 0, "bandwidth cap on the link in bytes per second (0: none)")
+	compress := fs.Bool("compress", false, "compress page records with zstd where that pays, record by record (by the link's rate, --rate or as measured, and the time spent waiting for xl); HOST's xl-recv must decode them (agents publish it as the capability compression: zstd)")
 	earlyResume := fs.Bool("early-resume", false, "hold back an HVM/PVH domain's RAM: it runs on HOST once the rest has crossed, and its pages follow on demand and by a push (needs a host that can page: CONFIG_MEM_PAGING)")
 	spoolDir := fs.String("spool-dir", defaultSpoolDir, "early resume: where the held pages are kept until HOST has them (storage HOST can read too, so that they survive this process)")
 	pushRate := fs.Int64("push-rate", 0, "early resume: pace the push of held pages to this many bytes per second (just below the link's rate keeps demand answers from queueing behind it; 0: unpaced)")
@@ -203,6 +209,7 @@ func XLSend(ctx context.Context, args []string) error {
 			return catalogIndex{dedup.NewCatalog(list...)}, nil
 		}
 	}
+	opts.Compress, opts.CompressLink = *compress, *rateCap
 	var link io.ReadWriter = conn
 	if b := pace.New(*rateCap, 256<<10, true, "xl-send link"); b != nil {
 		link = pacedConn{Conn: conn, ctx: ctx, b: b}
@@ -238,9 +245,12 @@ func XLSend(ctx context.Context, args []string) error {
 	rep.StreamBytes, rep.LinkBytes = st.Reader.Bytes, st.Encode.OutBytes
 	rep.PageRecords, rep.ZeroPages, rep.RefPages = st.Encode.PageRecords, st.Encode.ZeroPages, st.Encode.RefPages
 	rep.DataPages, rep.FallbackPages, rep.ExitStatus = st.Encode.DataPages, st.Encode.FallbackPages, st.ExitStatus
+	rep.CompressedRecords, rep.PayloadBytes, rep.PayloadSentBytes = st.Encode.CompressedRecords, st.Encode.PayloadBytes, st.Encode.PayloadSentBytes
 	rep.LazyHeld, rep.LazyDemanded, rep.LazyPushed = st.LazyHeld, st.LazyDemanded, st.LazyPushed
 	log.Info("Stream sent", "streamBytes", rep.StreamBytes, "linkBytes", rep.LinkBytes, "zero", rep.ZeroPages,
-		"ref", rep.RefPages, "data", rep.DataPages, "fallback", rep.FallbackPages, "remoteExit", st.ExitStatus)
+		"ref", rep.RefPages, "data", rep.DataPages, "fallback", rep.FallbackPages,
+		"compressedRecords", rep.CompressedRecords, "payloadBytes", rep.PayloadBytes, "payloadSentBytes", rep.PayloadSentBytes,
+		"remoteExit", st.ExitStatus)
 	if err != nil {
 		rep.Error = err.Error()
 		return err

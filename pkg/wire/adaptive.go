@@ -20,13 +20,23 @@ import (
 // structures, text, random-looking heaps), so while it sends raw it still
 // compresses one batch in probeEvery to keep the estimates current; a
 // probe that pays is sent compressed. On an unlimited link (rate 0) it
-// never compresses: there the CPU is the bottleneck.
+// never compresses for the link's sake: there the CPU is the bottleneck.
+//
+// A sender whose input comes slower than it can send it (a toolstack that
+// produces the stream at a few MB/s) has time to spare: SetIdle tells the
+// compressor how long the sender waits for each byte of input, and a
+// level whose measured cost is at most idleShare of that wait is used
+// even when the link alone would not call for it. The bytes on the
+// network then shrink at a bounded cost: none with a CPU to spare, and at
+// most idleShare of the producer's time when the producer shares the one
+// CPU (as in a dom0 with a single vCPU).
 //
 // The receiver needs nothing new: a compressed batch is a PAGES record
 // with PagesZstd (NewPagesDecoder, DecodePages). Not safe for concurrent
 // use: one per stream.
 type Compressor struct {
 	link  float64 // bytes/s; 0: unlimited
+	idle  float64 // seconds the sender waits per byte of input; 0: none
 	encs  [2]*zstd.Encoder
 	est   [2]levelEstimate
 	n     uint64 // batches seen
@@ -53,6 +63,10 @@ const probeEvery = 16
 
 // ewma weight of a new measurement.
 const ewmaWeight = 0.25
+
+// idleShare is the share of the sender's wait for input that compression
+// may use when the link does not call for it.
+const idleShare = 0.125
 
 // NewCompressor returns a compressor for a link of linkBytesPerSec (0:
 // unlimited).
@@ -82,13 +96,21 @@ func (c *Compressor) Close() {
 // Stats returns the counters so far.
 func (c *Compressor) Stats() CompressorStats { return c.stats }
 
+// SetLink sets the link's rate in bytes per second, as configured or
+// measured (0: unlimited).
+func (c *Compressor) SetLink(bytesPerSec float64) { c.link = max(bytesPerSec, 0) }
+
+// SetIdle sets how long the sender waits for its input per byte of it
+// (measured; 0: it never waits).
+func (c *Compressor) SetIdle(secondsPerByte float64) { c.idle = max(secondsPerByte, 0) }
+
 // Compress returns what to send for data: a zstd frame appended to
 // dst[:0] and true, or data itself and false (send it raw).
 func (c *Compressor) Compress(dst, data []byte) ([]byte, bool) {
 	c.n++
 	c.stats.Batches++
 	c.stats.RawBytes += int64(len(data))
-	if c.link <= 0 || len(data) == 0 {
+	if (c.link <= 0 && c.idle <= 0) || len(data) == 0 {
 		c.stats.SentBytes += int64(len(data))
 		return data, false
 	}
@@ -116,15 +138,34 @@ func (c *Compressor) Compress(dst, data []byte) ([]byte, bool) {
 	return data, false
 }
 
-// choose returns the level with the shortest estimated time to send a
-// batch, and whether it beats sending raw. Unmeasured levels are tried.
+// choose returns the level to use for a batch and whether compressing
+// beats sending raw. Unmeasured levels are tried. The idle time comes
+// first: among the levels that fit in its share, the one that compresses
+// best (the bytes are saved for free); otherwise the level with the
+// shortest estimated time to compress and send, if it beats raw.
 func (c *Compressor) choose() (int, bool) {
-	best, bestT := -1, 1.0/c.link // per raw byte
 	for i := range c.encs {
 		if c.est[i].ratio == 0 {
 			return i, true // measure it
 		}
-		if t := c.sendTime(i, 1); t < bestT {
+	}
+	if c.idle > 0 {
+		best := -1
+		for i, e := range c.est {
+			if e.cpu > 0 && 1/e.cpu <= idleShare*c.idle && e.ratio < 1 && (best < 0 || e.ratio < c.est[best].ratio) {
+				best = i
+			}
+		}
+		if best >= 0 {
+			return best, true
+		}
+	}
+	if c.link <= 0 {
+		return 0, false
+	}
+	best, bestT := -1, 1.0/c.link // per raw byte
+	for i := range c.encs {
+		if t := c.sendTime(i); t < bestT {
 			best, bestT = i, t
 		}
 	}
@@ -134,13 +175,13 @@ func (c *Compressor) choose() (int, bool) {
 	return best, true
 }
 
-// sendTime estimates the seconds to compress and send n raw bytes at a
-// level.
-func (c *Compressor) sendTime(lvl, n int) float64 {
+// sendTime estimates the seconds to compress and send a raw byte at a
+// level (on a link of c.link > 0).
+func (c *Compressor) sendTime(lvl int) float64 {
 	e := c.est[lvl]
-	t := float64(n) * e.ratio / c.link
+	t := e.ratio / c.link
 	if e.cpu > 0 {
-		t += float64(n) / e.cpu
+		t += 1 / e.cpu
 	}
 	return t
 }

@@ -22,11 +22,18 @@ func TestCompressorChoosesByContent(t *testing.T) {
 		name        string
 		data        []byte
 		link        int64
+		idle        float64 // seconds the sender waits per input byte
 		wantMostlyZ bool
 	}{
-		{"text on 1 Gbit/s compresses", text, 125e6, true},
-		{"random data on 1 Gbit/s goes raw", random, 125e6, false},
-		{"text on an unlimited link goes raw", text, 0, false},
+		{"text on 1 Gbit/s compresses", text, 125e6, 0, true},
+		{"random data on 1 Gbit/s goes raw", random, 125e6, 0, false},
+		{"text on an unlimited link goes raw", text, 0, 0, false},
+		// A producer at 1 MB/s leaves the sender idle 1 µs per byte:
+		// compression fits in an eighth of that (it runs at > 8 MB/s).
+		{"text from a slow producer compresses on an unlimited link", text, 0, 1e-6, true},
+		{"random data from a slow producer goes raw", random, 0, 1e-6, false},
+		// A producer at 100 GB/s leaves no time to spare.
+		{"text from a fast producer on an unlimited link goes raw", text, 0, 1e-11, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cp, err := NewCompressor(c.link)
@@ -34,6 +41,7 @@ func TestCompressorChoosesByContent(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer cp.Close()
+			cp.SetIdle(c.idle)
 			var buf, out []byte
 			z := 0
 			for range 64 {

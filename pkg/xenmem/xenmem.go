@@ -100,6 +100,9 @@ type Capabilities struct {
 	// EarlyResume: the domain can run on the target before all its memory
 	// arrived (post-copy and hybrid).
 	EarlyResume bool `json:"earlyResume"`
+	// Compression lists the codecs of compressed page batches the data
+	// path decodes ("zstd").
+	Compression []string `json:"compression,omitempty"`
 }
 
 // Errors shared by the backends.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/xxh3"
 )
 
@@ -27,6 +28,8 @@ type DecodeStats struct {
 	StalePages  int64 // REF pages that failed and came from the source
 	InBytes     int64 // frame bytes consumed
 	OutBytes    int64 // bytes of the rebuilt stream
+	// CompressedRecords came as FramePagesZ.
+	CompressedRecords int64
 }
 
 // Decoder rebuilds the original stream from frames (destination side).
@@ -44,6 +47,8 @@ type Decoder struct {
 	rec   []byte
 	stale []int
 	stats DecodeStats
+	zdec  *zstd.Decoder // made at the first FramePagesZ
+	zbuf  []byte
 }
 
 // NewDecoder returns a Decoder writing the rebuilt stream to w; res may be
@@ -55,6 +60,14 @@ func NewDecoder(w io.Writer, res PageResolver) *Decoder {
 // Stats returns the counters so far.
 func (d *Decoder) Stats() DecodeStats { return d.stats }
 
+// Close releases the decompressor, if one was made.
+func (d *Decoder) Close() {
+	if d.zdec != nil {
+		d.zdec.Close()
+		d.zdec = nil
+	}
+}
+
 // Frame handles one frame; it returns true after the END frame.
 func (d *Decoder) Frame(kind byte, body []byte) (bool, error) {
 	d.stats.InBytes += int64(frameHeaderLen + len(body))
@@ -62,7 +75,9 @@ func (d *Decoder) Frame(kind byte, body []byte) (bool, error) {
 	case FrameRaw:
 		return false, d.write(body)
 	case FramePages:
-		return false, d.pages(body)
+		return false, d.pages(body, false)
+	case FramePagesZ:
+		return false, d.pages(body, true)
 	case FrameEnd:
 		return true, nil
 	}
@@ -78,7 +93,7 @@ func (d *Decoder) write(b []byte) error {
 	return nil
 }
 
-func (d *Decoder) pages(body []byte) error {
+func (d *Decoder) pages(body []byte, compressed bool) error {
 	if len(body) < 17 {
 		return fmt.Errorf("%w: PAGES frame of %d bytes", ErrBadFrame, len(body))
 	}
@@ -120,6 +135,11 @@ func (d *Decoder) pages(body []byte) error {
 	sum := le.Uint64(rest)
 	kinds := rest[8 : 8+n]
 	payload := rest[8+n:]
+	if compressed {
+		if payload, err = d.inflate(kinds, payload); err != nil {
+			return err
+		}
+	}
 
 	d.stale = d.stale[:0]
 	firstSeq := d.seq
@@ -173,11 +193,52 @@ func (d *Decoder) pages(body []byte) error {
 		}
 	}
 	d.stats.PageRecords++
+	if compressed {
+		d.stats.CompressedRecords++
+	}
 	d.stats.ZeroPages += zero
 	d.stats.RefPages += refs
 	d.stats.DataPages += data
 	d.stats.StalePages += int64(len(d.stale))
 	return d.write(rec)
+}
+
+// inflate decompresses the payload of a FramePagesZ: exactly the REFs and
+// DATA pages its kinds announce, never more (the decoder's output is capped
+// at one record, whatever the frame claims).
+func (d *Decoder) inflate(kinds, z []byte) ([]byte, error) {
+	want := 0
+	for _, k := range kinds {
+		switch k {
+		case KindData:
+			want += PageSize
+		case KindRef:
+			want += refLen
+		}
+	}
+	if want == 0 {
+		return nil, fmt.Errorf("%w: compressed PAGES frame without REF or DATA pages", ErrBadFrame)
+	}
+	if d.zdec == nil {
+		zd, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
+			zstd.WithDecoderMaxMemory(MaxPageRecord), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			return nil, fmt.Errorf("xlstream: create zstd decoder: %w", err)
+		}
+		d.zdec = zd
+	}
+	if cap(d.zbuf) < want {
+		d.zbuf = make([]byte, 0, want)
+	}
+	out, err := d.zdec.DecodeAll(z, d.zbuf[:0])
+	if err != nil {
+		return nil, fmt.Errorf("%w: PAGES frame: decompress: %v", ErrBadFrame, err)
+	}
+	if len(out) != want {
+		return nil, fmt.Errorf("%w: PAGES frame: payload decompressed to %d bytes, its kinds announce %d", ErrBadFrame, len(out), want)
+	}
+	d.zbuf = out
+	return out, nil
 }
 
 // fallback asks the source for every stale REF page of the record.
@@ -214,6 +275,7 @@ func (d *Decoder) fallback(rec []byte, prefixLen int, kinds []byte, firstSeq uin
 func Decode(r io.Reader, w io.Writer, res PageResolver) (DecodeStats, error) {
 	br := bufio.NewReaderSize(r, 1<<20)
 	d := NewDecoder(w, res)
+	defer d.Close()
 	var buf []byte
 	for {
 		kind, body, err := readFrame(br, buf)

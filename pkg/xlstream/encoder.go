@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/zeebo/xxh3"
+
+	"github.com/xenferry/xenferry/pkg/wire"
 )
 
 // PageIndex finds pages of guest memory on the shared disks (source side).
@@ -28,6 +31,11 @@ type EncodeStats struct {
 	FallbackPages int64 // REF pages sent again on request
 	InBytes       int64 // bytes of the original stream
 	OutBytes      int64 // bytes of frames written
+	// Compression (EnableCompression): records whose payload went as a
+	// zstd frame, and the payload bytes offered and sent.
+	CompressedRecords int64
+	PayloadBytes      int64
+	PayloadSentBytes  int64
 }
 
 // MinWindow is the smallest REF window, in pages (16 MiB): the destination
@@ -40,10 +48,19 @@ const MinWindow = MaxPageRecord / PageSize
 type Encoder struct {
 	idx PageIndex
 
-	// wmu serialises frame writes and protects w and stats.OutBytes.
+	// wmu serialises frame writes and protects w, meter and stats.
 	wmu   sync.Mutex
 	w     *bufio.Writer
+	meter *linkMeter
 	stats EncodeStats
+
+	// Compression, used by the WriteToken goroutine only.
+	comp     *wire.Compressor
+	linkRate float64       // configured link rate; 0: measured
+	wait     time.Duration // input wait since the last PAGES record
+	waitIn   int64         // input bytes since the last PAGES record
+	idle     ewma          // input wait per input byte
+	zbuf     []byte
 
 	// mu protects the REF window below.
 	mu      sync.Mutex
@@ -64,7 +81,8 @@ func NewEncoder(w io.Writer, idx PageIndex, window int) *Encoder {
 	if window < MinWindow {
 		window = MinWindow
 	}
-	e := &Encoder{w: bufio.NewWriterSize(w, 1<<20), slots: uint64(window)}
+	e := &Encoder{meter: &linkMeter{w: w}, slots: uint64(window)}
+	e.w = bufio.NewWriterSize(e.meter, 1<<20)
 	e.cond = sync.NewCond(&e.mu)
 	e.SetIndex(idx)
 	return e
@@ -81,6 +99,32 @@ func (e *Encoder) SetIndex(idx PageIndex) {
 		e.mu.Unlock()
 	}
 }
+
+// EnableCompression makes the records that follow carry their pages as
+// zstd frames when that pays (wire.Compressor decides per record): the
+// destination must decode FramePagesZ. linkBytesPerSec is the link's rate
+// if known (a configured cap); 0 measures it from how long writes to the
+// connection block. Call before the first WriteToken; Close releases it.
+func (e *Encoder) EnableCompression(linkBytesPerSec int64) error {
+	c, err := wire.NewCompressor(linkBytesPerSec)
+	if err != nil {
+		return fmt.Errorf("xlstream: %w", err)
+	}
+	e.comp, e.linkRate = c, float64(max(linkBytesPerSec, 0))
+	return nil
+}
+
+// Close releases the compressor, if any. Frames must not be written after.
+func (e *Encoder) Close() {
+	if e.comp != nil {
+		e.comp.Close()
+		e.comp = nil
+	}
+}
+
+// noteWait records that the caller waited d for the input of a token
+// (the time xl took to produce it): the compressor may use a share of it.
+func (e *Encoder) noteWait(d time.Duration) { e.wait += d }
 
 // Stats returns the counters so far.
 func (e *Encoder) Stats() EncodeStats {
@@ -118,6 +162,7 @@ func (e *Encoder) WriteToken(t Token) error {
 	e.wmu.Lock()
 	e.stats.InBytes += int64(len(t.Raw))
 	e.wmu.Unlock()
+	e.waitIn += int64(len(t.Raw))
 	if t.Kind != TokPages {
 		return e.frame(FrameRaw, false, t.Raw)
 	}
@@ -158,6 +203,7 @@ func (e *Encoder) WriteToken(t Token) error {
 		}
 	}
 	j := 0
+	payloadAt := len(b)
 	for i := 0; i < p.NData; i++ {
 		switch kinds[i] {
 		case KindRef:
@@ -171,10 +217,30 @@ func (e *Encoder) WriteToken(t Token) error {
 		}
 	}
 	e.body = b
-	if err := e.frame(FramePages, false, b); err != nil {
+	kind, parts := byte(FramePages), [][]byte{b}
+	payload := b[payloadAt:]
+	compressed := false
+	if e.comp != nil && data > 0 {
+		e.tuneCompressor()
+		var z []byte
+		if z, compressed = e.comp.Compress(e.zbuf, payload); compressed {
+			e.zbuf = z
+			kind, parts = FramePagesZ, [][]byte{b[:payloadAt], z}
+		}
+	}
+	if err := e.frame(kind, false, parts...); err != nil {
 		return err
 	}
 	e.wmu.Lock()
+	if e.comp != nil {
+		e.stats.PayloadBytes += int64(len(payload))
+		if compressed {
+			e.stats.CompressedRecords++
+			e.stats.PayloadSentBytes += int64(len(parts[1]))
+		} else {
+			e.stats.PayloadSentBytes += int64(len(payload))
+		}
+	}
 	e.stats.PageRecords++
 	e.stats.ZeroPages += zero
 	e.stats.RefPages += ref
@@ -182,6 +248,64 @@ func (e *Encoder) WriteToken(t Token) error {
 	e.wmu.Unlock()
 	return nil
 }
+
+// tuneCompressor gives the compressor the link's rate (configured, or as
+// the connection's writes measure it) and the input wait per input byte
+// since the previous record.
+func (e *Encoder) tuneCompressor() {
+	link := e.linkRate
+	if link == 0 {
+		e.wmu.Lock()
+		link = e.meter.rate()
+		e.wmu.Unlock()
+	}
+	e.comp.SetLink(link)
+	if e.waitIn > 0 {
+		e.idle.add(e.wait.Seconds(), float64(e.waitIn))
+	}
+	e.wait, e.waitIn = 0, 0
+	e.comp.SetIdle(e.idle.value())
+}
+
+// ewma is a decaying ratio of two sums (seconds over bytes, bytes over
+// seconds): each new sample weighs a quarter.
+type ewma struct{ num, den float64 }
+
+func (a *ewma) add(num, den float64) {
+	a.num = 0.75*a.num + num
+	a.den = 0.75*a.den + den
+}
+
+func (a *ewma) value() float64 {
+	if a.den <= 0 {
+		return 0
+	}
+	return a.num / a.den
+}
+
+// linkMeter measures the link by how long the connection's writes take:
+// a write that fits the socket's buffer returns at memory speed, one that
+// does not waits for the link. Writes of less than minMeteredWrite say
+// little and are not counted. Guarded by the Encoder's wmu.
+type linkMeter struct {
+	w   io.Writer
+	est ewma // bytes over seconds
+}
+
+const minMeteredWrite = 64 << 10
+
+func (m *linkMeter) Write(p []byte) (int, error) {
+	t0 := time.Now()
+	n, err := m.w.Write(p)
+	if n >= minMeteredWrite {
+		m.est.add(float64(n), max(time.Since(t0).Seconds(), 1e-9))
+	}
+	return n, err
+}
+
+// rate returns the measured link rate in bytes per second (0: nothing
+// measured yet, taken as unlimited).
+func (m *linkMeter) rate() float64 { return m.est.value() }
 
 // reserve waits until n more REF pages fit in the window (after flushing,
 // so that the destination can see the REFs it has to acknowledge).
@@ -263,8 +387,12 @@ func (e *Encoder) End() error { return e.frame(FrameEnd, true) }
 // Encode reads a whole stream from r and writes its frames to w, without
 // fallback (for files and tests): REFs are acknowledged as they are made.
 func Encode(r io.Reader, w io.Writer, idx PageIndex) (EncodeStats, ReaderStats, error) {
+	return encode(r, NewEncoder(w, idx, 0))
+}
+
+func encode(r io.Reader, e *Encoder) (EncodeStats, ReaderStats, error) {
+	defer e.Close()
 	rd := NewReader(r)
-	e := NewEncoder(w, idx, 0)
 	for {
 		t, err := rd.Next()
 		if errors.Is(err, io.EOF) {

@@ -13,6 +13,10 @@ const (
 	FramePages    = 2 // a rewritten PAGE_DATA record
 	FrameFallback = 3 // {seq u64, page}: answer to a NEED
 	FrameEnd      = 4 // the source's input ended
+	// FramePagesZ is a PAGES frame whose payload (the REFs and DATA pages
+	// after the kinds) is one zstd frame. The source sends it only to a
+	// destination that publishes the zstd capability.
+	FramePagesZ = 5
 )
 
 // Frame kinds, destination to source.

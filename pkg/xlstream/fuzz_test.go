@@ -256,7 +256,21 @@ func frameSeeds(t testing.TB) [][]byte {
 	var small bytes.Buffer
 	writeFrame(&small, FrameRaw, []byte("abc"))
 	writeFrame(&small, FrameEnd)
-	return append(out, small.Bytes())
+	out = append(out, small.Bytes())
+	// The PV mini stream with its page records compressed, as on a slow
+	// link.
+	var z bytes.Buffer
+	e := NewEncoder(&z, nil, 0)
+	if err := e.EnableCompression(1e6); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := encode(bytes.NewReader(miniStream(t, loadFixture(t, fixtures[0].file))), e); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(z.Bytes(), []byte{0x28, 0xb5, 0x2f, 0xfd}) {
+		t.Fatal("no compressed record in the compressed seed")
+	}
+	return append(out, z.Bytes())
 }
 
 // fuzzConn is the destination's end of a session: it reads the fuzz input
@@ -377,11 +391,12 @@ func TestWriteFuzzSeeds(t *testing.T) {
 		}
 	}
 	frames := frameSeeds(t)
-	// 0, 1: PV without and with REFs; 2, 3: PVH; 4: a tiny session.
-	for _, i := range []int{1, 2, 4} {
+	// 0, 1: PV without and with REFs; 2, 3: PVH; 4: a tiny session; 5:
+	// PV compressed.
+	for _, i := range []int{1, 2, 4, 5} {
 		w.Add("FuzzDecode", fmt.Sprintf("frames-%d", i), frames[i])
 	}
-	for _, i := range []int{0, 3, 4} {
+	for _, i := range []int{0, 3, 4, 5} {
 		w.Add("FuzzReceive", fmt.Sprintf("frames-%d", i), frames[i])
 	}
 	for i, s := range helloSeeds(t) {

@@ -59,6 +59,12 @@ type SendOptions struct {
 	// the way empty, so that a demand answer does not wait behind pushed
 	// pages.
 	LazyPushRate int64
+	// Compress sends page records as zstd frames when that pays
+	// (Encoder.EnableCompression); only to a destination that decodes
+	// FramePagesZ. CompressLink is the link's rate if known (bytes per
+	// second; 0: measured from the connection's writes).
+	Compress     bool
+	CompressLink int64
 }
 
 // Send is the source side of a session: it reads xl's migration stream
@@ -69,6 +75,12 @@ type SendOptions struct {
 // io.Closer, once the destination has ended.
 func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writer, idx PageIndex, opts SendOptions) (SendStats, error) {
 	enc := NewEncoder(conn, idx, opts.Window)
+	if opts.Compress {
+		if err := enc.EnableCompression(opts.CompressLink); err != nil {
+			return SendStats{ExitStatus: -1}, err
+		}
+	}
+	defer enc.Close()
 	rd := NewReader(xlIn)
 	st := SendStats{ExitStatus: -1}
 	var mu sync.Mutex // protects st.BackBytes, st.ExitStatus
@@ -205,7 +217,9 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			if err := ctx.Err(); err != nil {
 				return err
 			}
+			t0 := time.Now()
 			t, err := rd.Next()
+			enc.noteWait(time.Since(t0))
 			if errors.Is(err, io.EOF) {
 				return enc.End()
 			}
@@ -498,6 +512,7 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 	}()
 
 	d := NewDecoder(cmdIn, res)
+	defer d.Close()
 	d.Ack = func(seq uint64) error { return send(FrameAck, u64(seq)) }
 	d.Need = func(seq uint64) ([]byte, error) {
 		if err := send(FrameNeed, u64(seq)); err != nil {

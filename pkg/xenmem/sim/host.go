@@ -65,9 +65,10 @@ func (h *Host) Domain(name string) (*Domain, bool) {
 
 // Info describes the host; free memory is capacity minus every domain.
 // Capabilities of a sim host: xenferry's engine with every strategy; the
-// guests' memory can be lazily loaded through userfaultfd.
+// guests' memory can be lazily loaded through userfaultfd; the engine's
+// receivers decode zstd page batches.
 var Capabilities = xenmem.Capabilities{Transport: xenmem.TransportEngine,
-	Strategies: []string{"precopy", "postcopy", "hybrid"}, Dedup: true, EarlyResume: true}
+	Strategies: []string{"precopy", "postcopy", "hybrid"}, Dedup: true, EarlyResume: true, Compression: []string{"zstd"}}
 
 func (h *Host) Info(ctx context.Context) (xenmem.HostInfo, error) {
 	h.mu.Lock()

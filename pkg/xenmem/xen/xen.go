@@ -221,19 +221,20 @@ func (h *Host) CreateTarget(_ context.Context, info xenmem.DomainInfo) (xenmem.T
 // Close releases nothing: the backend holds no handle between calls.
 func (h *Host) Close() error { return nil }
 
-// ParseInfo reads the "key : value" lines of `xl info`.
 // Capabilities of a stock Xen host: pre-copy only, since no released Xen
 // can run a domain whose memory has not all arrived (docs/xen-postcopy.md),
-// with dedup by xenferry's xl transport.
-var Capabilities = xenmem.Capabilities{Transport: xenmem.TransportXL, Strategies: []string{"precopy"}, Dedup: true}
+// with dedup and adaptive zstd by xenferry's xl transport.
+var Capabilities = xenmem.Capabilities{Transport: xenmem.TransportXL, Strategies: []string{"precopy"}, Dedup: true,
+	Compression: []string{"zstd"}}
 
 // EarlyResumeCapabilities are those of a host whose hypervisor can page
 // domain memory (built with CONFIG_MEM_PAGING): xl-send holds an HVM/PVH
 // domain's RAM back and this host's pager serves it after the resume (a PV
 // domain still migrates pre-copy).
 var EarlyResumeCapabilities = xenmem.Capabilities{Transport: xenmem.TransportXL,
-	Strategies: []string{"precopy", "postcopy", "hybrid"}, Dedup: true, EarlyResume: true}
+	Strategies: []string{"precopy", "postcopy", "hybrid"}, Dedup: true, EarlyResume: true, Compression: []string{"zstd"}}
 
+// ParseInfo reads the "key : value" lines of `xl info`.
 func ParseInfo(out []byte) (xenmem.HostInfo, error) {
 	kv := map[string]string{}
 	sc := bufio.NewScanner(bytes.NewReader(out))
