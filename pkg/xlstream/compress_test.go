@@ -2,11 +2,8 @@ package xlstream
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
-	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -116,50 +113,15 @@ func TestUncompressedLinkStaysPlainWithoutAReason(t *testing.T) {
 func TestSessionOverTCPCompresses(t *testing.T) {
 	in := loadFixture(t, fixtures[1].file)
 	d := newTestDisk(t, in, 3)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	ctx := context.Background()
 	var rebuilt bytes.Buffer
-	var wg sync.WaitGroup
-	var recvStats DecodeStats
-	var recvErr error
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		c, err := ln.Accept()
-		if err != nil {
-			recvErr = err
-			return
-		}
-		defer c.Close()
-		cmdInR, cmdInW := io.Pipe()
-		cmdOutR, cmdOutW := io.Pipe()
-		go func() {
-			io.Copy(&rebuilt, cmdInR)
-			cmdOutW.Write([]byte("ready"))
-			cmdOutW.Close()
-		}()
-		recvStats, recvErr = Receive(ctx, c, cmdInW, cmdOutR, d, ReceiveOptions{Wait: func() int { return 0 }})
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	var back bytes.Buffer
-	st, err := Send(ctx, c, bytes.NewReader(in), &back, d, SendOptions{Compress: true, CompressLink: 10e6})
-	if err != nil {
-		t.Fatalf("Send: %v", err)
-	}
-	wg.Wait()
-	if recvErr != nil {
-		t.Fatalf("Receive: %v", recvErr)
-	}
-	if !bytes.Equal(rebuilt.Bytes(), in) || back.String() != "ready" || st.ExitStatus != 0 {
-		t.Fatalf("rebuilt %d bytes of %d (equal: %v), relayed %q, exit %d", rebuilt.Len(), len(in), bytes.Equal(rebuilt.Bytes(), in), back.String(), st.ExitStatus)
+	r := tcpSession(t, in, SendOptions{Compress: true, CompressLink: 10e6}, ReceiveOptions{}, d, func(cmdIn io.Reader, cmdOut io.WriteCloser) {
+		io.Copy(&rebuilt, cmdIn)
+		cmdOut.Write([]byte("ready"))
+		cmdOut.Close()
+	})
+	st, recvStats := r.send, r.recv
+	if !bytes.Equal(rebuilt.Bytes(), in) || r.back != "ready" || st.ExitStatus != 0 {
+		t.Fatalf("rebuilt %d bytes of %d (equal: %v), relayed %q, exit %d", rebuilt.Len(), len(in), bytes.Equal(rebuilt.Bytes(), in), r.back, st.ExitStatus)
 	}
 	if st.Encode.CompressedRecords == 0 || recvStats.CompressedRecords != st.Encode.CompressedRecords {
 		t.Fatalf("compressed records: source %d, destination %d", st.Encode.CompressedRecords, recvStats.CompressedRecords)

@@ -45,9 +45,18 @@
 //	|      |        | checksum xxh3-64 (8) | kind[N] (1 each)            |
 //	|      |        | then per data page: DATA 4096 bytes | ZERO nothing |
 //	|      |        | REF {disk u8, offset u64, hash [16]} (25 bytes)    |
+//	|PAGESZ|   n    | as PAGES up to the kinds, then the REFs and DATA   |
+//	|      |        | pages as one zstd frame (only to a destination     |
+//	|      |        | that publishes the codec; EnableCompression)       |
 //	| FALL |  4104  | ref sequence number u64 | the page (fallback)      |
 //	| END  |   0    | the source's input ended                           |
 //	+------+--------+----------------------------------------------------+
+//
+// A source with compression enabled (Encoder.EnableCompression) sends a
+// record as PAGESZ when wire.Compressor finds that it pays: by the link's
+// rate, or by the time the source waits for xl anyway. The destination
+// decompresses into at most one record's worth and checks the length
+// against the kinds before anything else.
 //
 // The destination rebuilds each PAGE_DATA record byte for byte: zero pages
 // are zero, a REF is read from the shared disk and verified against its

@@ -2,11 +2,9 @@ package xlstream
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -99,72 +97,38 @@ func (s *testSink) Abort(err error) {}
 func TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies(t *testing.T) {
 	in := loadFixture(t, fixtures[1].file)
 	want := newest(t, in)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	ctx := context.Background()
 	sink := &testSink{hashes: map[uint64]uint64{}, got: map[uint64][]byte{}, done: make(chan struct{})}
-	var rebuilt bytes.Buffer
-	var wg sync.WaitGroup
-	var recvErr error
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		c, err := ln.Accept()
-		if err != nil {
-			recvErr = err
-			return
-		}
-		defer c.Close()
-		cmdInR, cmdInW := io.Pipe()
-		cmdOutR, cmdOutW := io.Pipe()
-		go func() {
-			io.Copy(&rebuilt, cmdInR)
-			// The domain "runs": fault on three held pfns before the push.
-			sink.mu.Lock()
-			var ask []uint64
-			for pfn := range sink.hashes {
-				if len(ask) == 3 {
-					break
-				}
-				ask = append(ask, pfn)
-			}
-			d := sink.demand
-			sink.mu.Unlock()
-			for _, p := range ask {
-				if err := d(p); err != nil {
-					t.Errorf("demand: %v", err)
-				}
-			}
-			sink.mu.Lock()
-			sink.demanded = ask
-			sink.mu.Unlock()
-			cmdOutW.Write([]byte("ready"))
-			cmdOutW.Close()
-		}()
-		_, recvErr = Receive(ctx, c, cmdInW, cmdOutR, nil, ReceiveOptions{Wait: func() int { return 0 }, Lazy: sink})
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	lz, err := NewLazySource(t.TempDir(), "test.spool")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lz.Remove()
-	var back bytes.Buffer
-	st, err := Send(ctx, c, bytes.NewReader(in), &back, nil, SendOptions{Lazy: lz, LazyName: "test.spool"})
-	if err != nil {
-		t.Fatalf("Send: %v", err)
-	}
-	wg.Wait()
-	if recvErr != nil {
-		t.Fatalf("Receive: %v", recvErr)
-	}
+	var rebuilt bytes.Buffer
+	r := tcpSession(t, in, SendOptions{Lazy: lz, LazyName: "test.spool"}, ReceiveOptions{Lazy: sink}, nil, func(cmdIn io.Reader, cmdOut io.WriteCloser) {
+		io.Copy(&rebuilt, cmdIn)
+		// The domain "runs": fault on three held pfns before the push.
+		sink.mu.Lock()
+		var ask []uint64
+		for pfn := range sink.hashes {
+			if len(ask) == 3 {
+				break
+			}
+			ask = append(ask, pfn)
+		}
+		d := sink.demand
+		sink.mu.Unlock()
+		for _, p := range ask {
+			if err := d(p); err != nil {
+				t.Errorf("demand: %v", err)
+			}
+		}
+		sink.mu.Lock()
+		sink.demanded = ask
+		sink.mu.Unlock()
+		cmdOut.Write([]byte("ready"))
+		cmdOut.Close()
+	})
+	st := r.send
 	if st.LazyHeld == 0 || int(st.LazyHeld) != len(sink.hashes) || st.LazyDemanded+st.LazyPushed < st.LazyHeld {
 		t.Fatalf("held %d, manifest %d, demanded %d, pushed %d", st.LazyHeld, len(sink.hashes), st.LazyDemanded, st.LazyPushed)
 	}

@@ -272,18 +272,53 @@ func TestSessionOverTCPFallsBackForStaleBlocks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The destination "command" answers with a handshake message after
+	// the stream, like xl migrate-receive.
+	var rebuilt bytes.Buffer
+	r := tcpSession(t, in, SendOptions{}, ReceiveOptions{}, d, func(cmdIn io.Reader, cmdOut io.WriteCloser) {
+		cmdOut.Write([]byte("banner\n"))
+		io.Copy(&rebuilt, cmdIn)
+		cmdOut.Write([]byte("ready"))
+		cmdOut.Close()
+	})
+	st, recvStats := r.send, r.recv
+	if !bytes.Equal(rebuilt.Bytes(), in) {
+		t.Fatalf("rebuilt %d bytes, original %d (or different)", rebuilt.Len(), len(in))
+	}
+	if r.back != "banner\nready" || st.ExitStatus != 0 {
+		t.Fatalf("relayed back %q, exit %d", r.back, st.ExitStatus)
+	}
+	if recvStats.StalePages == 0 || st.Encode.FallbackPages != recvStats.StalePages {
+		t.Fatalf("stale pages: destination %d, source sent %d", recvStats.StalePages, st.Encode.FallbackPages)
+	}
+	t.Logf("source %+v; destination %+v", st.Encode, recvStats)
+}
+
+// session is what tcpSession saw.
+type session struct {
+	send SendStats
+	recv DecodeStats
+	back string // what the source's xl got back
+}
+
+// tcpSession runs a session on stream in over loopback TCP: Send with
+// sopts at the source (res as its PageIndex when it is one), Receive with
+// ropts and resolver res at the destination, where command plays xl
+// migrate-receive: it reads the rebuilt stream from cmdIn and answers on
+// cmdOut, which it closes. Either side's error fails the test.
+func tcpSession(t *testing.T, in []byte, sopts SendOptions, ropts ReceiveOptions, res PageResolver, command func(cmdIn io.Reader, cmdOut io.WriteCloser)) session {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
 	ctx := context.Background()
-
-	// The destination "command" is a pipe we read back, and which answers
-	// with a handshake message after the stream like xl migrate-receive.
-	var rebuilt bytes.Buffer
+	if ropts.Wait == nil {
+		ropts.Wait = func() int { return 0 }
+	}
+	var out session
 	var wg sync.WaitGroup
-	var recvStats DecodeStats
 	var recvErr error
 	wg.Add(1)
 	go func() {
@@ -296,38 +331,26 @@ func TestSessionOverTCPFallsBackForStaleBlocks(t *testing.T) {
 		defer c.Close()
 		cmdInR, cmdInW := io.Pipe()
 		cmdOutR, cmdOutW := io.Pipe()
-		go func() {
-			cmdOutW.Write([]byte("banner\n"))
-			io.Copy(&rebuilt, cmdInR)
-			cmdOutW.Write([]byte("ready"))
-			cmdOutW.Close()
-		}()
-		recvStats, recvErr = Receive(ctx, c, cmdInW, cmdOutR, d, ReceiveOptions{Wait: func() int { return 0 }})
+		go command(cmdInR, cmdOutW)
+		out.recv, recvErr = Receive(ctx, c, cmdInW, cmdOutR, res, ropts)
 	}()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	idx, _ := res.(PageIndex)
 	var back bytes.Buffer
-	st, err := Send(ctx, c, bytes.NewReader(in), &back, d, SendOptions{})
+	out.send, err = Send(ctx, c, bytes.NewReader(in), &back, idx, sopts)
+	wg.Wait()
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
-	wg.Wait()
 	if recvErr != nil {
 		t.Fatalf("Receive: %v", recvErr)
 	}
-	if !bytes.Equal(rebuilt.Bytes(), in) {
-		t.Fatalf("rebuilt %d bytes, original %d (or different)", rebuilt.Len(), len(in))
-	}
-	if back.String() != "banner\nready" || st.ExitStatus != 0 {
-		t.Fatalf("relayed back %q, exit %d", back.String(), st.ExitStatus)
-	}
-	if recvStats.StalePages == 0 || st.Encode.FallbackPages != recvStats.StalePages {
-		t.Fatalf("stale pages: destination %d, source sent %d", recvStats.StalePages, st.Encode.FallbackPages)
-	}
-	t.Logf("source %+v; destination %+v", st.Encode, recvStats)
+	out.back = back.String()
+	return out
 }
 
 func TestReaderRejectsTruncatedStreams(t *testing.T) {
