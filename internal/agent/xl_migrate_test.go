@@ -125,8 +125,8 @@ func TestXLMigrationThroughTheOperator(t *testing.T) {
 			if m.Status.Phase != c.phase {
 				t.Fatalf("phase %s, want %s: %s", m.Status.Phase, c.phase, describe(m))
 			}
-			if p := m.Status.Parameters; p == nil || p.EngineStrategy != "precopy+dedup" {
-				t.Fatalf("parameters %+v, want precopy+dedup between xl hosts", p)
+			if p := m.Status.Parameters; p == nil || p.EngineStrategy != "precopy+dedup" || p.Compression != v1.PageCodecZstd {
+				t.Fatalf("parameters %+v, want precopy+dedup with zstd between xl hosts (xl-send runs with --compress)", p)
 			}
 			if cond := condition(m, v1.ValidCondition); cond == nil || cond.Status != metav1.ConditionTrue || !strings.Contains(cond.Message, "PreCopy") {
 				t.Errorf("Valid condition %+v: want True, saying the strategy runs as PreCopy", cond)
