@@ -35,7 +35,9 @@ func capabilitiesOf(h *v1.XenHost) v1.HostCapabilities {
 // early resume on every host; Hybrid, and PreCopy with post-copy allowed,
 // fall back to plain pre-copy without it (the spec allows pre-copy only, it
 // does not demand the switch); dedup is dropped where a host cannot
-// resolve references. Pure: it reads nothing but its arguments.
+// resolve references; page batches may be compressed with a codec every
+// host decodes, unless compressionMode is Never. Pure: it reads nothing
+// but its arguments.
 func resolveCapabilities(p *v1.ResolvedParameters, requested v1.MigrationStrategy, hosts ...*v1.XenHost) (note, refusal string) {
 	if requested == "" {
 		requested = v1.StrategyHybrid
@@ -86,7 +88,7 @@ func resolveCapabilities(p *v1.ResolvedParameters, requested v1.MigrationStrateg
 		notes = append(notes, fmt.Sprintf("without disk dedup: host %s cannot resolve disk references", strings.Join(noDedup, ", ")))
 	}
 	p.Compression = ""
-	if zstd && len(hosts) > 0 {
+	if zstd && len(hosts) > 0 && p.CompressionMode != v1.CompressionNever {
 		p.Compression = v1.PageCodecZstd
 	}
 	p.EngineStrategy = base

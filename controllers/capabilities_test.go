@@ -78,17 +78,21 @@ func TestResolveCapabilitiesCompressesOnlyWhatEveryHostDecodes(t *testing.T) {
 	plain := &v1.HostCapabilities{Transport: "xl", Strategies: []v1.MigrationStrategy{v1.StrategyPreCopy}, Dedup: true}
 	for _, c := range []struct {
 		name  string
+		mode  v1.CompressionMode
 		hosts []*v1.XenHost
 		want  v1.PageCodec
 	}{
-		{"both decode zstd", []*v1.XenHost{capHost("a", zstd), capHost("b", zstd)}, v1.PageCodecZstd},
-		{"the target predates compression", []*v1.XenHost{capHost("a", zstd), capHost("b", plain)}, ""},
-		{"the source predates compression", []*v1.XenHost{capHost("a", plain), capHost("b", zstd)}, ""},
-		{"hosts predate capabilities", []*v1.XenHost{capHost("a", nil), capHost("b", nil)}, ""},
+		{"both decode zstd", v1.CompressionAuto, []*v1.XenHost{capHost("a", zstd), capHost("b", zstd)}, v1.PageCodecZstd},
+		{"both decode zstd, always", v1.CompressionAlways, []*v1.XenHost{capHost("a", zstd), capHost("b", zstd)}, v1.PageCodecZstd},
+		{"both decode zstd, but never", v1.CompressionNever, []*v1.XenHost{capHost("a", zstd), capHost("b", zstd)}, ""},
+		{"a migration resolved before modes existed", "", []*v1.XenHost{capHost("a", zstd), capHost("b", zstd)}, v1.PageCodecZstd},
+		{"the target predates compression", v1.CompressionAuto, []*v1.XenHost{capHost("a", zstd), capHost("b", plain)}, ""},
+		{"the source predates compression", v1.CompressionAlways, []*v1.XenHost{capHost("a", plain), capHost("b", zstd)}, ""},
+		{"hosts predate capabilities", v1.CompressionAuto, []*v1.XenHost{capHost("a", nil), capHost("b", nil)}, ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			// A stale value from an earlier resolution does not survive.
-			p := v1.ResolvedParameters{EngineStrategy: "precopy+dedup", Compression: v1.PageCodecZstd}
+			p := v1.ResolvedParameters{EngineStrategy: "precopy+dedup", Compression: v1.PageCodecZstd, CompressionMode: c.mode}
 			if _, refusal := resolveCapabilities(&p, v1.StrategyPreCopy, c.hosts...); refusal != "" {
 				t.Fatalf("refused: %s", refusal)
 			}

@@ -133,6 +133,14 @@ func resolveParameters(spec *v1.VMMigrationSpec, policy *v1.MigrationPolicy, mem
 		allowPost = *pp.AllowPostCopy
 	}
 	out.AllowPostCopy = allowPost
+	switch {
+	case sp.Compression != nil:
+		out.CompressionMode = *sp.Compression
+	case pp.Compression != nil:
+		out.CompressionMode = *pp.Compression
+	default:
+		out.CompressionMode = v1.CompressionAuto
+	}
 	if allowPost && (sp.CompletionTimeoutPerGiB != nil || pp.CompletionTimeoutPerGiB != nil) {
 		out.SwitchToPostCopyAfter = out.CompletionTimeout
 	}

@@ -19,7 +19,8 @@ func TestResolveParameters(t *testing.T) {
 	bw := resource.MustParse("100Mi")
 	pbw := resource.MustParse("10Mi")
 	policy := &v1.MigrationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "p"}, Spec: v1.MigrationPolicySpec{
-		MigrationParameters: v1.MigrationParameters{Bandwidth: &pbw, MaxDowntime: dur(50 * time.Millisecond), CompletionTimeoutPerGiB: dur(60 * time.Second)},
+		MigrationParameters: v1.MigrationParameters{Bandwidth: &pbw, MaxDowntime: dur(50 * time.Millisecond), CompletionTimeoutPerGiB: dur(60 * time.Second),
+			Compression: compressionp(v1.CompressionAlways)},
 	}}
 	cases := []struct {
 		name   string
@@ -34,6 +35,9 @@ func TestResolveParameters(t *testing.T) {
 			}
 			if p.SwitchToPostCopyAfter.Duration != 0 {
 				t.Fatalf("no completion timeout was configured, but the data path is told to switch after %s", p.SwitchToPostCopyAfter.Duration)
+			}
+			if p.CompressionMode != v1.CompressionAuto {
+				t.Fatalf("compression mode %q, want Auto by default", p.CompressionMode)
 			}
 		}},
 		{"pre-copy forbids post-copy unless allowed", v1.VMMigrationSpec{Strategy: v1.StrategyPreCopy}, nil, 1 << 30, func(t *testing.T, p v1.ResolvedParameters) {
@@ -63,9 +67,13 @@ func TestResolveParameters(t *testing.T) {
 			if p.SwitchToPostCopyAfter.Duration != 60*time.Second {
 				t.Fatalf("a configured completion timeout with post-copy allowed must reach the data path: %+v", p)
 			}
+			if p.CompressionMode != v1.CompressionAlways {
+				t.Fatalf("compression mode %q, want the policy's Always", p.CompressionMode)
+			}
 		}},
-		{"the spec overrides the policy", v1.VMMigrationSpec{MigrationParameters: v1.MigrationParameters{Bandwidth: &bw, MaxDowntime: dur(time.Second)}}, policy, 1 << 30, func(t *testing.T, p v1.ResolvedParameters) {
-			if p.BandwidthBytesPerSecond != 100<<20 || p.MaxDowntime.Duration != time.Second {
+		{"the spec overrides the policy", v1.VMMigrationSpec{MigrationParameters: v1.MigrationParameters{Bandwidth: &bw, MaxDowntime: dur(time.Second),
+			Compression: compressionp(v1.CompressionNever)}}, policy, 1 << 30, func(t *testing.T, p v1.ResolvedParameters) {
+			if p.BandwidthBytesPerSecond != 100<<20 || p.MaxDowntime.Duration != time.Second || p.CompressionMode != v1.CompressionNever {
 				t.Fatalf("%+v", p)
 			}
 		}},
@@ -195,3 +203,5 @@ func TestComputeLoadCountsOnlySlotHolders(t *testing.T) {
 }
 
 func typesUID(s string) types.UID { return types.UID(s) }
+
+func compressionp(m v1.CompressionMode) *v1.CompressionMode { return &m }

@@ -47,7 +47,26 @@ type MigrationParameters struct {
 	// not converge in time. PostCopy and Hybrid need it (the default).
 	// +optional
 	AllowPostCopy *bool `json:"allowPostCopy,omitempty"`
+	// compression of the pages that go in full. Auto (the default)
+	// compresses a batch when that brings it across sooner: on a slow
+	// link, or in time the source spends waiting for its input anyway.
+	// Always compresses every batch that shrinks, trading the source's
+	// CPU time for bytes (a WAN, a metered or shared link). Never sends
+	// pages as they are. Pages go as they are between hosts that do not
+	// both decode the codec.
+	// +optional
+	Compression *CompressionMode `json:"compression,omitempty"`
 }
+
+// CompressionMode says when page batches go compressed.
+// +kubebuilder:validation:Enum=Auto;Always;Never
+type CompressionMode string
+
+const (
+	CompressionAuto   CompressionMode = "Auto"
+	CompressionAlways CompressionMode = "Always"
+	CompressionNever  CompressionMode = "Never"
+)
 
 // VMMigrationSpec is what the user asks for.
 // +kubebuilder:validation:XValidation:rule="!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)",message="cancel cannot be undone"
@@ -300,11 +319,14 @@ type ResolvedParameters struct {
 	// allowPostCopy in force.
 	// +optional
 	AllowPostCopy bool `json:"allowPostCopy,omitempty"`
-	// compression is the codec the source may compress page batches with
-	// (when that pays, batch by batch): one that both hosts publish; empty
-	// for none.
+	// compression is the codec the source may compress page batches with:
+	// one that both hosts publish; empty for none (compressionMode Never,
+	// or a host without it).
 	// +optional
 	Compression PageCodec `json:"compression,omitempty"`
+	// compressionMode in force: Auto, Always or Never.
+	// +optional
+	CompressionMode CompressionMode `json:"compressionMode,omitempty"`
 }
 
 // SourceState is written only by the source host's agent: what it observed.

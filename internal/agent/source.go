@@ -236,6 +236,7 @@ func (sr *SourceReconciler) startSource(ctx context.Context, m *v1.VMMigration) 
 		Strategy:          engine.Strategy(p.EngineStrategy),
 		LinkBytesPerSec:   p.BandwidthBytesPerSecond,
 		Compress:          p.Compression == v1.PageCodecZstd,
+		CompressAlways:    p.CompressionMode == v1.CompressionAlways,
 		MaxDowntime:       p.MaxDowntime.Duration,
 		CompletionTimeout: p.SwitchToPostCopyAfter.Duration,
 		MigrationID:       string(m.UID),

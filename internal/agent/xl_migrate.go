@@ -300,6 +300,9 @@ func (sr *SourceReconciler) startSourceXL(ctx context.Context, m *v1.VMMigration
 		// Both agents publish the codec: page records go compressed
 		// where that pays, record by record.
 		words = append(words, "--compress")
+		if p.CompressionMode == v1.CompressionAlways {
+			words = append(words, "--compress-always")
+		}
 	}
 	if earlyResumeStrategy(p.EngineStrategy) {
 		// The controller chose a post-copy strategy only between hosts

@@ -80,6 +80,7 @@ func XLSend(ctx context.Context, args []string) error {
 	serverName := fs.String("server-name", "", "name the receiver's certificate must carry (default: HOST)")
 	rateCap := fs.Int64("rate", 0, "bandwidth cap on the link in bytes per second (0: none)")
 	compress := fs.Bool("compress", false, "compress page records with zstd where that pays, record by record (by the link's rate, --rate or as measured, and the time spent waiting for xl); HOST's xl-recv must decode them (agents publish it as the capability compression: zstd)")
+	compressAlways := fs.Bool("compress-always", false, "send every page record that shrinks compressed, whatever the link's rate (bytes cost more than this dom0's CPU time); implies --compress")
 	earlyResume := fs.Bool("early-resume", false, "hold back an HVM/PVH domain's RAM: it runs on HOST once the rest has crossed, and its pages follow on demand and by a push (needs a host that can page: CONFIG_MEM_PAGING)")
 	spoolDir := fs.String("spool-dir", defaultSpoolDir, "early resume: where the held pages are kept until HOST has them (storage HOST can read too, so that they survive this process)")
 	pushRate := fs.Int64("push-rate", 0, "early resume: pace the push of held pages to this many bytes per second (just below the link's rate keeps demand answers from queueing behind it; 0: unpaced)")
@@ -209,7 +210,7 @@ func XLSend(ctx context.Context, args []string) error {
 			return catalogIndex{dedup.NewCatalog(list...)}, nil
 		}
 	}
-	opts.Compress, opts.CompressLink = *compress, *rateCap
+	opts.Compress, opts.CompressLink, opts.CompressAlways = *compress || *compressAlways, *rateCap, *compressAlways
 	var link io.ReadWriter = conn
 	if b := pace.New(*rateCap, 256<<10, true, "xl-send link"); b != nil {
 		link = pacedConn{Conn: conn, ctx: ctx, b: b}

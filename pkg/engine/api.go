@@ -168,6 +168,10 @@ type Options struct {
 	// zstd when the measured ratio and encoder rate make that faster than
 	// sending them raw on its share of the link (wire.Compressor).
 	Compress bool
+	// CompressAlways (with Compress) sends every batch that shrinks
+	// compressed, whatever the link's rate: for links where bytes cost
+	// more than CPU time.
+	CompressAlways bool
 	// MigrationID names the migration to the receiver; Token authenticates it.
 	MigrationID string
 	Token       []byte

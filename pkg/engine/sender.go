@@ -69,6 +69,7 @@ func newSender(s *source, idx int, c *conn) (*sender, error) {
 		if err != nil {
 			return nil, fmt.Errorf("zstd encoder: %w", err)
 		}
+		comp.SetAlways(s.opts.CompressAlways)
 		sd.comp = comp
 	}
 	return sd, nil

@@ -22,6 +22,9 @@ import (
 // probe that pays is sent compressed. On an unlimited link (rate 0) it
 // never compresses for the link's sake: there the CPU is the bottleneck.
 //
+// SetAlways trades the sender's CPU time for bytes: every batch that
+// shrinks goes compressed.
+//
 // A sender whose input comes slower than it can send it (a toolstack that
 // produces the stream at a few MB/s) has time to spare: SetIdle tells the
 // compressor how long the sender waits for each byte of input, and a
@@ -35,12 +38,14 @@ import (
 // with PagesZstd (NewPagesDecoder, DecodePages). Not safe for concurrent
 // use: one per stream.
 type Compressor struct {
-	link  float64 // bytes/s; 0: unlimited
-	idle  float64 // seconds the sender waits per byte of input; 0: none
-	encs  [2]*zstd.Encoder
-	est   [2]levelEstimate
-	n     uint64 // batches seen
-	stats CompressorStats
+	link float64 // bytes/s; 0: unlimited
+	idle float64 // seconds the sender waits per byte of input; 0: none
+	// always: every batch that shrinks goes compressed (SetAlways).
+	always bool
+	encs   [2]*zstd.Encoder
+	est    [2]levelEstimate
+	n      uint64 // batches seen
+	stats  CompressorStats
 }
 
 // CompressorStats counts what a Compressor did.
@@ -63,6 +68,10 @@ const probeEvery = 16
 
 // ewma weight of a new measurement.
 const ewmaWeight = 0.25
+
+// alwaysMinGain: with SetAlways, data that shrinks by less is not worth
+// the CPU.
+const alwaysMinGain = 0.02
 
 // idleShare is the share of the sender's wait for input that compression
 // may use when the link does not call for it.
@@ -100,6 +109,11 @@ func (c *Compressor) Stats() CompressorStats { return c.stats }
 // measured (0: unlimited).
 func (c *Compressor) SetLink(bytesPerSec float64) { c.link = max(bytesPerSec, 0) }
 
+// SetAlways makes every batch that shrinks go compressed, at the level
+// the link's rate favours (the fastest when it is unknown): for links
+// where bytes cost more than the sender's CPU time.
+func (c *Compressor) SetAlways(on bool) { c.always = on }
+
 // SetIdle sets how long the sender waits for its input per byte of it
 // (measured; 0: it never waits).
 func (c *Compressor) SetIdle(secondsPerByte float64) { c.idle = max(secondsPerByte, 0) }
@@ -110,7 +124,7 @@ func (c *Compressor) Compress(dst, data []byte) ([]byte, bool) {
 	c.n++
 	c.stats.Batches++
 	c.stats.RawBytes += int64(len(data))
-	if (c.link <= 0 && c.idle <= 0) || len(data) == 0 {
+	if (c.link <= 0 && c.idle <= 0 && !c.always) || len(data) == 0 {
 		c.stats.SentBytes += int64(len(data))
 		return data, false
 	}
@@ -160,6 +174,9 @@ func (c *Compressor) choose() (int, bool) {
 			return best, true
 		}
 	}
+	if c.always {
+		return c.alwaysLevel()
+	}
 	if c.link <= 0 {
 		return 0, false
 	}
@@ -173,6 +190,23 @@ func (c *Compressor) choose() (int, bool) {
 		return 0, false
 	}
 	return best, true
+}
+
+// alwaysLevel is choose's answer with SetAlways: among the levels that
+// shrink this stream's data (by more than alwaysMinGain), the one the
+// link favours, or the fastest on a link of unknown rate. Data that does
+// not shrink goes raw, but for the probes.
+func (c *Compressor) alwaysLevel() (int, bool) {
+	best := -1
+	for i, e := range c.est {
+		if e.ratio > 1-alwaysMinGain {
+			continue
+		}
+		if best < 0 || c.link > 0 && c.sendTime(i) < c.sendTime(best) {
+			best = i
+		}
+	}
+	return max(best, 0), best >= 0
 }
 
 // sendTime estimates the seconds to compress and send a raw byte at a

@@ -23,17 +23,22 @@ func TestCompressorChoosesByContent(t *testing.T) {
 		data        []byte
 		link        int64
 		idle        float64 // seconds the sender waits per input byte
+		always      bool
 		wantMostlyZ bool
 	}{
-		{"text on 1 Gbit/s compresses", text, 125e6, 0, true},
-		{"random data on 1 Gbit/s goes raw", random, 125e6, 0, false},
-		{"text on an unlimited link goes raw", text, 0, 0, false},
+		{"text on 1 Gbit/s compresses", text, 125e6, 0, false, true},
+		{"random data on 1 Gbit/s goes raw", random, 125e6, 0, false, false},
+		{"text on an unlimited link goes raw", text, 0, 0, false, false},
 		// A producer at 1 MB/s leaves the sender idle 1 µs per byte:
 		// compression fits in an eighth of that (it runs at > 8 MB/s).
-		{"text from a slow producer compresses on an unlimited link", text, 0, 1e-6, true},
-		{"random data from a slow producer goes raw", random, 0, 1e-6, false},
+		{"text from a slow producer compresses on an unlimited link", text, 0, 1e-6, false, true},
+		{"random data from a slow producer goes raw", random, 0, 1e-6, false, false},
 		// A producer at 100 GB/s leaves no time to spare.
-		{"text from a fast producer on an unlimited link goes raw", text, 0, 1e-11, false},
+		{"text from a fast producer on an unlimited link goes raw", text, 0, 1e-11, false, false},
+		// Always: bytes matter more than time, whatever the link.
+		{"text always compresses on an unlimited link", text, 0, 0, true, true},
+		{"text always compresses on a fast link", text, 100e9, 0, true, true},
+		{"random data goes raw even always", random, 0, 0, true, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cp, err := NewCompressor(c.link)
@@ -42,6 +47,7 @@ func TestCompressorChoosesByContent(t *testing.T) {
 			}
 			defer cp.Close()
 			cp.SetIdle(c.idle)
+			cp.SetAlways(c.always)
 			var buf, out []byte
 			z := 0
 			for range 64 {

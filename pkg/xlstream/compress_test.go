@@ -11,13 +11,13 @@ import (
 )
 
 // encodeCompressed encodes in as Encode does, with compression on a link
-// of linkRate bytes/s; wait, when set, is what each token's input is said
-// to have made the encoder wait.
-func encodeCompressed(t *testing.T, in []byte, idx PageIndex, linkRate int64, wait time.Duration) ([]byte, EncodeStats) {
+// of linkRate bytes/s (always: SetAlways); wait, when set, is what each
+// token's input is said to have made the encoder wait.
+func encodeCompressed(t *testing.T, in []byte, idx PageIndex, linkRate int64, wait time.Duration, always bool) ([]byte, EncodeStats) {
 	t.Helper()
 	var frames bytes.Buffer
 	e := NewEncoder(&frames, idx, 0)
-	if err := e.EnableCompression(linkRate); err != nil {
+	if err := e.EnableCompression(linkRate, always); err != nil {
 		t.Fatal(err)
 	}
 	if wait > 0 {
@@ -62,20 +62,23 @@ func TestCompressedRecordsRebuildTheStreamByteForByte(t *testing.T) {
 				t.Fatal(err)
 			}
 			for _, c := range []struct {
-				name string
-				link int64
-				wait time.Duration
+				name   string
+				link   int64
+				wait   time.Duration
+				always bool
 			}{
 				// A 10 MB/s link: compressing pays for itself.
-				{"slow link", 10e6, 0},
+				{"slow link", 10e6, 0, false},
 				// A measured link that never blocks, but an input
 				// that makes the encoder wait 1 s for each token (a
 				// record holds up to 4 MiB: a few MB/s, as xl under
 				// emulation): the wait pays for it.
-				{"slow producer", 0, time.Second},
+				{"slow producer", 0, time.Second, false},
+				// Neither, but bytes are asked to matter more.
+				{"always", 0, 0, true},
 			} {
 				t.Run(c.name, func(t *testing.T) {
-					frames, st := encodeCompressed(t, in, d, c.link, c.wait)
+					frames, st := encodeCompressed(t, in, d, c.link, c.wait, c.always)
 					var out bytes.Buffer
 					dst, err := Decode(bytes.NewReader(frames), &out, d)
 					if err != nil {
@@ -104,7 +107,7 @@ func TestUncompressedLinkStaysPlainWithoutAReason(t *testing.T) {
 	// the bottleneck, nothing is compressed beyond the first measurements
 	// and probes.
 	in := loadFixture(t, fixtures[0].file)
-	_, st := encodeCompressed(t, in, nil, 0, 0)
+	_, st := encodeCompressed(t, in, nil, 0, 0, false)
 	if st.CompressedRecords*4 > st.PageRecords {
 		t.Fatalf("%d of %d records compressed with neither a slow link nor a slow producer", st.CompressedRecords, st.PageRecords)
 	}
@@ -131,7 +134,7 @@ func TestSessionOverTCPCompresses(t *testing.T) {
 
 func TestDecodeRejectsCorruptCompressedFrames(t *testing.T) {
 	in := loadFixture(t, fixtures[0].file)
-	frames, _ := encodeCompressed(t, in, nil, 10e6, 0)
+	frames, _ := encodeCompressed(t, in, nil, 10e6, 0, false)
 	// The first compressed frame, and where its payload starts.
 	var at, n int = -1, 0
 	for o := 0; o < len(frames); {

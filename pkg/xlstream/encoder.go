@@ -104,12 +104,15 @@ func (e *Encoder) SetIndex(idx PageIndex) {
 // zstd frames when that pays (wire.Compressor decides per record): the
 // destination must decode FramePagesZ. linkBytesPerSec is the link's rate
 // if known (a configured cap); 0 measures it from how long writes to the
-// connection block. Call before the first WriteToken; Close releases it.
-func (e *Encoder) EnableCompression(linkBytesPerSec int64) error {
+// connection block. always sends every record that shrinks compressed
+// (wire.Compressor.SetAlways). Call before the first WriteToken; Close
+// releases it.
+func (e *Encoder) EnableCompression(linkBytesPerSec int64, always bool) error {
 	c, err := wire.NewCompressor(linkBytesPerSec)
 	if err != nil {
 		return fmt.Errorf("xlstream: %w", err)
 	}
+	c.SetAlways(always)
 	e.comp, e.linkRate = c, float64(max(linkBytesPerSec, 0))
 	return nil
 }

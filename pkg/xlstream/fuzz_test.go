@@ -261,7 +261,7 @@ func frameSeeds(t testing.TB) [][]byte {
 	// link.
 	var z bytes.Buffer
 	e := NewEncoder(&z, nil, 0)
-	if err := e.EnableCompression(1e6); err != nil {
+	if err := e.EnableCompression(1e6, false); err != nil {
 		t.Fatal(err)
 	}
 	if _, _, err := encode(bytes.NewReader(miniStream(t, loadFixture(t, fixtures[0].file))), e); err != nil {

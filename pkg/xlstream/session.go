@@ -63,8 +63,10 @@ type SendOptions struct {
 	// (Encoder.EnableCompression); only to a destination that decodes
 	// FramePagesZ. CompressLink is the link's rate if known (bytes per
 	// second; 0: measured from the connection's writes).
-	Compress     bool
-	CompressLink int64
+	// CompressAlways sends every record that shrinks compressed.
+	Compress       bool
+	CompressLink   int64
+	CompressAlways bool
 }
 
 // Send is the source side of a session: it reads xl's migration stream
@@ -76,7 +78,7 @@ type SendOptions struct {
 func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writer, idx PageIndex, opts SendOptions) (SendStats, error) {
 	enc := NewEncoder(conn, idx, opts.Window)
 	if opts.Compress {
-		if err := enc.EnableCompression(opts.CompressLink); err != nil {
+		if err := enc.EnableCompression(opts.CompressLink, opts.CompressAlways); err != nil {
 			return SendStats{ExitStatus: -1}, err
 		}
 	}
