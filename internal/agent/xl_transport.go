@@ -35,6 +35,7 @@ import (
 	"github.com/xenferry/xenferry/pkg/dedup"
 	"github.com/xenferry/xenferry/pkg/pace"
 	"github.com/xenferry/xenferry/pkg/pki"
+	"github.com/xenferry/xenferry/pkg/wire"
 	"github.com/xenferry/xenferry/pkg/xlstream"
 )
 
@@ -62,9 +63,11 @@ type xlSendReport struct {
 	CompressedRecords int64 `json:"compressedRecords,omitempty"`
 	PayloadBytes      int64 `json:"payloadBytes,omitempty"`
 	PayloadSentBytes  int64 `json:"payloadSentBytes,omitempty"`
-	LazyHeld          int64 `json:"lazyHeld,omitempty"`
-	LazyDemanded      int64 `json:"lazyDemanded,omitempty"`
-	LazyPushed        int64 `json:"lazyPushed,omitempty"`
+	// Compressor: its counters and the estimates its decisions rest on.
+	Compressor   *wire.CompressorStats `json:"compressor,omitempty"`
+	LazyHeld     int64                 `json:"lazyHeld,omitempty"`
+	LazyDemanded int64                 `json:"lazyDemanded,omitempty"`
+	LazyPushed   int64                 `json:"lazyPushed,omitempty"`
 }
 
 // XLSend is `node-agent xl-send`, the transport `xl migrate -s` runs on
@@ -247,6 +250,9 @@ func XLSend(ctx context.Context, args []string) error {
 	rep.PageRecords, rep.ZeroPages, rep.RefPages = st.Encode.PageRecords, st.Encode.ZeroPages, st.Encode.RefPages
 	rep.DataPages, rep.FallbackPages, rep.ExitStatus = st.Encode.DataPages, st.Encode.FallbackPages, st.ExitStatus
 	rep.CompressedRecords, rep.PayloadBytes, rep.PayloadSentBytes = st.Encode.CompressedRecords, st.Encode.PayloadBytes, st.Encode.PayloadSentBytes
+	if opts.Compress {
+		rep.Compressor = &st.Encode.Compressor
+	}
 	rep.LazyHeld, rep.LazyDemanded, rep.LazyPushed = st.LazyHeld, st.LazyDemanded, st.LazyPushed
 	log.Info("Stream sent", "streamBytes", rep.StreamBytes, "linkBytes", rep.LinkBytes, "zero", rep.ZeroPages,
 		"ref", rep.RefPages, "data", rep.DataPages, "fallback", rep.FallbackPages,

@@ -55,6 +55,13 @@ type CompressorStats struct {
 	Probes     uint64 `json:"probes"`     // compressed only to measure
 	RawBytes   int64  `json:"rawBytes"`   // data offered
 	SentBytes  int64  `json:"sentBytes"`  // data sent (frames or raw)
+	// What the decisions rest on, as last seen: the link's rate (bytes/s,
+	// 0: unlimited), the sender's wait per input byte (seconds), and per
+	// level (fastest, default) the measured ratio and rate (bytes/s).
+	Link    float64    `json:"link"`
+	Idle    float64    `json:"idle"`
+	Ratio   [2]float64 `json:"ratio"`
+	CPURate [2]float64 `json:"cpuRate"`
 }
 
 // levelEstimate is one level's measured ratio and rate.
@@ -103,7 +110,14 @@ func (c *Compressor) Close() {
 }
 
 // Stats returns the counters so far.
-func (c *Compressor) Stats() CompressorStats { return c.stats }
+func (c *Compressor) Stats() CompressorStats {
+	st := c.stats
+	st.Link, st.Idle = c.link, c.idle
+	for i, e := range c.est {
+		st.Ratio[i], st.CPURate[i] = e.ratio, e.cpu
+	}
+	return st
+}
 
 // SetLink sets the link's rate in bytes per second, as configured or
 // measured (0: unlimited).

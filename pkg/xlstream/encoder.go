@@ -36,6 +36,8 @@ type EncodeStats struct {
 	CompressedRecords int64
 	PayloadBytes      int64
 	PayloadSentBytes  int64
+	// Compressor: the compressor's counters and estimates.
+	Compressor wire.CompressorStats
 }
 
 // MinWindow is the smallest REF window, in pages (16 MiB): the destination
@@ -236,6 +238,7 @@ func (e *Encoder) WriteToken(t Token) error {
 	}
 	e.wmu.Lock()
 	if e.comp != nil {
+		e.stats.Compressor = e.comp.Stats()
 		e.stats.PayloadBytes += int64(len(payload))
 		if compressed {
 			e.stats.CompressedRecords++
