@@ -68,7 +68,14 @@ type CompressorStats struct {
 type levelEstimate struct {
 	ratio float64 // compressed / raw, 0 until measured
 	cpu   float64 // raw bytes compressed per second
+	n     int     // batches measured
 }
+
+// warmBatches: a level's first batch also pays for its encoder's tables
+// and cold caches (20x its later rate under emulation), so each level
+// is measured on this many batches before the estimates decide, and its
+// rate is taken from the second.
+const warmBatches = 2
 
 // probeEvery: while raw pays, one batch in this many is compressed anyway.
 const probeEvery = 16
@@ -173,7 +180,7 @@ func (c *Compressor) Compress(dst, data []byte) ([]byte, bool) {
 // shortest estimated time to compress and send, if it beats raw.
 func (c *Compressor) choose() (int, bool) {
 	for i := range c.encs {
-		if c.est[i].ratio == 0 {
+		if c.est[i].n < warmBatches {
 			return i, true // measure it
 		}
 	}
@@ -236,10 +243,15 @@ func (c *Compressor) sendTime(lvl int) float64 {
 
 func (c *Compressor) observe(lvl int, ratio, cpu float64) {
 	e := &c.est[lvl]
-	if e.ratio == 0 {
+	e.n++
+	switch e.n {
+	case 1:
 		e.ratio, e.cpu = ratio, cpu
-		return
+	case warmBatches:
+		e.ratio += ewmaWeight * (ratio - e.ratio)
+		e.cpu = cpu // the first was cold
+	default:
+		e.ratio += ewmaWeight * (ratio - e.ratio)
+		e.cpu += ewmaWeight * (cpu - e.cpu)
 	}
-	e.ratio += ewmaWeight * (ratio - e.ratio)
-	e.cpu += ewmaWeight * (cpu - e.cpu)
 }
