@@ -69,10 +69,12 @@ func main() {
 		usage()
 		os.Exit(2)
 	}
-	// More Ps than cores: the demand path of a post-copy must never wait
-	// for a P behind CPU-bound pushes; the kernel arbitrates instead.
+	// Many more Ps than cores: the demand path's real-time threads, back
+	// from poll(2), must find an idle P at once instead of queueing for one
+	// behind the push's and the installs' goroutines; the kernel
+	// arbitrates instead (docs/benchmarks.md, "The fault tail").
 	if os.Getenv("GOMAXPROCS") == "" {
-		runtime.GOMAXPROCS(max(8, 4*runtime.NumCPU()))
+		runtime.GOMAXPROCS(max(32, 16*runtime.NumCPU()))
 	}
 	if c.name != "run" {
 		// Only `run` talks to Kubernetes (and sets controller-runtime's

@@ -264,16 +264,12 @@ func fatal(err error) {
 	os.Exit(2)
 }
 
-var _ = time.Second
-
 // oversubscribeProcs gives the Go scheduler many more Ps than cores
-// (unless GOMAXPROCS is set): the demand path's real-time threads, back
-// from poll(2), then find an idle P at once instead of queueing for one
-// behind the push's and the installs' goroutines, and the kernel
-// arbitrates. Measured on the web scenario (2 cores): fault p99 5–7.6 ms
-// with 2 Ps, 2–3.5 ms with 8 before the fault path was real-time; with
-// it, under a load of 4–5 (the QEMU lab and a test suite beside it),
-// 1.5, 2.6, 5.5 ms with 8 Ps against 0.63, 0.63, 0.46 ms with 32.
+// (unless GOMAXPROCS is set), as node-agent does: the demand path's
+// real-time threads, back from poll(2), then find an idle P at once
+// instead of queueing for one behind the push's and the installs'
+// goroutines, and the kernel arbitrates (docs/benchmarks.md, "The fault
+// tail", has the measurements).
 func oversubscribeProcs() {
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(max(32, 16*runtime.NumCPU()))
