@@ -119,7 +119,7 @@ func (e *Encoder) EnableCompression(linkBytesPerSec int64, always bool) error {
 	return nil
 }
 
-// Close releases the compressor, if any. Frames must not be written after.
+// Close releases the compressor, if any; WriteToken must not follow.
 func (e *Encoder) Close() {
 	if e.comp != nil {
 		e.comp.Close()
