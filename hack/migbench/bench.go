@@ -73,8 +73,10 @@ type runConfig struct {
 	link     int64
 	streams  int
 	compress bool
-	vcpus    int
-	demand   engine.DemandPath
+	// compressAlways: every batch that shrinks (engine Options.CompressAlways).
+	compressAlways bool
+	vcpus          int
+	demand         engine.DemandPath
 }
 
 // bench holds the two simulated hosts and the receiver between runs.
@@ -230,7 +232,7 @@ func (b *bench) run(ctx context.Context, rc runConfig) (Line, error) {
 		opsBefore = float64(dom.Ops()-ops0) / time.Since(t0).Seconds()
 	}
 
-	opts := engine.Options{Strategy: rc.strategy, LinkBytesPerSec: rc.link, Streams: rc.streams, Compress: rc.compress, MigrationID: name, DemandPath: rc.demand}
+	opts := engine.Options{Strategy: rc.strategy, LinkBytesPerSec: rc.link, Streams: rc.streams, Compress: rc.compress || rc.compressAlways, CompressAlways: rc.compressAlways, MigrationID: name, DemandPath: rc.demand}
 	res, err := engine.Migrate(ctx, dom, b.addr, opts, hooks)
 	if err != nil {
 		return Line{}, err

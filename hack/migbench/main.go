@@ -67,22 +67,23 @@ type Line struct {
 
 func main() {
 	var (
-		scenarios  = flag.String("scenario", "idle,web,pagecache,memheavy", "comma list of scenarios: idle, web, pagecache, memheavy, image:MEM,DISK")
-		strategies = flag.String("strategy", "xen,precopy,precopy+dedup,hybrid+dedup", "comma list of strategies: "+strategyNames())
-		memory     = flag.String("memory", "1Gi", "guest memory per domain (Ki/Mi/Gi)")
-		link       = flag.String("link", "1Gbit", "bandwidth cap for every strategy (e.g. 1Gbit, 500Mbit, 100MB; 0 = none)")
-		asJSON     = flag.Bool("json", false, "print one JSON object per line")
-		streams    = flag.Int("streams", engine.DefaultStreams, "parallel data connections")
-		compress   = flag.Bool("compress", false, "adaptive zstd for batches of full pages, when it pays on the link (not in the xen strategy)")
-		demand     = flag.String("demand-path", string(engine.DemandPriorityConn), "where post-copy demand answers travel: priority (a connection of their own) or inline (the page's data stream, strict priority)")
-		vcpus      = flag.Int("vcpus", 2, "vCPUs per domain")
-		workdir    = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")
-		verbose    = flag.Bool("v", false, "log the engine's decisions to stderr")
-		cpuprof    = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
-		dstProc    = flag.Bool("dst-process", false, "run the destination host and receiver in a process of their own, as on real hosts (measured on 2 cores: web fault p50 about 25 % worse on a quiet machine, 2x under load; docs/benchmarks.md)")
-		dstServe   = flag.Bool("dst-serve", false, "internal: be the destination process")
-		rtPrio     = flag.Int("rt-prio", int(postcopy.RealtimePriority.Load()), "SCHED_FIFO priority of the threads that serve post-copy faults on both sides (0: normal class; docs/benchmarks.md)")
-		warm       = flag.Bool("warm-ram", true, "touch (and free) the RAM the run will use once before measuring: a VM whose host backs its RAM lazily pays ~2 s/GiB on the first touch since boot, a cost no dom0 has")
+		scenarios      = flag.String("scenario", "idle,web,pagecache,memheavy", "comma list of scenarios: idle, web, pagecache, memheavy, image:MEM,DISK")
+		strategies     = flag.String("strategy", "xen,precopy,precopy+dedup,hybrid+dedup", "comma list of strategies: "+strategyNames())
+		memory         = flag.String("memory", "1Gi", "guest memory per domain (Ki/Mi/Gi)")
+		link           = flag.String("link", "1Gbit", "bandwidth cap for every strategy (e.g. 1Gbit, 500Mbit, 100MB; 0 = none)")
+		asJSON         = flag.Bool("json", false, "print one JSON object per line")
+		streams        = flag.Int("streams", engine.DefaultStreams, "parallel data connections")
+		compress       = flag.Bool("compress", false, "adaptive zstd for batches of full pages, when it pays on the link (not in the xen strategy)")
+		compressAlways = flag.Bool("compress-always", false, "zstd for every batch of full pages that shrinks, as compression: Always (implies -compress)")
+		demand         = flag.String("demand-path", string(engine.DemandPriorityConn), "where post-copy demand answers travel: priority (a connection of their own) or inline (the page's data stream, strict priority)")
+		vcpus          = flag.Int("vcpus", 2, "vCPUs per domain")
+		workdir        = flag.String("workdir", filepath.Join(os.TempDir(), "xenferry-migbench"), "where disk images and indexes are cached")
+		verbose        = flag.Bool("v", false, "log the engine's decisions to stderr")
+		cpuprof        = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+		dstProc        = flag.Bool("dst-process", false, "run the destination host and receiver in a process of their own, as on real hosts (measured on 2 cores: web fault p50 about 25 % worse on a quiet machine, 2x under load; docs/benchmarks.md)")
+		dstServe       = flag.Bool("dst-serve", false, "internal: be the destination process")
+		rtPrio         = flag.Int("rt-prio", int(postcopy.RealtimePriority.Load()), "SCHED_FIFO priority of the threads that serve post-copy faults on both sides (0: normal class; docs/benchmarks.md)")
+		warm           = flag.Bool("warm-ram", true, "touch (and free) the RAM the run will use once before measuring: a VM whose host backs its RAM lazily pays ~2 s/GiB on the first touch since boot, a cost no dom0 has")
 	)
 	flag.Parse()
 	oversubscribeProcs()
@@ -156,7 +157,7 @@ func main() {
 	failed := false
 	for _, sc := range scs {
 		for _, st := range strats {
-			cfg := runConfig{scenario: sc, strategy: st, memory: memBytes, link: linkRate, streams: *streams, compress: *compress, vcpus: *vcpus, demand: engine.DemandPath(*demand)}
+			cfg := runConfig{scenario: sc, strategy: st, memory: memBytes, link: linkRate, streams: *streams, compress: *compress, compressAlways: *compressAlways, vcpus: *vcpus, demand: engine.DemandPath(*demand)}
 			fmt.Fprintf(os.Stderr, "migbench: %s / %s: migrating %s...\n", sc.name, st, humanBytes(memBytes))
 			line, err := b.run(ctx, cfg)
 			if err != nil {
