@@ -102,7 +102,7 @@ migrate() {
 	xl) cmd="xl-stock-send" ;;
 	xenferry) cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --compress --report /run/xenlab-xl-send.json" ;;
 	xenferry-postcopy)
-		cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --early-resume --spool-dir $SPOOL --report /run/xenlab-xl-send.json"
+		cmd="node-agent xl-send --insecure-allow-anonymous --state-dir /var/lib/xenferry --compress --early-resume --spool-dir $SPOOL --report /run/xenlab-xl-send.json"
 		# The push just below the shaped link's rate (see the top).
 		((LINK_MBIT > 0)) && cmd+=" --push-rate $((LINK_MBIT * 1000000 / 8 * 85 / 100))"
 		;;

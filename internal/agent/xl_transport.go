@@ -68,6 +68,8 @@ type xlSendReport struct {
 	LazyHeld     int64                 `json:"lazyHeld,omitempty"`
 	LazyDemanded int64                 `json:"lazyDemanded,omitempty"`
 	LazyPushed   int64                 `json:"lazyPushed,omitempty"`
+	// LazyPushedCompressed of the pushed pages went in zstd batches.
+	LazyPushedCompressed int64 `json:"lazyPushedCompressed,omitempty"`
 }
 
 // XLSend is `node-agent xl-send`, the transport `xl migrate -s` runs on
@@ -254,6 +256,7 @@ func XLSend(ctx context.Context, args []string) error {
 		rep.Compressor = &st.Encode.Compressor
 	}
 	rep.LazyHeld, rep.LazyDemanded, rep.LazyPushed = st.LazyHeld, st.LazyDemanded, st.LazyPushed
+	rep.LazyPushedCompressed = st.LazyPushedCompressed
 	log.Info("Stream sent", "streamBytes", rep.StreamBytes, "linkBytes", rep.LinkBytes, "zero", rep.ZeroPages,
 		"ref", rep.RefPages, "data", rep.DataPages, "fallback", rep.FallbackPages,
 		"compressedRecords", rep.CompressedRecords, "payloadBytes", rep.PayloadBytes, "payloadSentBytes", rep.PayloadSentBytes,

@@ -26,11 +26,23 @@ import (
 //	LAZYMANIFEST source  {n u32, n x {pfn u64, xxh3 u64}}
 //	LAZYPAGE     source  {pfn u64, page}: a demand answer or the push
 //	DEMAND       dest    {pfn u64}
+//	LAZYPAGESZ   source  {n u32, n x pfn u64, zstd frame of the n pages}:
+//	             the push, compressed (only to a destination that
+//	             publishes the zstd codec: SendOptions.Compress)
 const (
 	FrameLazyHello    = 40
 	FrameLazyManifest = 41
 	FrameLazyPage     = 42
 	FrameDemand       = 43
+	FrameLazyPagesZ   = 44
+)
+
+// lazyBatch is how many pushed pages go in one LAZYPAGESZ, and how many a
+// demand answer may wait behind (the push flushes after each batch);
+// maxLazyBatch bounds what a destination accepts.
+const (
+	lazyBatch    = 8
+	maxLazyBatch = 64
 )
 
 const (
@@ -311,7 +323,8 @@ type LazySink interface {
 	Hello(name string) error
 	// Manifest adds held pfns and their hashes (before the libxc END).
 	Manifest(entries []LazyEntry) error
-	// Page delivers a held page (a demand answer or the push).
+	// Page delivers a held page (a demand answer or the push); page is
+	// valid only during the call.
 	Page(pfn uint64, page []byte) error
 	// Start gives the sink the function that asks the source for a page.
 	Start(demand func(pfn uint64) error)

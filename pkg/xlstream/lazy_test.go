@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // newest returns, for each pfn with contents in the stream, its last copy.
@@ -95,6 +97,12 @@ func (s *testSink) Abort(err error) {}
 // must hold them all, and demands and the push must deliver each one's
 // newest copy, verified against the manifest.
 func TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies(t *testing.T) {
+	t.Run("page by page", func(t *testing.T) { testEarlyResume(t, false) })
+	// Compression Always: the push goes in LAZYPAGESZ batches.
+	t.Run("compressed push", func(t *testing.T) { testEarlyResume(t, true) })
+}
+
+func testEarlyResume(t *testing.T, compress bool) {
 	in := loadFixture(t, fixtures[1].file)
 	want := newest(t, in)
 	sink := &testSink{hashes: map[uint64]uint64{}, got: map[uint64][]byte{}, done: make(chan struct{})}
@@ -104,7 +112,7 @@ func TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies(t *testing.T) {
 	}
 	defer lz.Remove()
 	var rebuilt bytes.Buffer
-	r := tcpSession(t, in, SendOptions{Lazy: lz, LazyName: "test.spool"}, ReceiveOptions{Lazy: sink}, nil, func(cmdIn io.Reader, cmdOut io.WriteCloser) {
+	r := tcpSession(t, in, SendOptions{Lazy: lz, LazyName: "test.spool", Compress: compress, CompressAlways: compress}, ReceiveOptions{Lazy: sink}, nil, func(cmdIn io.Reader, cmdOut io.WriteCloser) {
 		io.Copy(&rebuilt, cmdIn)
 		// The domain "runs": fault on three held pfns before the push.
 		sink.mu.Lock()
@@ -132,6 +140,9 @@ func TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies(t *testing.T) {
 	if st.LazyHeld == 0 || int(st.LazyHeld) != len(sink.hashes) || st.LazyDemanded+st.LazyPushed < st.LazyHeld {
 		t.Fatalf("held %d, manifest %d, demanded %d, pushed %d", st.LazyHeld, len(sink.hashes), st.LazyDemanded, st.LazyPushed)
 	}
+	if compress != (st.LazyPushedCompressed > 0) || st.LazyPushedCompressed > st.LazyPushed {
+		t.Fatalf("compress %v: %d of %d pushed pages went compressed", compress, st.LazyPushedCompressed, st.LazyPushed)
+	}
 	if st.LazyDemanded < int64(len(sink.demanded)) {
 		t.Fatalf("%d demands answered, %d made", st.LazyDemanded, len(sink.demanded))
 	}
@@ -153,8 +164,8 @@ func TestEarlyResumeHoldsPagesBackAndDeliversTheNewestCopies(t *testing.T) {
 			t.Fatalf("pfn %#x lost: neither in the stream nor held", pfn)
 		}
 	}
-	t.Logf("held %d of %d pfns, %d demanded, %d pushed, stream %d -> %d bytes",
-		st.LazyHeld, len(want), st.LazyDemanded, st.LazyPushed, len(in), rebuilt.Len())
+	t.Logf("held %d of %d pfns, %d demanded, %d pushed (%d compressed), stream %d -> %d bytes, link %d",
+		st.LazyHeld, len(want), st.LazyDemanded, st.LazyPushed, st.LazyPushedCompressed, len(in), rebuilt.Len(), st.Encode.OutBytes)
 }
 
 func TestLazyFramesAreValidated(t *testing.T) {
@@ -171,8 +182,46 @@ func TestLazyFramesAreValidated(t *testing.T) {
 		t.Fatal("a manifest holding a special page was accepted")
 	}
 	var on atomicBoolForTest
-	if err := receiveLazy(nil, FrameLazyHello, nil, &on.b, nil); !errors.Is(err, ErrLazyRefused) {
+	if err := receiveLazy(nil, FrameLazyHello, nil, &on.b, nil, nil); !errors.Is(err, ErrLazyRefused) {
 		t.Fatalf("a destination without a pager: %v, want ErrLazyRefused", err)
+	}
+
+	// Compressed push batches: bounded, and exactly the pages they name.
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer enc.Close()
+	batch := func(n uint32, pfns int, pages int) []byte {
+		b := le.AppendUint32(nil, n)
+		for i := 0; i < pfns; i++ {
+			b = le.AppendUint64(b, uint64(i))
+		}
+		return enc.EncodeAll(make([]byte, pages*PageSize), b)
+	}
+	sink := &testSink{hashes: map[uint64]uint64{0: PageHash(make([]byte, PageSize))}, got: map[uint64][]byte{}, done: make(chan struct{})}
+	var inf lazyInflater
+	defer inf.close()
+	var off atomicBoolForTest
+	if err := receiveLazy(sink, FrameLazyPagesZ, batch(1, 1, 1), &off.b, &inf, nil); !errors.Is(err, ErrBadFrame) {
+		t.Fatalf("LAZYPAGESZ before LAZYHELLO: %v", err)
+	}
+	off.b.Store(true)
+	for name, body := range map[string][]byte{
+		"no pages":              batch(0, 0, 0),
+		"more than the bound":   batch(maxLazyBatch+1, maxLazyBatch+1, 1),
+		"pfns cut short":        batch(4, 2, 0)[:4+16],
+		"fewer pages than pfns": batch(2, 2, 1),
+		"more pages than pfns":  batch(1, 1, 2),
+		"a zero bomb":           batch(1, 1, 1<<12),
+		"not zstd":              append(batch(1, 1, 0)[:12], "garbage"...),
+	} {
+		if err := receiveLazy(sink, FrameLazyPagesZ, body, &off.b, &inf, nil); !errors.Is(err, ErrBadFrame) {
+			t.Errorf("LAZYPAGESZ with %s: %v, want ErrBadFrame", name, err)
+		}
+	}
+	if err := receiveLazy(sink, FrameLazyPagesZ, batch(1, 1, 1), &off.b, &inf, nil); err != nil || len(sink.got) != 1 {
+		t.Fatalf("a good batch of one page: %v (%d delivered)", err, len(sink.got))
 	}
 }
 

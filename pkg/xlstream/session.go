@@ -11,7 +11,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/xenferry/xenferry/pkg/pace"
+	"github.com/xenferry/xenferry/pkg/wire"
 )
 
 // SendStats is what the source side of a session did.
@@ -22,8 +25,10 @@ type SendStats struct {
 	BackBytes int64
 	// ExitStatus is the destination command's exit status (-1: unknown).
 	ExitStatus int
-	// Early resume: pages held back, then sent on demand and by the push.
+	// Early resume: pages held back, then sent on demand and by the push;
+	// of the pushed ones, those that went in compressed batches.
 	LazyHeld, LazyDemanded, LazyPushed int64
+	LazyPushedCompressed               int64
 }
 
 // SendOptions tune Send.
@@ -88,7 +93,7 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 	var mu sync.Mutex // protects st.BackBytes, st.ExitStatus
 	var lazyOn bool   // the destination was told; set once, by the send loop
 	var lazySynced bool
-	var demanded, pushed int64
+	var demanded, pushed, pushedZ int64
 
 	backDone := make(chan error, 1)
 	go func() {
@@ -315,44 +320,52 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 		}
 		go func() {
 			defer close(pushDone)
+			p, err := newLazyPusher(ctx, enc, opts)
+			if err != nil {
+				pushErr = err
+				return
+			}
+			defer p.close()
 			var from uint64
-			n := 0
-			bucket := pace.New(opts.LazyPushRate, 64<<10, true, "early-resume push")
 			for {
 				select {
 				case <-stopPush:
 					return
 				default:
 				}
-				pfn, ok := opts.Lazy.nextUnsent(from)
-				if !ok {
-					pushErr = enc.Flush()
-					return
-				}
-				from = pfn + 1
-				b, ok, err := opts.Lazy.page(pfn, false)
-				if err != nil {
-					pushErr = err
-					return
-				}
-				if !ok {
-					continue // demanded meanwhile
-				}
-				if bucket != nil {
-					if err := bucket.Wait(ctx, len(b)); err != nil {
+				// A batch of the next held pages not yet sent; a page
+				// demanded meanwhile is skipped (its answer went).
+				p.reset()
+				for len(p.pfns) < lazyBatch {
+					pfn, ok := opts.Lazy.nextUnsent(from)
+					if !ok {
+						break
+					}
+					from = pfn + 1
+					b, ok, err := opts.Lazy.page(pfn, false)
+					if err != nil {
 						pushErr = err
 						return
 					}
+					if ok {
+						p.add(pfn, b)
+					}
 				}
-				n++
-				// Short flushes: a demand answer waits behind what the
-				// push has buffered, never more than 8 pages of it.
-				if err := enc.frame(FrameLazyPage, n%8 == 0, b); err != nil {
+				if len(p.pfns) == 0 {
+					pushErr = enc.Flush()
+					return
+				}
+				// Flushed after each batch: a demand answer waits behind
+				// what the push has buffered, never more than one batch.
+				if err := p.send(); err != nil {
 					pushErr = fmt.Errorf("push: %w", err)
 					return
 				}
 				mu.Lock()
-				pushed++
+				pushed += int64(len(p.pfns))
+				if p.compressed {
+					pushedZ += int64(len(p.pfns))
+				}
 				mu.Unlock()
 			}
 		}()
@@ -370,7 +383,7 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 	}
 	mu.Lock()
 	st.Reader, st.Encode = rd.Stats(), enc.Stats()
-	st.LazyDemanded, st.LazyPushed = demanded, pushed
+	st.LazyDemanded, st.LazyPushed, st.LazyPushedCompressed = demanded, pushed, pushedZ
 	if lazyOn {
 		st.LazyHeld = int64(opts.Lazy.Held())
 	}
@@ -431,7 +444,9 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 	q := newFrameQueue(opts.QueueBytes)
 	falls := make(chan []byte, 4)
 	var lazy atomic.Bool // the source holds pages back (LAZYHELLO seen)
+	var inflate lazyInflater
 	go func() {
+		defer inflate.close()
 		// It keeps reading after END: fallback pages may follow it. It
 		// ends when the connection does.
 		br := bufio.NewReaderSize(conn, 1<<20)
@@ -451,8 +466,8 @@ func Receive(ctx context.Context, conn io.ReadWriter, cmdIn io.WriteCloser, cmdO
 				q.fail(err)
 				return
 			}
-			if kind >= FrameLazyHello && kind <= FrameLazyPage {
-				if lerr := receiveLazy(opts.Lazy, kind, body, &lazy, func(pfn uint64) error {
+			if kind >= FrameLazyHello && kind <= FrameLazyPagesZ && kind != FrameDemand {
+				if lerr := receiveLazy(opts.Lazy, kind, body, &lazy, &inflate, func(pfn uint64) error {
 					return send(FrameDemand, u64(pfn))
 				}); lerr != nil {
 					if lazy.Load() {
@@ -671,7 +686,7 @@ func (q *frameQueue) fail(err error) {
 }
 
 // receiveLazy hands an early-resume frame to sink.
-func receiveLazy(sink LazySink, kind byte, body []byte, on *atomic.Bool, demand func(uint64) error) error {
+func receiveLazy(sink LazySink, kind byte, body []byte, on *atomic.Bool, inf *lazyInflater, demand func(uint64) error) error {
 	if sink == nil {
 		return fmt.Errorf("%w: this destination cannot take a domain before its memory (no pager)", ErrLazyRefused)
 	}
@@ -699,10 +714,160 @@ func receiveLazy(sink LazySink, kind byte, body []byte, on *atomic.Bool, demand 
 			return err
 		}
 		return sink.Manifest(es)
+	case FrameLazyPagesZ:
+		if !on.Load() {
+			return fmt.Errorf("%w: LAZYPAGESZ before LAZYHELLO", ErrBadFrame)
+		}
+		pfns, pages, err := inf.pages(body)
+		if err != nil {
+			return err
+		}
+		for i, pfn := range pfns {
+			if err := sink.Page(pfn, pages[i*PageSize:(i+1)*PageSize]); err != nil {
+				return err
+			}
+		}
+		return nil
 	default: // FrameLazyPage
 		if !on.Load() || len(body) != 8+PageSize {
 			return fmt.Errorf("%w: LAZYPAGE of %d bytes (early resume on: %v)", ErrBadFrame, len(body), on.Load())
 		}
 		return sink.Page(binary.LittleEndian.Uint64(body), body[8:])
+	}
+}
+
+// lazyPusher sends the push's batches of held pages: each batch as one
+// LAZYPAGESZ when compression is on and pays (wire.Compressor, on the
+// push's rate or the link's as measured), else page by page; paced to
+// LazyPushRate by the bytes that go on the link.
+type lazyPusher struct {
+	ctx    context.Context
+	enc    *Encoder
+	bucket *pace.Bucket
+	comp   *wire.Compressor
+	rate   float64 // configured push rate; 0: the link's, as measured
+
+	pfns       []uint64
+	frames     [][]byte // {pfn u64, page} as LazySource.page made them
+	data, zbuf []byte
+	compressed bool // the last batch went compressed
+}
+
+func newLazyPusher(ctx context.Context, enc *Encoder, opts SendOptions) (*lazyPusher, error) {
+	p := &lazyPusher{ctx: ctx, enc: enc, bucket: pace.New(opts.LazyPushRate, 64<<10, true, "early-resume push"),
+		rate: float64(max(opts.LazyPushRate, 0))}
+	if opts.Compress {
+		c, err := wire.NewCompressor(opts.LazyPushRate)
+		if err != nil {
+			return nil, fmt.Errorf("push: %w", err)
+		}
+		c.SetAlways(opts.CompressAlways)
+		p.comp = c
+	}
+	return p, nil
+}
+
+func (p *lazyPusher) close() {
+	if p.comp != nil {
+		p.comp.Close()
+	}
+}
+
+func (p *lazyPusher) reset() {
+	p.pfns, p.frames, p.data = p.pfns[:0], p.frames[:0], p.data[:0]
+	p.compressed = false
+}
+
+func (p *lazyPusher) add(pfn uint64, frame []byte) {
+	p.pfns = append(p.pfns, pfn)
+	p.frames = append(p.frames, frame)
+	if p.comp != nil {
+		p.data = append(p.data, frame[8:]...)
+	}
+}
+
+func (p *lazyPusher) wait(n int) error {
+	if p.bucket == nil {
+		return nil
+	}
+	return p.bucket.Wait(p.ctx, n)
+}
+
+func (p *lazyPusher) send() error {
+	if p.comp != nil {
+		link := p.rate
+		if link == 0 {
+			p.enc.wmu.Lock()
+			link = p.enc.meter.rate()
+			p.enc.wmu.Unlock()
+		}
+		p.comp.SetLink(link)
+		if z, ok := p.comp.Compress(p.zbuf, p.data); ok {
+			p.zbuf = z
+			head := binary.LittleEndian.AppendUint32(make([]byte, 0, 4+8*len(p.pfns)), uint32(len(p.pfns)))
+			for _, pfn := range p.pfns {
+				head = binary.LittleEndian.AppendUint64(head, pfn)
+			}
+			if err := p.wait(len(head) + len(z)); err != nil {
+				return err
+			}
+			p.compressed = true
+			return p.enc.frame(FrameLazyPagesZ, true, head, z)
+		}
+	}
+	for i, b := range p.frames {
+		if err := p.wait(len(b)); err != nil {
+			return err
+		}
+		if err := p.enc.frame(FrameLazyPage, i == len(p.frames)-1, b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// lazyInflater decompresses LAZYPAGESZ frames (the destination's reading
+// goroutine only). Its output is capped at maxLazyBatch pages and must be
+// exactly the pages the frame names.
+type lazyInflater struct {
+	d    *zstd.Decoder
+	pfns []uint64
+	buf  []byte
+}
+
+func (l *lazyInflater) pages(body []byte) ([]uint64, []byte, error) {
+	if len(body) < 4 {
+		return nil, nil, fmt.Errorf("%w: LAZYPAGESZ of %d bytes", ErrBadFrame, len(body))
+	}
+	n := int(binary.LittleEndian.Uint32(body))
+	if n == 0 || n > maxLazyBatch || len(body) < 4+8*n {
+		return nil, nil, fmt.Errorf("%w: LAZYPAGESZ of %d pages in %d bytes (at most %d pages)", ErrBadFrame, n, len(body), maxLazyBatch)
+	}
+	l.pfns = l.pfns[:0]
+	for i := 0; i < n; i++ {
+		l.pfns = append(l.pfns, binary.LittleEndian.Uint64(body[4+8*i:]))
+	}
+	if l.d == nil {
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
+			zstd.WithDecoderMaxMemory(maxLazyBatch*PageSize), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			return nil, nil, fmt.Errorf("xlstream: create zstd decoder: %w", err)
+		}
+		l.d = d
+	}
+	out, err := l.d.DecodeAll(body[4+8*n:], l.buf[:0])
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: LAZYPAGESZ: decompress: %v", ErrBadFrame, err)
+	}
+	l.buf = out
+	if len(out) != n*PageSize {
+		return nil, nil, fmt.Errorf("%w: LAZYPAGESZ of %d pages decompressed to %d bytes", ErrBadFrame, n, len(out))
+	}
+	return l.pfns, out, nil
+}
+
+func (l *lazyInflater) close() {
+	if l.d != nil {
+		l.d.Close()
 	}
 }
