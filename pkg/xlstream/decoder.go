@@ -47,26 +47,20 @@ type Decoder struct {
 	rec   []byte
 	stale []int
 	stats DecodeStats
-	zdec  *zstd.Decoder // made at the first FramePagesZ
-	zbuf  []byte
+	z     inflater // FramePagesZ payloads
 }
 
 // NewDecoder returns a Decoder writing the rebuilt stream to w; res may be
 // nil when the source has no PageIndex (no REFs).
 func NewDecoder(w io.Writer, res PageResolver) *Decoder {
-	return &Decoder{w: w, res: res}
+	return &Decoder{w: w, res: res, z: inflater{max: MaxPageRecord}}
 }
 
 // Stats returns the counters so far.
 func (d *Decoder) Stats() DecodeStats { return d.stats }
 
 // Close releases the decompressor, if one was made.
-func (d *Decoder) Close() {
-	if d.zdec != nil {
-		d.zdec.Close()
-		d.zdec = nil
-	}
-}
+func (d *Decoder) Close() { d.z.close() }
 
 // Frame handles one frame; it returns true after the END frame.
 func (d *Decoder) Frame(kind byte, body []byte) (bool, error) {
@@ -204,8 +198,7 @@ func (d *Decoder) pages(body []byte, compressed bool) error {
 }
 
 // inflate decompresses the payload of a FramePagesZ: exactly the REFs and
-// DATA pages its kinds announce, never more (the decoder's output is capped
-// at one record, whatever the frame claims).
+// DATA pages its kinds announce.
 func (d *Decoder) inflate(kinds, z []byte) ([]byte, error) {
 	want := 0
 	for _, k := range kinds {
@@ -219,26 +212,46 @@ func (d *Decoder) inflate(kinds, z []byte) ([]byte, error) {
 	if want == 0 {
 		return nil, fmt.Errorf("%w: compressed PAGES frame without REF or DATA pages", ErrBadFrame)
 	}
-	if d.zdec == nil {
-		zd, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderMaxMemory(MaxPageRecord), zstd.WithDecoderLowmem(true))
+	return d.z.inflate(z, want, "PAGES frame")
+}
+
+// inflater decompresses zstd frames into a buffer it reuses (one
+// goroutine). The decoder's output is capped at max bytes whatever the
+// frame claims, and must be exactly the length the caller expects.
+type inflater struct {
+	max int
+	d   *zstd.Decoder // made at the first frame
+	buf []byte
+}
+
+func (f *inflater) inflate(z []byte, want int, what string) ([]byte, error) {
+	if want > f.max {
+		return nil, fmt.Errorf("%w: %s of %d bytes (at most %d)", ErrBadFrame, what, want, f.max)
+	}
+	if f.d == nil {
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
+			zstd.WithDecoderMaxMemory(uint64(f.max)), zstd.WithDecoderLowmem(true))
 		if err != nil {
 			return nil, fmt.Errorf("xlstream: create zstd decoder: %w", err)
 		}
-		d.zdec = zd
+		f.d = d
 	}
-	if cap(d.zbuf) < want {
-		d.zbuf = make([]byte, 0, want)
-	}
-	out, err := d.zdec.DecodeAll(z, d.zbuf[:0])
+	out, err := f.d.DecodeAll(z, f.buf[:0])
 	if err != nil {
-		return nil, fmt.Errorf("%w: PAGES frame: decompress: %v", ErrBadFrame, err)
+		return nil, fmt.Errorf("%w: %s: decompress: %v", ErrBadFrame, what, err)
 	}
+	f.buf = out
 	if len(out) != want {
-		return nil, fmt.Errorf("%w: PAGES frame: payload decompressed to %d bytes, its kinds announce %d", ErrBadFrame, len(out), want)
+		return nil, fmt.Errorf("%w: %s decompressed to %d bytes, want %d", ErrBadFrame, what, len(out), want)
 	}
-	d.zbuf = out
 	return out, nil
+}
+
+func (f *inflater) close() {
+	if f.d != nil {
+		f.d.Close()
+		f.d = nil
+	}
 }
 
 // fallback asks the source for every stale REF page of the record.

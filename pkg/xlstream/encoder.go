@@ -57,12 +57,12 @@ type Encoder struct {
 	stats EncodeStats
 
 	// Compression, used by the WriteToken goroutine only.
-	comp     *wire.Compressor
-	linkRate float64       // configured link rate; 0: measured
-	wait     time.Duration // input wait since the last PAGES record
-	waitIn   int64         // input bytes since the last PAGES record
-	idle     ewma          // input wait per input byte
-	zbuf     []byte
+	comp   *wire.Compressor
+	link   float64       // configured link rate; 0: measured
+	wait   time.Duration // input wait since the last PAGES record
+	waitIn int64         // input bytes since the last PAGES record
+	idle   ewma          // input wait per input byte
+	zbuf   []byte
 
 	// mu protects the REF window below.
 	mu      sync.Mutex
@@ -115,7 +115,7 @@ func (e *Encoder) EnableCompression(linkBytesPerSec int64, always bool) error {
 		return fmt.Errorf("xlstream: %w", err)
 	}
 	c.SetAlways(always)
-	e.comp, e.linkRate = c, float64(max(linkBytesPerSec, 0))
+	e.comp, e.link = c, float64(max(linkBytesPerSec, 0))
 	return nil
 }
 
@@ -259,18 +259,23 @@ func (e *Encoder) WriteToken(t Token) error {
 // the connection's writes measure it) and the input wait per input byte
 // since the previous record.
 func (e *Encoder) tuneCompressor() {
-	link := e.linkRate
-	if link == 0 {
-		e.wmu.Lock()
-		link = e.meter.rate()
-		e.wmu.Unlock()
-	}
-	e.comp.SetLink(link)
+	e.comp.SetLink(e.linkRate(e.link))
 	if e.waitIn > 0 {
 		e.idle.add(e.wait.Seconds(), float64(e.waitIn))
 	}
 	e.wait, e.waitIn = 0, 0
 	e.comp.SetIdle(e.idle.value())
+}
+
+// linkRate returns configured when it is set, else the link's rate as the
+// connection's writes measure it (0: not measured yet).
+func (e *Encoder) linkRate(configured float64) float64 {
+	if configured > 0 {
+		return configured
+	}
+	e.wmu.Lock()
+	defer e.wmu.Unlock()
+	return e.meter.rate()
 }
 
 // ewma is a decaying ratio of two sums (seconds over bytes, bytes over

@@ -335,6 +335,13 @@ type LazySink interface {
 	Abort(err error)
 }
 
+// lazyHello is the LAZYHELLO body naming the spool.
+func lazyHello(name string) []byte {
+	b := binary.LittleEndian.AppendUint32(nil, lazyVersion)
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(name)))
+	return append(b, name...)
+}
+
 func parseLazyHello(b []byte) (string, error) {
 	if len(b) < 6 || binary.LittleEndian.Uint32(b) != lazyVersion {
 		return "", fmt.Errorf("%w: LAZYHELLO of %d bytes or unknown version", ErrBadFrame, len(b))

@@ -11,8 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/klauspost/compress/zstd"
-
 	"github.com/xenferry/xenferry/pkg/pace"
 	"github.com/xenferry/xenferry/pkg/wire"
 )
@@ -253,10 +251,7 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 			if opts.Lazy != nil && t.Kind == TokPages {
 				if x := rd.Libxc(); x != nil && (x.DomainType == DomainX86HVM || x.DomainType == DomainX86PVH) {
 					if !lazyOn {
-						hello := binary.LittleEndian.AppendUint32(nil, lazyVersion)
-						hello = binary.LittleEndian.AppendUint16(hello, uint16(len(opts.LazyName)))
-						hello = append(hello, opts.LazyName...)
-						if err := enc.frame(FrameLazyHello, false, hello); err != nil {
+						if err := enc.frame(FrameLazyHello, false, lazyHello(opts.LazyName)); err != nil {
 							return err
 						}
 						lazyOn = true
@@ -320,54 +315,14 @@ func Send(ctx context.Context, conn io.ReadWriter, xlIn io.Reader, xlOut io.Writ
 		}
 		go func() {
 			defer close(pushDone)
-			p, err := newLazyPusher(ctx, enc, opts)
-			if err != nil {
-				pushErr = err
-				return
-			}
-			defer p.close()
-			var from uint64
-			for {
-				select {
-				case <-stopPush:
-					return
-				default:
-				}
-				// A batch of the next held pages not yet sent; a page
-				// demanded meanwhile is skipped (its answer went).
-				p.reset()
-				for len(p.pfns) < lazyBatch {
-					pfn, ok := opts.Lazy.nextUnsent(from)
-					if !ok {
-						break
-					}
-					from = pfn + 1
-					b, ok, err := opts.Lazy.page(pfn, false)
-					if err != nil {
-						pushErr = err
-						return
-					}
-					if ok {
-						p.add(pfn, b)
-					}
-				}
-				if len(p.pfns) == 0 {
-					pushErr = enc.Flush()
-					return
-				}
-				// Flushed after each batch: a demand answer waits behind
-				// what the push has buffered, never more than one batch.
-				if err := p.send(); err != nil {
-					pushErr = fmt.Errorf("push: %w", err)
-					return
-				}
+			pushErr = pushHeld(ctx, enc, opts, stopPush, func(pages int, compressed bool) {
 				mu.Lock()
-				pushed += int64(len(p.pfns))
-				if p.compressed {
-					pushedZ += int64(len(p.pfns))
+				defer mu.Unlock()
+				pushed += int64(pages)
+				if compressed {
+					pushedZ += int64(pages)
 				}
-				mu.Unlock()
-			}
+			})
 		}()
 		backErr = <-backDone
 		close(stopPush)
@@ -753,6 +708,50 @@ type lazyPusher struct {
 	compressed bool // the last batch went compressed
 }
 
+// pushHeld sends every held page not yet sent, in pfn order and in
+// batches of lazyBatch, until none is left or stop is closed; sent is
+// called after each batch. A page demanded meanwhile is skipped (its
+// answer went).
+func pushHeld(ctx context.Context, enc *Encoder, opts SendOptions, stop <-chan struct{}, sent func(pages int, compressed bool)) error {
+	p, err := newLazyPusher(ctx, enc, opts)
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	var from uint64
+	for {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		p.reset()
+		for len(p.pfns) < lazyBatch {
+			pfn, ok := opts.Lazy.nextUnsent(from)
+			if !ok {
+				break
+			}
+			from = pfn + 1
+			b, ok, err := opts.Lazy.page(pfn, false)
+			if err != nil {
+				return err
+			}
+			if ok {
+				p.add(pfn, b)
+			}
+		}
+		if len(p.pfns) == 0 {
+			return enc.Flush()
+		}
+		// Flushed after each batch: a demand answer waits behind what the
+		// push has buffered, never more than one batch.
+		if err := p.send(); err != nil {
+			return fmt.Errorf("push: %w", err)
+		}
+		sent(len(p.pfns), p.compressed)
+	}
+}
+
 func newLazyPusher(ctx context.Context, enc *Encoder, opts SendOptions) (*lazyPusher, error) {
 	p := &lazyPusher{ctx: ctx, enc: enc, bucket: pace.New(opts.LazyPushRate, 64<<10, true, "early-resume push"),
 		rate: float64(max(opts.LazyPushRate, 0))}
@@ -795,13 +794,7 @@ func (p *lazyPusher) wait(n int) error {
 
 func (p *lazyPusher) send() error {
 	if p.comp != nil {
-		link := p.rate
-		if link == 0 {
-			p.enc.wmu.Lock()
-			link = p.enc.meter.rate()
-			p.enc.wmu.Unlock()
-		}
-		p.comp.SetLink(link)
+		p.comp.SetLink(p.enc.linkRate(p.rate))
 		if z, ok := p.comp.Compress(p.zbuf, p.data); ok {
 			p.zbuf = z
 			head := binary.LittleEndian.AppendUint32(make([]byte, 0, 4+8*len(p.pfns)), uint32(len(p.pfns)))
@@ -827,12 +820,11 @@ func (p *lazyPusher) send() error {
 }
 
 // lazyInflater decompresses LAZYPAGESZ frames (the destination's reading
-// goroutine only). Its output is capped at maxLazyBatch pages and must be
-// exactly the pages the frame names.
+// goroutine only): at most maxLazyBatch pages, exactly those the frame
+// names.
 type lazyInflater struct {
-	d    *zstd.Decoder
+	z    inflater
 	pfns []uint64
-	buf  []byte
 }
 
 func (l *lazyInflater) pages(body []byte) ([]uint64, []byte, error) {
@@ -847,27 +839,12 @@ func (l *lazyInflater) pages(body []byte) ([]uint64, []byte, error) {
 	for i := 0; i < n; i++ {
 		l.pfns = append(l.pfns, binary.LittleEndian.Uint64(body[4+8*i:]))
 	}
-	if l.d == nil {
-		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderMaxMemory(maxLazyBatch*PageSize), zstd.WithDecoderLowmem(true))
-		if err != nil {
-			return nil, nil, fmt.Errorf("xlstream: create zstd decoder: %w", err)
-		}
-		l.d = d
-	}
-	out, err := l.d.DecodeAll(body[4+8*n:], l.buf[:0])
+	l.z.max = maxLazyBatch * PageSize
+	out, err := l.z.inflate(body[4+8*n:], n*PageSize, "LAZYPAGESZ")
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: LAZYPAGESZ: decompress: %v", ErrBadFrame, err)
-	}
-	l.buf = out
-	if len(out) != n*PageSize {
-		return nil, nil, fmt.Errorf("%w: LAZYPAGESZ of %d pages decompressed to %d bytes", ErrBadFrame, n, len(out))
+		return nil, nil, err
 	}
 	return l.pfns, out, nil
 }
 
-func (l *lazyInflater) close() {
-	if l.d != nil {
-		l.d.Close()
-	}
-}
+func (l *lazyInflater) close() { l.z.close() }
