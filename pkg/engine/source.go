@@ -1223,10 +1223,9 @@ const batchPages = 256
 
 // pushBatchPages caps the post-copy push's batches: a page a vCPU faults
 // on while it sits in a sender's unsent batch is answered again, whole,
-// on the priority connection. Web and memheavy at 256 MiB, three runs
-// each (06:40, load 4.2): memheavy resent 3.5-3.8 k pages with 256-page
-// batches, 2.2-2.6 k with 128 (wire 236 → 230-232 MB); 64 cut it to
-// 1.5-2.7 k but the web fault p99 rose (462-1175 µs against 389-644).
+// on the priority connection, so smaller batches resend less; below 128
+// the fault tail grew (docs/benchmarks.md, "Close to the physical
+// limit", has the runs).
 const pushBatchPages = 128
 
 // With DemandInline, the push's batches and the data sockets' send buffers
