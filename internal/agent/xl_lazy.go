@@ -19,6 +19,7 @@ import (
 
 	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/postcopy"
+	"github.com/xenferry/xenferry/pkg/xenmem"
 	"github.com/xenferry/xenferry/pkg/xenmem/xen/paging"
 	"github.com/xenferry/xenferry/pkg/xlstream"
 )
@@ -120,7 +121,7 @@ type xlLazySink struct {
 	mu       sync.Mutex
 	name     string
 	hashes   []uint64
-	held     []uint64
+	held     xenmem.Bitmap
 	nHeld    int
 	left     int
 	pager    *paging.Pager
@@ -179,11 +180,9 @@ func (s *xlLazySink) Manifest(es []xlstream.LazyEntry) error {
 		if need := int(e.PFN) + 1; need > len(s.hashes) {
 			s.hashes = append(s.hashes, make([]uint64, need-len(s.hashes))...)
 		}
-		if need := int(e.PFN/64) + 1; need > len(s.held) {
-			s.held = append(s.held, make([]uint64, need-len(s.held))...)
-		}
-		if s.held[e.PFN/64]&(1<<(e.PFN%64)) == 0 {
-			s.held[e.PFN/64] |= 1 << (e.PFN % 64)
+		s.held.Grow(e.PFN + 1)
+		if !s.held.Test(e.PFN) {
+			s.held.Set(e.PFN)
 			s.nHeld++
 		}
 		s.hashes[e.PFN] = e.Hash
@@ -191,12 +190,23 @@ func (s *xlLazySink) Manifest(es []xlstream.LazyEntry) error {
 	return nil
 }
 
+// heldPFNs lists the held pfns in order. The manifest is complete before
+// xl's ready, so the list does not change once the domain can run.
+func (s *xlLazySink) heldPFNs() []uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]uint64, 0, s.nHeld)
+	for pfn := s.held.Next(0); pfn < s.held.Len(); pfn = s.held.Next(pfn + 1) {
+		out = append(out, pfn)
+	}
+	return out
+}
+
 // beforeReady runs when the restore is done and the domain is paused:
 // it enables the paging ring and pages every held gfn out.
 func (s *xlLazySink) beforeReady() error {
-	s.mu.Lock()
-	nHeld, held := s.nHeld, slices.Clone(s.held)
-	s.mu.Unlock()
+	gfns := s.heldPFNs()
+	nHeld := len(gfns)
 	if nHeld == 0 {
 		return errors.New("early resume: the source held no page back")
 	}
@@ -213,21 +223,13 @@ func (s *xlLazySink) beforeReady() error {
 		return fmt.Errorf("domid of %s--incoming: %q", name, out)
 	}
 	t0 := time.Now()
-	p, err := paging.Open(uint16(id), uint64(len(held))*64)
+	p, err := paging.Open(uint16(id), gfns[nHeld-1]+1)
 	if err != nil {
 		return err
 	}
 	if err := p.Enable(); err != nil {
 		p.Close()
 		return err
-	}
-	gfns := make([]uint64, 0, nHeld)
-	for w, bits := range held {
-		for b := 0; b < 64; b++ {
-			if bits&(1<<b) != 0 {
-				gfns = append(gfns, uint64(w*64+b))
-			}
-		}
 	}
 	if n, err := p.Evict(gfns); err != nil {
 		// The domain never ran here: xl's failure destroys it and the
@@ -268,7 +270,7 @@ func (s *xlLazySink) Page(pfn uint64, page []byte) error {
 func (s *xlLazySink) install(pfn uint64, page []byte, from string) error {
 	s.mu.Lock()
 	p := s.pager
-	ok := pfn < uint64(len(s.hashes)) && s.held[pfn/64]&(1<<(pfn%64)) != 0
+	ok := s.held.Has(pfn)
 	want := uint64(0)
 	if ok {
 		want = s.hashes[pfn]
@@ -353,22 +355,16 @@ func (s *xlLazySink) fromSpool(name string) error {
 		return fmt.Errorf("open the spool: %w", err)
 	}
 	defer f.Close()
-	s.mu.Lock()
-	held := slices.Clone(s.held)
-	s.mu.Unlock()
 	page := make([]byte, xlstream.PageSize)
-	for w, bits := range held {
-		for b := 0; b < 64; b++ {
-			pfn := uint64(w*64 + b)
-			if bits&(1<<b) == 0 || !s.pager.IsPaged(pfn) {
-				continue
-			}
-			if _, err := f.ReadAt(page, int64(pfn)*xlstream.PageSize); err != nil {
-				return fmt.Errorf("read pfn %#x: %w", pfn, err)
-			}
-			if err := s.install(pfn, page, "spool"); err != nil {
-				return err
-			}
+	for _, pfn := range s.heldPFNs() {
+		if !s.pager.IsPaged(pfn) {
+			continue
+		}
+		if _, err := f.ReadAt(page, int64(pfn)*xlstream.PageSize); err != nil {
+			return fmt.Errorf("read pfn %#x: %w", pfn, err)
+		}
+		if err := s.install(pfn, page, "spool"); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -21,6 +21,21 @@ func (b *Bitmap) Set(i uint64)       { b.words[i>>6] |= 1 << (i & 63) }
 func (b *Bitmap) Clear(i uint64)     { b.words[i>>6] &^= 1 << (i & 63) }
 func (b *Bitmap) Test(i uint64) bool { return b.words[i>>6]&(1<<(i&63)) != 0 }
 
+// Has is Test for an i that may lie past Len() (false there).
+func (b *Bitmap) Has(i uint64) bool { return i < b.n && b.Test(i) }
+
+// Grow makes the bitmap cover at least n pages; the new ones are clear.
+// The zero Bitmap is an empty one, ready to grow.
+func (b *Bitmap) Grow(n uint64) {
+	if n <= b.n {
+		return
+	}
+	if need := int((n + 63) / 64); need > len(b.words) {
+		b.words = append(b.words, make([]uint64, need-len(b.words))...)
+	}
+	b.n = n
+}
+
 // SetAll marks every page.
 func (b *Bitmap) SetAll() {
 	for i := range b.words {

@@ -10,6 +10,8 @@ import (
 	"sync"
 
 	"github.com/zeebo/xxh3"
+
+	"github.com/xenferry/xenferry/pkg/xenmem"
 )
 
 // Early resume through the stock toolstack (docs/xen-postcopy.md). The
@@ -87,14 +89,11 @@ type LazySource struct {
 	path   string
 	mu     sync.Mutex
 	hashes []uint64
-	held   []uint64
-	seen   []uint64 // pfns whose contents came in the stream at least once
-	sent   []uint64
+	held   xenmem.Bitmap
+	seen   xenmem.Bitmap // pfns whose contents came in the stream at least once
+	sent   xenmem.Bitmap
 	nHeld  int
-	nSent  int
 	buf    []byte
-	// Demanded and Pushed count pages sent for each reason.
-	Demanded, Pushed int64
 }
 
 // NewLazySource creates the spool dir/name (dir should be storage the
@@ -122,15 +121,6 @@ func checkSpoolName(name string) error {
 	return nil
 }
 
-func bitSet(b []uint64, i uint64) bool { return i/64 < uint64(len(b)) && b[i/64]&(1<<(i%64)) != 0 }
-
-func growBits(b []uint64, i uint64) []uint64 {
-	if need := int(i/64) + 1; need > len(b) {
-		b = append(b, make([]uint64, need-len(b))...)
-	}
-	return b
-}
-
 // Hold rewrites a PAGE_DATA record: each holdable page with contents goes
 // to the spool and its entry becomes XALLOC without data. It returns the
 // rewritten record (raw) and its parse.
@@ -152,22 +142,22 @@ func (l *LazySource) Hold(p *PageRecord) (*PageRecord, error) {
 		pg := p.Data(di)
 		di++
 		pfn := PFN(e)
-		if !Holdable(pfn) || bitSet(l.seen, pfn) {
+		if !Holdable(pfn) || l.seen.Has(pfn) {
 			// A page sent again was dirtied while the domain ran: it
 			// belongs to the working set, which goes before the resume
 			// (a guest's hypercalls read their arguments from such pages
 			// and fail, not fault, on a paged-out one). Its held copy is
 			// stale from now on.
-			if bitSet(l.held, pfn) {
-				l.held[pfn/64] &^= 1 << (pfn % 64)
+			if l.held.Has(pfn) {
+				l.held.Clear(pfn)
 				l.nHeld--
 			}
 			kept = append(kept, pg)
 			keep++
 			continue
 		}
-		l.seen = growBits(l.seen, pfn)
-		l.seen[pfn/64] |= 1 << (pfn % 64)
+		l.seen.Grow(pfn + 1)
+		l.seen.Set(pfn)
 		// Consecutive pfns go to the spool in one write (a record of
 		// round 0 is one run): on network storage a write per page
 		// would bound the whole stream.
@@ -185,9 +175,9 @@ func (l *LazySource) Hold(p *PageRecord) (*PageRecord, error) {
 			l.hashes = append(l.hashes, make([]uint64, need-len(l.hashes))...)
 		}
 		l.hashes[pfn] = PageHash(pg)
-		l.held = growBits(l.held, pfn)
-		if !bitSet(l.held, pfn) {
-			l.held[pfn/64] |= 1 << (pfn % 64)
+		l.held.Grow(pfn + 1)
+		if !l.held.Test(pfn) {
+			l.held.Set(pfn)
 			l.nHeld++
 		}
 		out.Entries[i] = e&^(0xf<<pfnTypeShift) | PageXAlloc<<pfnTypeShift
@@ -251,10 +241,7 @@ func (l *LazySource) manifestFrames() [][]byte {
 		frames = append(frames, cur)
 		cur, n = nil, 0
 	}
-	for pfn := uint64(0); pfn < uint64(len(l.held))*64; pfn++ {
-		if !bitSet(l.held, pfn) {
-			continue
-		}
+	for pfn := l.held.Next(0); pfn < l.held.Len(); pfn = l.held.Next(pfn + 1) {
 		if cur == nil {
 			cur = make([]byte, 4, 4+16*manifestChunk)
 		}
@@ -275,7 +262,7 @@ func (l *LazySource) manifestFrames() [][]byte {
 func (l *LazySource) page(pfn uint64, force bool) ([]byte, bool, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if !bitSet(l.held, pfn) || (!force && bitSet(l.sent, pfn)) {
+	if !l.held.Has(pfn) || (!force && l.sent.Has(pfn)) {
 		return nil, false, nil
 	}
 	b := make([]byte, 8+PageSize)
@@ -286,11 +273,8 @@ func (l *LazySource) page(pfn uint64, force bool) ([]byte, bool, error) {
 	if PageHash(b[8:]) != l.hashes[pfn] {
 		return nil, false, fmt.Errorf("spool %s: pfn %#x does not match its hash", l.path, pfn)
 	}
-	l.sent = growBits(l.sent, pfn)
-	if !bitSet(l.sent, pfn) {
-		l.sent[pfn/64] |= 1 << (pfn % 64)
-		l.nSent++
-	}
+	l.sent.Grow(pfn + 1)
+	l.sent.Set(pfn)
 	return b, true, nil
 }
 
@@ -298,8 +282,8 @@ func (l *LazySource) page(pfn uint64, force bool) ([]byte, bool, error) {
 func (l *LazySource) nextUnsent(from uint64) (uint64, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for pfn := from; pfn < uint64(len(l.held))*64; pfn++ {
-		if bitSet(l.held, pfn) && !bitSet(l.sent, pfn) {
+	for pfn := l.held.Next(from); pfn < l.held.Len(); pfn = l.held.Next(pfn + 1) {
+		if !l.sent.Has(pfn) {
 			return pfn, true
 		}
 	}
