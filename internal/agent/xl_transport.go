@@ -33,6 +33,7 @@ import (
 
 	"github.com/xenferry/xenferry/internal/xlpath"
 	"github.com/xenferry/xenferry/pkg/dedup"
+	"github.com/xenferry/xenferry/pkg/engine"
 	"github.com/xenferry/xenferry/pkg/pace"
 	"github.com/xenferry/xenferry/pkg/pki"
 	"github.com/xenferry/xenferry/pkg/wire"
@@ -157,7 +158,7 @@ func XLSend(ctx context.Context, args []string) error {
 		// A demand answer queues behind whatever the push left in the
 		// socket: a small send buffer keeps that behind it short. The
 		// window still covers a dom0-to-dom0 round trip at link speed.
-		if tc := tcpConnOf(conn); tc != nil {
+		if tc := engine.TCPConn(conn); tc != nil {
 			_ = tc.SetWriteBuffer(128 << 10)
 		}
 	}
@@ -268,18 +269,6 @@ func XLSend(ctx context.Context, args []string) error {
 	rep.OK = st.ExitStatus == 0
 	if st.ExitStatus != 0 {
 		return fmt.Errorf("xl on %s exited with status %d (see its messages above)", host, st.ExitStatus)
-	}
-	return nil
-}
-
-// tcpConnOf returns the TCP connection under c (plain or TLS), if any.
-func tcpConnOf(c net.Conn) *net.TCPConn {
-	if tc, ok := c.(*net.TCPConn); ok {
-		return tc
-	}
-	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
-		tc, _ := t.NetConn().(*net.TCPConn)
-		return tc
 	}
 	return nil
 }

@@ -179,8 +179,21 @@ func (p *pollReader) Read(b []byte) (int, error) {
 	return p.c.c.Read(b)
 }
 
-func newConn(c net.Conn, lim *limiter, prio bool) *conn {
+// TCPConn returns the TCP connection under c, plain or TLS (whose
+// records it carries), if any: socket options belong there.
+func TCPConn(c net.Conn) *net.TCPConn {
 	if tc, ok := c.(*net.TCPConn); ok {
+		return tc
+	}
+	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
+		tc, _ := t.NetConn().(*net.TCPConn)
+		return tc
+	}
+	return nil
+}
+
+func newConn(c net.Conn, lim *limiter, prio bool) *conn {
+	if tc := TCPConn(c); tc != nil {
 		// No Nagle on any connection: every record is flushed whole, and
 		// a small control record held back behind unacknowledged data
 		// waits for the peer's delayed ACK: 40 ms of every switch-over's

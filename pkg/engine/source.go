@@ -1099,7 +1099,7 @@ func (s *source) pushRest(ctx context.Context) error {
 		// already: keep that to one small batch plus a small socket buffer.
 		s.batchMax.Store(inlineBatchPages)
 		for _, sd := range s.senders {
-			if tc, ok := sd.c.c.(*net.TCPConn); ok {
+			if tc := TCPConn(sd.c.c); tc != nil {
 				_ = tc.SetWriteBuffer(inlineSocketBuffer)
 			}
 		}
