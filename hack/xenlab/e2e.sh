@@ -38,15 +38,7 @@ cleanup() {
 		log "stopping the hosts this run booted"
 		"$XENLAB_DIR/hosts.sh" down || true
 	else
-		for h in "${HOSTS[@]}"; do
-			timeout 60 rsh "$h" <<'EOF' >/dev/null 2>&1 || true
-for p in /run/xenlab-stock-recv.pid /run/xenlab-xl-recv.pid; do
-	[ -e "$p" ] && kill "$(cat "$p")" 2>/dev/null; rm -f "$p"
-done
-xl destroy xlab 2>/dev/null
-true
-EOF
-		done
+		tidy_dom0s "$DOMU"
 	fi
 	exit "$rc"
 }
@@ -118,7 +110,7 @@ migrate() {
 	step "$method: xl migrate -s \"$cmd\" $DOMU $PEER_IP (before: $s)"
 	t0=$(date +%s.%N)
 	rc=0
-	timeout "$MIGRATE_TIMEOUT" bash -c "source '$XENLAB_DIR/lib.sh'; rsh a" <<EOF >&2 || rc=$?
+	rsh_timeout "$MIGRATE_TIMEOUT" a <<EOF >&2 || rc=$?
 set -o pipefail
 # Each line of xl's (and the transport's) messages, stamped with dom0's clock.
 xl migrate -e -s "$cmd" $DOMU $PEER_IP 2>&1 | while IFS= read -r l; do echo "\$(date +%T.%N | cut -c1-12) \$l"; done

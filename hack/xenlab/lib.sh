@@ -40,6 +40,29 @@ rsh() {
 	return "$rc"
 }
 
+# rsh_timeout SECONDS HOST: rsh with a deadline (timeout(1) runs
+# programs, not shell functions).
+rsh_timeout() {
+	timeout "$1" bash -c "source '$XENLAB_DIR/lib.sh'; rsh $2"
+}
+
+# tidy_dom0s DOMU: in every host's dom0, stops the transports' listeners
+# a lab run started, destroys DOMU and removes the link shaping (for a
+# run that reused hosts it did not boot). Never fails.
+tidy_dom0s() {
+	local h
+	for h in "${HOSTS[@]}"; do
+		rsh_timeout 60 "$h" <<EOF >/dev/null 2>&1 || true
+for p in /run/xenlab-stock-recv.pid /run/xenlab-xl-recv.pid; do
+	[ -e "\$p" ] && kill "\$(cat "\$p")" 2>/dev/null; rm -f "\$p"
+done
+xl destroy $1 2>/dev/null
+tc qdisc del dev "\$(cat /run/xenlab-linknic 2>/dev/null)" root 2>/dev/null
+true
+EOF
+	done
+}
+
 # status [DISK] prints the workload's status block on a shared disk (the
 # PV domU's by default) as "BOOT COUNTER CHECKS BAD", or nothing when there
 # is none.

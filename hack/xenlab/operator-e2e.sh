@@ -49,7 +49,7 @@ cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
 	for h in "${HOSTS[@]}"; do
-		timeout 60 rsh "$h" <<<'[ -e /run/xenlab-agent.pid ] && kill "$(cat /run/xenlab-agent.pid)" 2>/dev/null; rm -f /run/xenlab-agent.pid; true' >/dev/null 2>&1 || true
+		rsh_timeout 60 "$h" <<<'[ -e /run/xenlab-agent.pid ] && kill "$(cat /run/xenlab-agent.pid)" 2>/dev/null; rm -f /run/xenlab-agent.pid; true' >/dev/null 2>&1 || true
 	done
 	[[ -n $controller_pid ]] && kill "$controller_pid" 2>/dev/null
 	if ((started_hosts)); then

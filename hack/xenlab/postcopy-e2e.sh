@@ -50,16 +50,7 @@ cleanup() {
 		log "stopping the hosts this run booted"
 		"$XENLAB_DIR/hosts.sh" down || true
 	else
-		for h in "${HOSTS[@]}"; do
-			timeout 60 rsh "$h" <<EOF >/dev/null 2>&1 || true
-for p in /run/xenlab-stock-recv.pid /run/xenlab-xl-recv.pid; do
-	[ -e "\$p" ] && kill "\$(cat "\$p")" 2>/dev/null; rm -f "\$p"
-done
-xl destroy $DOMU 2>/dev/null
-tc qdisc del dev "\$(cat /run/xenlab-linknic 2>/dev/null)" root 2>/dev/null
-true
-EOF
-		done
+		tidy_dom0s "$DOMU"
 	fi
 	exit "$rc"
 }
@@ -119,7 +110,7 @@ migrate() {
 	rc=0
 	# Times on dom0 a's clock: START, xl's lines, END once xl-send (or xl)
 	# is done. xl-send outlives xl with early resume (it pushes the rest).
-	out=$(timeout "$MIGRATE_TIMEOUT" bash -c "source '$XENLAB_DIR/lib.sh'; rsh a" <<EOF
+	out=$(rsh_timeout "$MIGRATE_TIMEOUT" a <<EOF
 set -o pipefail
 rm -f /run/xenlab-xl-send.json
 echo "START \$(date +%s.%N)"
